@@ -1,0 +1,102 @@
+"""Fixtures shared by every app's tests: an isolated data dir, clean Redis, users, and a
+loopback Hub serving real model files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import django_rq
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from models_app.tests.hub_server import HubRepo, HubServer, VALID_UNGATED_TOKEN, make_sha  # noqa: E402
+from models_app.tests import support  # noqa: E402
+
+GATED_TOKEN = "hf_granted_token_for_tests"
+
+
+@pytest.fixture(autouse=True)
+def data_dir(settings, tmp_path) -> Path:
+    """Every test gets its own data dir and import root."""
+    root = tmp_path / "data"
+    (root / "imports").mkdir(parents=True)
+    settings.DATA_DIR = root
+    settings.IMPORT_ROOTS = [(root / "imports").resolve()]
+    return root
+
+
+@pytest.fixture
+def redis_clean():
+    """An empty test Redis DB (queue, job records and channel layer)."""
+    connection = django_rq.get_queue("default").connection
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+
+
+@pytest.fixture(scope="session")
+def tiny_repo_folder(tmp_path_factory) -> Path:
+    return support.write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    return support.smollm2_folder()
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory, tiny_repo_folder):
+    """The loopback Hub, serving: tiny/llama (public), tiny/gated (gated, one token has
+    access), google/bert-tiny (encoder-only). SmolLM2 is added by the smollm2 fixture."""
+    server = HubServer()
+    server.add_repo(HubRepo("tiny/llama", tiny_repo_folder, make_sha("tiny/llama")))
+    server.add_repo(
+        HubRepo("tiny/gated", tiny_repo_folder, make_sha("tiny/gated"), gated=True, allowed_tokens=frozenset({GATED_TOKEN}))
+    )
+    bert = support.write_encoder_only_repo(tmp_path_factory.mktemp("bert"))
+    server.add_repo(HubRepo("google/bert-tiny", bert, make_sha("google/bert-tiny")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(hub_server, settings, redis_clean):
+    """The loopback Hub as HF_ENDPOINT, its request log cleared, at full speed."""
+    settings.HF_ENDPOINT = hub_server.endpoint
+    hub_server.clear_log()
+    hub_server.bytes_per_second = None
+    hub_server.fail_next_requests = 0
+    yield hub_server
+    hub_server.bytes_per_second = None
+    hub_server.fail_next_requests = 0
+
+
+@pytest.fixture
+def hub_with_smollm2(hub, smollm2_folder):
+    repo_id = "HuggingFaceTB/SmolLM2-135M"
+    hub.add_repo(HubRepo(repo_id, smollm2_folder, make_sha(repo_id)))
+    return hub
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user("researcher", password="correct horse battery")
+
+
+@pytest.fixture
+def outsider_client(client):
+    """A client that never signed in."""
+    return client
+
+
+@pytest.fixture
+def signed_in(client, user):
+    client.force_login(user)
+    return client
+
+
+__all__ = ["GATED_TOKEN", "VALID_UNGATED_TOKEN"]

@@ -1,0 +1,15 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_not_required
+from django.contrib.staticfiles.views import serve as serve_static
+from django.urls import include, path, re_path
+
+urlpatterns = [
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+    # One process serves everything (no separate web server to set up); the files are
+    # small, public and cached by the browser.
+    re_path(r"^static/(?P<path>.*)$", login_not_required(serve_static), {"insecure": True}),
+    path("", include("models_app.urls")),
+]

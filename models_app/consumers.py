@@ -1,0 +1,70 @@
+"""WebSocket consumers. Both require a signed-in user (the Origin is checked in asgi.py)
+and send the current state on (re)connect, then whatever the jobs publish."""
+
+import json
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from mistudio.progress import MODELS_GROUP, model_group
+
+from . import services
+from .models import Model
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+
+
+class SignedInConsumer(AsyncWebsocketConsumer):
+    groups_to_join: list[str] = []
+
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        initial = await self.initial_message()
+        if initial is None:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        for group in self.groups_to_join:
+            await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
+        await self.send(text_data=initial)
+
+    async def disconnect(self, code):
+        for group in self.groups_to_join:
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def initial_message(self) -> str | None:
+        raise NotImplementedError
+
+    async def receive(self, text_data=None, bytes_data=None):
+        """The page sends nothing we act on; state changes go through HTTP."""
+
+
+class ModelsConsumer(SignedInConsumer):
+    """/ws/models/: card HTML for the page, swapped out-of-band by element id."""
+
+    groups_to_join = [MODELS_GROUP]
+
+    async def initial_message(self) -> str:
+        return await database_sync_to_async(services.render_model_list)(oob=True)
+
+    async def html_fragment(self, message):
+        await self.send(text_data=message["html"])
+
+
+class ModelProgressConsumer(SignedInConsumer):
+    """/ws/models/{id}/progress: JSON events for programmatic clients."""
+
+    async def initial_message(self) -> str | None:
+        model_id = self.scope["url_route"]["kwargs"]["model_id"]
+        model = await Model.objects.filter(pk=model_id).afirst()
+        if model is None:
+            return None
+        self.groups_to_join = [model_group(model_id)]
+        return json.dumps(model.progress_event())
+
+    async def json_event(self, message):
+        await self.send(text_data=json.dumps(message["event"]))

@@ -1,0 +1,37 @@
+from django import forms
+from django.core.exceptions import ValidationError
+
+from .ml.errors import InvalidInput
+from .ml.formats import validate_format
+from .ml.validation import validate_repo_id, validate_revision
+
+QUANTIZATION_CHOICES = [
+    ("FP32", "FP32 (Full Precision)"),
+    ("FP16", "FP16 (Half Precision)"),
+    ("Q8", "Q8 (8-bit)"),
+    ("Q4", "Q4 (4-bit)"),
+    ("Q2", "Q2 (2-bit)"),
+]
+
+
+def _checked(validator, value):
+    try:
+        return validator(value)
+    except InvalidInput as exc:
+        raise ValidationError(exc.message, code=exc.code) from None
+
+
+class DownloadForm(forms.Form):
+    repo_id = forms.CharField(required=False, strip=False)
+    quantization = forms.ChoiceField(choices=QUANTIZATION_CHOICES, initial="FP16")
+    access_token = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False))
+    revision = forms.CharField(required=False, strip=False)
+
+    def clean_repo_id(self):
+        return _checked(validate_repo_id, self.cleaned_data["repo_id"])
+
+    def clean_quantization(self):
+        return _checked(validate_format, self.cleaned_data["quantization"])
+
+    def clean_revision(self):
+        return _checked(validate_revision, self.cleaned_data["revision"])

@@ -1,0 +1,220 @@
+"""RQ jobs: an id in, the row loaded, pure `ml` code called with a progress callback, the
+outcome recorded. Also run inline by the management commands' --sync."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from mistudio.crypto import decrypt_secret
+
+from . import services
+from .ml import hub, loading
+from .ml.errors import JobCancelled, JobError
+from .ml.formats import memory_required_bytes
+from .ml.gguf_import import gguf_to_safetensors
+from .ml.progress import ProgressThrottle, TransferRate
+from .models import RUNNING_STATUSES, Model, ModelStatus
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[Model], None]
+
+
+class JobProgress:
+    """Writes a running job's progress to its row (throttled) and publishes it.
+
+    Every write is conditional on the row not having been cancelled; a write that finds it
+    cancelled raises JobCancelled, which is how a job run inline learns it must stop."""
+
+    def __init__(self, model_id: str, listener: Listener | None = None) -> None:
+        self.model_id = model_id
+        self.listener = listener
+        self.throttle = ProgressThrottle()
+        self.rate = TransferRate()
+        self.lock = threading.Lock()
+
+    def write(self, **fields) -> Model:
+        with self.lock:
+            updated = (
+                Model.objects.filter(pk=self.model_id, status__in=RUNNING_STATUSES)
+                .update(updated_at=timezone.now(), **fields)
+            )
+            if not updated:
+                raise JobCancelled()
+            model = Model.objects.get(pk=self.model_id)
+            if threading.current_thread() is not threading.main_thread():
+                connection.close()  # download threads are short-lived; don't leak their connections
+        services.publish_card(model)
+        if self.listener:
+            self.listener(model)
+        return model
+
+    def phase(self, status: str, **fields) -> Model:
+        self.throttle.should_emit(0.0, force=True)
+        return self.write(status=status, speed_bps=0, eta_seconds=None, **fields)
+
+    def transfer(self, done: int, total: int) -> None:
+        """Byte progress of the download or copy phase."""
+        self.rate.add(done)
+        percent = 100.0 * done / total if total else 100.0
+        if not self.throttle.should_emit(percent, force=done >= total):
+            return
+        self.write(
+            progress=percent,
+            bytes_done=done,
+            bytes_total=total,
+            speed_bps=self.rate.bytes_per_second(),
+            eta_seconds=self.rate.eta_seconds(total),
+        )
+
+
+def _begin(model_id: str) -> Model | None:
+    model = Model.objects.filter(pk=model_id).first()
+    if model is None or model.status != ModelStatus.QUEUED:
+        log.info("model %s is gone or no longer queued; nothing to do", model_id)
+        return None
+    return model
+
+
+def _fail(model_id: str, error: JobError) -> None:
+    Model.objects.filter(pk=model_id, status__in=RUNNING_STATUSES).update(
+        status=ModelStatus.ERROR,
+        error_code=error.code,
+        error_message=error.message,
+        suggested_format=error.suggested_format or "",
+        encrypted_token=None,
+        speed_bps=0,
+        eta_seconds=None,
+        updated_at=timezone.now(),
+    )
+    model = Model.objects.filter(pk=model_id).first()
+    if model is not None:
+        services.remove_files(model)
+        services.publish_card(model)
+
+
+def _run(model_id: str, body: Callable[[Model, JobProgress], None], listener: Listener | None) -> Model | None:
+    """Shared outcome handling: cancelled → files removed; failed → row in error, files
+    removed, exception re-raised so RQ records it too."""
+    model = _begin(model_id)
+    if model is None:
+        return None
+    reporter = JobProgress(model_id, listener)
+    try:
+        body(model, reporter)
+    except JobCancelled:
+        model = Model.objects.get(pk=model_id)
+        services.remove_files(model)
+        log.info("model %s cancelled; files removed", model_id)
+    except JobError as exc:
+        _fail(model_id, exc)
+        raise
+    except Exception as exc:
+        log.exception("model %s failed unexpectedly", model_id)
+        _fail(model_id, JobError("internal_error", f"Unexpected error: {type(exc).__name__}. See the worker log."))
+        raise
+    model = Model.objects.get(pk=model_id)
+    if listener:
+        listener(model)
+    return model
+
+
+def _finish(model: Model, reporter: JobProgress, fmt: str) -> None:
+    """The loading phase: config, architecture, exact parameters, then the format's files."""
+    reporter.phase(ModelStatus.LOADING, progress=100.0)
+    facts = loading.inspect_model(model.raw_dir)
+    quantized_path = ""
+    if fmt == "FP16":
+        reporter.phase(ModelStatus.QUANTIZING, progress=0.0)
+        target = model.quantized_dir("FP16")
+        loading.write_fp16(model.raw_dir, target)
+        quantized_path = str(target)
+    disk = loading.folder_size(Path(quantized_path) if quantized_path else model.raw_dir)
+    reporter.write(
+        status=ModelStatus.READY,
+        progress=100.0,
+        architecture=facts.architecture,
+        params_count=facts.params_count,
+        architecture_config=facts.config,
+        quantization=fmt,
+        file_path=str(model.raw_dir),
+        quantized_path=quantized_path,
+        memory_required_bytes=memory_required_bytes(facts.params_count, fmt),
+        disk_size_bytes=disk,
+        encrypted_token=None,
+        speed_bps=0,
+        eta_seconds=None,
+    )
+
+
+def _download(model: Model, reporter: JobProgress) -> None:
+    token = decrypt_secret(model.encrypted_token) if model.encrypted_token else None
+    endpoint = settings.HF_ENDPOINT
+    retry = {"retries": settings.HUB_RETRIES, "backoff_seconds": settings.HUB_RETRY_BACKOFF_SECONDS}
+    reporter.phase(ModelStatus.DOWNLOADING, progress=0.0)
+    plan = hub.plan_download(model.repo_id, model.requested_revision, token, endpoint, **retry)
+    reporter.write(revision=plan.sha, bytes_total=plan.total_bytes)
+    # config.json first: an unsupported architecture is refused before gigabytes move.
+    hub.fetch_file(plan, "config.json", model.raw_dir, token, endpoint)
+    loading.check_architecture(loading.read_config(model.raw_dir))
+    hub.ensure_free_space(model.raw_dir, plan.total_bytes, settings.DISK_RESERVE_BYTES)
+    hub.download_snapshot(plan, model.raw_dir, token, endpoint, reporter.transfer, **retry)
+    del token
+    _finish(model, reporter, model.requested_quantization)
+
+
+def _import(model: Model, reporter: JobProgress) -> None:
+    source = Path(model.source_path)
+    reporter.phase(ModelStatus.LOADING, progress=0.0)
+    if model.source == "gguf":
+        gguf_to_safetensors(source, model.raw_dir)
+    else:
+        _copy_model_folder(source, model.raw_dir, reporter)
+    _finish(model, reporter, model.requested_quantization)
+
+
+def _copy_model_folder(src: Path, dest: Path, reporter: JobProgress) -> None:
+    files = [p for p in sorted(src.iterdir()) if p.is_file() and (p.suffix == ".safetensors" or p.name in loading.SIDECAR_FILES or p.name == "model.safetensors.index.json")]
+    total = sum(p.stat().st_size for p in files)
+    hub.ensure_free_space(dest.parent, total, settings.DISK_RESERVE_BYTES)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    done = 0
+    for path in files:
+        with path.open("rb") as reader, (tmp / path.name).open("wb") as writer:
+            while chunk := reader.read(8 << 20):
+                writer.write(chunk)
+                done += len(chunk)
+                reporter.transfer(done, total)
+    tmp.rename(dest)
+
+
+def run_download(model_id: str, listener: Listener | None = None) -> Model | None:
+    return _run(model_id, _download, listener)
+
+
+def run_import(model_id: str, listener: Listener | None = None) -> Model | None:
+    return _run(model_id, _import, listener)
+
+
+def download_model_job(model_id: str) -> None:
+    run_download(model_id)
+
+
+def import_model_job(model_id: str) -> None:
+    run_import(model_id)
+
+
+def mark_worker_died(job_id: str, reason: str) -> None:
+    """The worker process running a job died (killed, OOM): the row must not stay running."""
+    for model in Model.objects.filter(job_id=job_id, status__in=RUNNING_STATUSES):
+        _fail(model.id, JobError("worker_died", f"The worker process stopped unexpectedly ({reason}); retry."))

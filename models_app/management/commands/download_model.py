@@ -1,0 +1,39 @@
+import os
+
+from django.core.management.base import CommandError
+
+from models_app import jobs, services
+
+from ._common import ModelCommand, service_call
+
+
+class Command(ModelCommand):
+    help = "Download a model from the Hugging Face Hub (HF_ENDPOINT) into the data dir."
+
+    def add_arguments(self, parser):
+        parser.add_argument("repo_id", help="owner/name, e.g. HuggingFaceTB/SmolLM2-135M")
+        parser.add_argument("--quantization", default="FP32", help="FP32 (default) or FP16.")
+        parser.add_argument("--revision", default=None, help="Branch, tag or commit (default: main).")
+        parser.add_argument(
+            "--token-env",
+            metavar="VAR",
+            help="Name of an environment variable holding the Hub token (the token itself is never an argument).",
+        )
+        self.add_job_arguments(parser)
+
+    def handle(self, *args, **options):
+        token = None
+        if options["token_env"]:
+            token = os.environ.get(options["token_env"])
+            if not token:
+                raise CommandError(f"Environment variable {options['token_env']} is not set or empty.")
+        model = service_call(
+            services.request_download,
+            user=None,
+            repo_id=options["repo_id"],
+            quantization=options["quantization"],
+            token=token,
+            revision=options["revision"],
+            enqueue=not options["sync"],
+        )
+        self.run_job(model, jobs.run_download, options)

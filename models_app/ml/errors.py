@@ -1,0 +1,36 @@
+"""Errors a user can act on, each with a stable code for the API, card and commands."""
+
+from __future__ import annotations
+
+
+class InvalidInput(ValueError):
+    """Input refused before anything is queued or written."""
+
+    def __init__(self, field: str, message: str, code: str = "invalid_input") -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+class JobError(Exception):
+    """A job failed for a reason the user can act on. The message is shown as is, so it
+    must never contain a secret."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        suggested_format: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.suggested_format = suggested_format
+
+
+class JobCancelled(Exception):
+    """Raised inside a job when its row was cancelled, to unwind and clean up."""

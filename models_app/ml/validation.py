@@ -1,0 +1,89 @@
+"""Strict checks on user text before anything is queued or written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import InvalidInput
+
+# The Hub's own rule: optional namespace, then a name; ASCII letters, digits, "-", "_",
+# "."; each part at most 96 characters; no "--" or ".."; no leading/trailing "-" or ".".
+_REPO_PART = re.compile(r"[A-Za-z0-9_.\-]{1,96}")
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,199}")
+MAX_REPO_ID_LENGTH = 96 * 2 + 1
+GGUF_MAGIC = b"GGUF"
+
+
+def validate_repo_id(value: str) -> str:
+    def bad(reason: str) -> InvalidInput:
+        return InvalidInput("repo_id", f"Invalid repository id: {reason}.", code="invalid_repo_id")
+
+    if value is None or value == "":
+        raise bad("it is empty; use the form owner/name, e.g. HuggingFaceTB/SmolLM2-135M")
+    if "\x00" in value:
+        raise bad("it contains a NUL character")
+    if any(ch.isspace() for ch in value):
+        raise bad("it contains whitespace")
+    if not value.isascii():
+        raise bad("it contains non-ASCII characters")
+    if "://" in value or value.lower().startswith(("http:", "https:", "www.")):
+        raise bad("give the repository id (owner/name), not a URL")
+    if len(value) > MAX_REPO_ID_LENGTH:
+        raise bad(f"it is {len(value)} characters long; the Hub allows at most {MAX_REPO_ID_LENGTH}")
+    parts = value.split("/")
+    if len(parts) > 2:
+        raise bad("it has more than one '/'; use owner/name")
+    for part in parts:
+        if len(part) > 96:
+            raise bad(f"each part may be at most 96 characters; one has {len(part)}")
+        if not _REPO_PART.fullmatch(part):
+            raise bad(f"{part!r} may only use letters, digits, '-', '_' and '.' (1–96 characters)")
+        if ".." in part or "--" in part:
+            raise bad("'..' and '--' are not allowed")
+        if part[0] in "-." or part[-1] in "-.":
+            raise bad("a part may not start or end with '-' or '.'")
+    if value.lower().endswith(".git"):
+        raise bad("drop the '.git' suffix")
+    return value
+
+
+def validate_revision(value: str | None) -> str:
+    if value is None or value == "":
+        return "main"
+    if not value.isascii() or any(ch.isspace() for ch in value) or "\x00" in value:
+        raise InvalidInput("revision", "Invalid revision: it may not contain spaces or non-ASCII characters.")
+    if not _REVISION.fullmatch(value) or ".." in value or value.endswith(("/", ".lock")):
+        raise InvalidInput(
+            "revision", "Invalid revision: use a branch, tag or commit id (letters, digits, '-', '_', '.', '/')."
+        )
+    return value
+
+
+def resolve_import_path(value: str, roots: list[Path]) -> Path:
+    """The real path of a local import, refused unless it lies inside an allowed root."""
+    if not value or "\x00" in value:
+        raise InvalidInput("path", "Give the path of a model folder or a .gguf file.")
+    path = Path(value).expanduser().resolve()
+    if not any(path == root or path.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(root) for root in roots) or "(none configured)"
+        raise InvalidInput(
+            "path",
+            f"{path} is outside the allowed import folders ({allowed}); "
+            "move it there or set MISTUDIO_IMPORT_ROOTS.",
+            code="path_not_allowed",
+        )
+    if not path.exists():
+        raise InvalidInput("path", f"{path} does not exist.", code="path_not_found")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InvalidInput("path", f"{path} has no config.json; a model folder needs config.json and weights.")
+        if not any(path.glob("*.safetensors")):
+            raise InvalidInput("path", f"{path} has no .safetensors weights.")
+        return path
+    if path.suffix.lower() != ".gguf":
+        raise InvalidInput("path", f"{path} is neither a model folder nor a .gguf file.")
+    with path.open("rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            raise InvalidInput("path", f"{path} is not a GGUF file (its first bytes are not 'GGUF').", code="not_gguf")
+    return path

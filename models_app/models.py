@@ -1,0 +1,167 @@
+import secrets
+from pathlib import Path
+
+from django.conf import settings
+from django.db import models
+
+
+def new_model_id() -> str:
+    return f"m_{secrets.token_hex(6)}"
+
+
+class ModelStatus(models.TextChoices):
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"
+    LOADING = "loading"
+    QUANTIZING = "quantizing"
+    READY = "ready"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+RUNNING_STATUSES = (ModelStatus.QUEUED, ModelStatus.DOWNLOADING, ModelStatus.LOADING, ModelStatus.QUANTIZING)
+
+PHASE_LABELS = {
+    ModelStatus.QUEUED: "Queued",
+    ModelStatus.DOWNLOADING: "Download Progress",
+    ModelStatus.LOADING: "Loading",
+    ModelStatus.QUANTIZING: "Quantizing",
+}
+
+
+class Model(models.Model):
+    """One downloadable artifact: a repo at a revision in one quantization format."""
+
+    SOURCE_CHOICES = [("hub", "Hugging Face Hub"), ("local", "Local folder"), ("gguf", "GGUF file")]
+
+    id = models.CharField(primary_key=True, max_length=16, default=new_model_id, editable=False)
+    name = models.CharField(max_length=200)
+    repo_id = models.CharField(max_length=200, blank=True)
+    revision = models.CharField(max_length=200, blank=True, help_text="The resolved commit id.")
+    requested_revision = models.CharField(max_length=200, blank=True, default="main")
+    source = models.CharField(max_length=8, choices=SOURCE_CHOICES, default="hub")
+    source_path = models.CharField(max_length=1000, blank=True, help_text="For imports: the file or folder read.")
+
+    architecture = models.CharField(max_length=40, blank=True)
+    params_count = models.BigIntegerField(null=True, blank=True)
+    architecture_config = models.JSONField(default=dict, blank=True)
+    quantization = models.CharField(max_length=8, default="FP32", help_text="The format actually produced.")
+    requested_quantization = models.CharField(max_length=8, default="FP32")
+
+    status = models.CharField(max_length=16, choices=ModelStatus.choices, default=ModelStatus.QUEUED)
+    progress = models.FloatField(default=0.0)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    speed_bps = models.FloatField(default=0.0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    error_code = models.CharField(max_length=40, blank=True)
+    error_message = models.TextField(blank=True)
+    suggested_format = models.CharField(max_length=8, blank=True)
+
+    file_path = models.CharField(max_length=1000, blank=True)
+    quantized_path = models.CharField(max_length=1000, blank=True)
+    memory_required_bytes = models.BigIntegerField(null=True, blank=True)
+    disk_size_bytes = models.BigIntegerField(null=True, blank=True)
+
+    job_id = models.CharField(max_length=64, blank=True)
+    # The user's Hub token, Fernet-encrypted, kept only while the download needs it.
+    encrypted_token = models.BinaryField(null=True, blank=True, editable=False)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status"], name="model_status_idx"),
+            models.Index(fields=["architecture"], name="model_architecture_idx"),
+            models.Index(fields=["-created_at"], name="model_created_desc_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.quantization}, {self.status})"
+
+    @property
+    def is_running(self) -> bool:
+        return self.status in RUNNING_STATUSES
+
+    @property
+    def phase_label(self) -> str:
+        return PHASE_LABELS.get(self.status, "")
+
+    @property
+    def raw_dir(self) -> Path:
+        return settings.DATA_DIR / "models" / "raw" / self.id
+
+    def quantized_dir(self, fmt: str) -> Path:
+        return settings.DATA_DIR / "models" / "quantized" / f"{self.id}_{fmt}"
+
+    def owned_dirs(self) -> list[Path]:
+        """Every folder this record's files live in (for cleanup)."""
+        base = settings.DATA_DIR / "models" / "quantized"
+        return [self.raw_dir, *sorted(base.glob(f"{self.id}_*"))]
+
+    @property
+    def speed_mbps(self) -> float:
+        return round(self.speed_bps / 1e6, 2)
+
+    def progress_event(self) -> dict:
+        """The JSON event describing this row's current state (absolute, never a delta)."""
+        base = {"model_id": self.id, "status": self.status, "progress": round(self.progress, 2)}
+        if self.status == ModelStatus.READY:
+            return {
+                "type": "completed",
+                **base,
+                "memory_required_bytes": self.memory_required_bytes,
+                "disk_size_bytes": self.disk_size_bytes,
+                "params_count": self.params_count,
+                "quantization": self.quantization,
+            }
+        if self.status == ModelStatus.ERROR:
+            return {
+                "type": "error",
+                **base,
+                "error": self.error_message,
+                "code": self.error_code,
+                "suggested_format": self.suggested_format or None,
+            }
+        return {
+            "type": "progress",
+            **base,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "speed_mbps": self.speed_mbps,
+            "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
+        }
+
+    def as_dict(self, include_config: bool = True) -> dict:
+        """The API / --json representation, with DESIGN.md's field names."""
+        data = {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "source": self.source,
+            "architecture": self.architecture,
+            "params_count": self.params_count,
+            "quantization": self.quantization,
+            "requested_quantization": self.requested_quantization,
+            "progress": round(self.progress, 2),
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "speed_mbps": self.speed_mbps,
+            "eta_seconds": self.eta_seconds,
+            "error_code": self.error_code or None,
+            "error_message": self.error_message or None,
+            "suggested_format": self.suggested_format or None,
+            "file_path": self.file_path or None,
+            "quantized_path": self.quantized_path or None,
+            "memory_required_bytes": self.memory_required_bytes,
+            "disk_size_bytes": self.disk_size_bytes,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+        }
+        if include_config:
+            data["architecture_config"] = self.architecture_config
+        return data

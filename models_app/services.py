@@ -1,0 +1,222 @@
+"""Every state change of a Model that also enqueues, publishes or touches files.
+
+Views, the API and the management commands all come through here.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import django_rq
+from django.conf import settings
+from django.db import transaction
+from django.template.loader import render_to_string
+from redis.exceptions import RedisError
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from mistudio import progress
+from mistudio.crypto import encrypt_secret
+from mistudio.errors import Conflict, NotFound, ServiceError, Unavailable
+
+from .ml.errors import InvalidInput
+from .ml.formats import validate_format
+from .ml.validation import resolve_import_path, validate_repo_id, validate_revision
+from .models import RUNNING_STATUSES, Model, ModelStatus
+
+log = logging.getLogger(__name__)
+
+
+def as_service_error(exc: InvalidInput) -> ServiceError:
+    return ServiceError(exc.code, exc.message, details={"field": exc.field})
+
+
+def queue():
+    return django_rq.get_queue("default")
+
+
+def require_queue() -> None:
+    """Refuse up front when Redis is down, so no row is left queued with no job."""
+    try:
+        queue().connection.ping()
+    except RedisError:
+        raise Unavailable(
+            "queue_unavailable",
+            "The job queue (Redis) is not reachable; nothing was started. Check REDIS_URL and that Redis runs.",
+            retryable=True,
+        ) from None
+
+
+# --- publishing -------------------------------------------------------------------------
+
+
+def render_card(model: Model, oob: bool = False) -> str:
+    return render_to_string("models_app/_card.html", {"model": model, "oob": oob})
+
+
+def render_model_list(oob: bool = False) -> str:
+    return render_to_string("models_app/_model_list.html", {"models": list_for_panel(), "oob": oob})
+
+
+def list_for_panel():
+    return Model.objects.all()[:200]
+
+
+def publish_card(model: Model, event: dict | None = None) -> None:
+    progress.publish_html(render_card(model, oob=True))
+    progress.publish_event(model.id, event or model.progress_event())
+
+
+def publish_list() -> None:
+    """The whole list, for changes that add or remove cards (every open tab converges)."""
+    progress.publish_html(render_model_list(oob=True))
+
+
+# --- starting jobs ----------------------------------------------------------------------
+
+
+def _enqueue_after_commit(model: Model, func: str) -> None:
+    def enqueue() -> None:
+        try:
+            job = queue().enqueue(func, model.id, job_timeout=settings.RQ_QUEUES["default"]["DEFAULT_TIMEOUT"])
+        except RedisError:
+            Model.objects.filter(pk=model.pk, status=ModelStatus.QUEUED).update(
+                status=ModelStatus.ERROR,
+                error_code="queue_unavailable",
+                error_message="The job queue (Redis) was not reachable; the job was not started.",
+                encrypted_token=None,
+            )
+            publish_list()
+            return
+        Model.objects.filter(pk=model.pk).update(job_id=job.id)
+        publish_list()
+
+    transaction.on_commit(enqueue)
+
+
+def request_download(
+    *, user, repo_id: str, quantization: str, token: str | None = None, revision: str | None = None, enqueue=True
+) -> Model:
+    """Validate, create the row and (unless the caller runs it inline) queue the download."""
+    try:
+        repo_id = validate_repo_id(repo_id)
+        fmt = validate_format(quantization)
+        revision = validate_revision(revision)
+    except InvalidInput as exc:
+        raise as_service_error(exc) from None
+    token = (token or "").strip() or None
+    if enqueue:
+        require_queue()
+    with transaction.atomic():
+        model = Model.objects.create(
+            name=repo_id.split("/")[-1],
+            repo_id=repo_id,
+            requested_revision=revision,
+            source="hub",
+            quantization=fmt,
+            requested_quantization=fmt,
+            encrypted_token=encrypt_secret(token) if token else None,
+            created_by=user if user and user.is_authenticated else None,
+        )
+        if enqueue:
+            _enqueue_after_commit(model, "models_app.jobs.download_model_job")
+    return model
+
+
+def request_import(*, user, path: str, name: str | None = None, enqueue=True) -> Model:
+    try:
+        resolved = resolve_import_path(path, settings.IMPORT_ROOTS)
+    except InvalidInput as exc:
+        raise as_service_error(exc) from None
+    if enqueue:
+        require_queue()
+    source = "gguf" if resolved.is_file() else "local"
+    default_name = resolved.stem if source == "gguf" else resolved.name
+    with transaction.atomic():
+        model = Model.objects.create(
+            name=(name or "").strip()[:200] or default_name,
+            source=source,
+            source_path=str(resolved),
+            created_by=user if user and user.is_authenticated else None,
+        )
+        if enqueue:
+            _enqueue_after_commit(model, "models_app.jobs.import_model_job")
+    return model
+
+
+# --- cancel and delete ------------------------------------------------------------------
+
+
+def get_model(model_id: str) -> Model:
+    model = Model.objects.filter(pk=model_id).first()
+    if model is None:
+        raise NotFound("model_not_found", f"No model with id {model_id!r}.")
+    return model
+
+
+def remove_files(model: Model) -> None:
+    for folder in model.owned_dirs():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stop_rq_job(job_id: str, wait_seconds: float = 15.0) -> None:
+    """Stop the job's worker process (not just the row) and wait until it is gone, so no
+    file is written after we clean up."""
+    connection = queue().connection
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except NoSuchJobError:
+        return
+    status = job.get_status(refresh=True)
+    if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+        job.cancel()
+        return
+    if status != JobStatus.STARTED:
+        return
+    try:
+        send_stop_job_command(connection, job_id)
+    except InvalidJobOperation:
+        return
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if job.get_status(refresh=True) != JobStatus.STARTED:
+            return
+        time.sleep(0.1)
+    log.warning("job %s did not stop within %.0f s", job_id, wait_seconds)
+
+
+def cancel_model(model_id: str) -> Model:
+    model = get_model(model_id)
+    if not model.is_running:
+        raise Conflict("not_running", f"{model.name} is {model.status}; only a running job can be cancelled.")
+    # The status flip is what an inline (--sync) job sees; the stop command ends a worker's.
+    Model.objects.filter(pk=model.pk, status__in=RUNNING_STATUSES).update(
+        status=ModelStatus.CANCELLED, encrypted_token=None, speed_bps=0, eta_seconds=None
+    )
+    if model.job_id:
+        try:
+            _stop_rq_job(model.job_id)
+        except RedisError:
+            log.warning("could not reach Redis to stop job %s", model.job_id)
+    remove_files(model)
+    model.refresh_from_db()
+    publish_card(model)
+    return model
+
+
+def delete_model(model_id: str) -> bool:
+    """Remove the record and every file of it. A missing id is not an error: returns False."""
+    model = Model.objects.filter(pk=model_id).first()
+    if model is None:
+        return False
+    if model.is_running:
+        raise Conflict(
+            "model_in_use", f"{model.name} is {model.status}; cancel the job before deleting the model."
+        )
+    remove_files(model)
+    model.delete()
+    publish_list()
+    return True

