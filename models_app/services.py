@@ -35,7 +35,8 @@ def as_service_error(exc: InvalidInput) -> ServiceError:
 
 
 def queue():
-    return django_rq.get_queue("default")
+    # Enqueue immediately: callers already wait for the row's transaction to commit.
+    return django_rq.get_queue("default", commit_mode="auto")
 
 
 def require_queue() -> None:

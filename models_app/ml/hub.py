@@ -25,9 +25,9 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 ByteCallback = Callable[[int, int], None]
-# huggingface_hub writes (and reports) in 10 MiB chunks; 1 MiB keeps the progress bar and
+# huggingface_hub writes (and reports) in 10 MiB chunks; 256 KiB keeps the progress bar and
 # cancellation responsive without costing throughput.
-PROGRESS_CHUNK_BYTES = 1 << 20
+PROGRESS_CHUNK_BYTES = 256 << 10
 
 
 def _configure_hub() -> None:

@@ -46,7 +46,7 @@ def write_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0) -> 
 
     configs = {
         "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256),
+                      num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256),
         "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256),
     }  # fmt: skip
     torch.manual_seed(seed)
