@@ -138,7 +138,9 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
+            # redis-py 8 times socket reads out after 5 s, the same as channels-redis's
+            # blocking receive: every idle WebSocket would drop after 5 s without this.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
             "prefix": env_str("MISTUDIO_CHANNEL_PREFIX", "mistudio"),
         },
     }

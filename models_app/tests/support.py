@@ -97,9 +97,10 @@ def run_burst_worker(timeout: float = 240, **extra_env: str) -> subprocess.Compl
     )
 
 
-def start_worker(**extra_env: str) -> subprocess.Popen:
+def start_worker(burst: bool = True, **extra_env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "manage.py", "rqworker", "default", "--burst", "--worker-class", "mistudio.worker.MistudioWorker"],
+        [sys.executable, "manage.py", "rqworker", "default", "--worker-class", "mistudio.worker.MistudioWorker"]
+        + (["--burst"] if burst else []),
         cwd=ROOT,
         env=subprocess_env(**extra_env),
         stdout=subprocess.PIPE,
@@ -116,3 +117,35 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.1, message: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_daphne(port: int) -> subprocess.Popen:
+    """The real ASGI server the run command uses, against the test database."""
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("daphne")), "-b", "127.0.0.1", "-p", str(port), "mistudio.asgi:application"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    import urllib.request
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=5)
+            return True
+        except OSError:  # refused, reset or timed out while it starts
+            return process.poll() is not None
+
+    wait_for(answers, timeout=60, interval=0.2, message="daphne to answer")
+    assert process.poll() is None, process.stdout.read()
+    return process

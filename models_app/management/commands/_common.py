@@ -23,6 +23,7 @@ class TerminalProgress:
         self.stream = stream or sys.stderr
         self.last_draw = 0.0
         self.last_status = ""
+        self.line_open = False
 
     def __call__(self, model: Model) -> None:
         now = time.monotonic()
@@ -30,8 +31,7 @@ class TerminalProgress:
             return
         self.last_draw, self.last_status = now, model.status
         if not model.is_running:
-            self.stream.write("\n" if self.last_draw else "")
-            self.stream.flush()
+            self.close()
             return
         filled = int(self.WIDTH * model.progress / 100)
         bar = "#" * filled + "-" * (self.WIDTH - filled)
@@ -41,6 +41,14 @@ class TerminalProgress:
             line += f"  {format_bytes(model.bytes_done)}/{format_bytes(model.bytes_total)}  {model.speed_mbps:.1f} MB/s  ETA {eta}"
         self.stream.write(line.ljust(100))
         self.stream.flush()
+        self.line_open = True
+
+    def close(self) -> None:
+        """End the bar's line, so what is printed next starts on its own."""
+        if self.line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.line_open = False
 
 
 class ModelCommand(BaseCommand):
@@ -52,10 +60,15 @@ class ModelCommand(BaseCommand):
 
     def run_job(self, model: Model, runner, options) -> None:
         if options["sync"]:
+            bar = TerminalProgress()
             try:
-                runner(model.id, listener=None if options["json"] and not sys.stderr.isatty() else TerminalProgress())
-            except Exception:
-                pass  # the row carries the outcome; reported below
+                runner(model.id, listener=bar)
+            except Exception as exc:
+                model.refresh_from_db()
+                if model.is_running:  # the job could not even record its failure
+                    raise CommandError(f"{model.id} failed: {type(exc).__name__}: {exc}") from None
+            finally:
+                bar.close()
             model.refresh_from_db()
         self.report(model, options, finished=options["sync"])
 

@@ -1,0 +1,121 @@
+"""The Models panel in headless Chromium, against daphne and an RQ worker (subprocesses),
+the loopback Hub and the test database: what a researcher sees, without reloads."""
+
+import os
+import shutil
+
+import pytest
+
+from conftest import GATED_TOKEN
+from models_app.models import Model
+from models_app.tests.support import free_port, start_daphne, start_worker
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser]
+
+PASSWORD = "correct horse battery"
+
+
+def chromium_path() -> str:
+    path = os.environ.get("MISTUDIO_CHROMIUM") or shutil.which("chromium")
+    assert path, "Debian's chromium is required for the browser tests (scripts/test installs it)"
+    return path
+
+
+@pytest.fixture
+def stack(hub):
+    """daphne + one RQ worker, as the run command starts them."""
+    port = free_port()
+    server = start_daphne(port)
+    worker = start_worker(burst=False)
+    yield f"http://127.0.0.1:{port}"
+    for process in (worker, server):
+        process.terminate()
+    for process in (worker, server):
+        try:
+            output, _ = process.communicate(timeout=10)
+        except Exception:
+            process.kill()
+            output, _ = process.communicate()
+        print(output)  # shown by pytest when the test fails
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop in this thread; the ORM calls the test makes
+    # are still plain synchronous ones.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )  # fmt: skip
+        yield browser
+        browser.close()
+
+
+def sign_in(page, base_url, username):
+    page.goto(f"{base_url}/")
+    assert "/login/" in page.url
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base_url}/")
+    page.wait_for_selector("#connection-status[data-state=connected]", timeout=15_000)
+
+
+def test_a_download_shows_live_progress_and_turns_ready_without_a_reload(stack, browser, hub, user):
+    hub.bytes_per_second = 250_000  # the tiny model's weights take ~5 s
+    session = browser.new_context()
+    page = session.new_page()
+    sign_in(page, stack, user.username)
+    assert page.inner_text("#connection-label") == "Connected"
+    page.wait_for_timeout(6_000)  # outlive the Redis read timeout: the socket must stay up
+    assert page.inner_text("#connection-label") == "Connected"
+    other_tab = session.new_page()
+    other_tab.goto(f"{stack}/")
+    other_tab.wait_for_selector("#connection-status[data-state=connected]", timeout=15_000)
+
+    page.evaluate("window.__noReload = true")
+    assert page.is_disabled("#download-button")
+    page.fill("#id_repo_id", "tiny/gated")
+    page.select_option("#id_quantization", "FP32")
+    page.fill("#id_access_token", GATED_TOKEN)
+    page.click("#download-button")
+
+    card = page.wait_for_selector("[id^=model-card-]", timeout=10_000)
+    card_id = card.get_attribute("id")
+    assert page.input_value("#id_repo_id") == "" and page.input_value("#id_access_token") == ""
+    assert page.input_value("#id_quantization") == "FP32"
+
+    seen = set()
+    selector = f"#{card_id} .progress-percent"
+    for _ in range(200):
+        if page.get_attribute(f"#{card_id}", "data-status") == "ready":
+            break
+        if page.query_selector(selector):
+            seen.add(page.inner_text(selector))
+        page.wait_for_timeout(50)
+    page.wait_for_selector(f"#{card_id}[data-status=ready]", timeout=30_000)
+    assert len(seen) >= 2, f"progress text never changed: {seen}"
+    assert page.evaluate("window.__noReload") is True
+    meta = page.inner_text(f"#{card_id} .model-meta")
+    assert "params" in meta and "FP32 quantization" in meta and "memory" in meta
+
+    other_tab.wait_for_selector(f"#{card_id}[data-status=ready]", timeout=10_000)
+    assert Model.objects.get(pk=card_id.removeprefix("model-card-")).status == "ready"
+    assert GATED_TOKEN not in page.content() and GATED_TOKEN not in other_tab.content()
+
+
+def test_a_bad_repo_id_shows_its_error_under_the_field(stack, browser, user):
+    page = browser.new_page()
+    sign_in(page, stack, user.username)
+    page.fill("#id_repo_id", "https://huggingface.co/a/b")
+    page.click("#download-button")
+    error = page.wait_for_selector("#repo-error", timeout=10_000)
+    assert "not a URL" in error.inner_text()
+    assert Model.objects.count() == 0
