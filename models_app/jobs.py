@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,23 +27,32 @@ from .models import RUNNING_STATUSES, Model, ModelStatus
 log = logging.getLogger(__name__)
 
 Listener = Callable[[Model], None]
+MAX_WRITES_PER_SECOND = 10
 
 
 class JobProgress:
-    """Writes a running job's progress to its row (throttled) and publishes it.
+    """Writes a running job's progress to its row and publishes it.
 
-    Every write is conditional on the row not having been cancelled; a write that finds it
-    cancelled raises JobCancelled, which is how a job run inline learns it must stop."""
+    Byte progress arrives from download threads many times a second; a publisher thread
+    takes the latest state (throttled to 0.5 s or 1 %) and does the database write,
+    rendering and channel-layer send, so the transfer itself never waits on them.
+    Every write is conditional on the row not having been cancelled; finding it cancelled
+    is how a job run inline learns it must stop (JobCancelled at its next update)."""
 
     def __init__(self, model_id: str, listener: Listener | None = None) -> None:
         self.model_id = model_id
         self.listener = listener
         self.throttle = ProgressThrottle()
         self.rate = TransferRate()
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._pending = threading.Condition()
+        self._latest: dict | None = None
+        self._stopping = False
+        self._publisher: threading.Thread | None = None
+        self._cancelled = False
 
     def write(self, **fields) -> Model:
-        with self.lock:
+        with self._lock:
             updated = (
                 Model.objects.filter(pk=self.model_id, status__in=RUNNING_STATUSES)
                 .update(updated_at=timezone.now(), **fields)
@@ -50,30 +60,70 @@ class JobProgress:
             if not updated:
                 raise JobCancelled()
             model = Model.objects.get(pk=self.model_id)
-            if threading.current_thread() is not threading.main_thread():
-                connection.close()  # download threads are short-lived; don't leak their connections
         services.publish_card(model)
         if self.listener:
             self.listener(model)
         return model
 
     def phase(self, status: str, **fields) -> Model:
+        """A status change: written at once, after any byte progress still pending."""
+        self.flush()
         self.throttle.should_emit(0.0, force=True)
         return self.write(status=status, speed_bps=0, eta_seconds=None, **fields)
 
     def transfer(self, done: int, total: int) -> None:
-        """Byte progress of the download or copy phase."""
+        """Byte progress of the download or copy phase; cheap, callable from any thread."""
+        if self._cancelled:
+            raise JobCancelled()
         self.rate.add(done)
         percent = 100.0 * done / total if total else 100.0
         if not self.throttle.should_emit(percent, force=done >= total):
             return
-        self.write(
-            progress=percent,
-            bytes_done=done,
-            bytes_total=total,
-            speed_bps=self.rate.bytes_per_second(),
-            eta_seconds=self.rate.eta_seconds(total),
-        )
+        state = {
+            "progress": percent,
+            "bytes_done": done,
+            "bytes_total": total,
+            "speed_bps": self.rate.bytes_per_second(),
+            "eta_seconds": self.rate.eta_seconds(total),
+        }
+        with self._pending:
+            self._latest = state
+            self._pending.notify()
+            if self._publisher is None:
+                self._stopping = False
+                self._publisher = threading.Thread(target=self._publish_loop, name=f"progress-{self.model_id}", daemon=True)
+                self._publisher.start()
+
+    def _publish_loop(self) -> None:
+        try:
+            while True:
+                with self._pending:
+                    while self._latest is None and not self._stopping:
+                        self._pending.wait()
+                    if self._latest is None:
+                        return
+                    state, self._latest = self._latest, None
+                started = time.monotonic()
+                try:
+                    self.write(**state)
+                except JobCancelled:
+                    self._cancelled = True
+                    return
+                # Coalesce: at most MAX_WRITES_PER_SECOND, whatever the throttle lets through.
+                time.sleep(max(0.0, 1 / MAX_WRITES_PER_SECOND - (time.monotonic() - started)))
+        finally:
+            connection.close()  # this thread's own database connection
+
+    def flush(self) -> None:
+        """Write what is pending and stop the publisher thread; raise if it found the row cancelled."""
+        with self._pending:
+            thread, self._publisher = self._publisher, None
+            self._stopping = True
+            self._pending.notify()
+        if thread is not None:
+            thread.join()
+        if self._cancelled:
+            raise JobCancelled()
 
 
 def _begin(model_id: str) -> Model | None:
@@ -109,7 +159,10 @@ def _run(model_id: str, body: Callable[[Model, JobProgress], None], listener: Li
         return None
     reporter = JobProgress(model_id, listener)
     try:
-        body(model, reporter)
+        try:
+            body(model, reporter)
+        finally:
+            reporter.flush()
     except JobCancelled:
         model = Model.objects.get(pk=model_id)
         services.remove_files(model)
