@@ -230,3 +230,23 @@ def test_an_inline_job_stops_when_its_row_is_cancelled_elsewhere(hub, data_dir):
     assert not thread.is_alive()
     assert Model.objects.get(pk=model.id).status == ModelStatus.CANCELLED
     assert not model.raw_dir.exists()
+
+
+def test_a_worker_killed_mid_download_leaves_the_row_failed_not_running(signed_in, hub, data_dir):
+    import signal
+    import subprocess
+
+    hub.bytes_per_second = 200_000
+    created = api_download(signed_in, repo_id="tiny/llama", quantization="FP32")
+    worker = start_worker()
+    try:
+        wait_for(lambda: Model.objects.get(pk=created["id"]).bytes_done > 0, timeout=60, message="download start")
+        # The work horse is the worker's child process; SIGKILL it as the OOM killer would.
+        subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)
+        output, _ = worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    model = Model.objects.get(pk=created["id"])
+    assert model.status == ModelStatus.ERROR, output
+    assert model.error_code == "worker_died" and f"signal {int(signal.SIGKILL)}" in model.error_message
+    assert not (data_dir / "models" / "raw" / model.id).exists()

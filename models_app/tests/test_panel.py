@@ -1,0 +1,86 @@
+"""The Models panel's HTML: the form, and each card state as a researcher reads it."""
+
+import pytest
+
+from models_app.models import Model
+
+pytestmark = pytest.mark.django_db
+
+
+def make_model(**fields) -> Model:
+    defaults = {"name": "SmolLM2-135M", "repo_id": "HuggingFaceTB/SmolLM2-135M", "status": "ready"}
+    return Model.objects.create(**{**defaults, **fields})
+
+
+def card_html(client, model) -> str:
+    """The page as served (one model per test, so the card is the page's only one)."""
+    html = client.get("/").content.decode()
+    assert f'id="model-card-{model.id}"' in html
+    return html
+
+
+def test_a_ready_card_shows_params_format_and_memory_like_the_mock(signed_in):
+    model = make_model(params_count=134_515_008, quantization="FP16", memory_required_bytes=322_836_019)
+    html = card_html(signed_in, model)
+    assert "135M params • FP16 quantization • 323MB memory" in html
+    assert "bg-emerald-900/30 text-emerald-400" in html and ">ready<" in html
+    assert "Download Progress" not in html
+    assert f'hx-post="/models/{model.id}/delete"' in html
+
+
+def test_a_downloading_card_shows_bytes_speed_eta_and_a_bar_of_that_width(signed_in):
+    model = make_model(
+        status="downloading", progress=45.2, bytes_done=243_000_000, bytes_total=538_000_000, speed_bps=12_500_000, eta_seconds=23.6
+    )
+    html = card_html(signed_in, model)
+    assert "Download Progress" in html and "45.2%" in html
+    assert "width: 45.2%" in html
+    assert "243MB / 538MB" in html and "12.5 MB/s" in html and "ETA 24s" in html
+    assert "animate-spin" in html and f'hx-post="/models/{model.id}/cancel"' in html
+    assert "/delete" not in html
+
+
+def test_an_error_card_says_what_to_do(signed_in):
+    model = make_model(
+        status="error", error_code="gated_token_required",
+        error_message="meta-llama/Llama-3.2-1B is gated: add an access token from an account that has been granted access.",
+    )  # fmt: skip
+    html = card_html(signed_in, model)
+    assert "is gated: add an access token" in html and "text-red-400" in html
+
+
+def test_the_page_shows_the_download_form_with_format_choices(signed_in):
+    html = signed_in.get("/").content.decode()
+    for text in ("HuggingFace Model Repository", "Quantization Format", "Access Token",
+                 "hf_xxxxxxxxxxxxxxxxxxxx", "Download Model from HuggingFace", 'ws-connect="/ws/models/"',
+                 "FP32 (Full Precision)", "Q4 (4-bit)", "researcher", "CPU"):  # fmt: skip
+        assert text in html, text
+    assert "/static/vendor/htmx.min.js" in html and "/static/vendor/htmx-ext-ws.js" in html
+
+
+def test_submitting_the_form_returns_a_cleared_form_and_the_list_with_the_new_card(signed_in, redis_clean):
+    response = signed_in.post(
+        "/models/download",
+        {"repo_id": "HuggingFaceTB/SmolLM2-135M", "quantization": "FP32", "access_token": "hf_secret_value_123"},
+        HTTP_HX_REQUEST="true",
+    )
+    html = response.content.decode()
+    model = Model.objects.get()
+    assert response.status_code == 200
+    assert 'id="model-list" class="grid gap-4" hx-swap-oob="true"' in html
+    assert f'id="model-card-{model.id}"' in html
+    assert 'name="repo_id" type="text" value=""' in html
+    assert '<option value="FP32" selected>' in html
+    assert "hf_secret_value_123" not in html
+
+
+def test_the_admin_lists_models_with_filters_and_search(client, django_user_model):
+    admin = django_user_model.objects.create_superuser("boss", "", "pw-for-admin-123")
+    client.force_login(admin)
+    make_model(architecture="llama")
+    make_model(name="pythia", architecture="gpt_neox", status="error")
+    page = client.get("/admin/models_app/model/?status__exact=error&q=pythia")
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "pythia" in html and "1 result" in html
+    assert "By status" in html and "By architecture" in html
