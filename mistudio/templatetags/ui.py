@@ -40,30 +40,27 @@ def icon(name: str, css: str = "w-5 h-5"):
     )
 
 
-@register.filter
-def params(value) -> str:
-    """135M, 1.1B."""
+def _scaled(value, units: tuple[tuple[float, str], ...], bare_suffix: str) -> str:
+    """One decimal below 10, none above: 135M, 1.1B, 270MB, 1.2GB."""
     if value in (None, ""):
         return "?"
-    value = int(value)
-    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    value = float(value)
+    for limit, suffix in units:
         if value >= limit:
             scaled = value / limit
             return f"{scaled:.1f}{suffix}" if scaled < 10 else f"{scaled:.0f}{suffix}"
-    return str(value)
+    return f"{value:.0f}{bare_suffix}"
+
+
+@register.filter
+def params(value) -> str:
+    return _scaled(value, ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")), "")
 
 
 @register.filter
 def bytes_short(value) -> str:
-    """270MB, 1.2GB (decimal units, as download sizes are quoted)."""
-    if value in (None, ""):
-        return "?"
-    value = float(value)
-    for limit, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-        if value >= limit:
-            scaled = value / limit
-            return f"{scaled:.1f}{suffix}" if scaled < 10 else f"{scaled:.0f}{suffix}"
-    return f"{value:.0f}B"
+    """Decimal units, as download sizes are quoted."""
+    return _scaled(value, ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")), "B")
 
 
 @register.filter
