@@ -49,13 +49,20 @@ def smollm2_folder() -> Path:
 
 @pytest.fixture(scope="session")
 def hub_server(tmp_path_factory, tiny_repo_folder):
-    """The loopback Hub, serving: tiny/llama (public), tiny/gated (gated, one token has
-    access), google/bert-tiny (encoder-only). SmolLM2 is added by the smollm2 fixture."""
+    """The loopback Hub, serving: tiny/llama (public), tiny/llama-mlp (public, Linear-heavy),
+    tiny/gated (gated, one token has access), google/bert-tiny (encoder-only). SmolLM2 is
+    added by the smollm2 fixture."""
     server = HubServer()
     server.add_repo(HubRepo("tiny/llama", tiny_repo_folder, make_sha("tiny/llama")))
     server.add_repo(
         HubRepo("tiny/gated", tiny_repo_folder, make_sha("tiny/gated"), gated=True, allowed_tokens=frozenset({GATED_TOKEN}))
     )
+    # Most of its parameters are in Linear layers, so each quantized format is smaller than
+    # the one before (in tiny/llama the float embeddings dominate and Q8 outweighs FP16).
+    mlp_heavy = support.write_tiny_model(
+        tmp_path_factory.mktemp("tiny-mlp"), vocab_size=256, intermediate_size=512, tie_word_embeddings=True
+    )
+    server.add_repo(HubRepo("tiny/llama-mlp", mlp_heavy, make_sha("tiny/llama-mlp")))
     bert = support.write_encoder_only_repo(tmp_path_factory.mktemp("bert"))
     server.add_repo(HubRepo("google/bert-tiny", bert, make_sha("google/bert-tiny")))
     server.start()

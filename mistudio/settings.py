@@ -172,6 +172,23 @@ HUB_RETRY_BACKOFF_SECONDS = float(env_str("MISTUDIO_HUB_RETRY_BACKOFF", "2.0"))
 
 # Local imports are only read from these folders (resolved, symlinks followed).
 IMPORT_ROOTS = [Path(p).resolve() for p in env_list("MISTUDIO_IMPORT_ROOTS", [str(DATA_DIR / "imports")])]
+
+
+def env_bytes(name: str) -> int | None:
+    """A size like 6GB, 6GiB, 512MB or plain bytes; None when unset."""
+    raw = os.environ.get(name, "").strip().upper().replace(" ", "")
+    if not raw:
+        return None
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    for suffix, factor in units.items():
+        if raw.endswith(suffix):
+            return int(float(raw.removesuffix(suffix)) * factor)
+    return int(raw)
+
+
+# Memory a model may take when it is loaded (the fit check). Default: the GPU's free
+# memory, or the free RAM on a machine without one.
+GPU_MEMORY_LIMIT = env_bytes("MISTUDIO_GPU_MEMORY_LIMIT")
 # Free space a download must leave on the data dir's filesystem.
 DISK_RESERVE_BYTES = env_int("MISTUDIO_DISK_RESERVE_BYTES", 1 << 30)
 

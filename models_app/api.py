@@ -113,3 +113,12 @@ def model_detail(request, model_id):
 @api_endpoint({"POST"})
 def model_cancel(request, model_id):
     return JsonResponse(services.cancel_model(model_id).as_dict())
+
+
+@api_endpoint({"POST"})
+def model_quantize(request, model_id):
+    body = json_body(request)
+    model = services.request_quantize(
+        user=request.user, model_id=model_id, quantization=str(body.get("quantization") or "")
+    )
+    return JsonResponse(model.as_dict(), status=202)

@@ -23,7 +23,7 @@ def _checked(validator, value):
 
 class DownloadForm(forms.Form):
     repo_id = forms.CharField(required=False, strip=False)
-    quantization = forms.ChoiceField(choices=QUANTIZATION_CHOICES, initial="FP16")
+    quantization = forms.ChoiceField(choices=QUANTIZATION_CHOICES, initial="Q4")
     access_token = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False))
     revision = forms.CharField(required=False, strip=False)
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Q
 from django.utils import timezone
 
 from mistudio.crypto import decrypt_secret
 
 from . import services
-from .ml import hub, loading
+from .ml import hub, loading, quality, quantize
 from .ml.errors import JobCancelled, JobError
-from .ml.formats import memory_required_bytes
 from .ml.gguf_import import gguf_to_safetensors
 from .ml.progress import ProgressThrottle, TransferRate
 from .models import RUNNING_STATUSES, Model, ModelStatus
@@ -180,32 +180,80 @@ def _run(model_id: str, body: Callable[[Model, JobProgress], None], listener: Li
     return model
 
 
-def _finish(model: Model, reporter: JobProgress, fmt: str) -> None:
-    """The loading phase: config, architecture, exact parameters, then the format's files."""
+def _finish(model: Model, reporter: JobProgress, requested: str) -> None:
+    """Loading (config, architecture, exact parameters), then quantizing when the format to
+    make is not the FP32 snapshot itself, then the figures a user compares formats by."""
     reporter.phase(ModelStatus.LOADING, progress=100.0)
     facts = loading.inspect_model(model.raw_dir)
-    quantized_path = ""
-    if fmt == "FP16":
-        reporter.phase(ModelStatus.QUANTIZING, progress=0.0)
-        target = model.quantized_dir("FP16")
-        loading.write_fp16(model.raw_dir, target)
-        quantized_path = str(target)
-    disk = loading.folder_size(Path(quantized_path) if quantized_path else model.raw_dir)
+    device = quantize.compute_device()
+    estimates = quantize.memory_estimate(facts.config, device)
     reporter.write(
-        status=ModelStatus.READY,
-        progress=100.0,
         architecture=facts.architecture,
         params_count=facts.params_count,
         architecture_config=facts.config,
-        quantization=fmt,
         file_path=str(model.raw_dir),
-        quantized_path=quantized_path,
-        memory_required_bytes=memory_required_bytes(facts.params_count, fmt),
+    )
+    budget = quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device)
+    fmt, notes = quantize.choose_format(requested, estimates, budget)
+    figures: dict = {}
+    if fmt != "FP32":
+        reporter.phase(ModelStatus.QUANTIZING, progress=0.0)
+        loaded, result = quantize.quantize_snapshot(model.raw_dir, requested, model.quantized_dir, estimates, budget, device)
+        fmt, notes = result.produced, result.notes
+        target = model.quantized_dir(fmt)
+        log.info(
+            "model %s %s: measured %d bytes, estimated %d (weights), error %+.1f%%",
+            model.id, fmt, result.footprint_bytes, estimates[fmt] / 1.2,
+            100 * (result.footprint_bytes - estimates[fmt] / 1.2) / (estimates[fmt] / 1.2),
+        )  # fmt: skip
+        reporter.write(progress=60.0)
+        figures = {
+            "quantized_path": str(target),
+            "memory_measured_bytes": result.footprint_bytes,
+            "peak_cuda_bytes": result.peak_cuda_bytes,
+            **_quality(model, loaded, estimates, budget, device),
+        }
+        del loaded
+        quantize.free_accelerator_memory()
+    disk = loading.folder_size(Path(figures["quantized_path"]) if figures else model.raw_dir)
+    reporter.write(
+        status=ModelStatus.READY,
+        progress=100.0,
+        quantization=fmt,
+        format_notes="\n".join(notes),
+        memory_required_bytes=estimates[fmt],
         disk_size_bytes=disk,
         encrypted_token=None,
         speed_bps=0,
         eta_seconds=None,
+        **figures,
     )
+
+
+def _quality(model: Model, loaded, estimates: dict[str, int], budget: int, device: str) -> dict:
+    """Perplexity of the new format and of the unquantized weights on the reference text.
+    The baseline is computed once per snapshot and reused by every format made from it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.raw_dir)
+    except (OSError, ValueError):
+        log.info("model %s has no tokenizer: no perplexity figure", model.id)
+        return {}
+    figures = {"perplexity": quality.perplexity(loaded, tokenizer)}
+    sibling = (
+        Model.objects.filter(Q(snapshot_of=model.snapshot_owner) | Q(pk=model.snapshot_owner))
+        .exclude(perplexity_baseline=None)
+        .values_list("perplexity_baseline", flat=True)
+        .first()
+    )
+    if sibling is not None:
+        figures["perplexity_baseline"] = sibling
+    elif estimates["FP32"] <= budget:
+        baseline = quantize.load_in_format(model.raw_dir, "FP32", device)
+        figures["perplexity_baseline"] = quality.perplexity(baseline, tokenizer)
+        del baseline
+    return figures
 
 
 def _download(model: Model, reporter: JobProgress) -> None:
@@ -259,8 +307,16 @@ def run_import(model_id: str, listener: Listener | None = None) -> Model | None:
     return _run(model_id, _import, listener)
 
 
+def run_quantize(model_id: str, listener: Listener | None = None) -> Model | None:
+    return _run(model_id, lambda model, reporter: _finish(model, reporter, model.requested_quantization), listener)
+
+
 def download_model_job(model_id: str) -> None:
     run_download(model_id)
+
+
+def quantize_model_job(model_id: str) -> None:
+    run_quantize(model_id)
 
 
 def import_model_job(model_id: str) -> None:

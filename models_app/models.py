@@ -60,8 +60,16 @@ class Model(models.Model):
 
     file_path = models.CharField(max_length=1000, blank=True)
     quantized_path = models.CharField(max_length=1000, blank=True)
-    memory_required_bytes = models.BigIntegerField(null=True, blank=True)
+    snapshot_of = models.CharField(
+        max_length=16, blank=True, help_text="Id of the model whose raw snapshot this one was made from (shared)."
+    )
+    memory_required_bytes = models.BigIntegerField(null=True, blank=True, help_text="Estimate: weights × 1.2.")
+    memory_measured_bytes = models.BigIntegerField(null=True, blank=True, help_text="Footprint of the loaded weights.")
+    peak_cuda_bytes = models.BigIntegerField(null=True, blank=True)
     disk_size_bytes = models.BigIntegerField(null=True, blank=True)
+    perplexity = models.FloatField(null=True, blank=True, help_text="On the shipped reference text.")
+    perplexity_baseline = models.FloatField(null=True, blank=True, help_text="FP32 weights, same text.")
+    format_notes = models.TextField(blank=True, help_text="Why the produced format differs from the requested one.")
 
     job_id = models.CharField(max_length=64, blank=True)
     # The user's Hub token, Fernet-encrypted, kept only while the download needs it.
@@ -90,16 +98,38 @@ class Model(models.Model):
         return PHASE_LABELS.get(self.status, "")
 
     @property
+    def snapshot_owner(self) -> str:
+        return self.snapshot_of or self.id
+
+    @property
     def raw_dir(self) -> Path:
-        return settings.DATA_DIR / "models" / "raw" / self.id
+        return settings.DATA_DIR / "models" / "raw" / self.snapshot_owner
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where this record's own format lives: the quantized folder, or the raw snapshot for FP32."""
+        return Path(self.quantized_path) if self.quantized_path else self.raw_dir
+
+    @property
+    def quality_change_percent(self) -> float | None:
+        if self.perplexity is None or not self.perplexity_baseline:
+            return None
+        return 100.0 * (self.perplexity - self.perplexity_baseline) / self.perplexity_baseline
 
     def quantized_dir(self, fmt: str) -> Path:
         return settings.DATA_DIR / "models" / "quantized" / f"{self.id}_{fmt}"
 
     def owned_dirs(self) -> list[Path]:
-        """Every folder this record's files live in (for cleanup)."""
+        """Every folder only this record uses (for cleanup): its quantized folders, and the
+        raw snapshot unless another record was made from it."""
         base = settings.DATA_DIR / "models" / "quantized"
-        return [self.raw_dir, *sorted(base.glob(f"{self.id}_*"))]
+        dirs = sorted(base.glob(f"{self.id}_*"))
+        sharers = Model.objects.filter(
+            models.Q(snapshot_of=self.snapshot_owner) | models.Q(pk=self.snapshot_owner)
+        ).exclude(pk=self.pk)
+        if not sharers.exists():
+            dirs.insert(0, self.raw_dir)
+        return dirs
 
     @property
     def speed_mbps(self) -> float:
@@ -113,9 +143,13 @@ class Model(models.Model):
                 "type": "completed",
                 **base,
                 "memory_required_bytes": self.memory_required_bytes,
+                "memory_measured_bytes": self.memory_measured_bytes,
                 "disk_size_bytes": self.disk_size_bytes,
                 "params_count": self.params_count,
+                "requested_format": self.requested_quantization,
                 "quantization": self.quantization,
+                "format_notes": self.format_notes or None,
+                "perplexity": self.perplexity,
             }
         if self.status == ModelStatus.ERROR:
             return {
@@ -123,6 +157,7 @@ class Model(models.Model):
                 **base,
                 "error": self.error_message,
                 "code": self.error_code,
+                "requested_format": self.requested_quantization,
                 "suggested_format": self.suggested_format or None,
             }
         return {
@@ -158,7 +193,13 @@ class Model(models.Model):
             "file_path": self.file_path or None,
             "quantized_path": self.quantized_path or None,
             "memory_required_bytes": self.memory_required_bytes,
+            "memory_measured_bytes": self.memory_measured_bytes,
+            "peak_cuda_bytes": self.peak_cuda_bytes,
             "disk_size_bytes": self.disk_size_bytes,
+            "perplexity": self.perplexity,
+            "perplexity_baseline": self.perplexity_baseline,
+            "format_notes": self.format_notes or None,
+            "snapshot_of": self.snapshot_of or None,
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }

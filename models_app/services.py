@@ -22,7 +22,8 @@ from mistudio import progress
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, NotFound, ServiceError, Unavailable
 
-from .ml.errors import InvalidInput
+from .ml import quantize
+from .ml.errors import InvalidInput, JobError
 from .ml.formats import validate_format
 from .ml.validation import resolve_import_path, validate_repo_id, validate_revision
 from .models import RUNNING_STATUSES, Model, ModelStatus
@@ -146,6 +147,56 @@ def request_import(*, user, path: str, name: str | None = None, enqueue=True) ->
         if enqueue:
             _enqueue_after_commit(model, "models_app.jobs.import_model_job")
     return model
+
+
+def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) -> Model:
+    """A new record for `quantization`, made from the stored snapshot of a ready model."""
+    source = get_model(model_id)
+    try:
+        fmt = validate_format(quantization)
+    except InvalidInput as exc:
+        raise as_service_error(exc) from None
+    if source.status != ModelStatus.READY:
+        raise Conflict("model_not_ready", f"{source.name} is {source.status}; only a ready model can be quantized.")
+    if fmt == source.quantization:
+        raise ServiceError(
+            "same_format", f"{source.name} already is {fmt}; pick another format.", details={"field": "quantization"}
+        )
+    if not source.raw_dir.is_dir():
+        raise Conflict("snapshot_missing", f"The stored snapshot of {source.name} is gone; download it again.")
+    check_fits(source.architecture_config, fmt)
+    if enqueue:
+        require_queue()
+    with transaction.atomic():
+        model = Model.objects.create(
+            name=source.name,
+            repo_id=source.repo_id,
+            revision=source.revision,
+            requested_revision=source.requested_revision,
+            source=source.source,
+            source_path=source.source_path,
+            snapshot_of=source.snapshot_owner,
+            architecture=source.architecture,
+            params_count=source.params_count,
+            architecture_config=source.architecture_config,
+            perplexity_baseline=source.perplexity_baseline,
+            quantization=fmt,
+            requested_quantization=fmt,
+            created_by=user if user and user.is_authenticated else None,
+        )
+        if enqueue:
+            _enqueue_after_commit(model, "models_app.jobs.quantize_model_job")
+    return model
+
+
+def check_fits(config: dict, fmt: str) -> None:
+    """Refuse up front when even the smallest format cannot fit the memory budget."""
+    device = quantize.compute_device()
+    budget = quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device)
+    try:
+        quantize.choose_format(fmt, quantize.memory_estimate(config, device), budget)
+    except JobError as exc:
+        raise ServiceError(exc.code, exc.message, details={"budget_bytes": budget}) from None
 
 
 # --- cancel and delete ------------------------------------------------------------------

@@ -70,3 +70,20 @@ def cancel(request, model_id):
 @require_POST
 def delete(request, model_id):
     return _card_or_redirect(request, model_id, lambda mid: services.delete_model(mid) and None)
+
+
+@require_POST
+def quantize(request, model_id):
+    """"Quantize to…" on a ready card: the new record's card joins the list."""
+    try:
+        services.request_quantize(user=request.user, model_id=model_id, quantization=request.POST.get("quantization", ""))
+    except ServiceError as exc:
+        if not request.htmx:
+            return redirect("models:panel")
+        model = services.get_model(model_id)
+        response = render(request, "models_app/_card.html", {"model": model, "notice": exc.message}, status=exc.status)
+        response["HX-Retarget"] = f"#model-card-{model.id}"
+        return response
+    if not request.htmx:
+        return redirect("models:panel")
+    return render(request, "models_app/_model_list.html", {"models": services.list_for_panel()})

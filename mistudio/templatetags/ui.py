@@ -75,3 +75,19 @@ def duration(seconds) -> str:
         return f"{minutes}m {seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m"
+
+
+@register.filter
+def signed_percent(value) -> str:
+    """+3.1 %, −0.4 %."""
+    if value in (None, ""):
+        return ""
+    value = float(value)
+    return f"{'+' if value >= 0 else '−'}{abs(value):.1f} %"
+
+
+@register.simple_tag
+def quantize_formats():
+    from models_app.ml.formats import BYTES_PER_PARAM
+
+    return list(BYTES_PER_PARAM)

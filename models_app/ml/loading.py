@@ -133,28 +133,5 @@ def copy_sidecar_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def write_fp16(src: Path, dst: Path) -> None:
-    """Load the FP32 weights as float16 and save them as safetensors with the tokenizer.
-    Written into a sibling temporary folder and renamed, so `dst` is complete or absent."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, trust_remote_code=False)
-        model.save_pretrained(tmp, safe_serialization=True)
-        del model
-        for name in SIDECAR_FILES:
-            if name != "config.json" and (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)

@@ -39,7 +39,7 @@ def smollm2_folder() -> Path:
     return target
 
 
-def write_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0) -> Path:
+def write_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
     """A small random causal LM saved like a Hub repo (config.json + model.safetensors)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -50,7 +50,7 @@ def write_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0) -> 
         "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256),
     }  # fmt: skip
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **configs[model_type])
+    config = AutoConfig.for_model(model_type, **{**configs[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)

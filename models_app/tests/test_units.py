@@ -4,7 +4,7 @@ import pytest
 
 from models_app.ml import loading
 from models_app.ml.errors import JobError
-from models_app.ml.formats import memory_by_format, memory_required_bytes
+from models_app.ml.quantize import estimate_weight_bytes, memory_estimate
 from models_app.ml.progress import ProgressThrottle, TransferRate
 from models_app.ml.hub import select_files
 
@@ -56,11 +56,29 @@ def test_the_transfer_rate_measures_bytes_per_second_and_eta():
     assert rate.eta_seconds(20_000_000) == pytest.approx(6.0)
 
 
-def test_memory_is_params_times_bytes_per_param_times_1_2():
-    assert memory_required_bytes(134_515_008, "FP32") == round(134_515_008 * 4 * 1.2)
-    assert memory_required_bytes(1_000_000_000, "FP16") == 2_400_000_000
-    table = memory_by_format(1_000_000_000)
-    assert table == {"FP32": 4_800_000_000, "FP16": 2_400_000_000, "Q8": 1_200_000_000, "Q4": 600_000_000, "Q2": 300_000_000}
+TINY_LLAMA = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512, "tie_word_embeddings": True,
+}  # fmt: skip
+
+
+def test_full_precision_memory_is_params_times_bytes_times_1_2():
+    params = loading.count_parameters(TINY_LLAMA)
+    estimate = memory_estimate(TINY_LLAMA)
+    assert estimate["FP32"] == round(params * 4 * 1.2)
+    assert estimate["FP16"] == round(params * 2 * 1.2)
+
+
+def test_quantized_memory_counts_only_linear_weights_as_quantized():
+    params = loading.count_parameters(TINY_LLAMA)
+    linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)  # q, k, v, o, gate, up, down per block
+    rest = params - linear  # embeddings (tied head) and norms stay float32 on CPU
+    q4 = estimate_weight_bytes(TINY_LLAMA, "Q4")
+    assert q4 == int(linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + rest * 4)
+    q8 = estimate_weight_bytes(TINY_LLAMA, "Q8")
+    rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # one float32 scale per output row
+    assert q8 == linear + rows * 4 + rest * 4
+    assert estimate_weight_bytes(TINY_LLAMA, "Q2") < q4 < q8 < estimate_weight_bytes(TINY_LLAMA, "FP16")
 
 
 def test_parameters_are_counted_exactly_from_the_config_with_tied_embeddings_once():

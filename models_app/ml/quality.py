@@ -1,0 +1,32 @@
+"""The quality figure: perplexity on a fixed English text shipped with the project
+(original prose, about 2,300 SmolLM2 tokens), the same for every format so they compare."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+REFERENCE_TEXT = Path(__file__).with_name("data") / "perplexity_text.txt"
+WINDOW_TOKENS = 512
+
+
+def perplexity(model, tokenizer, text: str | None = None, window: int = WINDOW_TOKENS) -> float:
+    """exp(mean negative log-likelihood) over every token after the first of each window,
+    in non-overlapping windows (each scored with no context from the previous one)."""
+    import torch
+
+    text = REFERENCE_TEXT.read_text() if text is None else text
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():  # quanto's int2 forward fails under inference_mode
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start : start + window].unsqueeze(0).to(device)
+            if chunk.shape[1] < 2:
+                break
+            logits = model(chunk).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+            total_nll += nll.item()
+            total_tokens += chunk.shape[1] - 1
+    return math.exp(total_nll / total_tokens)

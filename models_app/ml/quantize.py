@@ -1,0 +1,344 @@
+"""Quantization: produce FP16 / Q8 / Q4 / Q2 copies of a stored snapshot, save them so
+they reload without re-quantizing, and say honestly what was made and why.
+
+Q8 and Q4 are bitsandbytes (LLM.int8 with threshold 6.0; NF4 with double quantization),
+which runs on CPU and GPU. Q2 is optimum-quanto int2: transformers cannot save it, so it
+is saved with quanto's own quantization map and reloaded with `requantize`; its forward
+pass must run under `torch.no_grad()`, not `inference_mode()`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import JobError
+from .formats import MEMORY_OVERHEAD
+from .hub import format_bytes
+from .loading import SIDECAR_FILES, _config_object
+
+FORMATS_SMALLEST_LAST = ("FP32", "FP16", "Q8", "Q4", "Q2")
+# A format whose backend is missing falls back along this chain.
+BACKEND_FALLBACK = {"Q2": "Q4", "Q4": "Q8", "Q8": "FP16"}
+QUANTO_MAP_FILE = "quanto_qmap.json"
+FORMAT_FILE = "mistudio_format.json"
+# Bytes per parameter of a quantized Linear weight, scales and offsets included:
+# LLM.int8 keeps one float32 scale per output row (counted per weight below);
+# NF4 with double quant: 4 bits + an 8-bit absmax per 64 values + float32 per 256 blocks;
+# quanto int2: 2 bits + float32 scale and shift per group (counted per weight below).
+QUANTIZED_LINEAR_BYTES = {"Q8": 1.0, "Q4": 0.5 + 1 / 64 + 4 / (64 * 256), "Q2": 0.25}
+
+
+@dataclass
+class QuantizeResult:
+    requested: str
+    produced: str
+    notes: list[str] = field(default_factory=list)
+    footprint_bytes: int = 0
+    peak_cuda_bytes: int | None = None
+    seconds: float = 0.0
+    offloaded: bool = False
+
+
+def compute_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def base_dtype(device: str):
+    """The dtype of the weights a quantized model keeps unquantized (embeddings, norms, head)."""
+    import torch
+
+    return torch.float16 if device == "cuda" else torch.float32
+
+
+def backend_missing(fmt: str) -> str | None:
+    """Why `fmt` cannot be produced on this machine, or None when it can."""
+    if fmt in ("Q8", "Q4"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            return f"bitsandbytes is not installed ({exc})"
+    if fmt == "Q2":
+        try:
+            import optimum.quanto  # noqa: F401
+        except ImportError as exc:
+            return f"no 2-bit backend is installed (optimum-quanto: {exc})"
+    return None
+
+
+def _meta_model(config: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(_config_object(config))
+
+
+def quantized_linear_names(model) -> set[str]:
+    """The Linear layers the quantizers replace: every nn.Linear except the LM head."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return {
+        name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not head
+    }
+
+
+def estimate_weight_bytes(config: dict, fmt: str, device: str = "cpu") -> int:
+    """Bytes the weights take in memory in `fmt`, counted module by module: quantizers only
+    replace Linear layers, so embeddings, norms and the (tied) head stay in float."""
+    model = _meta_model(config)
+    linear = quantized_linear_names(model)
+    float_bytes = 4 if fmt == "FP32" or (fmt != "FP16" and device == "cpu") else 2
+    total = 0.0
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue  # tied weights are stored once
+            seen.add(id(param))
+            n = param.numel()
+            if fmt in QUANTIZED_LINEAR_BYTES and module_name in linear and param_name == "weight":
+                total += n * QUANTIZED_LINEAR_BYTES[fmt]
+                rows = param.shape[0]
+                if fmt == "Q8":
+                    total += rows * 4
+                elif fmt == "Q2":
+                    total += 2 * 4 * (n // _quanto_group_size(param.shape[1]))
+            else:
+                total += n * float_bytes
+    return int(total)
+
+
+def _quanto_group_size(in_features: int) -> int:
+    """quanto groups int2 weights by 128 along the input, or the largest divisor ≤ 128."""
+    for size in range(128, 0, -1):
+        if in_features % size == 0:
+            return size
+    return 1
+
+
+def memory_estimate(config: dict, device: str = "cpu") -> dict[str, int]:
+    """Memory each format needs (weights × 1.2 for activations and allocator overhead)."""
+    return {fmt: round(estimate_weight_bytes(config, fmt, device) * MEMORY_OVERHEAD) for fmt in FORMATS_SMALLEST_LAST}
+
+
+def memory_budget(limit_bytes: int | None, device: str) -> int:
+    """The memory a model may use: the configured limit, else what the device has free."""
+    if limit_bytes:
+        return limit_bytes
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def choose_format(requested: str, estimates: dict[str, int], budget: int | None) -> tuple[str, list[str]]:
+    """The format to make: the requested one if its backend exists here and it fits the
+    budget, else the next one down, with a note for every step."""
+    fmt, notes = requested, []
+    while (reason := backend_missing(fmt)) is not None:
+        nxt = BACKEND_FALLBACK[fmt]
+        notes.append(f"{fmt} cannot be produced here: {reason}; made {nxt} instead.")
+        fmt = nxt
+    if budget is None:
+        return fmt, notes
+    start = FORMATS_SMALLEST_LAST.index(fmt)
+    for candidate in FORMATS_SMALLEST_LAST[start:]:
+        if backend_missing(candidate) is not None:
+            continue
+        if estimates[candidate] <= budget:
+            if candidate != fmt:
+                notes.append(
+                    f"{fmt} needs {format_bytes(estimates[fmt])}, more than the {format_bytes(budget)} budget; "
+                    f"made {candidate} ({format_bytes(estimates[candidate])}) instead."
+                )
+            return candidate, notes
+    smallest = min((f for f in FORMATS_SMALLEST_LAST if backend_missing(f) is None), key=estimates.__getitem__)
+    raise JobError(
+        "does_not_fit",
+        f"The memory budget is {format_bytes(budget)}, but even {smallest} needs "
+        f"{format_bytes(estimates[smallest])}. Raise MISTUDIO_GPU_MEMORY_LIMIT or free memory.",
+        suggested_format=None,
+    )
+
+
+def next_smaller(fmt: str) -> str | None:
+    for candidate in FORMATS_SMALLEST_LAST[FORMATS_SMALLEST_LAST.index(fmt) + 1 :]:
+        if backend_missing(candidate) is None:
+            return candidate
+    return None
+
+
+def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = None):
+    """Load the snapshot at `src` quantized to `fmt` on `device` (quantizing in memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"trust_remote_code": False, "device_map": "auto" if max_memory else device}
+    if max_memory:
+        kwargs["max_memory"] = max_memory
+    if fmt == "FP32":
+        return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs)
+    if fmt == "FP16":
+        return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, **kwargs)
+    if fmt == "Q8":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+        return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
+    if fmt == "Q4":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=base_dtype(device),
+        )
+        return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
+    if fmt == "Q2":
+        from optimum.quanto import freeze, qint2, quantize
+
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=base_dtype(device), **kwargs)
+        head = model.get_output_embeddings()
+        excluded = [name for name, module in model.named_modules() if module is head]
+        quantize(model, weights=qint2, exclude=excluded)
+        freeze(model)
+        return model
+    raise ValueError(fmt)
+
+
+def save_in_format(model, fmt: str, src: Path, dest: Path) -> None:
+    """Save to `dest` (complete or absent: written to a sibling folder, then renamed)."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if fmt == "Q2":
+            from optimum.quanto import quantization_map
+            from safetensors.torch import save_file
+
+            state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+            head = model.get_output_embeddings()
+            if model.config.tie_word_embeddings and head is not None:
+                state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / QUANTO_MAP_FILE).write_text(json.dumps(quantization_map(model)))
+            model.config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        for name in SIDECAR_FILES:
+            if name != "config.json" and (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        (tmp / FORMAT_FILE).write_text(json.dumps({"format": fmt}))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_saved(folder: Path, device: str | None = None):
+    """Reload a saved format from disk without quantizing again."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = device or compute_device()
+    fmt = json.loads((folder / FORMAT_FILE).read_text())["format"] if (folder / FORMAT_FILE).is_file() else "FP32"
+    if fmt != "Q2":
+        return AutoModelForCausalLM.from_pretrained(folder, device_map=device, trust_remote_code=False)
+    from optimum.quanto import requantize
+    from safetensors.torch import load_file
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=base_dtype(device))
+    state = load_file(str(folder / "model.safetensors"), device="cpu")
+    qmap = json.loads((folder / QUANTO_MAP_FILE).read_text())
+    requantize(model, state, qmap, device=torch.device(device))
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def measured_bytes(model, fmt: str) -> int:
+    """Memory the loaded weights take. get_memory_footprint counts quanto's packed int2
+    tensors at their logical float size, so Q2 is measured from the tensors it stores."""
+    if fmt != "Q2":
+        return int(model.get_memory_footprint())
+    seen: set[int] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        key = tensor.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def free_accelerator_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def quantize_snapshot(
+    src: Path,
+    requested: str,
+    dest_for: Callable[[str], Path],
+    estimates: dict[str, int],
+    budget: int | None,
+    device: str | None = None,
+    loader: Callable | None = None,
+) -> tuple[object, QuantizeResult]:
+    """Make `requested` (or the best format that can be made and fits) from the snapshot at
+    `src`; on a CUDA out-of-memory retry the next smaller format, then CPU offload."""
+    import torch
+
+    device = device or compute_device()
+    loader = loader or load_in_format
+    fmt, notes = choose_format(requested, estimates, budget)
+    result = QuantizeResult(requested=requested, produced=fmt, notes=notes)
+    started = time.perf_counter()
+    offload = False
+    while True:
+        try:
+            free_accelerator_memory()
+            max_memory = {0: budget, "cpu": "64GiB"} if offload and budget else None
+            model = loader(src, fmt, device, max_memory) if max_memory else loader(src, fmt, device)
+            break
+        except torch.cuda.OutOfMemoryError:
+            model = None
+            free_accelerator_memory()
+            smaller = next_smaller(fmt)
+            if smaller is not None:
+                notes.append(f"{fmt} ran out of GPU memory while loading; retried with {smaller}.")
+                fmt = smaller
+            elif not offload and device == "cuda":
+                notes.append(f"{fmt} ran out of GPU memory; retried with CPU offload (accelerate).")
+                offload = True
+            else:
+                raise JobError(
+                    "out_of_memory",
+                    f"Ran out of GPU memory even as {fmt}. Free GPU memory or use a smaller model.",
+                    suggested_format=fmt,
+                ) from None
+    result.produced = fmt
+    result.offloaded = offload
+    save_in_format(model, fmt, src, dest_for(fmt))
+    result.footprint_bytes = measured_bytes(model, fmt)
+    if device == "cuda":
+        result.peak_cuda_bytes = int(torch.cuda.max_memory_allocated())
+    result.seconds = time.perf_counter() - started
+    return model, result

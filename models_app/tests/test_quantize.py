@@ -1,0 +1,158 @@
+"""Real quantization on CPU: bitsandbytes Q8/Q4 and quanto Q2, saved, reloaded without
+re-quantizing, with honest memory and quality figures and fallbacks that say why."""
+
+import json
+
+import pytest
+import torch
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from models_app.ml import quantize
+from models_app.ml.errors import JobError
+from models_app.models import Model, ModelStatus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def last_json_line(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def greedy(model, tokenizer, prompt="The capital of France is", tokens=4) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
+    return tokenizer.decode(out[0][ids["input_ids"].shape[1] :])
+
+
+def test_smollm2_in_q4_and_q8_from_one_download_is_real_reloadable_and_still_knows_paris(hub_with_smollm2, data_dir, capsys):
+    from transformers import AutoTokenizer
+
+    call_command("download_model", "HuggingFaceTB/SmolLM2-135M", "--quantization", "Q4", "--sync", "--json")
+    q4 = last_json_line(capsys)
+    assert (q4["status"], q4["quantization"]) == ("ready", "Q4"), q4["error_message"]
+    folder = data_dir / "models" / "quantized" / f"{q4['id']}_Q4"
+    assert q4["quantized_path"] == str(folder) and (folder / "model.safetensors").is_file()
+    assert q4["disk_size_bytes"] < 0.35 * (data_dir / "models" / "raw" / q4["id"] / "model.safetensors").stat().st_size
+    weight_estimate = q4["memory_required_bytes"] / 1.2
+    assert abs(q4["memory_measured_bytes"] - weight_estimate) / weight_estimate < 0.10
+    assert q4["perplexity"] > q4["perplexity_baseline"] > 1
+
+    downloads_before = len([r for r in hub_with_smollm2.requests if r.method == "GET"])
+    call_command("quantize_model", q4["id"], "--quantization", "Q8", "--sync", "--json")
+    q8 = last_json_line(capsys)
+    assert (q8["status"], q8["quantization"]) == ("ready", "Q8"), q8["error_message"]
+    assert q8["snapshot_of"] == q4["id"]
+    assert len([r for r in hub_with_smollm2.requests if r.method == "GET"]) == downloads_before  # no new download
+    assert q8["perplexity_baseline"] == q4["perplexity_baseline"]
+
+    call_command("delete_model", q4["id"])
+    assert not folder.exists()
+    assert (data_dir / "models" / "raw" / q4["id"]).is_dir()  # the snapshot Q8 was made from stays
+    tokenizer = AutoTokenizer.from_pretrained(q8["quantized_path"])
+    reloaded = quantize.load_saved(Model.objects.get(pk=q8["id"]).weights_dir, "cpu")
+    linear = reloaded.model.layers[0].mlp.down_proj
+    assert type(linear).__name__ == "Linear8bitLt" and linear.weight.dtype == torch.int8
+    assert "Paris" in greedy(reloaded, tokenizer)
+
+    q4_again = quantize.load_in_format(data_dir / "models" / "raw" / q4["id"], "Q4", "cpu")
+    assert type(q4_again.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert "Paris" in greedy(q4_again, tokenizer)
+
+
+def test_q2_stores_real_two_bit_weights_and_reloads_them_without_requantizing(hub, data_dir, capsys):
+    call_command("download_model", "tiny/llama", "--quantization", "Q2", "--sync", "--json")
+    record = last_json_line(capsys)
+    assert (record["status"], record["quantization"]) == ("ready", "Q2"), record["error_message"]
+    from safetensors import safe_open
+
+    with safe_open(f"{record['quantized_path']}/model.safetensors", framework="pt") as handle:
+        packed = handle.get_tensor("model.layers.0.mlp.down_proj.weight._data._data")
+        keys = set(handle.keys())
+    assert packed.dtype == torch.uint8 and packed.numel() == 64 * 128 // 4  # four 2-bit values per byte
+    assert "model.layers.0.mlp.down_proj.weight._scale" in keys
+    model = quantize.load_saved(data_dir / "models" / "quantized" / f"{record['id']}_Q2", "cpu")
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert "int2" in str(getattr(weight, "qtype", ""))
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 2048)
+
+
+def test_without_a_2_bit_backend_q2_falls_back_to_q4_and_says_so(hub, monkeypatch, capsys):
+    real = quantize.backend_missing
+    monkeypatch.setattr(quantize, "backend_missing", lambda fmt: "optimum-quanto is not installed" if fmt == "Q2" else real(fmt))
+    call_command("download_model", "tiny/llama", "--quantization", "Q2", "--sync", "--json")
+    record = last_json_line(capsys)
+    assert (record["requested_quantization"], record["quantization"]) == ("Q2", "Q4")
+    assert "Q2 cannot be produced here" in record["format_notes"] and "made Q4 instead" in record["format_notes"]
+
+
+def test_a_budget_too_small_for_the_format_makes_the_next_smaller_one(hub, settings, capsys):
+    call_command("download_model", "tiny/llama-mlp", "--quantization", "FP32", "--sync", "--json")
+    estimates = quantize.memory_estimate(last_json_line(capsys)["architecture_config"])
+    assert estimates["FP16"] > estimates["Q8"] > estimates["Q4"] > estimates["Q2"]
+    settings.GPU_MEMORY_LIMIT = (estimates["Q8"] + estimates["Q4"]) // 2
+    call_command("download_model", "tiny/llama-mlp", "--quantization", "FP16", "--sync", "--json")
+    record = last_json_line(capsys)
+    assert (record["requested_quantization"], record["quantization"]) == ("FP16", "Q4")
+    assert "more than the" in record["format_notes"] and "budget; made Q4" in record["format_notes"]
+    assert record["memory_required_bytes"] == estimates["Q4"] <= settings.GPU_MEMORY_LIMIT
+
+
+def test_a_budget_below_the_smallest_format_is_refused_with_the_figures_and_leaves_nothing(hub, settings, data_dir, capsys):
+    call_command("download_model", "tiny/llama-mlp", "--quantization", "FP32", "--sync", "--json")
+    source = last_json_line(capsys)
+    settings.GPU_MEMORY_LIMIT = 1000
+    with pytest.raises(CommandError) as caught:
+        call_command("quantize_model", source["id"], "--quantization", "Q4")
+    assert "[does_not_fit]" in str(caught.value) and "1.0 KB" in str(caught.value) and "even Q2 needs" in str(caught.value)
+    assert Model.objects.count() == 1
+    assert not (data_dir / "models" / "quantized").exists()
+
+
+def test_a_cuda_out_of_memory_retries_with_the_next_smaller_format(hub, monkeypatch, capsys):
+    real = quantize.load_in_format
+    calls = []
+
+    def out_of_memory_once(src, fmt, device, max_memory=None):
+        calls.append(fmt)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")  # no GPU here: simulated
+        return real(src, fmt, device)
+
+    monkeypatch.setattr(quantize, "load_in_format", out_of_memory_once)
+    call_command("download_model", "tiny/llama-mlp", "--quantization", "Q8", "--sync", "--json")
+    record = last_json_line(capsys)
+    assert calls[:2] == ["Q8", "Q4"]
+    assert (record["status"], record["quantization"]) == ("ready", "Q4")
+    assert "Q8 ran out of GPU memory" in record["format_notes"]
+
+
+def test_running_out_of_memory_in_every_format_fails_with_a_suggested_format(tmp_path):
+    def always_out_of_memory(src, fmt, device, max_memory=None):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    estimates = {"FP32": 400, "FP16": 200, "Q8": 100, "Q4": 50, "Q2": 25}
+    with pytest.raises(JobError) as caught:
+        quantize.quantize_snapshot(tmp_path, "Q8", lambda f: tmp_path / f, estimates, None, "cpu", always_out_of_memory)
+    assert caught.value.code == "out_of_memory" and caught.value.suggested_format == "Q2"
+
+
+@pytest.mark.parametrize(
+    "fmt, code",
+    [("Q3", "invalid_input"), ("FP32", "same_format")],
+)
+def test_bad_quantize_requests_are_refused_and_leave_no_folder(hub, data_dir, capsys, fmt, code):
+    call_command("download_model", "tiny/llama", "--sync", "--json")
+    source = last_json_line(capsys)
+    with pytest.raises(CommandError, match=code):
+        call_command("quantize_model", source["id"], "--quantization", fmt)
+    assert Model.objects.count() == 1 and not (data_dir / "models" / "quantized").exists()
+
+
+def test_a_model_that_is_not_ready_cannot_be_quantized(signed_in, data_dir):
+    model = Model.objects.create(name="busy", status=ModelStatus.DOWNLOADING)
+    response = signed_in.post(f"/api/models/{model.id}/quantize", {"quantization": "Q4"}, content_type="application/json")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "model_not_ready"
+    assert Model.objects.count() == 1
