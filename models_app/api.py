@@ -122,3 +122,8 @@ def model_quantize(request, model_id):
         user=request.user, model_id=model_id, quantization=str(body.get("quantization") or "")
     )
     return JsonResponse(model.as_dict(), status=202)
+
+
+@api_endpoint({"GET"})
+def model_architecture(request, model_id):
+    return JsonResponse(services.architecture(model_id))

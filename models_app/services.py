@@ -22,6 +22,7 @@ from mistudio import progress
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, NotFound, ServiceError, Unavailable
 
+from .ml import architecture as architecture_view
 from .ml import quantize
 from .ml.errors import InvalidInput, JobError
 from .ml.formats import validate_format
@@ -187,6 +188,16 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
         if enqueue:
             _enqueue_after_commit(model, "models_app.jobs.quantize_model_job")
     return model
+
+
+def architecture(model_id: str) -> dict:
+    model = get_model(model_id)
+    if not model.architecture_config:
+        raise Conflict("model_not_ready", f"{model.name} has no config yet ({model.status}).")
+    try:
+        return architecture_view.describe(model.architecture_config)
+    except JobError as exc:
+        raise ServiceError(exc.code, exc.message) from None
 
 
 def check_fits(config: dict, fmt: str) -> None:

@@ -10,9 +10,11 @@ urlpatterns = [
     path("models/<str:model_id>/cancel", views.cancel, name="cancel"),
     path("models/<str:model_id>/delete", views.delete, name="delete"),
     path("models/<str:model_id>/quantize", views.quantize, name="quantize"),
+    path("models/<str:model_id>/architecture", views.architecture, name="architecture"),
     path("api/models", api.models_collection, name="api-models"),
     path("api/models/download", api.download, name="api-download"),
     path("api/models/<str:model_id>", api.model_detail, name="api-model"),
     path("api/models/<str:model_id>/cancel", api.model_cancel, name="api-cancel"),
     path("api/models/<str:model_id>/quantize", api.model_quantize, name="api-quantize"),
+    path("api/models/<str:model_id>/architecture", api.model_architecture, name="api-architecture"),
 ]

@@ -1,5 +1,7 @@
 """Thin views: validate with a form, call one service, render a page or its partial."""
 
+import json
+
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
@@ -87,3 +89,14 @@ def quantize(request, model_id):
     if not request.htmx:
         return redirect("models:panel")
     return render(request, "models_app/_model_list.html", {"models": services.list_for_panel()})
+
+
+@require_GET
+def architecture(request, model_id):
+    model = services.get_model(model_id)
+    try:
+        view = services.architecture(model_id)
+    except ServiceError as exc:
+        return render(request, "models_app/_architecture.html", {"model": model, "refusal": exc.message}, status=exc.status)
+    raw_config = json.dumps(model.architecture_config, indent=2, sort_keys=True)
+    return render(request, "models_app/_architecture.html", {"model": model, "view": view, "raw_config": raw_config})

@@ -72,15 +72,19 @@ def _config_object(config: dict):
     return AutoConfig.for_model(config["model_type"], **fields)
 
 
-def count_parameters(config: dict) -> int:
-    """Exact parameter count as transformers reports it (tied weights once), from a model
-    built on the meta device: no weights are read and no memory is allocated."""
+def meta_model(config: dict):
+    """The model the config describes, built on the meta device: every module and shape,
+    no weights read and no memory allocated."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_config_object(config))
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(_config_object(config))
+
+
+def count_parameters(config: dict) -> int:
+    """Exact parameter count as transformers reports it (tied weights once)."""
+    return sum(p.numel() for p in meta_model(config).parameters())
 
 
 def stored_tensor_elements(folder: Path) -> dict[str, int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import JobError
 from .formats import MEMORY_OVERHEAD
 from .hub import format_bytes
-from .loading import SIDECAR_FILES, _config_object
+from .loading import SIDECAR_FILES, meta_model
 
 FORMATS_SMALLEST_LAST = ("FP32", "FP16", "Q8", "Q4", "Q2")
 # A format whose backend is missing falls back along this chain.
@@ -73,14 +73,6 @@ def backend_missing(fmt: str) -> str | None:
     return None
 
 
-def _meta_model(config: dict):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(_config_object(config))
-
-
 def quantized_linear_names(model) -> set[str]:
     """The Linear layers the quantizers replace: every nn.Linear except the LM head."""
     import torch
@@ -94,7 +86,7 @@ def quantized_linear_names(model) -> set[str]:
 def estimate_weight_bytes(config: dict, fmt: str, device: str = "cpu") -> int:
     """Bytes the weights take in memory in `fmt`, counted module by module: quantizers only
     replace Linear layers, so embeddings, norms and the (tied) head stay in float."""
-    model = _meta_model(config)
+    model = meta_model(config)
     linear = quantized_linear_names(model)
     float_bytes = 4 if fmt == "FP32" or (fmt != "FP16" and device == "cpu") else 2
     total = 0.0

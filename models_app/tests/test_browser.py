@@ -119,3 +119,28 @@ def test_a_bad_repo_id_shows_its_error_under_the_field(stack, browser, user):
     error = page.wait_for_selector("#repo-error", timeout=10_000)
     assert "not a URL" in error.inner_text()
     assert Model.objects.count() == 0
+
+
+def test_the_architecture_viewer_opens_expands_a_block_and_closes_with_escape(stack, browser, user, smollm2_folder):
+    import json
+
+    config = json.loads((smollm2_folder / "config.json").read_text())
+    model = Model.objects.create(name="SmolLM2-135M", status="ready", architecture="llama", architecture_config=config,
+                                 params_count=134_515_008, quantization="FP32")  # fmt: skip
+    page = browser.new_context().new_page()
+    sign_in(page, stack, user.username)
+    page.click(f"#model-card-{model.id} .model-open")
+    modal = page.wait_for_selector("#architecture-modal", timeout=10_000)
+    assert "SmolLM2-135M Architecture" in modal.inner_text()
+    assert page.inner_text(".tile-layers") == "30" and page.inner_text(".tile-hidden") == "576"
+    block = "details[data-block='5']"
+    assert not page.is_visible(f"{block} .submodule")
+    page.click(f"{block} summary")
+    page.wait_for_selector(f"{block} .submodule", state="visible")
+    assert "model.layers.5.self_attn" in page.inner_text(f"{block}")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#architecture-modal", state="detached", timeout=5_000)
+    page.click(f"#model-card-{model.id} .model-open")
+    page.wait_for_selector("#architecture-modal")
+    page.click("#architecture-modal .modal-close")
+    page.wait_for_selector("#architecture-modal", state="detached", timeout=5_000)

@@ -23,4 +23,16 @@
   });
   document.addEventListener("htmx:afterSwap", syncDownloadButton);
   document.addEventListener("DOMContentLoaded", syncDownloadButton);
+
+  // Modals: close on the X, on Escape and on a click on the backdrop itself.
+  function closeModal() {
+    var modal = document.getElementById("modal");
+    if (modal) modal.innerHTML = "";
+  }
+  document.addEventListener("click", function (event) {
+    if (event.target.closest(".modal-close") || event.target.classList.contains("modal-overlay")) closeModal();
+  });
+  document.addEventListener("keydown", function (event) {
+    if (event.key === "Escape") closeModal();
+  });
 })();

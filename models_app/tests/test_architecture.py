@@ -1,0 +1,67 @@
+"""The architecture viewer, built from each supported config (on the meta device)."""
+
+import pytest
+
+from models_app.ml.loading import count_parameters
+from models_app.models import Model
+
+pytestmark = pytest.mark.django_db
+
+TINY_CONFIGS = {
+    "gpt2": dict(n_embd=64, n_layer=3, n_head=4, vocab_size=1000, n_positions=128),
+    "llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
+    "mistral": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
+    "qwen2": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512),
+    "gemma": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=1000, max_position_embeddings=512),
+    "phi": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4, vocab_size=1000, max_position_embeddings=512),
+    "phi3": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4, vocab_size=1000, max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4, vocab_size=1000, max_position_embeddings=512),
+}  # fmt: skip
+EXPECTED_PATHS = {
+    "gpt2": ("transformer.h.1", "transformer.h.1.attn", "transformer.h.1.mlp"),
+    "gpt_neox": ("gpt_neox.layers.1", "gpt_neox.layers.1.attention", "gpt_neox.layers.1.mlp"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_the_viewer_shows_the_real_structure_of_each_supported_architecture(signed_in, model_type):
+    config = {"model_type": model_type, **TINY_CONFIGS[model_type]}
+    params = count_parameters(config)
+    model = Model.objects.create(name=f"tiny-{model_type}", status="ready", architecture=model_type,
+                                 architecture_config=config, params_count=params)  # fmt: skip
+    html = signed_in.get(f"/models/{model.id}/architecture", HTTP_HX_REQUEST="true").content.decode()
+    assert f"tiny-{model_type} Architecture" in html
+    assert 'tile-layers">3<' in html and 'tile-hidden">64<' in html and 'tile-heads">4' in html
+    assert "Shape: 1,000 × 64" in html and "Shape: 64 × 1,000" in html
+    intermediate = 256 if model_type == "gpt2" else 176
+    assert f"Attention: 4 heads × 16 dims | MLP: 64 → {intermediate} → 64" in html
+    assert html.count("TransformerBlock_") == 3 and "TransformerBlock_2" in html
+    block, attention, mlp = EXPECTED_PATHS.get(model_type, ("model.layers.1", "model.layers.1.self_attn", "model.layers.1.mlp"))
+    assert f"<code class=\"font-mono text-slate-300\">{block}</code>" in html
+    assert f">{attention}<" in html and f">{mlp}<" in html
+    assert html.count('hook-name font-mono text-emerald-400">residual<') == 3
+    assert html.count(">attention</span>") == 3 and html.count(">mlp</span>") == 3
+    assert f"&quot;model_type&quot;: &quot;{model_type}&quot;" in html  # the raw config
+
+    api = signed_in.get(f"/api/models/{model.id}/architecture").json()
+    assert api["tiles"] == {"layers": 3, "hidden": 64, "heads": 4, "parameters": params}
+    assert api["layers"][2]["submodules"][0]["path"] == attention
+
+
+def test_the_viewer_shows_parameter_shapes_of_smollm2_blocks(signed_in, smollm2_folder):
+    import json
+
+    config = json.loads((smollm2_folder / "config.json").read_text())
+    model = Model.objects.create(name="SmolLM2-135M", status="ready", architecture="llama", architecture_config=config,
+                                 params_count=134_515_008)  # fmt: skip
+    view = signed_in.get(f"/api/models/{model.id}/architecture").json()
+    assert view["tiles"] == {"layers": 30, "hidden": 576, "heads": 9, "parameters": 134_515_008}
+    attention = view["layers"][1]["submodules"][0]["parameters"]
+    assert {"name": "k_proj.weight", "shape": [192, 576]} in attention  # 3 KV heads × 64 dims
+    assert view["layers"][-1]["tied"] is True
+
+
+def test_a_model_without_a_config_yet_gets_a_clear_refusal(signed_in):
+    model = Model.objects.create(name="pending", status="downloading")
+    response = signed_in.get(f"/api/models/{model.id}/architecture")
+    assert response.status_code == 409 and "no config yet" in response.json()["error"]["message"]
