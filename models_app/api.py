@@ -127,3 +127,15 @@ def model_quantize(request, model_id):
 @api_endpoint({"GET"})
 def model_architecture(request, model_id):
     return JsonResponse(services.architecture(model_id))
+
+
+@api_endpoint({"POST"})
+def estimate(request):
+    body = json_body(request)
+    return JsonResponse(
+        services.estimate_repo(
+            repo_id=body.get("repo_id") if isinstance(body.get("repo_id"), str) else "",
+            revision=body.get("revision") if isinstance(body.get("revision"), str) else None,
+            token=body.get("access_token") if isinstance(body.get("access_token"), str) else None,
+        )
+    )

@@ -23,7 +23,7 @@ from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, NotFound, ServiceError, Unavailable
 
 from .ml import architecture as architecture_view
-from .ml import quantize
+from .ml import hub, loading, quantize
 from .ml.errors import InvalidInput, JobError
 from .ml.formats import validate_format
 from .ml.validation import resolve_import_path, validate_repo_id, validate_revision
@@ -198,6 +198,49 @@ def architecture(model_id: str) -> dict:
         return architecture_view.describe(model.architecture_config)
     except JobError as exc:
         raise ServiceError(exc.code, exc.message) from None
+
+
+_ESTIMATE_CACHE: dict[tuple, tuple[float, dict]] = {}
+ESTIMATE_TTL_SECONDS = 600
+
+
+def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | None = None) -> dict:
+    """Parameters, memory and disk per format for a Hub repo, from its config and file
+    sizes only (no weights fetched). Cached for ten minutes per repo and revision."""
+    try:
+        repo_id = validate_repo_id(repo_id)
+        revision = validate_revision(revision)
+    except InvalidInput as exc:
+        raise as_service_error(exc) from None
+    token = (token or "").strip() or None
+    key = (settings.HF_ENDPOINT, repo_id, revision, bool(token))
+    cached = _ESTIMATE_CACHE.get(key)
+    if cached and time.monotonic() - cached[0] < ESTIMATE_TTL_SECONDS:
+        return cached[1]
+    retry = {"retries": 1, "backoff_seconds": 0}
+    try:
+        plan = hub.plan_download(repo_id, revision, token, settings.HF_ENDPOINT, **retry)
+        config = hub.fetch_config(plan, token, settings.HF_ENDPOINT)
+        architecture = loading.check_architecture(config)
+    except JobError as exc:
+        raise ServiceError(exc.code, exc.message, retryable=exc.retryable) from None
+    device = quantize.compute_device()
+    weights = sum(size for name, size in plan.file_sizes.items() if name in plan.files and name.endswith((".safetensors", ".bin")))
+    sidecars = plan.total_bytes - weights
+    disk = {fmt: quantize.estimate_weight_bytes(config, fmt, device) + sidecars for fmt in quantize.FORMATS_SMALLEST_LAST}
+    disk["FP32"] = plan.total_bytes  # as stored in the repo
+    result = {
+        "repo_id": repo_id,
+        "revision": plan.sha,
+        "architecture": architecture,
+        "params_count": loading.count_parameters(config),
+        "download_bytes": plan.total_bytes,
+        "memory": quantize.memory_estimate(config, device),
+        "disk": disk,
+        "device": device,
+    }
+    _ESTIMATE_CACHE[key] = (time.monotonic(), result)
+    return result
 
 
 def check_fits(config: dict, fmt: str) -> None:

@@ -100,3 +100,17 @@ def architecture(request, model_id):
         return render(request, "models_app/_architecture.html", {"model": model, "refusal": exc.message}, status=exc.status)
     raw_config = json.dumps(model.architecture_config, indent=2, sort_keys=True)
     return render(request, "models_app/_architecture.html", {"model": model, "view": view, "raw_config": raw_config})
+
+
+@require_POST
+def estimate(request):
+    """Memory and disk per format for the repo typed in the form (no weights fetched)."""
+    try:
+        figures = services.estimate_repo(
+            repo_id=request.POST.get("repo_id", ""),
+            revision=request.POST.get("revision") or None,
+            token=request.POST.get("access_token") or None,
+        )
+    except ServiceError as exc:
+        return render(request, "models_app/_estimates.html", {"refusal": exc})
+    return render(request, "models_app/_estimates.html", {"figures": figures})

@@ -91,3 +91,8 @@ def quantize_formats():
     from models_app.ml.formats import BYTES_PER_PARAM
 
     return list(BYTES_PER_PARAM)
+
+
+@register.filter
+def get_item(mapping, key):
+    return mapping.get(key) if mapping else None

@@ -168,6 +168,19 @@ def fetch_file(plan: DownloadPlan, filename: str, dest: Path, token: str | None,
         raise translate_error(exc, plan.repo_id, plan.revision, bool(token)) from None
 
 
+def fetch_config(plan: DownloadPlan, token: str | None, endpoint: str) -> dict:
+    """The repo's config.json alone, read through a temporary folder (no weights fetched)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mistudio-config-") as tmp:
+        path = fetch_file(plan, "config.json", Path(tmp), token, endpoint)
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise JobError("invalid_model", "The repository's config.json is not valid JSON.") from None
+
+
 def ensure_free_space(folder: Path, needed_bytes: int, reserve_bytes: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free

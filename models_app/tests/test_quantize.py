@@ -156,3 +156,27 @@ def test_a_model_that_is_not_ready_cannot_be_quantized(signed_in, data_dir):
     response = signed_in.post(f"/api/models/{model.id}/quantize", {"quantization": "Q4"}, content_type="application/json")
     assert response.status_code == 409 and response.json()["error"]["code"] == "model_not_ready"
     assert Model.objects.count() == 1
+
+
+def test_memory_per_format_is_known_before_downloading_from_config_and_sizes_only(signed_in, hub_with_smollm2, smollm2_folder):
+    response = signed_in.post("/api/models/estimate", {"repo_id": "HuggingFaceTB/SmolLM2-135M"}, content_type="application/json")
+    figures = response.json()
+    assert response.status_code == 200, figures
+    config = json.loads((smollm2_folder / "config.json").read_text())
+    assert figures["params_count"] == 134_515_008
+    assert figures["memory"] == quantize.memory_estimate(config, "cpu")
+    assert figures["memory"]["FP32"] == round(134_515_008 * 4 * 1.2)
+    assert figures["disk"]["FP32"] == figures["download_bytes"] > figures["disk"]["Q4"]
+    weight_gets = [r for r in hub_with_smollm2.requests if r.method == "GET" and r.path.endswith(".safetensors")]
+    assert weight_gets == []
+
+    html = signed_in.post("/models/estimate", {"repo_id": "HuggingFaceTB/SmolLM2-135M"}, HTTP_HX_REQUEST="true").content.decode()
+    from mistudio.templatetags.ui import bytes_short
+
+    assert "135M params" in html
+    assert f'data-format="Q4" title="disk {bytes_short(figures["disk"]["Q4"])}"><span class="text-slate-300">Q4</span> {bytes_short(figures["memory"]["Q4"])}' in html
+
+
+def test_the_estimate_of_a_gated_repo_without_a_token_says_a_token_is_needed(signed_in, hub):
+    response = signed_in.post("/api/models/estimate", {"repo_id": "tiny/gated"}, content_type="application/json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "gated_token_required"
