@@ -1,5 +1,7 @@
 """The Models panel's HTML: the form, and each card state as a researcher reads it."""
 
+import re
+
 import pytest
 
 from models_app.models import Model
@@ -69,7 +71,7 @@ def test_submitting_the_form_returns_a_cleared_form_and_the_list_with_the_new_ca
     assert response.status_code == 200
     assert 'id="model-list" class="grid gap-4" hx-swap-oob="true"' in html
     assert f'id="model-card-{model.id}"' in html
-    assert 'name="repo_id" type="text" value=""' in html
+    assert re.search(r'<input id="id_repo_id"[^>]* value=""', html)
     assert '<option value="FP32" selected>' in html
     assert "hf_secret_value_123" not in html
 
@@ -84,3 +86,26 @@ def test_the_admin_lists_models_with_filters_and_search(client, django_user_mode
     assert page.status_code == 200
     assert "pythia" in html and "1 result" in html
     assert "By status" in html and "By architecture" in html
+
+
+def test_quantize_to_on_a_ready_card_adds_the_new_formats_card(signed_in, redis_clean, settings):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}  # fmt: skip
+    source = make_model(quantization="FP32", architecture="llama", architecture_config=config, params_count=1)
+    source.raw_dir.mkdir(parents=True)
+    assert "Quantize to…" in card_html(signed_in, source)
+    response = signed_in.post(f"/models/{source.id}/quantize", {"quantization": "Q4"}, HTTP_HX_REQUEST="true")
+    html = response.content.decode()
+    new = Model.objects.exclude(pk=source.pk).get()
+    assert response.status_code == 200
+    assert (new.requested_quantization, new.status, new.snapshot_of) == ("Q4", "queued", source.id)
+    assert f'id="model-card-{new.id}"' in html and f'id="model-card-{source.id}"' in html
+
+
+def test_quantize_to_the_same_format_shows_why_on_the_card(signed_in):
+    source = make_model(quantization="Q4", architecture="llama", architecture_config={"model_type": "llama"})
+    source.raw_dir.mkdir(parents=True)
+    response = signed_in.post(f"/models/{source.id}/quantize", {"quantization": "Q4"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 400 and response["HX-Retarget"] == f"#model-card-{source.id}"
+    assert "already is Q4" in response.content.decode()
+    assert Model.objects.count() == 1
