@@ -1,0 +1,1 @@
+"""Pure extraction code (no Django): hooks, tokenization, the streaming writer, statistics."""

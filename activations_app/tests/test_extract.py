@@ -1,0 +1,214 @@
+"""Extraction is exact: what lands in the .npy files is what the model computed at the
+hooked modules, captured independently, down to float32 precision (float16 rounding)."""
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from activations_app.ml import extract
+from activations_app.ml.extract import ExtractionSpec, Tokens, run_extraction, tokenize
+from activations_app.ml.hooks import HOOK_TYPES
+from models_app.ml.architecture import module_map
+from models_app.ml.errors import JobError
+
+TINY = {
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=300, max_position_embeddings=128),
+    "gpt2": dict(n_embd=64, n_layer=4, n_head=4, vocab_size=300, n_positions=128),
+}  # fmt: skip
+
+
+def tiny_model(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **TINY[model_type]))
+    return model.eval()
+
+
+def blocks_of(model, model_type):
+    blocks = model
+    for part in module_map(model_type).blocks.split("."):
+        blocks = getattr(blocks, part)
+    return blocks
+
+
+def reference(model, model_type, ids, mask=None):
+    """hidden_states, plus every block / attention / MLP output from our own hooks."""
+    mapping = module_map(model_type)
+    captured, handles = {}, []
+    for i, block in enumerate(blocks_of(model, model_type)):
+        for hook, module in (("residual", block), ("attention", getattr(block, mapping.attention)), ("mlp", getattr(block, mapping.mlp))):
+            handles.append(module.register_forward_hook(
+                lambda _m, _i, out, key=(i, hook): captured.__setitem__(key, (out[0] if isinstance(out, tuple) else out).detach().clone())))  # fmt: skip
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=None if mask is None else torch.from_numpy(mask),
+                    output_hidden_states=True, use_cache=False)  # fmt: skip
+    for handle in handles:
+        handle.remove()
+    return out.hidden_states, captured
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_every_hook_matches_the_model_to_float32_precision(model_type, tmp_path):
+    model = tiny_model(model_type)
+    ids = np.random.default_rng(0).integers(0, 300, size=(6, 16)).astype(np.int64)
+    spec = ExtractionSpec(layers=[0, 1, 2, 3], hooks=list(HOOK_TYPES), seq_len=16, batch_size=6, dtype="float32")
+    result = run_extraction(model, model_type, Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {"model": "tiny"})
+    hidden_states, captured = reference(model, model_type, ids)
+    for layer in range(4):
+        residual = np.load(result.output_dir / f"layer_{layer}_residual.npy")
+        assert residual.shape == (6, 16, 64) and residual.dtype == np.float32
+        if layer < 3:  # transformers applies the final norm to the last hidden state
+            np.testing.assert_allclose(residual, hidden_states[layer + 1].numpy(), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(residual, captured[(layer, "residual")].numpy(), atol=1e-6, rtol=0)
+        for hook in ("attention", "mlp"):
+            stored = np.load(result.output_dir / f"layer_{layer}_{hook}.npy")
+            np.testing.assert_allclose(stored, captured[(layer, hook)].numpy(), atol=1e-6, rtol=0)
+    assert np.array_equal(np.load(result.output_dir / "tokens.npy"), ids)
+
+
+def test_float16_storage_is_the_float32_values_rounded(tmp_path):
+    model = tiny_model("llama")
+    ids = np.random.default_rng(1).integers(0, 300, size=(4, 16)).astype(np.int64)
+    spec = ExtractionSpec(layers=[1, 2], hooks=["residual", "mlp"], seq_len=16, batch_size=4, dtype="float16")
+    result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
+    _, captured = reference(model, "llama", ids)
+    for layer in (1, 2):
+        stored = np.load(result.output_dir / f"layer_{layer}_mlp.npy", mmap_mode="r")
+        assert stored.dtype == np.float16
+        np.testing.assert_allclose(stored.astype(np.float32), captured[(layer, "mlp")].numpy(), rtol=2**-10, atol=2**-14)
+
+
+def test_the_forward_pass_stops_after_the_deepest_requested_layer(tmp_path):
+    model = tiny_model("llama")
+    ran = []
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_hook(lambda *_a, i=i: ran.append(i))
+    model.lm_head.register_forward_hook(lambda *_a: ran.append("lm_head"))
+    ids = np.zeros((2, 8), dtype=np.int64)
+    spec = ExtractionSpec(layers=[0, 1], hooks=["residual"], seq_len=8, batch_size=2)
+    run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
+    assert ran == [0, 1]  # blocks 2 and 3, the final norm and the LM head never ran
+
+
+def test_packed_tokens_are_the_tokenizers_ids_joined_with_eos(smollm2_folder):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    texts = ["The river runs through the city.", "Bread is baked before sunrise every day.", "Short."]
+    tokens = tokenize(texts, tokenizer, seq_len=8, mode="packed", max_samples=100)
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    full = len(stream) // 8
+    assert tokens.mask is None and tokens.ids.shape == (full, 8)
+    assert tokens.ids.reshape(-1).tolist() == stream[: full * 8]
+
+
+def test_truncate_mode_pads_masks_and_keeps_padding_out_of_the_statistics(smollm2_folder, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
+    texts = ["The capital of France is Paris, a city on the Seine.", "Hello there."]
+    tokens = tokenize(texts, tokenizer, seq_len=12, mode="truncate", max_samples=10)
+    lengths = [min(12, len(tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts]
+    assert tokens.mask.sum(axis=1).tolist() == lengths
+    spec = ExtractionSpec(layers=[0, 29], hooks=list(HOOK_TYPES), seq_len=12, batch_size=2, dtype="float16")
+    result = run_extraction(model, "llama", tokens, spec, tmp_path / "activations" / "extraction_1", {"model": "SmolLM2-135M"})
+    out = result.output_dir
+    assert np.array_equal(np.load(out / "attention_mask.npy"), tokens.mask)
+    assert np.array_equal(np.load(out / "tokens.npy"), tokens.ids)
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["shapes"]["layer_29_mlp"] == [2, 12, 576] and metadata["model"] == "SmolLM2-135M"
+    for stem, figures in result.statistics.items():
+        values = np.load(out / f"{stem}.npy").astype(np.float64)[tokens.mask]  # real tokens only
+        assert figures == metadata["statistics"][stem]
+        assert figures["mean_magnitude"] == pytest.approx(np.abs(values).mean(), rel=1e-9)
+        assert figures["mean_l2_norm"] == pytest.approx(np.linalg.norm(values, axis=1).mean(), rel=1e-9)
+        assert figures["max_magnitude"] == pytest.approx(np.abs(values).max(), rel=1e-12)
+        assert (figures["min"], figures["max"]) == (pytest.approx(values.min()), pytest.approx(values.max()))
+        assert figures["std"] == pytest.approx(values.std(), rel=1e-6)
+        assert figures["sparsity_percent"] == pytest.approx(100 * (np.abs(values) < 0.01).mean(), rel=1e-9)
+        assert (figures["nan_count"], figures["inf_count"]) == (0, 0)
+
+
+def test_smollm2_residuals_match_its_hidden_states(smollm2_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
+    ids = np.random.default_rng(2).integers(0, 49152, size=(2, 24)).astype(np.int64)
+    spec = ExtractionSpec(layers=[0, 14, 28], hooks=list(HOOK_TYPES), seq_len=24, batch_size=2, dtype="float32")
+    result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
+    hidden_states, captured = reference(model, "llama", ids)
+    for layer in (0, 14, 28):
+        np.testing.assert_allclose(np.load(result.output_dir / f"layer_{layer}_residual.npy"),
+                                   hidden_states[layer + 1].numpy(), atol=1e-5, rtol=1e-6)  # fmt: skip
+        for hook in ("attention", "mlp"):
+            np.testing.assert_allclose(np.load(result.output_dir / f"layer_{layer}_{hook}.npy"),
+                                       captured[(layer, hook)].numpy(), atol=1e-5, rtol=1e-6)  # fmt: skip
+
+
+def test_a_full_disk_fails_before_the_first_batch_and_leaves_no_files(tmp_path, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(extract.os, "posix_fallocate", no_space)
+    model = tiny_model("llama")
+    spec = ExtractionSpec(layers=[0], hooks=["residual"], seq_len=8, batch_size=2)
+    with pytest.raises(JobError) as caught:
+        run_extraction(model, "llama", Tokens(np.zeros((2, 8), dtype=np.int64), None), spec, tmp_path / "activations" / "extraction_1", {})
+    assert caught.value.code == "disk_full"
+    assert list((tmp_path / "activations").iterdir()) == []
+
+
+def test_a_cuda_out_of_memory_halves_the_batch_and_retries_the_same_rows(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    real_forward = model.forward
+    seen = []
+
+    def forward(*args, **kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        seen.append(rows)
+        if rows > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")  # no GPU here: simulated
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    ids = np.random.default_rng(3).integers(0, 300, size=(6, 8)).astype(np.int64)
+    spec = ExtractionSpec(layers=[1], hooks=["residual"], seq_len=8, batch_size=6, dtype="float32")
+    result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
+    assert seen[:3] == [6, 3, 3] and result.batch_sizes == [3, 3]
+    monkeypatch.undo()
+    hidden_states, _ = reference(model, "llama", ids)
+    np.testing.assert_allclose(np.load(result.output_dir / "layer_1_residual.npy"), hidden_states[2].numpy(), atol=1e-6)
+
+
+def test_an_error_mid_run_leaves_no_final_folder(tmp_path):
+    model = tiny_model("llama")
+    calls = []
+
+    def fail_on_second_batch(done, total, seconds):
+        calls.append(done)
+        if len(calls) == 2:
+            raise RuntimeError("worker lost")
+
+    spec = ExtractionSpec(layers=[0], hooks=["residual"], seq_len=8, batch_size=1)
+    with pytest.raises(RuntimeError):
+        run_extraction(model, "llama", Tokens(np.zeros((3, 8), dtype=np.int64), None), spec, tmp_path / "activations" / "extraction_1", {},
+                       on_progress=fail_on_second_batch)  # fmt: skip
+    assert list((tmp_path / "activations").iterdir()) == []
+
+
+@pytest.mark.parametrize("layers, hooks, code", [([4], ["residual"], "invalid_layers"), ([-1], ["mlp"], "invalid_layers"),
+                                                  ([0], ["logits"], "invalid_hooks")])  # fmt: skip
+def test_bad_layers_or_hooks_are_refused_before_anything_is_written(tmp_path, layers, hooks, code):
+    spec = ExtractionSpec(layers=layers, hooks=hooks, seq_len=8, batch_size=1)
+    with pytest.raises(JobError) as caught:
+        run_extraction(tiny_model("llama"), "llama", Tokens(np.zeros((1, 8), dtype=np.int64), None), spec, tmp_path / "activations" / "extraction_1", {})
+    assert caught.value.code == code
+    assert not (tmp_path / "activations").exists()
