@@ -197,10 +197,10 @@ def run_extraction(
         writer.write("tokens", 0, tokens.ids)
         if tokens.mask is not None:
             writer.write("attention_mask", 0, tokens.mask)
-        current: dict[str, np.ndarray] = {}
+        current: dict = {}
 
         def on_capture(layer: int, hook: str, tensor) -> None:
-            current[file_stem(layer, hook)] = tensor.detach().to(torch_storage).cpu().numpy()
+            current[file_stem(layer, hook)] = tensor.detach().to(torch_storage).cpu()
 
         batch = spec.batch_size
         start = 0
@@ -221,10 +221,10 @@ def run_extraction(
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
-                valid = None if tokens.mask is None else tokens.mask[start:end]
+                valid = None if tokens.mask is None else torch.from_numpy(tokens.mask[start:end])
                 for stem in stems:
                     values = current[stem]
-                    writer.write(stem, start, values)
+                    writer.write(stem, start, values.numpy())
                     stats[stem].update(values, valid)
                 batch_sizes.append(end - start)
                 start = end
