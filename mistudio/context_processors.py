@@ -12,3 +12,7 @@ def _device_name() -> str:
 
 def compute_device(request):
     return {"compute_device": _device_name()}
+
+
+def tabs(request):
+    return {"tabs": [("models", "/"), ("datasets", "/datasets/"), ("extractions", "/extractions/")]}

@@ -43,8 +43,9 @@ _layer_loop = _LayerLoop()
 MODELS_GROUP = "models"
 
 
-def model_group(model_id: str) -> str:
-    return f"model_{model_id}"
+def model_group(model_id: str, channel: str = "progress") -> str:
+    """progress: /ws/models/{id}/progress; extraction: /ws/models/{id}/extraction."""
+    return f"model_{model_id}" if channel == "progress" else f"model_{model_id}_{channel}"
 
 
 def _send(group: str, message: dict) -> None:
@@ -62,6 +63,6 @@ def publish_html(html: str) -> None:
     _send(MODELS_GROUP, {"type": "html.fragment", "html": html})
 
 
-def publish_event(model_id: str, event: dict) -> None:
-    """A JSON event for programmatic clients of /ws/models/{id}/…."""
-    _send(model_group(model_id), {"type": "json.event", "event": event})
+def publish_event(model_id: str, event: dict, channel: str = "progress") -> None:
+    """A JSON event for programmatic clients of /ws/models/{id}/progress or …/extraction."""
+    _send(model_group(model_id, channel), {"type": "json.event", "event": event})

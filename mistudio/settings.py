@@ -122,6 +122,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "mistudio.context_processors.compute_device",
+                "mistudio.context_processors.tabs",
             ],
         },
     },
@@ -189,6 +190,11 @@ def env_bytes(name: str) -> int | None:
 # Memory a model may take when it is loaded (the fit check). Default: the GPU's free
 # memory, or the free RAM on a machine without one.
 GPU_MEMORY_LIMIT = env_bytes("MISTUDIO_GPU_MEMORY_LIMIT")
+DATASET_UPLOAD_LIMIT_BYTES = env_bytes("MISTUDIO_DATASET_UPLOAD_LIMIT") or 1_000_000_000
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024  # larger uploads stream to a temporary file
+# Server-side bounds of an extraction request.
+EXTRACTION_MAX_BATCH_SIZE = env_int("MISTUDIO_MAX_BATCH_SIZE", 512)
+EXTRACTION_MAX_SAMPLES = env_int("MISTUDIO_MAX_SAMPLES", 1_000_000)
 # Free space a download must leave on the data dir's filesystem.
 DISK_RESERVE_BYTES = env_int("MISTUDIO_DISK_RESERVE_BYTES", 1 << 30)
 

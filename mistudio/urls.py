@@ -11,5 +11,6 @@ urlpatterns = [
     # One process serves everything (no separate web server to set up); the files are
     # small, public and cached by the browser.
     re_path(r"^static/(?P<path>.*)$", login_not_required(serve_static), {"insecure": True}),
+    path("", include("activations_app.urls")),
     path("", include("models_app.urls")),
 ]

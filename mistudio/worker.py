@@ -10,11 +10,13 @@ from rq.worker import Worker
 class MistudioWorker(Worker):
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage):
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-        from models_app.jobs import mark_worker_died
+        from activations_app.jobs import mark_worker_died as extraction_died
+        from models_app.jobs import mark_worker_died as model_job_died
 
         reason = f"signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) else f"exit status {ret_val}"
         try:
-            mark_worker_died(job.id, reason)
+            model_job_died(job.id, reason)
+            extraction_died(job.id, reason)
         finally:
             # The next job forks from this process: it must not inherit an open connection.
             connections.close_all()

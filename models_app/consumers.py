@@ -58,13 +58,30 @@ class ModelsConsumer(SignedInConsumer):
 class ModelProgressConsumer(SignedInConsumer):
     """/ws/models/{id}/progress: JSON events for programmatic clients."""
 
+    channel = "progress"
+
     async def initial_message(self) -> str | None:
         model_id = self.scope["url_route"]["kwargs"]["model_id"]
         model = await Model.objects.filter(pk=model_id).afirst()
         if model is None:
             return None
-        self.groups_to_join = [model_group(model_id)]
-        return json.dumps(model.progress_event())
+        self.groups_to_join = [model_group(model_id, self.channel)]
+        return json.dumps(await self.current_state(model))
+
+    async def current_state(self, model: Model) -> dict:
+        return model.progress_event()
 
     async def json_event(self, message):
         await self.send(text_data=json.dumps(message["event"]))
+
+
+class ExtractionProgressConsumer(ModelProgressConsumer):
+    """/ws/models/{id}/extraction: extraction_progress / extraction_completed events."""
+
+    channel = "extraction"
+
+    async def current_state(self, model: Model) -> dict:
+        from activations_app.jobs import extraction_event
+
+        latest = await model.extractions.order_by("-created_at").afirst()
+        return extraction_event(latest) if latest else {"type": "extraction_progress", "extraction_id": None}

@@ -268,9 +268,16 @@ def remove_files(model: Model) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _stop_rq_job(job_id: str, wait_seconds: float = 15.0) -> None:
+def stop_rq_job(job_id: str, wait_seconds: float = 15.0) -> None:
     """Stop the job's worker process (not just the row) and wait until it is gone, so no
     file is written after we clean up."""
+    try:
+        _stop(job_id, wait_seconds)
+    except RedisError:
+        log.warning("could not reach Redis to stop job %s", job_id)
+
+
+def _stop(job_id: str, wait_seconds: float) -> None:
     connection = queue().connection
     try:
         job = Job.fetch(job_id, connection=connection)
@@ -303,10 +310,7 @@ def cancel_model(model_id: str) -> Model:
         status=ModelStatus.CANCELLED, encrypted_token=None, speed_bps=0, eta_seconds=None
     )
     if model.job_id:
-        try:
-            _stop_rq_job(model.job_id)
-        except RedisError:
-            log.warning("could not reach Redis to stop job %s", model.job_id)
+        stop_rq_job(model.job_id)
     remove_files(model)
     model.refresh_from_db()
     publish_card(model)
@@ -322,6 +326,10 @@ def delete_model(model_id: str) -> bool:
         raise Conflict(
             "model_in_use", f"{model.name} is {model.status}; cancel the job before deleting the model."
         )
+    from activations_app.models import EXTRACTION_RUNNING
+
+    if model.extractions.filter(status__in=EXTRACTION_RUNNING).exists():
+        raise Conflict("model_in_use", f"An extraction of {model.name} is running; cancel it before deleting the model.")
     remove_files(model)
     model.delete()
     publish_list()

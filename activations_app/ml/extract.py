@@ -101,6 +101,11 @@ def _npy_header_bytes(shape, dtype) -> int:
     return buffer.tell()
 
 
+def partial_dir(final_dir: Path) -> Path:
+    """The temporary folder a run writes into, next to (same filesystem as) the final one."""
+    return final_dir.with_name(f".{final_dir.name}.partial")
+
+
 class ActivationWriter:
     """Preallocated .npy files in a temporary folder, filled batch by batch, moved into
     place as a whole. Space is reserved up front, so a full disk fails before the first
@@ -108,7 +113,7 @@ class ActivationWriter:
 
     def __init__(self, final_dir: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> None:
         self.final_dir = final_dir
-        self.tmp_dir = final_dir.with_name(f".{final_dir.name}.partial")
+        self.tmp_dir = partial_dir(final_dir)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True)
         self.arrays: dict[str, np.memmap] = {}

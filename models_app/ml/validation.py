@@ -60,8 +60,9 @@ def validate_revision(value: str | None) -> str:
     return value
 
 
-def resolve_import_path(value: str, roots: list[Path]) -> Path:
-    """The real path of a local import, refused unless it lies inside an allowed root."""
+def resolve_import_path(value: str, roots: list[Path], allow_files: tuple[str, ...] | None = None) -> Path:
+    """The real path of a local import, refused unless it lies inside an allowed root.
+    Models: a folder or a .gguf file; with `allow_files`, a file with one of those suffixes."""
     if not value or "\x00" in value:
         raise InvalidInput("path", "Give the path of a model folder or a .gguf file.")
     path = Path(value).expanduser().resolve()
@@ -75,6 +76,10 @@ def resolve_import_path(value: str, roots: list[Path]) -> Path:
         )
     if not path.exists():
         raise InvalidInput("path", f"{path} does not exist.", code="path_not_found")
+    if allow_files is not None:
+        if not path.is_file() or path.suffix.lower() not in allow_files:
+            raise InvalidInput("path", f"{path} is not a {', '.join(allow_files)} file.")
+        return path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InvalidInput("path", f"{path} has no config.json; a model folder needs config.json and weights.")

@@ -144,3 +144,43 @@ def test_the_architecture_viewer_opens_expands_a_block_and_closes_with_escape(st
     page.wait_for_selector("#architecture-modal")
     page.click("#architecture-modal .modal-close")
     page.wait_for_selector("#architecture-modal", state="detached", timeout=5_000)
+
+
+def test_the_extraction_dialog_estimates_starts_and_the_card_reaches_completed(stack, browser, user, smollm2_folder, data_dir):
+    import json
+
+    from activations_app.ml.extract import storage_bytes
+    from activations_app.services import import_dataset
+    from mistudio.templatetags.ui import bytes_short
+
+    config = json.loads((smollm2_folder / "config.json").read_text())
+    model = Model.objects.create(name="SmolLM2-135M", status="ready", architecture="llama", architecture_config=config,
+                                 params_count=134_515_008, quantization="FP32")  # fmt: skip
+    model.raw_dir.parent.mkdir(parents=True)
+    model.raw_dir.symlink_to(smollm2_folder)
+    (data_dir / "imports" / "river.txt").write_text("\n".join(f"Line {i} about the river and the city." for i in range(50)))
+    dataset = import_dataset(path=str(data_dir / "imports" / "river.txt"))
+
+    page = browser.new_context().new_page()
+    sign_in(page, stack, user.username)
+    page.click(f"#model-card-{model.id} .extract-open")
+    page.wait_for_selector("#extract-modal")
+    assert page.locator(".layer-toggle").count() == 30
+    assert page.is_disabled("#start-extraction")
+    page.select_option("#id_dataset", dataset.id)
+    page.click(".layer-toggle:has-text('L0') >> nth=0")
+    page.click(".layer-toggle:has-text('L29')")
+    page.check("input[name=hook_types][value=mlp]")
+    page.fill("#id_max_samples", "4")
+    page.fill("#id_batch_size", "2")
+    page.fill("#id_seq_len", "16")
+    expected = bytes_short(storage_bytes(4, 16, 576, "float16", 4))
+    page.wait_for_function(f"document.querySelector('.estimate-storage') && document.querySelector('.estimate-storage').textContent === '{expected}'", timeout=15_000)
+    assert page.is_enabled("#start-extraction")
+    page.click("#start-extraction")
+    page.wait_for_url("**/extractions/ext_*", timeout=15_000)
+    page.wait_for_selector("[id^=extraction-card-][data-status=completed]", timeout=120_000)
+    page.reload()
+    rows = page.locator(".statistics-table tbody tr")
+    assert rows.count() == 4
+    assert "layer_29_mlp.npy" in page.inner_text(".statistics-table")

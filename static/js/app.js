@@ -30,9 +30,30 @@
     if (modal) modal.innerHTML = "";
   }
   document.addEventListener("click", function (event) {
-    if (event.target.closest(".modal-close") || event.target.classList.contains("modal-overlay")) closeModal();
+    if (event.target.closest(".modal-close") || (event.target.classList && event.target.classList.contains("modal-overlay"))) closeModal();
   });
   document.addEventListener("keydown", function (event) {
     if (event.key === "Escape") closeModal();
   });
+
+  // Extraction dialog: Select All / Deselect All, and Start only once a dataset, a layer
+  // and a hook are chosen (the server checks every bound again).
+  function syncStartButton() {
+    var form = document.getElementById("extract-form");
+    var button = document.getElementById("start-extraction");
+    if (!form || !button) return;
+    var dataset = form.querySelector("[name=dataset_id]");
+    button.disabled = !(dataset && dataset.value) ||
+      !form.querySelector("[name=layers]:checked") || !form.querySelector("[name=hook_types]:checked");
+  }
+  document.addEventListener("click", function (event) {
+    var all = event.target.closest(".layers-all"), none = event.target.closest(".layers-none");
+    if (!all && !none) return;
+    document.querySelectorAll("#extract-form [name=layers]").forEach(function (box) { box.checked = !!all; });
+    var first = document.querySelector("#extract-form [name=layers]");
+    if (first) first.dispatchEvent(new Event("change", { bubbles: true }));  // refresh the estimates
+    syncStartButton();
+  });
+  document.addEventListener("change", syncStartButton);
+  document.addEventListener("htmx:afterSwap", syncStartButton);
 })();

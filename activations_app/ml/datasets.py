@@ -1,0 +1,98 @@
+"""Reading text datasets: .txt (one sample per line, or blank-line separated paragraphs),
+.jsonl, .csv and .parquet, streamed row by row so a large file never sits in memory."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from models_app.ml.errors import InvalidInput
+
+FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
+
+
+def check_file(path: Path, text_column: str) -> None:
+    """Refuse an empty, binary or unreadable file, or one without the text column."""
+    if path.suffix.lower() not in FORMATS:
+        raise InvalidInput("file", f"{path.name}: use one of {', '.join(FORMATS)}.")
+    if path.stat().st_size == 0:
+        raise InvalidInput("file", f"{path.name} is empty.")
+    if path.suffix.lower() != ".parquet":
+        head = path.open("rb").read(8192)
+        if b"\x00" in head:
+            raise InvalidInput("file", f"{path.name} looks binary (it contains NUL bytes), not text.")
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 4:  # a multi-byte character cut at the 8 KiB boundary is fine
+                raise InvalidInput("file", f"{path.name} is not UTF-8 text.") from None
+    first = next(iter_texts(path, text_column), None)
+    if first is None:
+        raise InvalidInput("file", f"{path.name} has no non-empty text rows.")
+
+
+def iter_texts(path: Path, text_column: str = "text") -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        yield from _txt(path)
+    elif suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise InvalidInput("file", f"{path.name} line {number} is not JSON.") from None
+                yield _column(row, text_column, path)
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if text_column not in (reader.fieldnames or []):
+                raise InvalidInput("text_column", f"{path.name} has no column {text_column!r} (columns: {reader.fieldnames}).")
+            for row in reader:
+                if (row[text_column] or "").strip():
+                    yield row[text_column]
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        if text_column not in parquet.schema_arrow.names:
+            raise InvalidInput("text_column", f"{path.name} has no column {text_column!r} (columns: {parquet.schema_arrow.names}).")
+        for batch in parquet.iter_batches(columns=[text_column], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                if value and str(value).strip():
+                    yield str(value)
+    else:
+        raise InvalidInput("file", f"{path.name}: use one of {', '.join(FORMATS)}.")
+
+
+def _txt(path: Path) -> Iterator[str]:
+    """Blank-line separated paragraphs when the file has blank lines, else one per line."""
+    text = path.read_text(encoding="utf-8")
+    if "\n\n" in text.replace("\r\n", "\n"):
+        for paragraph in text.replace("\r\n", "\n").split("\n\n"):
+            if paragraph.strip():
+                yield paragraph.strip()
+    else:
+        for line in text.splitlines():
+            if line.strip():
+                yield line.strip()
+
+
+def _column(row, column: str, path: Path) -> str:
+    if not isinstance(row, dict) or column not in row:
+        raise InvalidInput("text_column", f"{path.name} has rows without the {column!r} field.")
+    return str(row[column])
+
+
+def summarize(path: Path, text_column: str, preview_rows: int = 5) -> tuple[int, list[str]]:
+    """Row count and the first rows (each cut to 300 characters) for the Datasets view."""
+    count, preview = 0, []
+    for text in iter_texts(path, text_column):
+        if len(preview) < preview_rows:
+            preview.append(text[:300])
+        count += 1
+    return count, preview
