@@ -29,9 +29,10 @@ def socket(path: str, cookie: str | None, origin: str = "http://localhost:8000")
     return WebsocketCommunicator(application, path, headers=headers)
 
 
-def run_job_in_thread(model_id: str) -> None:
+def run_in_thread_closing_connection(job, *args) -> None:
+    """Run a job in a worker thread, closing that thread's database connection after."""
     try:
-        run_download(model_id)
+        job(*args)
     finally:
         connection.close()
 
@@ -51,7 +52,7 @@ async def test_a_jobs_progress_reaches_a_connected_client_as_html_and_json(hub, 
     assert (await events_socket.connect())[0]
     assert json.loads(await events_socket.receive_from())["status"] == "queued"
 
-    job = asyncio.create_task(asyncio.to_thread(run_job_in_thread, model.id))
+    job = asyncio.create_task(asyncio.to_thread(run_in_thread_closing_connection, run_download, model.id))
     events = []
     while not events or events[-1]["type"] not in ("completed", "error"):
         events.append(json.loads(await events_socket.receive_from(timeout=60)))

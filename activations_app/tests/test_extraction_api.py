@@ -1,0 +1,159 @@
+"""Datasets and extractions through the API, uploads, conflicts, cancel and worker death."""
+
+import html
+import io
+import json
+import subprocess
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import call_command
+
+from activations_app import services
+from activations_app.models import Dataset, Extraction
+from models_app.tests.support import start_worker, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def smollm2_model(smollm2_folder):
+    """A ready FP32 SmolLM2 record whose snapshot is the machine's cached build."""
+    from models_app.models import Model
+
+    config = json.loads((smollm2_folder / "config.json").read_text())
+    model = Model.objects.create(name="SmolLM2-135M", status="ready", architecture="llama", architecture_config=config,
+                                 params_count=134_515_008, quantization="FP32")  # fmt: skip
+    model.raw_dir.parent.mkdir(parents=True, exist_ok=True)
+    model.raw_dir.symlink_to(smollm2_folder)
+    return model
+
+
+def upload(client, filename: str, content: bytes, **fields):
+    return client.post("/datasets/upload", {"file": SimpleUploadedFile(filename, content), **fields})
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [("empty.txt", b"", "is empty"), ("blob.txt", b"\x00\x01\x02binary", "looks binary"),
+     ("data.exe", b"text", "Upload a"), ("rows.jsonl", b'{"content": "x"}\n', "without the 'text' field"),
+     ("rows.csv", b"body\nhello\n", "has no column 'text'")],
+)  # fmt: skip
+def test_bad_uploads_are_refused_with_the_reason_and_store_nothing(signed_in, data_dir, name, content, message):
+    response = upload(signed_in, name, content)
+    assert response.status_code == 400 and message in html.unescape(response.content.decode())
+    assert Dataset.objects.count() == 0 and not any((data_dir / "datasets").glob("ds_*"))
+
+
+def test_an_oversized_upload_is_refused(signed_in, settings):
+    settings.DATASET_UPLOAD_LIMIT_BYTES = 10
+    response = upload(signed_in, "big.txt", b"one line that is longer than ten bytes\n")
+    assert response.status_code == 400 and "the limit is" in response.content.decode()
+    assert Dataset.objects.count() == 0
+
+
+def test_uploads_of_each_format_count_rows_and_preview_them(signed_in):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = io.BytesIO()
+    pq.write_table(pa.table({"body": ["first row", "second row", ""]}), parquet)
+    cases = [
+        ("lines.txt", b"alpha\nbeta\n\ngamma\n", {}, 2),  # blank-line separated: "alpha\nbeta" and "gamma"
+        ("rows.jsonl", b'{"text": "a"}\n{"text": "b"}\n', {}, 2),
+        ("rows.csv", b"text,label\nhello,1\nworld,2\n", {}, 2),
+        ("rows.parquet", parquet.getvalue(), {"text_column": "body"}, 2),
+    ]
+    for name, content, extra, rows in cases:
+        assert upload(signed_in, name, content, name=name, **extra).status_code == 200, name
+        assert Dataset.objects.get(name=name).row_count == rows, name
+    assert Dataset.objects.get(name="lines.txt").preview == ["alpha\nbeta", "gamma"]
+    listing = signed_in.get("/api/datasets").json()["data"]
+    assert {d["name"] for d in listing} == {name for name, *_ in cases}
+
+
+def test_the_api_starts_an_extraction_that_a_worker_runs_and_reports(signed_in, smollm2_model, data_dir, redis_clean):
+    (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i} of text about bread." for i in range(30)))
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
+    body = {"dataset_id": dataset.id, "layers": [3], "hook_types": ["attention"], "max_samples": 4, "batch_size": 2, "seq_len": 16}
+    response = signed_in.post(f"/api/models/{smollm2_model.id}/extract", body, content_type="application/json")
+    assert response.status_code == 202, response.content
+    created = response.json()
+    assert signed_in.delete(f"/api/models/{smollm2_model.id}").status_code == 409  # an extraction of it is queued
+    assert signed_in.delete(f"/api/datasets/{dataset.id}").status_code == 409
+    worker = start_worker()
+    assert worker.wait(timeout=180) == 0, worker.stdout.read()
+    record = signed_in.get(f"/api/extractions/{created['id']}").json()
+    assert record["status"] == "completed" and record["samples_processed"] == 4
+    assert set(record["statistics"]) == {"layer_3_attention"}
+    assert signed_in.get("/api/extractions").json()["pagination"]["total"] == 1
+    assert signed_in.delete(f"/api/extractions/{created['id']}").json()["deleted"] is True
+    assert not (data_dir / "activations" / f"extraction_{created['id']}").exists()
+
+
+def test_a_worker_killed_mid_extraction_leaves_the_row_failed_and_no_folder(smollm2_model, data_dir, redis_clean):
+    (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i} about the market and the river." for i in range(400)))
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
+    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset.id, layers=list(range(30)),
+                                             hook_types=["residual"], max_samples=200, batch_size=1, seq_len=64)  # fmt: skip
+    worker = start_worker()
+    try:
+        wait_for(lambda: Extraction.objects.get(pk=extraction.pk).samples_done >= 2, timeout=120, message="extraction start")
+        subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)
+        worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    extraction.refresh_from_db()
+    assert extraction.status == "failed" and extraction.error_code == "worker_died"
+    assert not any((data_dir / "activations").iterdir())
+
+    # Retrying after the failure works: same model and dataset, a fresh extraction.
+    call_command("extract_activations", smollm2_model.id, "--dataset", dataset.id, "--layers", "0", "--hooks", "residual",
+                 "--max-samples", "2", "--batch-size", "2", "--seq-len", "16", "--sync")  # fmt: skip
+    assert Extraction.objects.filter(status="completed").count() == 1
+
+
+def test_cancel_stops_the_worker_and_removes_the_temporary_folder(signed_in, smollm2_model, data_dir, redis_clean):
+    (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i} about the bakery." for i in range(400)))
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
+    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset.id, layers=list(range(30)),
+                                             hook_types=["residual"], max_samples=200, batch_size=1, seq_len=64)  # fmt: skip
+    worker = start_worker()
+    try:
+        wait_for(lambda: Extraction.objects.get(pk=extraction.pk).samples_done >= 2, timeout=120, message="extraction start")
+        signed_in.post(f"/extractions/{extraction.id}/cancel")
+        worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    extraction.refresh_from_db()
+    assert extraction.status == "cancelled"
+    assert not any((data_dir / "activations").iterdir())
+
+
+async def test_extraction_events_reach_a_connected_client(user, smollm2_model, data_dir):
+    from channels.db import database_sync_to_async
+
+    from activations_app.jobs import run_extraction_job
+    from models_app.tests.test_consumers import run_in_thread_closing_connection, session_cookie, socket
+
+    (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i} about the library." for i in range(20)))
+    dataset = await database_sync_to_async(services.import_dataset)(path=str(data_dir / "imports" / "t.txt"))
+    extraction = await database_sync_to_async(services.request_extraction)(
+        model_id=smollm2_model.id, dataset_id=dataset.id, layers=[1], hook_types=["mlp"], max_samples=4,
+        batch_size=1, seq_len=16, enqueue=False,
+    )  # fmt: skip
+    cookie = await database_sync_to_async(session_cookie)(user)
+    events_socket = socket(f"/ws/models/{smollm2_model.id}/extraction", cookie)
+    assert (await events_socket.connect())[0]
+    assert json.loads(await events_socket.receive_from())["extraction_id"] == extraction.id
+    import asyncio
+
+    job = asyncio.create_task(asyncio.to_thread(run_in_thread_closing_connection, run_extraction_job, extraction.id))
+    events = []
+    while not events or events[-1]["type"] != "extraction_completed":
+        events.append(json.loads(await events_socket.receive_from(timeout=60)))
+    await job
+    progress = [e for e in events if e["type"] == "extraction_progress" and e["status"] == "extracting" and e["samples_processed"]]
+    assert progress and progress[-1]["samples_processed"] == 4 and progress[-1]["samples_per_second"] > 0
+    assert events[-1]["statistics"]["layer_1_mlp"]["elements"] == 4 * 16 * 576
+    await events_socket.disconnect()
