@@ -24,8 +24,19 @@ def _refuse(exc: InvalidInput) -> ServiceError:
     return ServiceError(exc.code, exc.message, details={"field": exc.field})
 
 
-def import_dataset(*, path: str, name: str | None = None, text_column: str = "text") -> Dataset:
-    """A local file (inside the allowed import roots) copied into datasets/{id}/."""
+def looks_like_local_path(value: str) -> bool:
+    import os
+
+    return value.startswith(("/", ".", "~")) or os.path.exists(value)
+
+
+def import_dataset(
+    *, path: str, name: str | None = None, text_column: str = "text", split: str = "train", token: str | None = None
+) -> Dataset:
+    """A local file (inside the allowed import roots) copied into datasets/{id}/, or a Hub
+    dataset repo's split downloaded there."""
+    if not looks_like_local_path(path):
+        return import_hub_dataset(repo_id=path, name=name, text_column=text_column, split=split, token=token)
     try:
         source = resolve_import_path(path, settings.IMPORT_ROOTS, allow_files=dataset_files.FORMATS)
         dataset_files.check_file(source, text_column)
@@ -33,6 +44,32 @@ def import_dataset(*, path: str, name: str | None = None, text_column: str = "te
         raise _refuse(exc) from None
     dataset = Dataset(name=(name or source.stem)[:200], source="local", text_column=text_column, file_path="")
     _store(dataset, source)
+    return dataset
+
+
+def import_hub_dataset(*, repo_id: str, name: str | None, text_column: str, split: str, token: str | None) -> Dataset:
+    from models_app.ml.errors import JobError
+    from models_app.ml.validation import validate_repo_id, validate_revision
+
+    from .ml.hub_datasets import download_dataset
+
+    try:
+        repo_id = validate_repo_id(repo_id)
+        revision = validate_revision(None)
+    except InvalidInput as exc:
+        raise _refuse(exc) from None
+    dataset = Dataset(name=(name or f"{repo_id}:{split}")[:200], source="hub", text_column=text_column, file_path="")
+    folder = dataset.folder
+    try:
+        download_dataset(repo_id, revision, split, token, settings.HF_ENDPOINT, folder)
+        dataset_files.check_file(next(p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in dataset_files.FORMATS and ".cache" not in p.parts), text_column)
+        row_count, preview = dataset_files.summarize(folder, text_column)
+    except (JobError, InvalidInput) as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ServiceError(exc.code, exc.message) from None
+    shutil.rmtree(folder / ".cache", ignore_errors=True)
+    dataset.file_path, dataset.row_count, dataset.preview = str(folder), row_count, preview
+    dataset.save()
     return dataset
 
 

@@ -34,6 +34,11 @@ def check_file(path: Path, text_column: str) -> None:
 
 
 def iter_texts(path: Path, text_column: str = "text") -> Iterator[str]:
+    """Rows of one file, or of every data file in a folder (a Hub split's shards) in order."""
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS and ".cache" not in p.parts):
+            yield from iter_texts(child, text_column)
+        return
     suffix = path.suffix.lower()
     if suffix == ".txt":
         yield from _txt(path)

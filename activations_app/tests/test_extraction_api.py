@@ -157,3 +157,25 @@ async def test_extraction_events_reach_a_connected_client(user, smollm2_model, d
     assert progress and progress[-1]["samples_processed"] == 4 and progress[-1]["samples_per_second"] > 0
     assert events[-1]["statistics"]["layer_1_mlp"]["elements"] == 4 * 16 * 576
     await events_socket.disconnect()
+
+
+def test_a_hub_dataset_split_is_downloaded_through_the_loopback_hub(hub, tmp_path, capsys):
+    from models_app.tests.hub_server import HubRepo, make_sha
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "train-00000-of-00002.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (repo / "data" / "train-00001-of-00002.jsonl").write_text('{"text": "three"}\n')
+    (repo / "data" / "test-00000-of-00001.jsonl").write_text('{"text": "held out"}\n')
+    (repo / "README.md").write_text("# corpus")
+    hub.add_repo(HubRepo("corpora/tiny", repo, make_sha("corpora/tiny"), repo_type="dataset"))
+    call_command("import_dataset", "corpora/tiny", "--json")
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (record["row_count"], record["preview"], record["source"]) == (3, ["one", "two", "three"], "hub")
+    call_command("import_dataset", "corpora/tiny", "--split", "test", "--json")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["preview"] == ["held out"]
+    with pytest.raises(Exception, match="no 'validation' split"):
+        call_command("import_dataset", "corpora/tiny", "--split", "validation")
+    with pytest.raises(Exception, match="repo_not_found"):
+        call_command("import_dataset", "corpora/missing")
+    assert Dataset.objects.count() == 2

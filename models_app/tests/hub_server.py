@@ -52,6 +52,7 @@ class HubRepo:
     sha: str
     gated: bool = False
     allowed_tokens: frozenset[str] = frozenset()
+    repo_type: str = "model"  # or "dataset": served under /api/datasets/… and /datasets/…/resolve/…
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,14 @@ class HubServer:
         self.bytes_per_second = bytes_per_second
         self.fail_next_requests = 0
         self.requests: list[RequestRecord] = []
-        self._repos: dict[str, HubRepo] = {}
+        self._repos: dict[tuple[str, str], HubRepo] = {}
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     def add_repo(self, repo: HubRepo) -> None:
-        self._repos[repo.repo_id] = repo
+        self._repos[(repo.repo_type, repo.repo_id)] = repo
 
     @property
     def endpoint(self) -> str:
@@ -214,6 +215,10 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         parts = url.path.lstrip("/").split("/")
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
+        self._repo_type = "model"
+        if parts[:2] == ["api", "datasets"] or (parts[0] == "datasets" and len(parts) >= 6):
+            self._repo_type = "dataset"
+            parts = ["api", "models", *parts[2:]] if parts[0] == "api" else parts[1:]
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id, rest = f"{unquote(parts[2])}/{unquote(parts[3])}", parts[4:]
             if not rest:
@@ -232,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
         token = auth.removeprefix("Bearer ") if auth is not None else None
         if token is not None and token not in self.hub._valid_tokens():
             raise _HubError(401, "Invalid credentials in Authorization header")
-        repo = self.hub._repos.get(repo_id)
+        repo = self.hub._repos.get((self._repo_type, repo_id))
         if repo is None:
             # Anonymous callers get 401 so private repos cannot be told apart from missing ones.
             raise _HubError(401 if token is None else 404, "Repository not found", "RepoNotFound")

@@ -1,0 +1,114 @@
+"""Extraction benchmark (prints a table; not a test). SmolLM2-135M FP32 on this machine's
+device, 64 samples × 128 tokens, batch 8, float16 storage, all 30 layers × 3 hooks.
+
+- extraction time (model loaded, files written) ÷ a bare forward over the same batches;
+- layers 0–5 only ÷ the bare full forward (early exit);
+- peak memory with 64 vs 512 samples (streaming: it must not grow with the dataset);
+- TransformerLens and nnsight capturing the same activations in memory, when installed
+  (scripts/bench installs them into a separate folder, never into .venv)."""
+
+import gc
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from activations_app.ml.extract import ExtractionSpec, Tokens, run_extraction
+from activations_app.ml.hooks import HOOK_TYPES
+
+SAMPLES, SEQ, BATCH = 64, 128, 8
+
+
+def tokens(n: int) -> Tokens:
+    return Tokens(np.random.default_rng(0).integers(0, 49152, size=(n, SEQ)).astype(np.int64), None)
+
+
+def load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def bare_forward(model, ids: np.ndarray) -> float:
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(ids), BATCH):
+            model(input_ids=torch.from_numpy(ids[start : start + BATCH]), use_cache=False)
+    return time.perf_counter() - started
+
+
+def extract(model, ids: Tokens, layers, out) -> float:
+    spec = ExtractionSpec(layers=layers, hooks=list(HOOK_TYPES), seq_len=SEQ, batch_size=BATCH, dtype="float16")
+    started = time.perf_counter()
+    run_extraction(model, "llama", ids, spec, out, {})
+    return time.perf_counter() - started
+
+
+def peak_rss_of_run(samples: int, folder, out) -> int:
+    """Max resident memory of a fresh process that extracts `samples` rows (bytes)."""
+    code = (
+        "import sys, resource; sys.path.insert(0, '.');"
+        "from activations_app.tests.bench_extract import load, extract, tokens;"
+        f"m = load({str(folder)!r}); extract(m, tokens({samples}), list(range(6)), __import__('pathlib').Path({str(out)!r}));"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1]) * 1024
+
+
+def reference_rows(model, ids: np.ndarray) -> list[tuple[str, str]]:
+    rows = []
+    names = [f"blocks.{i}.{hook}" for i in range(30) for hook in ("hook_resid_post", "hook_mlp_out", "hook_attn_out")]
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers("HuggingFaceTB/SmolLM2-135M", hf_model=model)
+        started = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, len(ids), BATCH):
+                bridge.run_with_cache(torch.from_numpy(ids[start : start + BATCH]), names_filter=lambda n: n in names)
+        rows.append(("TransformerLens run_with_cache (in memory)", f"{time.perf_counter() - started:7.2f} s"))
+    except Exception as exc:  # noqa: BLE001 - an optional reference row
+        rows.append(("TransformerLens", f"not measured: {type(exc).__name__}: {str(exc)[:80]}"))
+    try:
+        from nnsight import NNsight
+
+        wrapped = NNsight(model)
+        started = time.perf_counter()
+        for start in range(0, len(ids), BATCH):
+            with wrapped.trace(torch.from_numpy(ids[start : start + BATCH])):
+                saved = [layer.output.save() for layer in wrapped.model.layers]
+                saved += [layer.mlp.output.save() for layer in wrapped.model.layers]
+                saved += [layer.self_attn.output[0].save() for layer in wrapped.model.layers]
+        rows.append(("nnsight trace + save (in memory)", f"{time.perf_counter() - started:7.2f} s"))
+    except Exception as exc:  # noqa: BLE001
+        rows.append(("nnsight", f"not measured: {type(exc).__name__}: {str(exc)[:80]}"))
+    return rows
+
+
+@pytest.mark.django_db
+def test_extraction_table(smollm2_folder, tmp_path):
+    model = load(smollm2_folder)
+    ids = tokens(SAMPLES)
+    bare_forward(model, ids.ids[:BATCH])  # warm-up
+    bare = min(bare_forward(model, ids.ids) for _ in range(2))
+    full = min(extract(model, ids, list(range(30)), tmp_path / f"a{i}" / "extraction_x") for i in range(2))
+    early = min(extract(model, ids, list(range(6)), tmp_path / f"b{i}" / "extraction_x") for i in range(2))
+    gc.collect()
+    rss64 = peak_rss_of_run(64, smollm2_folder, tmp_path / "c" / "extraction_x")
+    rss512 = peak_rss_of_run(512, smollm2_folder, tmp_path / "d" / "extraction_x")
+    rows = [
+        ("bare forward, 64 x 128, batch 8 (with LM head)", f"{bare:7.2f} s"),
+        ("extraction, 30 layers x 3 hooks, float16 files", f"{full:7.2f} s   ratio {full / bare:.2f} (target <= 1.10)"),
+        ("extraction, layers 0-5 only (early exit)", f"{early:7.2f} s   ratio {early / bare:.2f} (target <= 0.30)"),
+        ("peak RSS, 64 samples, layers 0-5 x 3 hooks (fresh process)", f"{rss64 / 1e6:7.0f} MB"),
+        ("peak RSS, 512 samples, layers 0-5 x 3 hooks (fresh process)", f"{rss512 / 1e6:7.0f} MB   ratio {rss512 / rss64:.2f} (target within 1.10)"),
+        *reference_rows(model, ids.ids),
+    ]
+    width = max(len(label) for label, _ in rows)
+    print(f"\n== Extraction, SmolLM2-135M FP32 on CPU ({torch.get_num_threads()} threads), best of 2")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
