@@ -90,6 +90,22 @@ def hub_with_smollm2(hub, smollm2_folder):
 
 
 @pytest.fixture
+def smollm2_model(smollm2_folder, data_dir):
+    """A ready FP32 SmolLM2 record whose snapshot is the machine's cached build (linked,
+    not downloaded again: the download path has tests of its own)."""
+    import json
+
+    from models_app.models import Model
+
+    config = json.loads((smollm2_folder / "config.json").read_text())
+    model = Model.objects.create(name="SmolLM2-135M", status="ready", architecture="llama", architecture_config=config,
+                                 params_count=134_515_008, quantization="FP32")  # fmt: skip
+    model.raw_dir.parent.mkdir(parents=True, exist_ok=True)
+    model.raw_dir.symlink_to(smollm2_folder)
+    return model
+
+
+@pytest.fixture
 def user(django_user_model):
     return django_user_model.objects.create_user("researcher", password="correct horse battery")
 

@@ -10,9 +10,28 @@ from . import services
 from .models import Dataset, Extraction
 
 
-@api_endpoint({"GET"})
+@api_endpoint({"GET", "POST"})
 def datasets(request):
-    return JsonResponse({"data": [d.as_dict() for d in Dataset.objects.all()[:500]]})
+    """GET lists datasets; POST adds one: a multipart `file` upload, or JSON {"repo_id"} /
+    {"path"} for a Hub dataset repo or a file under the import roots."""
+    if request.method == "GET":
+        return JsonResponse({"data": [d.as_dict() for d in Dataset.objects.all()[:500]]})
+    if request.FILES.get("file") is not None:
+        dataset = services.upload_dataset(
+            upload=request.FILES["file"], name=request.POST.get("name") or None,
+            text_column=request.POST.get("text_column") or "text",
+        )  # fmt: skip
+    else:
+        body = json_body(request)
+        source = body.get("repo_id") or body.get("path")
+        if not isinstance(source, str) or not source:
+            raise ServiceError("invalid_input", "Send a file, or repo_id / path.", details={"field": "file"})
+        dataset = services.import_dataset(
+            path=source, name=body.get("name") if isinstance(body.get("name"), str) else None,
+            text_column=str(body.get("text_column") or "text"), split=str(body.get("split") or "train"),
+            token=body.get("access_token") if isinstance(body.get("access_token"), str) else None,
+        )  # fmt: skip
+    return JsonResponse(dataset.as_dict(), status=201)
 
 
 @api_endpoint({"GET", "DELETE"})

@@ -47,7 +47,12 @@ def dataset_delete(request, dataset_id):
 
 @require_GET
 def extractions_page(request):
-    return render(request, "activations_app/extractions.html", {"extractions": Extraction.objects.select_related("model", "dataset")[:200]})
+    """Every extraction, or one model's history with ?model_id=."""
+    extractions = Extraction.objects.select_related("model", "dataset")
+    model_id = request.GET.get("model_id")
+    if model_id:
+        extractions = extractions.filter(model_id=model_id)
+    return render(request, "activations_app/extractions.html", {"extractions": extractions[:200], "model_id": model_id})
 
 
 @require_GET

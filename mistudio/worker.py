@@ -8,6 +8,17 @@ from rq.worker import Worker
 
 
 class MistudioWorker(Worker):
+    def work(self, *args, **kwargs):
+        # Each job runs in a work horse forked from this process: importing torch and
+        # transformers once here saves every job those seconds.
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        import activations_app.jobs  # noqa: F401
+        import models_app.jobs  # noqa: F401
+
+        return super().work(*args, **kwargs)
+
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage):
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
         from activations_app.jobs import mark_worker_died as extraction_died

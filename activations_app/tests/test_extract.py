@@ -212,3 +212,20 @@ def test_bad_layers_or_hooks_are_refused_before_anything_is_written(tmp_path, la
         run_extraction(tiny_model("llama"), "llama", Tokens(np.zeros((1, 8), dtype=np.int64), None), spec, tmp_path / "activations" / "extraction_1", {})
     assert caught.value.code == code
     assert not (tmp_path / "activations").exists()
+
+
+@pytest.mark.parametrize("fmt", ["Q8", "Q4", "Q2"])
+def test_quantized_models_are_hooked_exactly_too(fmt, tmp_path):
+    """The same hooks on bitsandbytes and quanto models: what is stored is what that
+    quantized model computes (compared with its own hidden states)."""
+    from models_app.ml.quantize import load_in_format
+    from models_app.tests.support import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tiny", vocab_size=300, intermediate_size=256)
+    model = load_in_format(folder, fmt, "cpu").eval()
+    ids = np.random.default_rng(4).integers(0, 300, size=(3, 12)).astype(np.int64)
+    spec = ExtractionSpec(layers=[0], hooks=list(HOOK_TYPES), seq_len=12, batch_size=3, dtype="float32")
+    result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_q", {})
+    hidden_states, captured = reference(model, "llama", ids)
+    np.testing.assert_allclose(np.load(result.output_dir / "layer_0_residual.npy"), hidden_states[1].float().numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.load(result.output_dir / "layer_0_mlp.npy"), captured[(0, "mlp")].float().numpy(), atol=1e-5)

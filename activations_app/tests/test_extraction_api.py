@@ -16,19 +16,6 @@ from models_app.tests.support import start_worker, wait_for
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def smollm2_model(smollm2_folder):
-    """A ready FP32 SmolLM2 record whose snapshot is the machine's cached build."""
-    from models_app.models import Model
-
-    config = json.loads((smollm2_folder / "config.json").read_text())
-    model = Model.objects.create(name="SmolLM2-135M", status="ready", architecture="llama", architecture_config=config,
-                                 params_count=134_515_008, quantization="FP32")  # fmt: skip
-    model.raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    model.raw_dir.symlink_to(smollm2_folder)
-    return model
-
-
 def upload(client, filename: str, content: bytes, **fields):
     return client.post("/datasets/upload", {"file": SimpleUploadedFile(filename, content), **fields})
 
@@ -179,3 +166,16 @@ def test_a_hub_dataset_split_is_downloaded_through_the_loopback_hub(hub, tmp_pat
     with pytest.raises(Exception, match="repo_not_found"):
         call_command("import_dataset", "corpora/missing")
     assert Dataset.objects.count() == 2
+
+
+def test_the_api_adds_datasets_by_upload_and_refuses_paths_outside_the_import_roots(signed_in, data_dir):
+    response = signed_in.post("/api/datasets", {"file": SimpleUploadedFile("notes.txt", b"first\nsecond\n"), "name": "notes"})
+    assert response.status_code == 201 and response.json()["row_count"] == 2
+    refused = signed_in.post("/api/datasets", {"path": "/etc/passwd"}, content_type="application/json")
+    assert refused.status_code == 400 and "outside the allowed import folders" in refused.json()["error"]["message"]
+    assert Dataset.objects.count() == 1
+
+
+def test_ids_from_the_client_are_looked_up_never_joined_into_paths(signed_in):
+    for path in ("/api/extractions/..%2F..%2Fetc", "/api/extractions/ext_000000000000", "/api/datasets/..%2Fsecret"):
+        assert signed_in.get(path).status_code == 404

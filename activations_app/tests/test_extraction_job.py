@@ -66,11 +66,11 @@ def test_extract_activations_writes_aligned_files_with_statistics(ready_smollm2,
         (["--max-samples", "0"], "max_samples must be between"), (["--seq-len", "9000"], "seq_len must be between 1 and 8,192"),
     ],
 )  # fmt: skip
-def test_bad_extraction_requests_are_refused_and_write_nothing(ready_smollm2, dataset, data_dir, args, message):
+def test_bad_extraction_requests_are_refused_and_write_nothing(smollm2_model, dataset, data_dir, args, message):
     base = {"--layers": "0", "--hooks": "residual", "--max-samples": "4", "--batch-size": "2", "--seq-len": "16"}
     base.update(dict(zip(args[::2], args[1::2])))
     with pytest.raises(CommandError, match=message):
-        call_command("extract_activations", ready_smollm2["id"], "--dataset", dataset["id"],
+        call_command("extract_activations", smollm2_model.id, "--dataset", dataset["id"],
                      *[item for pair in base.items() for item in pair], "--sync")  # fmt: skip
     assert Extraction.objects.count() == 0
     assert not (data_dir / "activations").exists()

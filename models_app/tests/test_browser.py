@@ -146,18 +146,12 @@ def test_the_architecture_viewer_opens_expands_a_block_and_closes_with_escape(st
     page.wait_for_selector("#architecture-modal", state="detached", timeout=5_000)
 
 
-def test_the_extraction_dialog_estimates_starts_and_the_card_reaches_completed(stack, browser, user, smollm2_folder, data_dir):
-    import json
-
+def test_the_extraction_dialog_estimates_starts_and_the_card_reaches_completed(stack, browser, user, smollm2_model, data_dir):
     from activations_app.ml.extract import storage_bytes
     from activations_app.services import import_dataset
     from mistudio.templatetags.ui import bytes_short
 
-    config = json.loads((smollm2_folder / "config.json").read_text())
-    model = Model.objects.create(name="SmolLM2-135M", status="ready", architecture="llama", architecture_config=config,
-                                 params_count=134_515_008, quantization="FP32")  # fmt: skip
-    model.raw_dir.parent.mkdir(parents=True)
-    model.raw_dir.symlink_to(smollm2_folder)
+    model = smollm2_model
     (data_dir / "imports" / "river.txt").write_text("\n".join(f"Line {i} about the river and the city." for i in range(50)))
     dataset = import_dataset(path=str(data_dir / "imports" / "river.txt"))
 

@@ -11,7 +11,7 @@ from django.core.management.base import CommandError
 from conftest import GATED_TOKEN
 from models_app import services
 from models_app.models import Model, ModelStatus
-from models_app.tests.hub_server import VALID_UNGATED_TOKEN
+from models_app.tests.hub_server import VALID_UNGATED_TOKEN, make_sha
 from models_app.tests.support import SMOLLM2_PARAMS, run_burst_worker, start_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -43,16 +43,9 @@ def test_a_download_from_the_api_ends_ready_with_files_and_exact_figures(signed_
     assert model.bytes_done == model.bytes_total == model.disk_size_bytes
     assert model.progress == 100.0
     assert model.architecture_config["hidden_size"] == 64
+    assert model.revision == make_sha("tiny/llama")  # the resolved commit, not "main"
     detail = signed_in.get(f"/api/models/{model.id}").json()
     assert detail["status"] == "ready" and detail["architecture_config"]["num_hidden_layers"] == 2
-
-
-def test_the_resolved_commit_is_recorded(signed_in, hub):
-    created = api_download(signed_in, repo_id="tiny/llama", quantization="FP32")
-    run_burst_worker()
-    from models_app.tests.hub_server import make_sha
-
-    assert Model.objects.get(pk=created["id"]).revision == make_sha("tiny/llama")
 
 
 def test_smollm2_downloads_with_its_real_parameter_count(hub_with_smollm2, data_dir, capsys):
