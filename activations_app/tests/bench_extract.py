@@ -59,13 +59,16 @@ def peak_rss_of_run(samples: int, folder, out) -> int:
     return int(result.stdout.strip().splitlines()[-1]) * 1024
 
 
-def reference_rows(model, ids: np.ndarray) -> list[tuple[str, str]]:
+def reference_rows(model, folder, ids: np.ndarray) -> list[tuple[str, str]]:
     rows = []
-    names = [f"blocks.{i}.{hook}" for i in range(30) for hook in ("hook_resid_post", "hook_mlp_out", "hook_attn_out")]
+    names = {f"blocks.{i}.{hook}" for i in range(30) for hook in ("hook_resid_post", "hook_mlp_out", "hook_attn_out")}
     try:
         from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoTokenizer
 
-        bridge = TransformerBridge.boot_transformers("HuggingFaceTB/SmolLM2-135M", hf_model=model)
+        bridge = TransformerBridge.boot_transformers(
+            str(folder), hf_model=model, tokenizer=AutoTokenizer.from_pretrained(folder)
+        )
         started = time.perf_counter()
         with torch.no_grad():
             for start in range(0, len(ids), BATCH):
@@ -80,9 +83,9 @@ def reference_rows(model, ids: np.ndarray) -> list[tuple[str, str]]:
         started = time.perf_counter()
         for start in range(0, len(ids), BATCH):
             with wrapped.trace(torch.from_numpy(ids[start : start + BATCH])):
-                saved = [layer.output.save() for layer in wrapped.model.layers]
-                saved += [layer.mlp.output.save() for layer in wrapped.model.layers]
-                saved += [layer.self_attn.output[0].save() for layer in wrapped.model.layers]
+                saved = []
+                for layer in wrapped.model.layers:  # in execution order: attention, MLP, block output
+                    saved += [layer.self_attn.output[0].save(), layer.mlp.output.save(), layer.output.save()]
         rows.append(("nnsight trace + save (in memory)", f"{time.perf_counter() - started:7.2f} s"))
     except Exception as exc:  # noqa: BLE001
         rows.append(("nnsight", f"not measured: {type(exc).__name__}: {str(exc)[:80]}"))
@@ -106,7 +109,7 @@ def test_extraction_table(smollm2_folder, tmp_path):
         ("extraction, layers 0-5 only (early exit)", f"{early:7.2f} s   ratio {early / bare:.2f} (target <= 0.30)"),
         ("peak RSS, 64 samples, layers 0-5 x 3 hooks (fresh process)", f"{rss64 / 1e6:7.0f} MB"),
         ("peak RSS, 512 samples, layers 0-5 x 3 hooks (fresh process)", f"{rss512 / 1e6:7.0f} MB   ratio {rss512 / rss64:.2f} (target within 1.10)"),
-        *reference_rows(model, ids.ids),
+        *reference_rows(model, smollm2_folder, ids.ids),
     ]
     width = max(len(label) for label, _ in rows)
     print(f"\n== Extraction, SmolLM2-135M FP32 on CPU ({torch.get_num_threads()} threads), best of 2")

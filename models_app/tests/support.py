@@ -130,7 +130,7 @@ def free_port() -> int:
 def start_daphne(port: int) -> subprocess.Popen:
     """The real ASGI server the run command uses, against the test database."""
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("daphne")), "-b", "127.0.0.1", "-p", str(port), "mistudio.asgi:application"],
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "mistudio.asgi:application"],
         cwd=ROOT,
         env=subprocess_env(),
         stdout=subprocess.PIPE,
