@@ -78,14 +78,21 @@ def test_the_api_starts_an_extraction_that_a_worker_runs_and_reports(signed_in, 
     assert not (data_dir / "activations" / f"extraction_{created['id']}").exists()
 
 
-def test_a_worker_killed_mid_extraction_leaves_the_row_failed_and_no_folder(smollm2_model, data_dir, redis_clean):
+def long_extraction_running_in_a_worker(model, data_dir):
+    """A 200-sample extraction over all 30 layers, queued, with a real worker on it that
+    has written its first samples."""
     (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i} about the market and the river." for i in range(400)))
     dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
-    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset.id, layers=list(range(30)),
+    extraction = services.request_extraction(model_id=model.id, dataset_id=dataset.id, layers=list(range(30)),
                                              hook_types=["residual"], max_samples=200, batch_size=1, seq_len=64)  # fmt: skip
     worker = start_worker()
+    wait_for(lambda: Extraction.objects.get(pk=extraction.pk).samples_done >= 2, timeout=120, message="extraction start")
+    return extraction, dataset, worker
+
+
+def test_a_worker_killed_mid_extraction_leaves_the_row_failed_and_no_folder(smollm2_model, data_dir, redis_clean):
+    extraction, dataset, worker = long_extraction_running_in_a_worker(smollm2_model, data_dir)
     try:
-        wait_for(lambda: Extraction.objects.get(pk=extraction.pk).samples_done >= 2, timeout=120, message="extraction start")
         subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)
         worker.communicate(timeout=60)
     finally:
@@ -101,13 +108,8 @@ def test_a_worker_killed_mid_extraction_leaves_the_row_failed_and_no_folder(smol
 
 
 def test_cancel_stops_the_worker_and_removes_the_temporary_folder(signed_in, smollm2_model, data_dir, redis_clean):
-    (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i} about the bakery." for i in range(400)))
-    dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
-    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset.id, layers=list(range(30)),
-                                             hook_types=["residual"], max_samples=200, batch_size=1, seq_len=64)  # fmt: skip
-    worker = start_worker()
+    extraction, _, worker = long_extraction_running_in_a_worker(smollm2_model, data_dir)
     try:
-        wait_for(lambda: Extraction.objects.get(pk=extraction.pk).samples_done >= 2, timeout=120, message="extraction start")
         signed_in.post(f"/extractions/{extraction.id}/cancel")
         worker.communicate(timeout=60)
     finally:
