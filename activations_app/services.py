@@ -252,7 +252,7 @@ def estimate_extraction(model, clean: dict) -> dict:
     hidden = int(config.get("hidden_size") or config.get("n_embd"))
     files = len(clean["layers"]) * len(clean["hook_types"])
     samples = clean["max_samples"]
-    storage = storage_bytes(samples, clean["seq_len"], hidden, clean["dtype"], files)
+    storage = storage_bytes(samples, clean["seq_len"], hidden, clean["dtype"], files, clean["tokenization"] == "truncate")
     measured = (
         Extraction.objects.filter(model=model, status=ExtractionStatus.COMPLETED, seq_len=clean["seq_len"])
         .exclude(samples_per_second=0)

@@ -84,12 +84,14 @@ def file_stem(layer: int, hook: str) -> str:
     return f"layer_{layer}_{hook}"
 
 
-def storage_bytes(num_samples: int, seq_len: int, hidden: int, dtype: str, files: int) -> int:
-    """Exactly what the output takes: every activation file (with its .npy header) plus tokens.npy."""
+def storage_bytes(num_samples: int, seq_len: int, hidden: int, dtype: str, files: int, with_mask: bool = False) -> int:
+    """Exactly what the output takes: every activation file (with its .npy header), tokens.npy
+    and, in truncate mode, attention_mask.npy (metadata.json aside)."""
     itemsize = np.dtype(STORAGE_DTYPES[dtype]).itemsize
     header = _npy_header_bytes((num_samples, seq_len, hidden), STORAGE_DTYPES[dtype])
     tokens = _npy_header_bytes((num_samples, seq_len), np.int64) + num_samples * seq_len * 8
-    return files * (header + num_samples * seq_len * hidden * itemsize) + tokens
+    mask = _npy_header_bytes((num_samples, seq_len), np.bool_) + num_samples * seq_len if with_mask else 0
+    return files * (header + num_samples * seq_len * hidden * itemsize) + tokens + mask
 
 
 def _npy_header_bytes(shape, dtype) -> int:

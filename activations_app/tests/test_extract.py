@@ -125,6 +125,8 @@ def test_truncate_mode_pads_masks_and_keeps_padding_out_of_the_statistics(smollm
     assert np.array_equal(np.load(out / "tokens.npy"), tokens.ids)
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["shapes"]["layer_29_mlp"] == [2, 12, 576] and metadata["model"] == "SmolLM2-135M"
+    on_disk = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".npy")
+    assert on_disk == extract.storage_bytes(2, 12, 576, "float16", files=6, with_mask=True)  # the estimate is exact
     for stem, figures in result.statistics.items():
         values = np.load(out / f"{stem}.npy").astype(np.float64)[tokens.mask]  # real tokens only
         assert figures == metadata["statistics"][stem]
