@@ -97,17 +97,23 @@ async def test_a_reconnecting_client_gets_the_current_state_first(user):
     await page.disconnect()
 
 
+async def refused(communicator: WebsocketCommunicator):
+    """Connect, expecting a refusal; then let the application instance finish, so no task
+    is left pending when the test's event loop closes."""
+    connected, code = await communicator.connect()
+    await communicator.disconnect()
+    return connected, code
+
+
 async def test_websockets_refuse_anonymous_users_and_foreign_origins(user):
-    anonymous = socket("/ws/models/", None)
-    connected, code = await anonymous.connect()
+    connected, code = await refused(socket("/ws/models/", None))
     assert not connected and code == 4401
     cookie = await database_sync_to_async(session_cookie)(user)
-    foreign = socket("/ws/models/", cookie, origin="http://evil.example")
-    connected, _ = await foreign.connect()
+    connected, _ = await refused(socket("/ws/models/", cookie, origin="http://evil.example"))
     assert not connected
 
 
 async def test_progress_for_a_missing_model_is_refused(user):
     cookie = await database_sync_to_async(session_cookie)(user)
-    connected, code = await socket("/ws/models/m_000000000000/progress", cookie).connect()
+    connected, code = await refused(socket("/ws/models/m_000000000000/progress", cookie))
     assert not connected and code == 4404
