@@ -94,11 +94,14 @@ def test_a_download_shows_live_progress_and_turns_ready_without_a_reload(stack, 
 
     seen = set()
     selector = f"#{card_id} .progress-percent"
+    read_percent = "sel => { const el = document.querySelector(sel); return el ? el.innerText : null; }"
     for _ in range(200):
         if page.get_attribute(f"#{card_id}", "data-status") == "ready":
             break
-        if page.query_selector(selector):
-            seen.add(page.inner_text(selector))
+        # one atomic read: the card may be swapped out between a query and a separate read
+        text = page.evaluate(read_percent, selector)
+        if text is not None:
+            seen.add(text)
         page.wait_for_timeout(50)
     page.wait_for_selector(f"#{card_id}[data-status=ready]", timeout=30_000)
     assert len(seen) >= 2, f"progress text never changed: {seen}"
