@@ -344,3 +344,30 @@ class _Handler(BaseHTTPRequestHandler):
     def _log(self, status: int) -> None:
         authorization, range_ = self.headers["Authorization"], self.headers["Range"]
         self.hub._record(RequestRecord(self.command, self.path, authorization, range_, status))
+
+
+def _serve_until_killed(repos: list[HubRepo], bytes_per_second: int | None, ready) -> None:
+    server = HubServer(bytes_per_second)
+    for repo in repos:
+        server.add_repo(repo)
+    server.start()
+    ready.put(server.endpoint)
+    threading.Event().wait()
+
+
+@contextlib.contextmanager
+def hub_in_subprocess(repos: list[HubRepo], bytes_per_second: int | None = None):
+    """The loopback Hub in a process of its own, as a real server is: for benchmarks, where a
+    server thread in the measuring process would take the GIL from the client it serves.
+    Yields the endpoint."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    process = context.Process(target=_serve_until_killed, args=(list(repos), bytes_per_second, ready), daemon=True)
+    process.start()
+    try:
+        yield ready.get(timeout=120)
+    finally:
+        process.terminate()
+        process.join()
