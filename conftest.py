@@ -28,6 +28,24 @@ def data_dir(settings, tmp_path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_connection_outlives_the_session(django_db_setup, django_db_blocker):
+    """Async tests reach the database through database_sync_to_async, whose executor thread
+    keeps its connection open; end those (and any a killed subprocess left) before
+    pytest-django drops the test database, which PostgreSQL refuses while they exist."""
+    yield
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+        connection.close()
+
+
 @pytest.fixture
 def redis_clean():
     """An empty test Redis DB (queue, job records and channel layer)."""
