@@ -231,3 +231,34 @@ def test_quantized_models_are_hooked_exactly_too(fmt, tmp_path):
     hidden_states, captured = reference(model, "llama", ids)
     np.testing.assert_allclose(np.load(result.output_dir / "layer_0_residual.npy"), hidden_states[1].float().numpy(), atol=1e-5)
     np.testing.assert_allclose(np.load(result.output_dir / "layer_0_mlp.npy"), captured[(0, "mlp")].float().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_statistics_over_batches_with_nan_inf_and_padding_match_numpy_on_the_whole_array(dtype):
+    """A diverging layer yields NaN/Inf: they are counted and kept out of every other figure,
+    whichever batch they fall in; padding never counts."""
+    from activations_app.ml.stats import RunningStats
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((6, 10, 32)) * 3).astype(dtype)
+    values[1, 2, 3], values[4, 0, 0], values[4, 9, 31] = np.nan, np.inf, -np.inf
+    values[0, 0, :4] = [0.005, -0.005, 0.02, 0.0]  # around the sparsity threshold
+    mask = np.ones((6, 10), dtype=bool)
+    mask[5, 6:] = False
+    values[5, 6:] = 1e4  # padding: large, and must not show up anywhere
+    stats = RunningStats(sparsity_threshold=0.01)
+    for start in range(0, 6, 2):
+        stats.update(torch.from_numpy(values[start : start + 2]), torch.from_numpy(mask[start : start + 2]))
+    figures = stats.result()
+
+    real = values[mask].astype(np.float64)  # [tokens, hidden]
+    finite = np.isfinite(real)
+    clean = np.where(finite, real, 0.0)
+    assert (figures["nan_count"], figures["inf_count"]) == (1, 2)
+    assert figures["tokens"] == mask.sum() and figures["elements"] == real.size
+    assert figures["max_magnitude"] == np.abs(real[finite]).max() < 1e4
+    assert (figures["min"], figures["max"]) == (real[finite].min(), real[finite].max())
+    assert figures["mean_magnitude"] == pytest.approx(np.abs(real[finite]).mean(), rel=1e-12)
+    assert figures["std"] == pytest.approx(real[finite].std(), rel=1e-9)
+    assert figures["mean_l2_norm"] == pytest.approx(np.linalg.norm(clean, axis=1).mean(), rel=1e-12)
+    assert figures["sparsity_percent"] == pytest.approx(100 * (np.abs(values[mask]) < 0.01).sum() / real.size, rel=1e-12)
