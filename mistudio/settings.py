@@ -202,6 +202,7 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {"once": {"()": "mistudio.logfilters.OncePerProcess"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
@@ -209,6 +210,8 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
+        # One line per int8 matmul on CPU otherwise (see OncePerProcess).
+        "bitsandbytes.autograd._functions": {"filters": ["once"]},
     },
 }
 

@@ -127,3 +127,20 @@ def test_a_repo_without_weights_is_refused():
     with pytest.raises(JobError) as caught:
         select_files({"config.json": 1, "model.Q4_K_M.gguf": 5})
     assert caught.value.code == "no_weights"
+
+
+def test_the_bitsandbytes_cast_warning_reaches_the_job_log_once_not_per_matmul(caplog):
+    """Configured by settings.LOGGING: Q8 on CPU would otherwise log one line per int8 matmul."""
+    import logging
+
+    import torch
+    from bitsandbytes.autograd import _functions
+
+    logger = logging.getLogger(_functions.__name__)
+    assert logger is _functions.logger
+    with caplog.at_level(logging.WARNING):
+        for _ in range(50):
+            logger.warning("MatMul8bitLt (test): inputs will be cast from %s to float16", torch.float32)
+        logger.warning("another message (test) %s", 1)
+    seen = [r.getMessage() for r in caplog.records if r.name == logger.name]
+    assert seen == ["MatMul8bitLt (test): inputs will be cast from torch.float32 to float16", "another message (test) 1"]
