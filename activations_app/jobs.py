@@ -12,6 +12,7 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from mistudio import progress
+from mistudio.progress import LatestStateWriter
 from models_app.ml import quantize
 from models_app.ml.errors import JobCancelled, JobError
 from models_app.ml.progress import ProgressThrottle
@@ -77,13 +78,17 @@ def run_extraction_job(extraction_id: str) -> Extraction | None:
         )  # fmt: skip
         _write(extraction_id, status=ExtractionStatus.EXTRACTING, samples_total=len(tokens.ids))
         throttle = ProgressThrottle()
+        # The forward loop hands progress over and goes on; a thread writes the row and
+        # publishes the card (and finds a cancelled row, which stops the loop at its next batch).
+        writer = LatestStateWriter(lambda state: _write(extraction_id, **state), name=f"extraction-{extraction_id}")
 
         def on_progress(done: int, total: int, seconds: float) -> None:
+            writer.check()
             percent = 100.0 * done / total
             if throttle.should_emit(percent, force=done >= total):
                 rate = done / seconds if seconds else 0.0
-                _write(extraction_id, progress=percent, samples_done=done, samples_per_second=rate,
-                       eta_seconds=(total - done) / rate if rate else None)  # fmt: skip
+                writer.submit({"progress": percent, "samples_done": done, "samples_per_second": rate,
+                               "eta_seconds": (total - done) / rate if rate else None})  # fmt: skip
 
         metadata = {
             "extraction_id": extraction.id, "model": {"id": model_row.id, "repo_id": model_row.repo_id,
@@ -91,7 +96,12 @@ def run_extraction_job(extraction_id: str) -> Extraction | None:
             "dataset": {"id": dataset.id, "name": dataset.name, "text_column": dataset.text_column},
             "tokenizer": tokenizer.name_or_path and Path(tokenizer.name_or_path).name, "created": time.time(),
         }  # fmt: skip
-        result = run_extraction(model, model_row.architecture, tokens, spec, extraction.final_dir, metadata, on_progress)
+        try:
+            result = run_extraction(model, model_row.architecture, tokens, spec, extraction.final_dir, metadata, on_progress)
+        except BaseException:
+            writer.flush(raise_error=False)
+            raise
+        writer.flush()
         _write(extraction_id, status=ExtractionStatus.SAVING)
         return _write(
             extraction_id, status=ExtractionStatus.COMPLETED, progress=100.0, output_path=str(result.output_dir),

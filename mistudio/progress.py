@@ -9,6 +9,8 @@ import asyncio
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 
 from channels.layers import get_channel_layer
 
@@ -66,3 +68,70 @@ def publish_html(html: str) -> None:
 def publish_event(model_id: str, event: dict, channel: str = "progress") -> None:
     """A JSON event for programmatic clients of /ws/models/{id}/progress or …/extraction."""
     _send(model_group(model_id, channel), {"type": "json.event", "event": event})
+
+
+class LatestStateWriter:
+    """Runs `write(state)` on a thread of its own for the newest state handed to `submit`,
+    at most `max_per_second` times a second; states that arrive in between replace each
+    other. The job's own loop (download threads, the forward pass) never waits on the
+    database, the template or the channel layer.
+
+    An exception from `write` (JobCancelled when the row was found cancelled) is raised in
+    the job's thread at its next `check`, `submit` or `flush`."""
+
+    def __init__(self, write: Callable[[dict], object], name: str, max_per_second: float = 10) -> None:
+        self._write = write
+        self._name = name
+        self._interval = 1 / max_per_second
+        self._pending = threading.Condition()
+        self._latest: dict | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, state: dict) -> None:
+        self.check()
+        with self._pending:
+            self._latest = state
+            self._pending.notify()
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        from django.db import connection
+
+        try:
+            while True:
+                with self._pending:
+                    while self._latest is None and not self._stopping:
+                        self._pending.wait()
+                    if self._latest is None:
+                        return
+                    state, self._latest = self._latest, None
+                started = time.monotonic()
+                try:
+                    self._write(state)
+                except BaseException as exc:  # handed to the job's thread
+                    self._error = exc
+                    return
+                time.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+        finally:
+            connection.close()  # this thread's own database connection
+
+    def flush(self, raise_error: bool = True) -> None:
+        """Write what is pending and stop the thread; then raise what `write` raised, unless
+        the job is already leaving with an error of its own (`raise_error=False`)."""
+        with self._pending:
+            thread, self._thread = self._thread, None
+            self._stopping = True
+            self._pending.notify()
+        if thread is not None:
+            thread.join()
+        if raise_error:
+            self.check()

@@ -6,16 +6,15 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
 from mistudio.crypto import decrypt_secret
+from mistudio.progress import LatestStateWriter
 
 from . import services
 from .ml import hub, loading, quality, quantize
@@ -45,11 +44,9 @@ class JobProgress:
         self.throttle = ProgressThrottle()
         self.rate = TransferRate()
         self._lock = threading.Lock()
-        self._pending = threading.Condition()
-        self._latest: dict | None = None
-        self._stopping = False
-        self._publisher: threading.Thread | None = None
-        self._cancelled = False
+        self._writer = LatestStateWriter(
+            lambda state: self.write(**state), name=f"progress-{model_id}", max_per_second=MAX_WRITES_PER_SECOND
+        )
 
     def write(self, **fields) -> Model:
         with self._lock:
@@ -73,57 +70,24 @@ class JobProgress:
 
     def transfer(self, done: int, total: int) -> None:
         """Byte progress of the download or copy phase; cheap, callable from any thread."""
-        if self._cancelled:
-            raise JobCancelled()
+        self._writer.check()
         self.rate.add(done)
         percent = 100.0 * done / total if total else 100.0
         if not self.throttle.should_emit(percent, force=done >= total):
             return
-        state = {
-            "progress": percent,
-            "bytes_done": done,
-            "bytes_total": total,
-            "speed_bps": self.rate.bytes_per_second(),
-            "eta_seconds": self.rate.eta_seconds(total),
-        }
-        with self._pending:
-            self._latest = state
-            self._pending.notify()
-            if self._publisher is None:
-                self._stopping = False
-                self._publisher = threading.Thread(target=self._publish_loop, name=f"progress-{self.model_id}", daemon=True)
-                self._publisher.start()
+        self._writer.submit(
+            {
+                "progress": percent,
+                "bytes_done": done,
+                "bytes_total": total,
+                "speed_bps": self.rate.bytes_per_second(),
+                "eta_seconds": self.rate.eta_seconds(total),
+            }
+        )
 
-    def _publish_loop(self) -> None:
-        try:
-            while True:
-                with self._pending:
-                    while self._latest is None and not self._stopping:
-                        self._pending.wait()
-                    if self._latest is None:
-                        return
-                    state, self._latest = self._latest, None
-                started = time.monotonic()
-                try:
-                    self.write(**state)
-                except JobCancelled:
-                    self._cancelled = True
-                    return
-                # Coalesce: at most MAX_WRITES_PER_SECOND, whatever the throttle lets through.
-                time.sleep(max(0.0, 1 / MAX_WRITES_PER_SECOND - (time.monotonic() - started)))
-        finally:
-            connection.close()  # this thread's own database connection
-
-    def flush(self) -> None:
-        """Write what is pending and stop the publisher thread; raise if it found the row cancelled."""
-        with self._pending:
-            thread, self._publisher = self._publisher, None
-            self._stopping = True
-            self._pending.notify()
-        if thread is not None:
-            thread.join()
-        if self._cancelled:
-            raise JobCancelled()
+    def flush(self, raise_error: bool = True) -> None:
+        """Write what is pending and stop the writer thread; raise if it found the row cancelled."""
+        self._writer.flush(raise_error)
 
 
 def _begin(model_id: str) -> Model | None:

@@ -144,3 +144,50 @@ def test_the_bitsandbytes_cast_warning_reaches_the_job_log_once_not_per_matmul(c
         logger.warning("another message (test) %s", 1)
     seen = [r.getMessage() for r in caplog.records if r.name == logger.name]
     assert seen == ["MatMul8bitLt (test): inputs will be cast from torch.float32 to float16", "another message (test) 1"]
+
+
+def test_the_progress_writer_never_blocks_the_job_and_writes_the_last_state_last():
+    """Jobs hand progress to LatestStateWriter; a slow database or channel layer must not slow
+    the download threads or the forward pass, and the row must end at the final figure."""
+    import time
+
+    from mistudio.progress import LatestStateWriter
+
+    written = []
+
+    def slow_write(state):
+        time.sleep(0.05)
+        written.append(state["done"])
+
+    writer = LatestStateWriter(slow_write, name="test-writer", max_per_second=10)
+    started = time.monotonic()
+    for done in range(1, 501):
+        writer.submit({"done": done})
+    submitting = time.monotonic() - started
+    writer.flush()
+    assert submitting < 0.05  # 500 hand-overs took less than one write
+    assert written[-1] == 500 and len(written) <= 3  # coalesced: only the newest state is written
+    assert written == sorted(written)
+
+
+def test_the_progress_writer_hands_a_cancellation_back_to_the_job():
+    import time
+
+    from mistudio.progress import LatestStateWriter
+    from models_app.ml.errors import JobCancelled
+
+    def write(state):
+        if state["done"] >= 2:
+            raise JobCancelled()
+
+    writer = LatestStateWriter(write, name="test-writer")
+    writer.submit({"done": 1})
+    writer.submit({"done": 2})
+    deadline = time.monotonic() + 5
+    with pytest.raises(JobCancelled):
+        while time.monotonic() < deadline:
+            writer.check()  # what the forward loop calls before each batch
+            time.sleep(0.01)
+    with pytest.raises(JobCancelled):
+        writer.flush()
+    writer.flush(raise_error=False)  # a job already failing for another reason keeps its own error
