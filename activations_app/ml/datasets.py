@@ -11,6 +11,8 @@ from pathlib import Path
 from models_app.ml.errors import InvalidInput
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
+# The csv module refuses fields over 128 KiB by default; a long document is one field.
+csv.field_size_limit(2**31 - 1)
 
 
 def check_file(path: Path, text_column: str) -> None:
@@ -51,46 +53,72 @@ def iter_texts(path: Path, text_column: str = "text") -> Iterator[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     raise InvalidInput("file", f"{path.name} line {number} is not JSON.") from None
-                yield _column(row, text_column, path)
+                text = _column(row, text_column, path, number)
+                if text.strip():
+                    yield text
     elif suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle)
-            if text_column not in (reader.fieldnames or []):
-                raise InvalidInput("text_column", f"{path.name} has no column {text_column!r} (columns: {reader.fieldnames}).")
-            for row in reader:
-                if (row[text_column] or "").strip():
-                    yield row[text_column]
+            try:
+                if text_column not in (reader.fieldnames or []):
+                    raise InvalidInput("text_column", f"{path.name} has no column {text_column!r} (columns: {reader.fieldnames}).")
+                for row in reader:
+                    if (row[text_column] or "").strip():
+                        yield row[text_column]
+            except csv.Error as exc:
+                raise InvalidInput("file", f"{path.name} line {reader.line_num} is not valid CSV: {exc}.") from None
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
+
+        import pyarrow as pa
 
         parquet = pq.ParquetFile(path)
         if text_column not in parquet.schema_arrow.names:
             raise InvalidInput("text_column", f"{path.name} has no column {text_column!r} (columns: {parquet.schema_arrow.names}).")
+        column_type = parquet.schema_arrow.field(text_column).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise InvalidInput("text_column", f"{path.name}: column {text_column!r} holds {column_type}, not text.")
         for batch in parquet.iter_batches(columns=[text_column], batch_size=1024):
             for value in batch.column(0).to_pylist():
-                if value and str(value).strip():
-                    yield str(value)
+                if value and value.strip():
+                    yield value
     else:
         raise InvalidInput("file", f"{path.name}: use one of {', '.join(FORMATS)}.")
 
 
 def _txt(path: Path) -> Iterator[str]:
-    """Blank-line separated paragraphs when the file has blank lines, else one per line."""
-    text = path.read_text(encoding="utf-8")
-    if "\n\n" in text.replace("\r\n", "\n"):
-        for paragraph in text.replace("\r\n", "\n").split("\n\n"):
-            if paragraph.strip():
-                yield paragraph.strip()
-    else:
-        for line in text.splitlines():
-            if line.strip():
-                yield line.strip()
+    """Blank-line separated paragraphs when the file has blank lines, else one per line.
+    Two streamed passes (the first only looks for a blank line), never the whole file in memory."""
+    with path.open(encoding="utf-8") as handle:
+        paragraphs = any(number > 0 and line == "\n" for number, line in enumerate(handle))
+    with path.open(encoding="utf-8") as handle:
+        if not paragraphs:
+            for line in handle:
+                if line.strip():
+                    yield line.strip()
+            return
+        lines: list[str] = []
+        for line in handle:
+            if line == "\n":
+                if "".join(lines).strip():
+                    yield "".join(lines).strip()
+                lines = []
+            else:
+                lines.append(line)
+        if "".join(lines).strip():
+            yield "".join(lines).strip()
 
 
-def _column(row, column: str, path: Path) -> str:
+def _column(row, column: str, path: Path, number: int) -> str:
+    """The row's text; a missing (null) value is an empty row, skipped like in the other formats."""
     if not isinstance(row, dict) or column not in row:
         raise InvalidInput("text_column", f"{path.name} has rows without the {column!r} field.")
-    return str(row[column])
+    value = row[column]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidInput("text_column", f"{path.name} line {number}: {column!r} is {type(value).__name__}, not text.")
+    return value
 
 
 def summarize(path: Path, text_column: str, preview_rows: int = 5) -> tuple[int, list[str]]:
