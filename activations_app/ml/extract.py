@@ -44,40 +44,79 @@ class Tokens:
     mask: np.ndarray | None  # [num_samples, seq_len], bool; None when every position is real (packed)
 
 
+class _Rows:
+    """Rows of token ids gathered in fixed-size numpy blocks: 8 bytes a token where Python
+    lists of ints take about 36, and one copy into the final array at the end (peak: the
+    final array plus one block)."""
+
+    BLOCK_ROWS = 1024
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.blocks: list[np.ndarray] = []
+        self.fill = 0
+        self.count = 0
+
+    def extend(self, rows: np.ndarray) -> None:
+        start = 0
+        while start < len(rows):
+            if not self.blocks or self.fill == self.BLOCK_ROWS:
+                self.blocks.append(np.empty((self.BLOCK_ROWS, self.seq_len), dtype=np.int64))
+                self.fill = 0
+            take = min(self.BLOCK_ROWS - self.fill, len(rows) - start)
+            self.blocks[-1][self.fill : self.fill + take] = rows[start : start + take]
+            self.fill += take
+            self.count += take
+            start += take
+
+    def array(self) -> np.ndarray:
+        out = np.empty((self.count, self.seq_len), dtype=np.int64)
+        at = 0
+        while self.blocks:
+            block = self.blocks.pop(0)
+            n = min(self.BLOCK_ROWS, self.count - at)
+            out[at : at + n] = block[:n]
+            at += n
+        return out
+
+
 def tokenize(texts: Iterable[str], tokenizer, seq_len: int, mode: str, max_samples: int) -> Tokens:
     """`packed`: documents joined with EOS and cut into full windows (no padding, the tail
-    that does not fill a window is dropped). `truncate`: one row per document, right-padded.
+    that does not fill a window is dropped). `truncate`: one row per document, cut at
+    seq_len, right-padded (pad token, else EOS, else 0: the mask marks them either way).
     Stops reading documents once max_samples rows exist."""
     if mode not in ("packed", "truncate"):
         raise JobError("invalid_tokenization", f"Tokenization must be packed or truncate, not {mode!r}.")
     eos = tokenizer.eos_token_id
+    rows = _Rows(seq_len)
     if mode == "packed":
         if eos is None:
             raise JobError("invalid_tokenization", "Packed tokenization needs the tokenizer's EOS token; it has none.")
-        rows: list[list[int]] = []
-        buffer: list[int] = []
+        pending = np.empty(0, dtype=np.int64)  # fewer than seq_len ids carried into the next document
         for text in texts:
-            buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-            buffer.append(eos)
-            while len(buffer) >= seq_len and len(rows) < max_samples:
-                rows.append(buffer[:seq_len])
-                buffer = buffer[seq_len:]
-            if len(rows) >= max_samples:
+            document = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos], dtype=np.int64)
+            pending = np.concatenate([pending, document])
+            full = min(len(pending) // seq_len, max_samples - rows.count)
+            if full:
+                rows.extend(pending[: full * seq_len].reshape(full, seq_len))
+                pending = pending[full * seq_len :]
+            if rows.count >= max_samples:
                 break
-        ids = np.array(rows, dtype=np.int64).reshape(len(rows), seq_len)
-        return Tokens(ids=ids, mask=None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    ids_rows, mask_rows = [], []
+        return Tokens(ids=rows.array(), mask=None)
+    pad = next((t for t in (tokenizer.pad_token_id, eos) if t is not None), 0)
+    lengths = []
     for text in texts:
-        row = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
-        if not row:
+        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=seq_len)["input_ids"][:seq_len]
+        if not ids:
             continue
-        ids_rows.append(row + [pad] * (seq_len - len(row)))
-        mask_rows.append([True] * len(row) + [False] * (seq_len - len(row)))
-        if len(ids_rows) >= max_samples:
+        row = np.full((1, seq_len), pad, dtype=np.int64)
+        row[0, : len(ids)] = ids
+        rows.extend(row)
+        lengths.append(len(ids))
+        if rows.count >= max_samples:
             break
-    ids = np.array(ids_rows, dtype=np.int64).reshape(len(ids_rows), seq_len)
-    return Tokens(ids=ids, mask=np.array(mask_rows, dtype=bool).reshape(len(ids_rows), seq_len))
+    mask = np.arange(seq_len)[None, :] < np.asarray(lengths, dtype=np.int64).reshape(-1, 1)
+    return Tokens(ids=rows.array(), mask=mask.reshape(len(lengths), seq_len))
 
 
 def file_stem(layer: int, hook: str) -> str:
@@ -177,6 +216,7 @@ def run_extraction(
     final_dir: Path,
     metadata: dict,
     on_progress: Callable[[int, int, float], None] | None = None,
+    on_saving: Callable[[], None] | None = None,
 ) -> ExtractionResult:
     """Forward every batch once, capturing the requested hooks, writing and summarizing as
     it goes. A CUDA out-of-memory halves the batch and retries the same rows."""
@@ -248,6 +288,8 @@ def run_extraction(
             "timings": {"seconds": round(seconds, 3), "samples_per_second": round(n / seconds, 3) if seconds else None},
             "statistics": summary,
         }
+        if on_saving:
+            on_saving()  # flushing the files to disk can take minutes for a large run
         output = writer.commit(metadata)
     except BaseException:
         writer.discard()

@@ -35,6 +35,10 @@ def hook_targets(model, model_type: str, layers: list[int], hooks: list[str]) ->
     unknown = sorted(set(hooks) - set(HOOK_TYPES))
     if unknown:
         raise JobError("invalid_hooks", f"Unknown hook type(s) {unknown}; choose from {', '.join(HOOK_TYPES)}.")
+    if not layers or not hooks:
+        raise JobError("invalid_layers" if not layers else "invalid_hooks", "Choose at least one layer and one hook type.")
+    if len(set(layers)) != len(layers) or len(set(hooks)) != len(hooks):
+        raise JobError("invalid_layers", "Each layer and each hook type may be chosen once.")
     bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
     if bad:
         raise JobError("invalid_layers", f"Layers {bad} are out of range: the model has layers 0–{len(blocks) - 1}.")

@@ -207,7 +207,9 @@ def test_an_error_mid_run_leaves_no_final_folder(tmp_path):
 
 
 @pytest.mark.parametrize("layers, hooks, code", [([4], ["residual"], "invalid_layers"), ([-1], ["mlp"], "invalid_layers"),
-                                                  ([0], ["logits"], "invalid_hooks")])  # fmt: skip
+                                                  ([0], ["logits"], "invalid_hooks"), ([1, 1], ["mlp"], "invalid_layers"),
+                                                  ([0], ["mlp", "mlp"], "invalid_layers"), ([], ["mlp"], "invalid_layers"),
+                                                  ([0], [], "invalid_hooks")])  # fmt: skip
 def test_bad_layers_or_hooks_are_refused_before_anything_is_written(tmp_path, layers, hooks, code):
     spec = ExtractionSpec(layers=layers, hooks=hooks, seq_len=8, batch_size=1)
     with pytest.raises(JobError) as caught:
