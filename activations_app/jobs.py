@@ -10,6 +10,7 @@ from pathlib import Path
 
 from django.template.loader import render_to_string
 from django.utils import timezone
+from rq.timeouts import JobTimeoutException
 
 from mistudio import progress
 from mistudio.progress import LatestStateWriter
@@ -24,7 +25,7 @@ from .models import EXTRACTION_RUNNING, Extraction, ExtractionStatus
 log = logging.getLogger(__name__)
 
 
-def _write(extraction_id: str, **fields) -> Extraction:
+def _write_row(extraction_id: str, **fields) -> Extraction:
     """Conditional on the row still running: a cancelled row stops the job."""
     updated = Extraction.objects.filter(pk=extraction_id, status__in=EXTRACTION_RUNNING).update(
         updated_at=timezone.now(), **fields
@@ -56,11 +57,19 @@ def extraction_event(extraction: Extraction) -> dict:
     }  # fmt: skip
 
 
-def run_extraction_job(extraction_id: str) -> Extraction | None:
+def run_extraction_job(extraction_id: str, listener=None) -> Extraction | None:
+    """`listener(extraction)` sees every state written (the command's progress bar)."""
     extraction = Extraction.objects.select_related("model", "dataset").filter(pk=extraction_id).first()
     if extraction is None or extraction.status != ExtractionStatus.QUEUED:
         return None
     model_row, dataset = extraction.model, extraction.dataset
+
+    def _write(extraction_id: str, **fields) -> Extraction:
+        row = _write_row(extraction_id, **fields)
+        if listener:
+            listener(row)
+        return row
+
     try:
         _write(extraction_id, status=ExtractionStatus.LOADING)
         from transformers import AutoTokenizer
@@ -96,31 +105,56 @@ def run_extraction_job(extraction_id: str) -> Extraction | None:
             "dataset": {"id": dataset.id, "name": dataset.name, "text_column": dataset.text_column},
             "tokenizer": tokenizer.name_or_path and Path(tokenizer.name_or_path).name, "created": time.time(),
         }  # fmt: skip
+        def on_saving() -> None:
+            writer.flush()
+            _write(extraction_id, status=ExtractionStatus.SAVING)
+
         try:
-            result = run_extraction(model, model_row.architecture, tokens, spec, extraction.final_dir, metadata, on_progress)
+            result = run_extraction(
+                model, model_row.architecture, tokens, spec, extraction.final_dir, metadata, on_progress, on_saving
+            )
         except BaseException:
             writer.flush(raise_error=False)
             raise
-        writer.flush()
-        _write(extraction_id, status=ExtractionStatus.SAVING)
         return _write(
             extraction_id, status=ExtractionStatus.COMPLETED, progress=100.0, output_path=str(result.output_dir),
             statistics=result.statistics, samples_per_second=result.samples_per_second, eta_seconds=None,
         )  # fmt: skip
     except JobCancelled:
-        shutil.rmtree(extraction.final_dir, ignore_errors=True)
-        shutil.rmtree(partial_dir(extraction.final_dir), ignore_errors=True)
+        remove_output_dirs(extraction.final_dir)
         return Extraction.objects.get(pk=extraction_id)
-    except Exception as exc:
-        error = exc if isinstance(exc, JobError) else JobError("internal_error", f"Unexpected error: {type(exc).__name__}.")
-        if not isinstance(exc, JobError):
+    except BaseException as exc:
+        # Everything else, down to a Ctrl-C in `extract_activations --sync`, ends the row as
+        # failed with its reason: no row stays "extracting" with nobody running it.
+        error = _as_job_error(exc)
+        if not isinstance(exc, (JobError, JobTimeoutException, KeyboardInterrupt, SystemExit)):
             log.exception("extraction %s failed", extraction_id)
-        shutil.rmtree(extraction.final_dir, ignore_errors=True)
+        remove_output_dirs(extraction.final_dir)
         Extraction.objects.filter(pk=extraction_id, status__in=EXTRACTION_RUNNING).update(
             status=ExtractionStatus.FAILED, error_code=error.code, error_message=error.message, eta_seconds=None
         )
         publish(Extraction.objects.select_related("model", "dataset").get(pk=extraction_id))
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
         raise error from None
+
+
+def _as_job_error(exc: BaseException) -> JobError:
+    from models_app.services import job_timeout
+
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, JobTimeoutException):
+        return JobError("timeout", f"The run passed the job time limit of {job_timeout() / 3600:.0f} h "
+                                   "(MISTUDIO_JOB_TIMEOUT) and was stopped; use fewer samples or raise the limit.")  # fmt: skip
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return JobError("interrupted", "The run was interrupted before it finished; start it again.")
+    return JobError("internal_error", f"Unexpected error: {type(exc).__name__}. See the worker log.")
+
+
+def remove_output_dirs(final_dir: Path) -> None:
+    shutil.rmtree(final_dir, ignore_errors=True)
+    shutil.rmtree(partial_dir(final_dir), ignore_errors=True)
 
 
 def extraction_job(extraction_id: str) -> None:
@@ -129,10 +163,8 @@ def extraction_job(extraction_id: str) -> None:
 
 def mark_worker_died(job_id: str, reason: str) -> None:
     """The worker process died mid-extraction: the row ends failed, the partial folder goes."""
-    from .services import remove_outputs
-
     for extraction in Extraction.objects.filter(job_id=job_id, status__in=EXTRACTION_RUNNING):
-        remove_outputs(extraction)
+        remove_output_dirs(extraction.final_dir)
         Extraction.objects.filter(pk=extraction.pk, status__in=EXTRACTION_RUNNING).update(
             status=ExtractionStatus.FAILED, error_code="worker_died",
             error_message=f"The worker process stopped unexpectedly ({reason}); retry.",

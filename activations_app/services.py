@@ -16,7 +16,7 @@ from models_app.models import ModelStatus
 
 from .ml import datasets as dataset_files
 from .ml.hooks import HOOK_TYPES
-from .ml.extract import partial_dir
+from .jobs import publish, remove_output_dirs
 from .models import EXTRACTION_RUNNING, Dataset, Extraction, ExtractionStatus
 
 
@@ -129,7 +129,7 @@ def delete_dataset(dataset_id: str) -> bool:
 def _positive_int(value, field: str, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         try:
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
                 value = int(value)
             else:
                 raise ValueError
@@ -187,7 +187,7 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
         fields.get("max_samples", 1000), fields.get("seq_len", 128), fields.get("dtype", "float16"),
         fields.get("tokenization", "packed"),
     )  # fmt: skip
-    estimate = estimate_extraction(model, clean)
+    estimate = estimate_extraction(model, clean, dataset)
     if not estimate["fits_on_disk"]:
         raise ServiceError(
             "insufficient_disk_space",
@@ -200,7 +200,9 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
         extraction = Extraction.objects.create(model=model, dataset=dataset, **clean)
         if enqueue:
             def enqueue_job() -> None:
-                job = model_services.queue().enqueue("activations_app.jobs.extraction_job", extraction.id)
+                job = model_services.queue().enqueue(
+                    "activations_app.jobs.extraction_job", extraction.id, job_timeout=model_services.job_timeout()
+                )
                 Extraction.objects.filter(pk=extraction.pk).update(job_id=job.id)
 
             transaction.on_commit(enqueue_job)
@@ -217,8 +219,7 @@ def delete_extraction(extraction: Extraction) -> bool:
 
 
 def remove_outputs(extraction: Extraction) -> None:
-    shutil.rmtree(extraction.final_dir, ignore_errors=True)
-    shutil.rmtree(partial_dir(extraction.final_dir), ignore_errors=True)
+    remove_output_dirs(extraction.final_dir)
 
 
 def cancel_extraction(extraction_id: str) -> Extraction:
@@ -234,16 +235,19 @@ def cancel_extraction(extraction_id: str) -> Extraction:
     if extraction.job_id:
         model_services.stop_rq_job(extraction.job_id)
     remove_outputs(extraction)
-    extraction.refresh_from_db()
+    extraction = Extraction.objects.select_related("model", "dataset").get(pk=extraction.pk)
+    publish(extraction)  # every open page and /ws/models/{id}/extraction client, not just the one that asked
     return extraction
 
 
 ROUGH_FLOPS_PER_SECOND = {"cpu": 5e10, "cuda": 2e13}
 
 
-def estimate_extraction(model, clean: dict) -> dict:
-    """Storage exactly (for max_samples rows), time from this model's measured speed when a
-    finished extraction of it exists (else a stated rough FLOP figure), memory for a batch."""
+def estimate_extraction(model, clean: dict, dataset: Dataset | None = None) -> dict:
+    """Storage exactly for the rows the run will have (truncate: one per document, so at most
+    the dataset's row count; packed: max_samples windows at most, fewer when the text runs
+    out), time from this model's measured speed when a finished extraction of it exists
+    (else a stated rough FLOP figure), memory for a batch."""
     from models_app.ml import quantize
 
     from .ml.extract import storage_bytes
@@ -252,6 +256,8 @@ def estimate_extraction(model, clean: dict) -> dict:
     hidden = int(config.get("hidden_size") or config.get("n_embd"))
     files = len(clean["layers"]) * len(clean["hook_types"])
     samples = clean["max_samples"]
+    if clean["tokenization"] == "truncate" and dataset is not None and dataset.row_count:
+        samples = min(samples, dataset.row_count)
     storage = storage_bytes(samples, clean["seq_len"], hidden, clean["dtype"], files, clean["tokenization"] == "truncate")
     measured = (
         Extraction.objects.filter(model=model, status=ExtractionStatus.COMPLETED, seq_len=clean["seq_len"])
@@ -270,12 +276,18 @@ def estimate_extraction(model, clean: dict) -> dict:
     batch_bytes = clean["batch_size"] * clean["seq_len"] * hidden * 4 * (files + 8)
     free = shutil.disk_usage(settings.DATA_DIR).free
     warnings = []
-    if seconds > 3600:
+    limit = model_services.job_timeout()
+    if seconds > limit:
+        warnings.append(
+            f"This would take about {seconds / 3600:.1f} hours, past the job time limit of {limit / 3600:.0f} h "
+            "(MISTUDIO_JOB_TIMEOUT), where the run is stopped and its files removed. Use fewer samples or raise the limit."
+        )
+    elif seconds > 3600:
         warnings.append(f"This will take about {seconds / 3600:.1f} hours.")
     if storage > 50e9:
         warnings.append(f"The output is {storage / 1e9:.0f} GB.")
     return {
         "storage_bytes": storage, "time_seconds": seconds, "time_basis": basis,
-        "memory_bytes": weights + batch_bytes, "disk_free_bytes": free, "fits_on_disk": storage < free,
+        "samples": samples, "memory_bytes": weights + batch_bytes, "disk_free_bytes": free, "fits_on_disk": storage < free,
         "warnings": warnings,
     }  # fmt: skip

@@ -65,16 +65,19 @@ def extraction_detail(request, extraction_id):
 
 
 def _form_fields(post) -> dict:
-    def number(name, default):
-        value = post.get(name, "")
-        return int(value) if value.strip().lstrip("-").isdigit() else (value or default)
+    """The form's strings as they came: the service parses and bounds every one of them,
+    with the same messages as the API and the command."""
+
+    def whole_number(value: str):
+        value = value.strip()
+        return int(value) if value.isascii() and value.lstrip("-").isdigit() else value
 
     return {
-        "layers": [int(x) for x in post.getlist("layers") if x.lstrip("-").isdigit()],
+        "layers": [whole_number(x) for x in post.getlist("layers")],
         "hook_types": post.getlist("hook_types"),
-        "batch_size": number("batch_size", 32),
-        "max_samples": number("max_samples", 1000),
-        "seq_len": number("seq_len", 128),
+        "batch_size": post.get("batch_size") or 32,
+        "max_samples": post.get("max_samples") or 1000,
+        "seq_len": post.get("seq_len") or 128,
         "dtype": post.get("dtype", "float16"),
         "tokenization": post.get("tokenization", "packed"),
     }
@@ -102,7 +105,7 @@ def extraction_estimate(request, model_id):
         fields = _form_fields(request.POST)
         clean = services.validate_request(model, dataset, **{k: fields[k] for k in ("batch_size", "max_samples", "seq_len", "dtype", "tokenization")},
                                           layers=fields["layers"], hooks=fields["hook_types"])  # fmt: skip
-        estimate = services.estimate_extraction(model, clean)
+        estimate = services.estimate_extraction(model, clean, dataset)
     except ServiceError as exc:
         return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message})
     return render(request, "activations_app/_extract_estimate.html", {"estimate": estimate})

@@ -81,10 +81,15 @@ def publish_list() -> None:
 # --- starting jobs ----------------------------------------------------------------------
 
 
+def job_timeout() -> int:
+    """Seconds a job may run before RQ stops it (MISTUDIO_JOB_TIMEOUT)."""
+    return int(settings.RQ_QUEUES["default"]["DEFAULT_TIMEOUT"])
+
+
 def _enqueue_after_commit(model: Model, func: str) -> None:
     def enqueue() -> None:
         try:
-            job = queue().enqueue(func, model.id, job_timeout=settings.RQ_QUEUES["default"]["DEFAULT_TIMEOUT"])
+            job = queue().enqueue(func, model.id, job_timeout=job_timeout())
         except RedisError:
             Model.objects.filter(pk=model.pk, status=ModelStatus.QUEUED).update(
                 status=ModelStatus.ERROR,

@@ -24,7 +24,8 @@ def upload(client, filename: str, content: bytes, **fields):
     "name, content, message",
     [("empty.txt", b"", "is empty"), ("blob.txt", b"\x00\x01\x02binary", "looks binary"),
      ("data.exe", b"text", "Upload a"), ("rows.jsonl", b'{"content": "x"}\n', "without the 'text' field"),
-     ("rows.csv", b"body\nhello\n", "has no column 'text'")],
+     ("rows.csv", b"body\nhello\n", "has no column 'text'"),
+     ("list.jsonl", b'{"text": ["a", "b"]}\n', "line 1: 'text' is list, not text")],
 )  # fmt: skip
 def test_bad_uploads_are_refused_with_the_reason_and_store_nothing(signed_in, data_dir, name, content, message):
     response = upload(signed_in, name, content)
@@ -47,8 +48,9 @@ def test_uploads_of_each_format_count_rows_and_preview_them(signed_in):
     pq.write_table(pa.table({"body": ["first row", "second row", ""]}), parquet)
     cases = [
         ("lines.txt", b"alpha\nbeta\n\ngamma\n", {}, 2),  # blank-line separated: "alpha\nbeta" and "gamma"
-        ("rows.jsonl", b'{"text": "a"}\n{"text": "b"}\n', {}, 2),
+        ("rows.jsonl", b'{"text": "a"}\n{"text": null}\n{"text": ""}\n{"text": "b"}\n', {}, 2),  # null/empty skipped
         ("rows.csv", b"text,label\nhello,1\nworld,2\n", {}, 2),
+        ("long.csv", b"text\n" + b"word " * 40_000 + b"\nshort\n", {}, 2),  # a 200 KB field is one document
         ("rows.parquet", parquet.getvalue(), {"text_column": "body"}, 2),
     ]
     for name, content, extra, rows in cases:
@@ -148,6 +150,28 @@ async def test_extraction_events_reach_a_connected_client(user, smollm2_model, d
     await events_socket.disconnect()
 
 
+async def test_a_cancel_reaches_every_connected_client_not_only_the_one_that_asked(user, smollm2_model, data_dir):
+    from channels.db import database_sync_to_async
+
+    from models_app.tests.test_consumers import session_cookie, socket
+
+    (data_dir / "imports" / "t.txt").write_text("Row one.\nRow two.\n")
+    dataset = await database_sync_to_async(services.import_dataset)(path=str(data_dir / "imports" / "t.txt"))
+    extraction = await database_sync_to_async(services.request_extraction)(
+        model_id=smollm2_model.id, dataset_id=dataset.id, layers=[1], hook_types=["mlp"], max_samples=2,
+        batch_size=1, seq_len=8, enqueue=False,
+    )  # fmt: skip
+    await database_sync_to_async(Extraction.objects.filter(pk=extraction.pk).update)(status="extracting")
+    cookie = await database_sync_to_async(session_cookie)(user)
+    other_tab = socket(f"/ws/models/{smollm2_model.id}/extraction", cookie)
+    assert (await other_tab.connect())[0]
+    assert json.loads(await other_tab.receive_from())["status"] == "extracting"
+    await database_sync_to_async(services.cancel_extraction)(extraction.id)
+    event = json.loads(await other_tab.receive_from(timeout=10))
+    assert (event["extraction_id"], event["status"]) == (extraction.id, "cancelled")
+    await other_tab.disconnect()
+
+
 def test_a_hub_dataset_split_is_downloaded_through_the_loopback_hub(hub, tmp_path, capsys):
     from models_app.tests.hub_server import HubRepo, make_sha
 
@@ -181,3 +205,40 @@ def test_the_api_adds_datasets_by_upload_and_refuses_paths_outside_the_import_ro
 def test_ids_from_the_client_are_looked_up_never_joined_into_paths(signed_in):
     for path in ("/api/extractions/..%2F..%2Fetc", "/api/extractions/ext_000000000000", "/api/datasets/..%2Fsecret"):
         assert signed_in.get(path).status_code == 404
+
+
+def test_the_dialog_estimate_counts_truncate_rows_from_the_dataset_and_refuses_odd_numbers(signed_in, smollm2_model, data_dir):
+    from activations_app.ml.extract import storage_bytes
+    from mistudio.templatetags.ui import bytes_short
+
+    (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i}." for i in range(30)))
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
+    form = {"dataset_id": dataset.id, "layers": ["0", "5"], "hook_types": ["mlp"], "max_samples": "1000",
+            "batch_size": "8", "seq_len": "16", "tokenization": "truncate"}  # fmt: skip
+    page = html.unescape(signed_in.post(f"/models/{smollm2_model.id}/extract/estimate", form).content.decode())
+    # truncate: one row per document, so 30 rows, not the 1,000 asked for
+    assert "30 samples" in page and bytes_short(storage_bytes(30, 16, 576, "float16", 2, with_mask=True)) in page
+    for field, value, message in [("batch_size", "²", "batch_size must be a whole number"),
+                                  ("layers", ["0", "x"], "Layers must be whole numbers")]:  # fmt: skip
+        response = signed_in.post(f"/models/{smollm2_model.id}/extract/estimate", {**form, field: value})
+        assert response.status_code == 200 and message in html.unescape(response.content.decode()), field
+    assert Extraction.objects.count() == 0
+
+
+def test_ctrl_c_in_a_sync_extraction_leaves_the_row_failed_not_extracting(smollm2_model, data_dir):
+    from activations_app.jobs import run_extraction_job
+
+    (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i} about the market." for i in range(20)))
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
+    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset.id, layers=[0],
+                                             hook_types=["mlp"], max_samples=4, batch_size=1, seq_len=16, enqueue=False)  # fmt: skip
+
+    def interrupt_once_extracting(row):  # the terminal bar's callback, where a Ctrl-C lands as well as anywhere
+        if row.status == "extracting":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction_job(extraction.id, listener=interrupt_once_extracting)
+    extraction.refresh_from_db()
+    assert (extraction.status, extraction.error_code) == ("failed", "interrupted")
+    assert not (data_dir / "activations").exists() or not any((data_dir / "activations").iterdir())

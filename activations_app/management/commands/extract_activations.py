@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from activations_app import jobs, services
 from activations_app.models import ExtractionStatus
-from models_app.management.commands._common import service_call
+from models_app.management.commands._common import TerminalProgress, service_call
 
 
 def int_list(value: str) -> list:
@@ -40,15 +40,28 @@ class Command(BaseCommand):
             dtype=options["dtype"], tokenization=options["tokenization"],
         )  # fmt: skip
         if options["sync"]:
+            bar = TerminalProgress(detail=samples_detail)
             try:
-                jobs.run_extraction_job(extraction.id)
+                jobs.run_extraction_job(extraction.id, listener=bar)
             except Exception:  # noqa: BLE001 - the row records it; reported below
                 pass
+            finally:
+                bar.close()
             extraction.refresh_from_db()
         if options["json"]:
             self.stdout.write(json.dumps(extraction.as_dict()))
         else:
             self.stdout.write(f"{extraction.id}  {extraction.status}  {extraction.output_path or ''}")
+        sys.stdout.flush()
         if extraction.status == ExtractionStatus.FAILED:
             raise CommandError(f"{extraction.id} failed [{extraction.error_code}]: {extraction.error_message}")
-        sys.stdout.flush()
+        if options["sync"] and extraction.status != ExtractionStatus.COMPLETED:
+            raise CommandError(f"{extraction.id} ended {extraction.status}; no files were kept.")
+
+
+def samples_detail(extraction) -> str:
+    if extraction.status != ExtractionStatus.EXTRACTING or not extraction.samples_total:
+        return ""
+    eta = f"{extraction.eta_seconds:.0f}s" if extraction.eta_seconds is not None else "?"
+    return (f"{extraction.samples_done}/{extraction.samples_total} samples  "
+            f"{extraction.samples_per_second:.1f} samples/s  ETA {eta}")  # fmt: skip

@@ -14,31 +14,44 @@ from models_app.ml.hub import format_bytes
 from models_app.models import Model, ModelStatus
 
 
+def _eta(seconds: float | None) -> str:
+    return f"{seconds:.0f}s" if seconds is not None else "?"
+
+
+def download_detail(model: Model) -> str:
+    if model.bytes_total and model.status == ModelStatus.DOWNLOADING:
+        return (f"{format_bytes(model.bytes_done)}/{format_bytes(model.bytes_total)}  {model.speed_mbps:.1f} MB/s  "
+                f"ETA {_eta(model.eta_seconds)}")  # fmt: skip
+    return ""
+
+
 class TerminalProgress:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+    """A one-line progress bar on stderr for a running row (a model or an extraction),
+    redrawn at most 10 times a second; `detail` adds the row's own figures."""
 
     WIDTH = 30
 
-    def __init__(self, stream=None) -> None:
+    def __init__(self, stream=None, detail=download_detail) -> None:
         self.stream = stream or sys.stderr
+        self.detail = detail
         self.last_draw = 0.0
         self.last_status = ""
         self.line_open = False
 
-    def __call__(self, model: Model) -> None:
+    def __call__(self, row) -> None:
         now = time.monotonic()
-        if model.status == self.last_status and now - self.last_draw < 0.1 and model.is_running:
+        if row.status == self.last_status and now - self.last_draw < 0.1 and row.is_running:
             return
-        self.last_draw, self.last_status = now, model.status
-        if not model.is_running:
+        self.last_draw, self.last_status = now, row.status
+        if not row.is_running:
             self.close()
             return
-        filled = int(self.WIDTH * model.progress / 100)
+        filled = int(self.WIDTH * row.progress / 100)
         bar = "#" * filled + "-" * (self.WIDTH - filled)
-        line = f"\r{model.status:<11} [{bar}] {model.progress:5.1f}%"
-        if model.bytes_total and model.status == ModelStatus.DOWNLOADING:
-            eta = f"{model.eta_seconds:.0f}s" if model.eta_seconds is not None else "?"
-            line += f"  {format_bytes(model.bytes_done)}/{format_bytes(model.bytes_total)}  {model.speed_mbps:.1f} MB/s  ETA {eta}"
+        line = f"\r{row.status:<11} [{bar}] {row.progress:5.1f}%"
+        detail = self.detail(row)
+        if detail:
+            line += f"  {detail}"
         self.stream.write(line.ljust(100))
         self.stream.flush()
         self.line_open = True
