@@ -48,7 +48,7 @@ def _int_param(request, name: str, default: int, low: int, high: int) -> int:
     raw = request.GET.get(name, "")
     if raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ServiceError("invalid_parameter", f"{name} must be an integer from {low} to {high}.", details={"field": name})
     return int(raw)
 

@@ -2,6 +2,7 @@
 and send the current state on (re)connect, then whatever the jobs publish."""
 
 import json
+import re
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -13,6 +14,7 @@ from .models import Model
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
+MODEL_ID = re.compile(r"m_[0-9a-f]{1,32}")
 
 
 class SignedInConsumer(AsyncWebsocketConsumer):
@@ -23,18 +25,24 @@ class SignedInConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
+        # Join before reading the state: an event published in between is then delivered
+        # after the state (events carry absolute state, so a repeat is harmless), never lost.
+        self.groups_to_join = self.group_names()
+        for group in self.groups_to_join:
+            await self.channel_layer.group_add(group, self.channel_name)
         initial = await self.initial_message()
         if initial is None:
             await self.close(code=CLOSE_NOT_FOUND)
             return
-        for group in self.groups_to_join:
-            await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
         await self.send(text_data=initial)
 
     async def disconnect(self, code):
         for group in self.groups_to_join:
             await self.channel_layer.group_discard(group, self.channel_name)
+
+    def group_names(self) -> list[str]:
+        return []
 
     async def initial_message(self) -> str | None:
         raise NotImplementedError
@@ -46,7 +54,8 @@ class SignedInConsumer(AsyncWebsocketConsumer):
 class ModelsConsumer(SignedInConsumer):
     """/ws/models/: card HTML for the page, swapped out-of-band by element id."""
 
-    groups_to_join = [MODELS_GROUP]
+    def group_names(self) -> list[str]:
+        return [MODELS_GROUP]
 
     async def initial_message(self) -> str:
         return await database_sync_to_async(services.render_model_list)(oob=True)
@@ -60,12 +69,20 @@ class ModelProgressConsumer(SignedInConsumer):
 
     channel = "progress"
 
-    async def initial_message(self) -> str | None:
+    def model_id(self) -> str | None:
+        """The id from the URL when it has an id's shape (a group name is built from it)."""
         model_id = self.scope["url_route"]["kwargs"]["model_id"]
-        model = await Model.objects.filter(pk=model_id).afirst()
+        return model_id if MODEL_ID.fullmatch(model_id) else None
+
+    def group_names(self) -> list[str]:
+        return [model_group(self.model_id(), self.channel)] if self.model_id() else []
+
+    async def initial_message(self) -> str | None:
+        if self.model_id() is None:
+            return None
+        model = await Model.objects.filter(pk=self.model_id()).afirst()
         if model is None:
             return None
-        self.groups_to_join = [model_group(model_id, self.channel)]
         return json.dumps(await self.current_state(model))
 
     async def current_state(self, model: Model) -> dict:

@@ -2,11 +2,11 @@
 
 import json
 
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from mistudio.errors import ServiceError
+from mistudio.errors import NotFound, ServiceError
 
 from . import services
 from .forms import DownloadForm
@@ -52,6 +52,9 @@ def download(request):
 def _card_or_redirect(request, model_id, action):
     try:
         model = action(model_id)
+    except NotFound:
+        # Gone meanwhile (deleted from another tab): the card goes too.
+        return HttpResponse("") if request.htmx else redirect("models:panel")
     except ServiceError as exc:
         if not request.htmx:
             return redirect("models:panel")
@@ -59,7 +62,7 @@ def _card_or_redirect(request, model_id, action):
         return render(request, "models_app/_card.html", {"model": model, "notice": exc.message}, status=exc.status)
     if not request.htmx:
         return redirect("models:panel")
-    if model is None:
+    if not model:  # deleted (or already gone): the card goes
         return HttpResponse("")
     return render(request, "models_app/_card.html", {"model": model})
 
@@ -79,6 +82,8 @@ def quantize(request, model_id):
     """"Quantize to…" on a ready card: the new record's card joins the list."""
     try:
         services.request_quantize(user=request.user, model_id=model_id, quantization=request.POST.get("quantization", ""))
+    except NotFound:
+        return HttpResponse("") if request.htmx else redirect("models:panel")
     except ServiceError as exc:
         if not request.htmx:
             return redirect("models:panel")
@@ -93,7 +98,10 @@ def quantize(request, model_id):
 
 @require_GET
 def architecture(request, model_id):
-    model = services.get_model(model_id)
+    try:
+        model = services.get_model(model_id)
+    except NotFound as exc:
+        raise Http404(exc.message) from None
     try:
         view = services.architecture(model_id)
     except ServiceError as exc:

@@ -78,7 +78,7 @@ def test_the_list_paginates_filters_by_status_and_searches(signed_in):
     assert "architecture_config" not in found[0]
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=101", "page=0", "page=x", "status=done"])
+@pytest.mark.parametrize("query", ["limit=0", "limit=101", "page=0", "page=x", "status=done", "limit=²", "page=１"])
 def test_bad_list_parameters_are_400(signed_in, query):
     assert_error(signed_in.get(f"/api/models?{query}"), 400, "invalid_parameter")
 

@@ -113,7 +113,9 @@ async def test_websockets_refuse_anonymous_users_and_foreign_origins(user):
     assert not connected
 
 
-async def test_progress_for_a_missing_model_is_refused(user):
+@pytest.mark.parametrize("model_id", ["m_000000000000", "m_%C3%A9t%C3%A9", "x" * 200])
+async def test_progress_for_a_missing_or_malformed_model_id_is_refused(user, model_id):
     cookie = await database_sync_to_async(session_cookie)(user)
-    connected, code = await refused(socket("/ws/models/m_000000000000/progress", cookie))
-    assert not connected and code == 4404
+    for channel in ("progress", "extraction"):
+        connected, code = await refused(socket(f"/ws/models/{model_id}/{channel}", cookie))
+        assert not connected and code == 4404

@@ -109,3 +109,11 @@ def test_quantize_to_the_same_format_shows_why_on_the_card(signed_in):
     assert response.status_code == 400 and response["HX-Retarget"] == f"#model-card-{source.id}"
     assert "already is Q4" in response.content.decode()
     assert Model.objects.count() == 1
+
+
+def test_actions_on_a_model_deleted_in_another_tab_drop_its_card_instead_of_failing(signed_in):
+    headers = {"HTTP_HX_REQUEST": "true"}
+    for action in ("cancel", "delete", "quantize"):
+        response = signed_in.post(f"/models/m_000000000000/{action}", {"quantization": "Q4"}, **headers)
+        assert response.status_code == 200 and response.content == b"", action
+    assert signed_in.get("/models/m_000000000000/architecture").status_code == 404
