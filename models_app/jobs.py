@@ -12,6 +12,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
+from rq.timeouts import JobTimeoutException
 
 from mistudio.crypto import decrypt_secret
 from mistudio.progress import LatestStateWriter
@@ -134,9 +135,16 @@ def _run(model_id: str, body: Callable[[Model, JobProgress], None], listener: Li
     except JobError as exc:
         _fail(model_id, exc)
         raise
+    except JobTimeoutException:
+        _fail(model_id, JobError("timeout", f"The job passed the time limit of {services.job_timeout() / 3600:.0f} h "
+                                            "(MISTUDIO_JOB_TIMEOUT) and was stopped; retry, or raise the limit."))  # fmt: skip
+        raise
     except Exception as exc:
         log.exception("model %s failed unexpectedly", model_id)
         _fail(model_id, JobError("internal_error", f"Unexpected error: {type(exc).__name__}. See the worker log."))
+        raise
+    except BaseException:  # Ctrl-C in a --sync command: no row stays "downloading" with nobody on it
+        _fail(model_id, JobError("interrupted", "The job was interrupted before it finished; start it again."))
         raise
     model = Model.objects.get(pk=model_id)
     if listener:
@@ -175,10 +183,12 @@ def _finish(model: Model, reporter: JobProgress, requested: str) -> None:
             "quantized_path": str(target),
             "memory_measured_bytes": result.footprint_bytes,
             "peak_cuda_bytes": result.peak_cuda_bytes,
-            **_quality(model, loaded, estimates, budget, device),
         }
-        del loaded
+        tokenizer = _tokenizer(model)
+        figures |= _perplexity(model, loaded, tokenizer, "perplexity")
+        del loaded  # the FP32 baseline may need the memory
         quantize.free_accelerator_memory()
+        figures |= _baseline_perplexity(model, tokenizer, estimates, device)
     disk = loading.folder_size(Path(figures["quantized_path"]) if figures else model.raw_dir)
     reporter.write(
         status=ModelStatus.READY,
@@ -194,29 +204,55 @@ def _finish(model: Model, reporter: JobProgress, requested: str) -> None:
     )
 
 
-def _quality(model: Model, loaded, estimates: dict[str, int], budget: int, device: str) -> dict:
-    """Perplexity of the new format and of the unquantized weights on the reference text.
-    The baseline is computed once per snapshot and reused by every format made from it."""
+# Perplexity on the reference text is a figure, not the product: when it cannot be computed
+# (no tokenizer, no memory left for the FP32 baseline, an error in the forward pass) the
+# model is still ready, without it, and the worker log says why.
+
+
+def _tokenizer(model: Model):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model.raw_dir)
+        return AutoTokenizer.from_pretrained(model.raw_dir)
     except (OSError, ValueError):
         log.info("model %s has no tokenizer: no perplexity figure", model.id)
+        return None
+
+
+def _perplexity(model: Model, loaded, tokenizer, field: str) -> dict:
+    if tokenizer is None:
         return {}
-    figures = {"perplexity": quality.perplexity(loaded, tokenizer)}
-    sibling = (
+    try:
+        return {field: quality.perplexity(loaded, tokenizer)}
+    except Exception:  # noqa: BLE001 - logged; the model itself is good
+        log.exception("model %s: no %s figure; the model is ready without it", model.id, field)
+        return {}
+
+
+def _baseline_perplexity(model: Model, tokenizer, estimates: dict[str, int], device: str) -> dict:
+    """The unquantized weights' perplexity: computed once per snapshot, reused by every format
+    made from it; loaded only when FP32 fits in what is free now."""
+    if tokenizer is None:
+        return {}
+    known = (
         Model.objects.filter(Q(snapshot_of=model.snapshot_owner) | Q(pk=model.snapshot_owner))
         .exclude(perplexity_baseline=None)
         .values_list("perplexity_baseline", flat=True)
         .first()
     )
-    if sibling is not None:
-        figures["perplexity_baseline"] = sibling
-    elif estimates["FP32"] <= budget:
+    if known is not None:
+        return {"perplexity_baseline": known}
+    if estimates["FP32"] > quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device):
+        log.info("model %s: FP32 does not fit now; no baseline perplexity", model.id)
+        return {}
+    try:
         baseline = quantize.load_in_format(model.raw_dir, "FP32", device)
-        figures["perplexity_baseline"] = quality.perplexity(baseline, tokenizer)
-        del baseline
+    except Exception:  # noqa: BLE001
+        log.exception("model %s: the FP32 baseline could not be loaded; no baseline perplexity", model.id)
+        return {}
+    figures = _perplexity(model, baseline, tokenizer, "perplexity_baseline")
+    del baseline
+    quantize.free_accelerator_memory()
     return figures
 
 
@@ -229,7 +265,12 @@ def _download(model: Model, reporter: JobProgress) -> None:
     reporter.write(revision=plan.sha, bytes_total=plan.total_bytes)
     # config.json first: an unsupported architecture is refused before gigabytes move.
     hub.fetch_file(plan, "config.json", model.raw_dir, token, endpoint)
-    loading.check_architecture(loading.read_config(model.raw_dir))
+    config = loading.read_config(model.raw_dir)
+    loading.check_architecture(config)
+    # So is a model that fits the memory budget in no format, before its weights are fetched.
+    device = quantize.compute_device()
+    budget = quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device)
+    quantize.choose_format(model.requested_quantization, quantize.memory_estimate(config, device), budget)
     hub.ensure_free_space(model.raw_dir, plan.total_bytes, settings.DISK_RESERVE_BYTES)
     hub.download_snapshot(plan, model.raw_dir, token, endpoint, reporter.transfer, **retry)
     del token
@@ -254,13 +295,17 @@ def _copy_model_folder(src: Path, dest: Path, reporter: JobProgress) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     done = 0
-    for path in files:
-        with path.open("rb") as reader, (tmp / path.name).open("wb") as writer:
-            while chunk := reader.read(8 << 20):
-                writer.write(chunk)
-                done += len(chunk)
-                reporter.transfer(done, total)
-    tmp.rename(dest)
+    try:
+        for path in files:
+            with path.open("rb") as reader, (tmp / path.name).open("wb") as writer:
+                while chunk := reader.read(8 << 20):
+                    writer.write(chunk)
+                    done += len(chunk)
+                    reporter.transfer(done, total)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def run_download(model_id: str, listener: Listener | None = None) -> Model | None:

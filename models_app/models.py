@@ -128,7 +128,7 @@ class Model(models.Model):
             models.Q(snapshot_of=self.snapshot_owner) | models.Q(pk=self.snapshot_owner)
         ).exclude(pk=self.pk)
         if not sharers.exists():
-            dirs.insert(0, self.raw_dir)
+            dirs[:0] = [self.raw_dir, self.raw_dir.with_name(self.raw_dir.name + ".partial")]  # + an import's copy
         return dirs
 
     @property

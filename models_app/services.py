@@ -311,9 +311,12 @@ def cancel_model(model_id: str) -> Model:
     if not model.is_running:
         raise Conflict("not_running", f"{model.name} is {model.status}; only a running job can be cancelled.")
     # The status flip is what an inline (--sync) job sees; the stop command ends a worker's.
-    Model.objects.filter(pk=model.pk, status__in=RUNNING_STATUSES).update(
+    updated = Model.objects.filter(pk=model.pk, status__in=RUNNING_STATUSES).update(
         status=ModelStatus.CANCELLED, encrypted_token=None, speed_bps=0, eta_seconds=None
     )
+    if not updated:  # the job finished (or failed) since the row was read: its files are the result
+        model.refresh_from_db()
+        raise Conflict("not_running", f"{model.name} is {model.status}; only a running job can be cancelled.")
     if model.job_id:
         stop_rq_job(model.job_id)
     remove_files(model)

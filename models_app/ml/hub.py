@@ -55,6 +55,10 @@ def select_files(sizes: dict[str, int]) -> list[str]:
     Sub-folders (original/, onnx/, …) and other formats are never fetched."""
     root = {name for name in sizes if "/" not in name}
     safetensors = sorted(n for n in root if n.endswith(".safetensors"))
+    if "model.safetensors.index.json" in root:
+        # Mistral repos ship their native-format `consolidated.safetensors` beside the sharded
+        # transformers checkpoint; transformers reads only the shards its index names.
+        safetensors = [n for n in safetensors if not n.startswith("consolidated")]
     if safetensors:
         weights = safetensors + [n for n in ("model.safetensors.index.json",) if n in root]
     else:

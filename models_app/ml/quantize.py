@@ -185,8 +185,10 @@ def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = N
         return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kwargs)
     if fmt == "FP16":
         return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, **kwargs)
+    # With CPU offload, bitsandbytes keeps the offloaded modules in float32 only when asked.
+    offload = {"llm_int8_enable_fp32_cpu_offload": True} if max_memory else {}
     if fmt == "Q8":
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, **offload)
         return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
     if fmt == "Q4":
         config = BitsAndBytesConfig(
@@ -194,6 +196,7 @@ def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = N
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=base_dtype(device),
+            **offload,
         )
         return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
     if fmt == "Q2":
@@ -323,8 +326,9 @@ def quantize_snapshot(
             else:
                 raise JobError(
                     "out_of_memory",
-                    f"Ran out of GPU memory even as {fmt}. Free GPU memory or use a smaller model.",
-                    suggested_format=fmt,
+                    f"Ran out of GPU memory even as {fmt}, the smallest format"
+                    f"{' with CPU offload' if offload else ''}. Free GPU memory or use a smaller model.",
+                    suggested_format=None,  # nothing smaller exists to suggest
                 ) from None
     result.produced = fmt
     result.offloaded = offload

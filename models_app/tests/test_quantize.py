@@ -129,14 +129,15 @@ def test_a_cuda_out_of_memory_retries_with_the_next_smaller_format(hub, monkeypa
     assert "Q8 ran out of GPU memory" in record["format_notes"]
 
 
-def test_running_out_of_memory_in_every_format_fails_with_a_suggested_format(tmp_path):
+def test_running_out_of_memory_in_every_format_fails_and_suggests_nothing_smaller(tmp_path):
     def always_out_of_memory(src, fmt, device, max_memory=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     estimates = {"FP32": 400, "FP16": 200, "Q8": 100, "Q4": 50, "Q2": 25}
     with pytest.raises(JobError) as caught:
         quantize.quantize_snapshot(tmp_path, "Q8", lambda f: tmp_path / f, estimates, None, "cpu", always_out_of_memory)
-    assert caught.value.code == "out_of_memory" and caught.value.suggested_format == "Q2"
+    assert caught.value.code == "out_of_memory" and "even as Q2, the smallest format" in caught.value.message
+    assert caught.value.suggested_format is None  # the error event says so: there is no smaller format to try
 
 
 @pytest.mark.parametrize(
@@ -180,3 +181,14 @@ def test_memory_per_format_is_known_before_downloading_from_config_and_sizes_onl
 def test_the_estimate_of_a_gated_repo_without_a_token_says_a_token_is_needed(signed_in, hub):
     response = signed_in.post("/api/models/estimate", {"repo_id": "tiny/gated"}, content_type="application/json")
     assert response.status_code == 400 and response.json()["error"]["code"] == "gated_token_required"
+
+
+def test_a_model_that_fits_no_format_is_refused_before_its_weights_are_downloaded(hub, settings, data_dir, capsys):
+    settings.GPU_MEMORY_LIMIT = 1000
+    with pytest.raises(CommandError) as caught:
+        call_command("download_model", "tiny/llama-mlp", "--quantization", "FP32", "--sync")
+    assert "[does_not_fit]" in str(caught.value) and "even Q2 needs" in str(caught.value)
+    fetched = [r.path for r in hub.requests if "/resolve/" in r.path and r.method == "GET"]
+    assert fetched and all(path.endswith("/config.json") for path in fetched)
+    assert Model.objects.get().status == "error"
+    assert not (data_dir / "models" / "raw").exists() or not any((data_dir / "models" / "raw").iterdir())

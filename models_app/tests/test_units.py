@@ -191,3 +191,11 @@ def test_the_progress_writer_hands_a_cancellation_back_to_the_job():
     with pytest.raises(JobCancelled):
         writer.flush()
     writer.flush(raise_error=False)  # a job already failing for another reason keeps its own error
+
+
+def test_a_sharded_repo_with_mistrals_consolidated_file_fetches_only_the_shards():
+    sizes = {"config.json": 1, "tokenizer.json": 1, "consolidated.safetensors": 14_000,
+             "model-00001-of-00002.safetensors": 7_000, "model-00002-of-00002.safetensors": 7_000,
+             "model.safetensors.index.json": 1}  # fmt: skip
+    assert select_files(sizes) == ["config.json", "tokenizer.json", "model-00001-of-00002.safetensors",
+                                   "model-00002-of-00002.safetensors", "model.safetensors.index.json"]  # fmt: skip
