@@ -242,3 +242,34 @@ def test_ctrl_c_in_a_sync_extraction_leaves_the_row_failed_not_extracting(smollm
     extraction.refresh_from_db()
     assert (extraction.status, extraction.error_code) == ("failed", "interrupted")
     assert not (data_dir / "activations").exists() or not any((data_dir / "activations").iterdir())
+
+
+def test_a_whole_worker_killed_mid_extraction_is_found_by_rq_maintenance(smollm2_model, data_dir, redis_clean):
+    """SIGKILL to the worker and its work horse together (a container kill): no process is
+    left to record anything. RQ's registry maintenance, in any worker, finds the job's
+    heartbeat lapsed and our handler ends the row failed and removes its partial folder."""
+    import time
+
+    import django_rq
+    from rq.registry import StartedJobRegistry
+
+    from mistudio.worker import MistudioWorker, abandoned_job_handler
+
+    queue = django_rq.get_queue("default")
+    assert abandoned_job_handler in MistudioWorker([queue], connection=queue.connection)._exc_handlers
+    extraction, _, worker = long_extraction_running_in_a_worker(smollm2_model, data_dir)
+    horses = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+    assert horses
+    worker.kill()
+    subprocess.run(["kill", "-KILL", *horses], check=True)
+    worker.communicate(timeout=60)
+    extraction.refresh_from_db()
+    assert extraction.status == "extracting"  # nobody was left to say otherwise
+    assert any((data_dir / "activations").iterdir())  # the partial folder
+
+    # The maintenance pass as it runs once the heartbeat (90 s) has lapsed; the timestamp
+    # stands in for the wait.
+    StartedJobRegistry(queue=queue).cleanup(timestamp=time.time() + 3600, exception_handlers=[abandoned_job_handler])
+    extraction.refresh_from_db()
+    assert (extraction.status, extraction.error_code) == ("failed", "worker_died")
+    assert not any((data_dir / "activations").iterdir())
