@@ -249,7 +249,10 @@ def load_saved(folder: Path, device: str | None = None):
     device = device or compute_device()
     fmt = json.loads((folder / FORMAT_FILE).read_text())["format"] if (folder / FORMAT_FILE).is_file() else "FP32"
     if fmt != "Q2":
-        return AutoModelForCausalLM.from_pretrained(folder, device_map=device, trust_remote_code=False)
+        # The dtype is the format's, never the checkpoint's: transformers would otherwise load
+        # a Hub snapshot stored in bfloat16 (most are) as bfloat16 for an "FP32" model.
+        dtype = {"FP32": torch.float32, "FP16": torch.float16}.get(fmt, base_dtype(device))
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device, trust_remote_code=False)
     from optimum.quanto import requantize
     from safetensors.torch import load_file
 

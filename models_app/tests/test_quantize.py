@@ -11,6 +11,7 @@ from django.core.management.base import CommandError
 from models_app.ml import quantize
 from models_app.ml.errors import JobError
 from models_app.models import Model, ModelStatus
+from models_app.tests import support
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -192,3 +193,15 @@ def test_a_model_that_fits_no_format_is_refused_before_its_weights_are_downloade
     assert fetched and all(path.endswith("/config.json") for path in fetched)
     assert Model.objects.get().status == "error"
     assert not (data_dir / "models" / "raw").exists() or not any((data_dir / "models" / "raw").iterdir())
+
+
+def test_an_fp32_model_from_a_bfloat16_checkpoint_loads_and_extracts_in_float32(tmp_path):
+    """Most Hub checkpoints are stored in bfloat16; the FP32 record must compute in float32."""
+    from transformers import AutoModelForCausalLM
+
+    folder = support.write_tiny_model(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    assert '"bfloat16"' in (tmp_path / "bf16" / "config.json").read_text()
+    loaded = quantize.load_saved(tmp_path / "bf16", "cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
