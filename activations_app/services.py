@@ -255,9 +255,9 @@ def estimate_extraction(model, clean: dict, dataset: Dataset | None = None) -> d
     config = model.architecture_config
     hidden = int(config.get("hidden_size") or config.get("n_embd"))
     files = len(clean["layers"]) * len(clean["hook_types"])
-    samples = clean["max_samples"]
+    samples, at_most = clean["max_samples"], True
     if clean["tokenization"] == "truncate" and dataset is not None and dataset.row_count:
-        samples = min(samples, dataset.row_count)
+        samples, at_most = min(samples, dataset.row_count), False
     storage = storage_bytes(samples, clean["seq_len"], hidden, clean["dtype"], files, clean["tokenization"] == "truncate")
     measured = (
         Extraction.objects.filter(model=model, status=ExtractionStatus.COMPLETED, seq_len=clean["seq_len"])
@@ -288,6 +288,6 @@ def estimate_extraction(model, clean: dict, dataset: Dataset | None = None) -> d
         warnings.append(f"The output is {storage / 1e9:.0f} GB.")
     return {
         "storage_bytes": storage, "time_seconds": seconds, "time_basis": basis,
-        "samples": samples, "memory_bytes": weights + batch_bytes, "disk_free_bytes": free, "fits_on_disk": storage < free,
+        "samples": samples, "samples_at_most": at_most, "memory_bytes": weights + batch_bytes, "disk_free_bytes": free, "fits_on_disk": storage < free,
         "warnings": warnings,
     }  # fmt: skip
