@@ -104,6 +104,8 @@ def run_extraction_job(extraction_id: str, listener=None) -> Extraction | None:
             "revision": model_row.revision, "format": model_row.quantization, "architecture": model_row.architecture},
             "dataset": {"id": dataset.id, "name": dataset.name, "text_column": dataset.text_column},
             "tokenizer": tokenizer.name_or_path and Path(tokenizer.name_or_path).name, "created": time.time(),
+            "compute": {"device": str(next(model.parameters()).device),
+                        "dtype": str(next(p for p in model.parameters() if p.is_floating_point()).dtype).removeprefix("torch.")},
         }  # fmt: skip
         def on_saving() -> None:
             writer.flush()

@@ -50,6 +50,7 @@ def test_extract_activations_writes_aligned_files_with_statistics(ready_smollm2,
     assert np.load(out / "tokens.npy").shape == (6, 32)
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["model"]["id"] == ready_smollm2["id"] and metadata["statistics"] == record["statistics"]
+    assert metadata["compute"] == {"device": "cpu", "dtype": "float32"}
     assert record["statistics"]["layer_0_mlp"]["mean_magnitude"] == pytest.approx(
         np.abs(np.load(out / "layer_0_mlp.npy").astype(np.float64)).mean(), rel=1e-9
     )
