@@ -12,6 +12,7 @@ from django.test import Client
 from mistudio.asgi import application
 from models_app import services
 from models_app.jobs import run_download
+from models_app.models import Model
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -119,3 +120,27 @@ async def test_progress_for_a_missing_or_malformed_model_id_is_refused(user, mod
     for channel in ("progress", "extraction"):
         connected, code = await refused(socket(f"/ws/models/{model_id}/{channel}", cookie))
         assert not connected and code == 4404
+
+
+async def test_a_programmatic_client_follows_progress_with_its_api_token_and_no_origin(user):
+    from mistudio.models import ApiToken
+
+    model = await database_sync_to_async(Model.objects.create)(name="m", status="downloading", progress=42.0)
+    _, raw = await database_sync_to_async(ApiToken.issue)(user)
+
+    def client(token: str) -> WebsocketCommunicator:
+        headers = [(b"host", b"localhost:8000"), (b"authorization", f"Bearer {token}".encode())]
+        return WebsocketCommunicator(application, f"/ws/models/{model.id}/progress", headers=headers)
+
+    events = client(raw)
+    assert (await events.connect())[0]
+    assert json.loads(await events.receive_from())["progress"] == 42.0
+    await events.disconnect()
+    connected, code = await refused(client("mis_not-a-token"))
+    assert not connected and code == 4401
+    # a cookie session still needs an allowed Origin: no Origin, no socket
+    cookie = await database_sync_to_async(session_cookie)(user)
+    no_origin = WebsocketCommunicator(application, f"/ws/models/{model.id}/progress",
+                                      headers=[(b"host", b"localhost:8000"), (b"cookie", f"sessionid={cookie}".encode())])  # fmt: skip
+    connected, _ = await refused(no_origin)
+    assert not connected
