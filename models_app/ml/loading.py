@@ -108,17 +108,27 @@ def stored_tensor_elements(folder: Path) -> dict[str, int]:
 
 def verify_weights(folder: Path, params_count: int, config: dict) -> None:
     """Refuse a folder whose safetensors do not hold exactly the model's parameters (a
-    truncated or mismatched download), allowing for a tied LM head stored twice."""
+    truncated or mismatched download), allowing for a tied LM head stored twice.
+
+    Only tensors that are parameters count: GPT-2 and Pythia checkpoints also store buffers
+    (the causal mask `attn.bias`, `masked_bias`, `rotary_emb.inv_freq`), which transformers
+    rebuilds and ignores on load. Names are matched with and without the base model's
+    prefix (GPT-2 stores `h.0.…` for `transformer.h.0.…`)."""
     counts = stored_tensor_elements(folder)
     if not counts:
         return  # .bin-only repos are checked by loading them
-    stored = sum(counts.values())
-    head = sum(n for name, n in counts.items() if name.endswith("lm_head.weight") or name == "embed_out.weight")
+    model = meta_model(config)
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    names |= {name.removeprefix(prefix) for name in names if prefix and name.startswith(prefix)}
+    parameters = {name: n for name, n in counts.items() if name in names}
+    stored = sum(parameters.values())
+    head = sum(n for name, n in parameters.items() if name.endswith("lm_head.weight") or name == "embed_out.weight")
     if stored == params_count or (config.get("tie_word_embeddings") and stored - head == params_count):
         return
     raise JobError(
         "invalid_model",
-        f"The weight files hold {stored:,} values but the config describes {params_count:,} parameters; "
+        f"The weight files hold {stored:,} parameter values but the config describes {params_count:,}; "
         "the download is incomplete or the weights do not match config.json.",
     )
 

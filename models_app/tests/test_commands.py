@@ -106,3 +106,22 @@ def test_a_failed_command_exits_non_zero_with_one_line_on_stderr(hub):
     assert result.returncode != 0, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("CommandError")]
     assert len(error_lines) == 1 and "[repo_not_found]" in error_lines[0], result.stderr
+
+
+def test_a_gpt2_checkpoint_with_the_hubs_key_names_and_mask_buffers_imports_ready(data_dir, capsys):
+    """openai-community/gpt2 stores `h.0.attn.bias` (the causal mask, a buffer) under names
+    without the `transformer.` prefix: it is a complete checkpoint, not a mismatched one."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from models_app.tests.support import write_tiny_model
+
+    folder = write_tiny_model(data_dir / "imports" / "gpt2", "gpt2")
+    state = {name.removeprefix("transformer."): t for name, t in load_file(str(folder / "model.safetensors")).items()}
+    state.pop("lm_head.weight", None)
+    for layer in range(2):
+        state[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    call_command("import_model", str(folder), "--sync", "--json")
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (record["status"], record["architecture"]) == ("ready", "gpt2"), record["error_message"]
