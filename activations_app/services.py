@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 
 from django.conf import settings
 from django.db import transaction
@@ -197,13 +198,14 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
     if enqueue:
         model_services.require_queue()
     with transaction.atomic():
-        extraction = Extraction.objects.create(model=model, dataset=dataset, **clean)
+        # The job id is on the row before the job exists (see models_app.services).
+        extraction = Extraction.objects.create(model=model, dataset=dataset, job_id=str(uuid.uuid4()) if enqueue else "", **clean)
         if enqueue:
             def enqueue_job() -> None:
-                job = model_services.queue().enqueue(
-                    "activations_app.jobs.extraction_job", extraction.id, job_timeout=model_services.job_timeout()
-                )
-                Extraction.objects.filter(pk=extraction.pk).update(job_id=job.id)
+                model_services.queue().enqueue(
+                    "activations_app.jobs.extraction_job", extraction.id,
+                    job_id=extraction.job_id, job_timeout=model_services.job_timeout(),
+                )  # fmt: skip
 
             transaction.on_commit(enqueue_job)
     return extraction

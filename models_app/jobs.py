@@ -257,7 +257,11 @@ def _baseline_perplexity(model: Model, tokenizer, estimates: dict[str, int], dev
 
 
 def _download(model: Model, reporter: JobProgress) -> None:
-    token = decrypt_secret(model.encrypted_token) if model.encrypted_token else None
+    try:
+        token = decrypt_secret(model.encrypted_token) if model.encrypted_token else None
+    except ValueError:
+        raise JobError("token_unreadable", "The stored Hub token cannot be decrypted here: the worker's SECRET_KEY "
+                                           "differs from the web server's. Fix that, then download again with the token.") from None  # fmt: skip
     endpoint = settings.HF_ENDPOINT
     retry = {"retries": settings.HUB_RETRIES, "backoff_seconds": settings.HUB_RETRY_BACKOFF_SECONDS}
     reporter.phase(ModelStatus.DOWNLOADING, progress=0.0)

@@ -5,9 +5,11 @@ Views, the API and the management commands all come through here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
+import uuid
 
 import django_rq
 from django.conf import settings
@@ -87,9 +89,15 @@ def job_timeout() -> int:
 
 
 def _enqueue_after_commit(model: Model, func: str) -> None:
+    # The job id is on the row before the job exists: a cancel or a dead worker in between
+    # still finds the job to stop or the row to fail.
+    job_id = str(uuid.uuid4())
+    Model.objects.filter(pk=model.pk).update(job_id=job_id)
+    model.job_id = job_id
+
     def enqueue() -> None:
         try:
-            job = queue().enqueue(func, model.id, job_timeout=job_timeout())
+            queue().enqueue(func, model.id, job_id=job_id, job_timeout=job_timeout())
         except RedisError:
             Model.objects.filter(pk=model.pk, status=ModelStatus.QUEUED).update(
                 status=ModelStatus.ERROR,
@@ -99,7 +107,6 @@ def _enqueue_after_commit(model: Model, func: str) -> None:
             )
             publish_list()
             return
-        Model.objects.filter(pk=model.pk).update(job_id=job.id)
         publish_list()
 
     transaction.on_commit(enqueue)
@@ -218,7 +225,9 @@ def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | Non
     except InvalidInput as exc:
         raise as_service_error(exc) from None
     token = (token or "").strip() or None
-    key = (settings.HF_ENDPOINT, repo_id, revision, bool(token))
+    # Per token (hashed, never kept in clear): a gated repo's config read with one user's
+    # token must not answer another user who has no access.
+    key = (settings.HF_ENDPOINT, repo_id, revision, hashlib.sha256(token.encode()).hexdigest() if token else None)
     cached = _ESTIMATE_CACHE.get(key)
     if cached and time.monotonic() - cached[0] < ESTIMATE_TTL_SECONDS:
         return cached[1]

@@ -180,8 +180,17 @@ def test_memory_per_format_is_known_before_downloading_from_config_and_sizes_onl
 
 
 def test_the_estimate_of_a_gated_repo_without_a_token_says_a_token_is_needed(signed_in, hub):
-    response = signed_in.post("/api/models/estimate", {"repo_id": "tiny/gated"}, content_type="application/json")
-    assert response.status_code == 400 and response.json()["error"]["code"] == "gated_token_required"
+    from conftest import GATED_TOKEN
+    from models_app.tests.hub_server import VALID_UNGATED_TOKEN
+
+    body = {"repo_id": "tiny/gated", "access_token": GATED_TOKEN}
+    granted = signed_in.post("/api/models/estimate", body, content_type="application/json")
+    assert granted.status_code == 200, granted.content
+    # What one token could read is not an answer for another request without access.
+    for token, code in ((None, "gated_token_required"), (VALID_UNGATED_TOKEN, "gated_access_denied")):
+        body = {"repo_id": "tiny/gated", **({"access_token": token} if token else {})}
+        response = signed_in.post("/api/models/estimate", body, content_type="application/json")
+        assert response.status_code == 400 and response.json()["error"]["code"] == code
 
 
 def test_a_model_that_fits_no_format_is_refused_before_its_weights_are_downloaded(hub, settings, data_dir, capsys):
