@@ -166,7 +166,7 @@ def _finish(model: Model, reporter: JobProgress, requested: str) -> None:
         file_path=str(model.raw_dir),
     )
     budget = quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device)
-    fmt, notes = quantize.choose_format(requested, estimates, budget)
+    fmt, notes = quantize.choose_format(requested, estimates, budget, device)
     figures: dict = {}
     if fmt != "FP32":
         reporter.phase(ModelStatus.QUANTIZING, progress=0.0)
@@ -274,7 +274,7 @@ def _download(model: Model, reporter: JobProgress) -> None:
     # So is a model that fits the memory budget in no format, before its weights are fetched.
     device = quantize.compute_device()
     budget = quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device)
-    quantize.choose_format(model.requested_quantization, quantize.memory_estimate(config, device), budget)
+    quantize.choose_format(model.requested_quantization, quantize.memory_estimate(config, device), budget, device)
     hub.ensure_free_space(model.raw_dir, plan.total_bytes, settings.DISK_RESERVE_BYTES)
     hub.download_snapshot(plan, model.raw_dir, token, endpoint, reporter.transfer, **retry)
     del token

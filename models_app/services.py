@@ -262,7 +262,7 @@ def check_fits(config: dict, fmt: str) -> None:
     device = quantize.compute_device()
     budget = quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device)
     try:
-        quantize.choose_format(fmt, quantize.memory_estimate(config, device), budget)
+        quantize.choose_format(fmt, quantize.memory_estimate(config, device), budget, device)
     except JobError as exc:
         raise ServiceError(exc.code, exc.message, details={"budget_bytes": budget}) from None
 

@@ -136,9 +136,20 @@ def memory_budget(limit_bytes: int | None, device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def choose_format(requested: str, estimates: dict[str, int], budget: int | None) -> tuple[str, list[str]]:
+def making_peak(fmt: str, estimates: dict[str, int], device: str) -> int:
+    """Memory needed while the format is made. bitsandbytes quantizes layer by layer as it
+    loads, so Q8/Q4 peak near their own size; quanto quantizes a model already loaded in
+    full precision (float16 on a GPU, float32 on CPU), so Q2 peaks at that size."""
+    if fmt == "Q2":
+        return max(estimates["Q2"], estimates["FP16" if device == "cuda" else "FP32"])
+    return estimates[fmt]
+
+
+def choose_format(
+    requested: str, estimates: dict[str, int], budget: int | None, device: str = "cpu"
+) -> tuple[str, list[str]]:
     """The format to make: the requested one if its backend exists here and it fits the
-    budget, else the next one down, with a note for every step."""
+    budget (while it is made, too), else the next one down, with a note for every step."""
     fmt, notes = requested, []
     while (reason := backend_missing(fmt)) is not None:
         nxt = BACKEND_FALLBACK[fmt]
@@ -150,18 +161,30 @@ def choose_format(requested: str, estimates: dict[str, int], budget: int | None)
     for candidate in FORMATS_SMALLEST_LAST[start:]:
         if backend_missing(candidate) is not None:
             continue
-        if estimates[candidate] <= budget:
+        if making_peak(candidate, estimates, device) <= budget:
             if candidate != fmt:
                 notes.append(
-                    f"{fmt} needs {format_bytes(estimates[fmt])}, more than the {format_bytes(budget)} budget; "
-                    f"made {candidate} ({format_bytes(estimates[candidate])}) instead."
+                    f"{fmt} needs {format_bytes(making_peak(fmt, estimates, device))}, more than the "
+                    f"{format_bytes(budget)} budget; made {candidate} ({format_bytes(estimates[candidate])}) instead."
                 )
             return candidate, notes
-    smallest = min((f for f in FORMATS_SMALLEST_LAST if backend_missing(f) is None), key=estimates.__getitem__)
+    available = [f for f in FORMATS_SMALLEST_LAST if backend_missing(f) is None]
+    # Only Q2's making peak can exceed a larger format's: then the smallest model whose making fits.
+    makeable = [f for f in available if making_peak(f, estimates, device) <= budget]
+    if makeable:
+        candidate = min(makeable, key=estimates.__getitem__)
+        notes.append(
+            f"{fmt} needs {format_bytes(making_peak(fmt, estimates, device))} while it is made, more than the "
+            f"{format_bytes(budget)} budget; made {candidate} ({format_bytes(estimates[candidate])}) instead."
+        )
+        return candidate, notes
+    smallest = min(available, key=estimates.__getitem__)
+    peak = making_peak(smallest, estimates, device)
+    while_made = f" ({format_bytes(peak)} while it is made)" if peak > estimates[smallest] else ""
     raise JobError(
         "does_not_fit",
         f"The memory budget is {format_bytes(budget)}, but even {smallest} needs "
-        f"{format_bytes(estimates[smallest])}. Raise MISTUDIO_GPU_MEMORY_LIMIT or free memory.",
+        f"{format_bytes(estimates[smallest])}{while_made}. Raise MISTUDIO_GPU_MEMORY_LIMIT or free memory.",
         suggested_format=None,
     )
 
@@ -306,7 +329,7 @@ def quantize_snapshot(
 
     device = device or compute_device()
     loader = loader or load_in_format
-    fmt, notes = choose_format(requested, estimates, budget)
+    fmt, notes = choose_format(requested, estimates, budget, device)
     result = QuantizeResult(requested=requested, produced=fmt, notes=notes)
     started = time.perf_counter()
     offload = False

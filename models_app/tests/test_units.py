@@ -199,3 +199,19 @@ def test_a_sharded_repo_with_mistrals_consolidated_file_fetches_only_the_shards(
              "model.safetensors.index.json": 1}  # fmt: skip
     assert select_files(sizes) == ["config.json", "tokenizer.json", "model-00001-of-00002.safetensors",
                                    "model-00002-of-00002.safetensors", "model.safetensors.index.json"]  # fmt: skip
+
+
+def test_q2_is_judged_by_the_full_precision_load_it_is_made_from():
+    """quanto quantizes a model loaded in float32 (CPU) / float16 (GPU): a budget that holds
+    Q2's result but not that load gets Q4, whose bitsandbytes load quantizes layer by layer."""
+    from models_app.ml.quantize import choose_format
+
+    estimates = {"FP32": 400, "FP16": 200, "Q8": 110, "Q4": 60, "Q2": 35}
+    assert choose_format("Q2", estimates, 500, "cpu") == ("Q2", [])
+    fmt, notes = choose_format("Q2", estimates, 300, "cpu")
+    assert fmt == "Q4" and "while it is made" in notes[0]
+    assert choose_format("Q2", estimates, 300, "cuda") == ("Q2", [])  # the float16 load fits on a GPU
+    assert choose_format("Q8", estimates, 100, "cpu")[0] == "Q4"
+    with pytest.raises(JobError) as caught:
+        choose_format("Q4", estimates, 50, "cpu")
+    assert "even Q2 needs 35 B (400 B while it is made)" in caught.value.message
