@@ -49,17 +49,24 @@ def download(request):
     return render(request, "models_app/panel.html", context, status=status)
 
 
+def _refused_on_card(request, model_id, exc: ServiceError):
+    """A refused card action: the card says why; a model gone meanwhile (deleted from
+    another tab) loses its card."""
+    if not request.htmx:
+        return redirect("models:panel")
+    if isinstance(exc, NotFound):
+        return HttpResponse("")
+    model = services.get_model(model_id)
+    response = render(request, "models_app/_card.html", {"model": model, "notice": exc.message}, status=exc.status)
+    response["HX-Retarget"] = f"#model-card-{model.id}"
+    return response
+
+
 def _card_or_redirect(request, model_id, action):
     try:
         model = action(model_id)
-    except NotFound:
-        # Gone meanwhile (deleted from another tab): the card goes too.
-        return HttpResponse("") if request.htmx else redirect("models:panel")
     except ServiceError as exc:
-        if not request.htmx:
-            return redirect("models:panel")
-        model = services.get_model(model_id)
-        return render(request, "models_app/_card.html", {"model": model, "notice": exc.message}, status=exc.status)
+        return _refused_on_card(request, model_id, exc)
     if not request.htmx:
         return redirect("models:panel")
     if not model:  # deleted (or already gone): the card goes
@@ -82,15 +89,8 @@ def quantize(request, model_id):
     """"Quantize to…" on a ready card: the new record's card joins the list."""
     try:
         services.request_quantize(user=request.user, model_id=model_id, quantization=request.POST.get("quantization", ""))
-    except NotFound:
-        return HttpResponse("") if request.htmx else redirect("models:panel")
     except ServiceError as exc:
-        if not request.htmx:
-            return redirect("models:panel")
-        model = services.get_model(model_id)
-        response = render(request, "models_app/_card.html", {"model": model, "notice": exc.message}, status=exc.status)
-        response["HX-Retarget"] = f"#model-card-{model.id}"
-        return response
+        return _refused_on_card(request, model_id, exc)
     if not request.htmx:
         return redirect("models:panel")
     return render(request, "models_app/_model_list.html", {"models": services.list_for_panel()})
