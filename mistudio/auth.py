@@ -1,11 +1,10 @@
 """Every page, API call and WebSocket needs a signed-in user; the API also takes tokens."""
 
 from django.contrib.auth.middleware import LoginRequiredMiddleware as DjangoLoginRequired
-from django.utils import timezone
 from django.utils.deprecation import MiddlewareMixin
 
 from .errors import error_response
-from .models import ApiToken, hash_api_token
+from .models import ApiToken
 
 
 def is_api_path(path: str) -> bool:
@@ -20,12 +19,10 @@ class ApiTokenMiddleware(MiddlewareMixin):
         header = request.headers.get("Authorization", "")
         if not is_api_path(request.path) or not header.startswith("Bearer "):
             return None
-        raw = header.removeprefix("Bearer ").strip()
-        token = ApiToken.objects.select_related("user").filter(key_hash=hash_api_token(raw)).first()
-        if token is None or not token.user.is_active:
+        user = ApiToken.user_for(header.removeprefix("Bearer ").strip())
+        if user is None:
             return error_response(401, "invalid_api_token", "The API token is invalid or has been revoked.")
-        ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
-        request.user = token.user
+        request.user = user
         request._dont_enforce_csrf_checks = True
         return None
 

@@ -25,6 +25,17 @@ class ApiToken(models.Model):
         return f"{self.user} / {self.name} ({self.prefix}…)"
 
     @classmethod
+    def user_for(cls, raw: str):
+        """The active user a raw token signs in, or None; records its use."""
+        from django.utils import timezone
+
+        token = cls.objects.select_related("user").filter(key_hash=hash_api_token(raw)).first()
+        if token is None or not token.user.is_active:
+            return None
+        cls.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        return token.user
+
+    @classmethod
     def issue(cls, user, name: str = "default") -> tuple["ApiToken", str]:
         """A new token; the raw value is returned once and never stored."""
         raw = TOKEN_PREFIX + secrets.token_urlsafe(32)

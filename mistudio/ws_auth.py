@@ -9,18 +9,13 @@ from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from channels.security.websocket import AllowedHostsOriginValidator
 from django.contrib.auth.models import AnonymousUser
-from django.utils import timezone
 
-from .models import ApiToken, hash_api_token
+from .models import ApiToken
 
 
 @database_sync_to_async
 def user_for_token(raw: str):
-    token = ApiToken.objects.select_related("user").filter(key_hash=hash_api_token(raw)).first()
-    if token is None or not token.user.is_active:
-        return AnonymousUser()  # the consumer closes with 4401
-    ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
-    return token.user
+    return ApiToken.user_for(raw) or AnonymousUser()  # the consumer closes an anonymous one with 4401
 
 
 class WebsocketAuth:
