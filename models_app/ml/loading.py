@@ -106,7 +106,7 @@ def stored_tensor_elements(folder: Path) -> dict[str, int]:
     return counts
 
 
-def verify_weights(folder: Path, params_count: int, config: dict) -> None:
+def verify_weights(folder: Path, model, params_count: int, config: dict) -> None:
     """Refuse a folder whose safetensors do not hold exactly the model's parameters (a
     truncated or mismatched download), allowing for a tied LM head stored twice.
 
@@ -117,7 +117,6 @@ def verify_weights(folder: Path, params_count: int, config: dict) -> None:
     counts = stored_tensor_elements(folder)
     if not counts:
         return  # .bin-only repos are checked by loading them
-    model = meta_model(config)
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
     names |= {name.removeprefix(prefix) for name in names if prefix and name.startswith(prefix)}
@@ -136,8 +135,9 @@ def verify_weights(folder: Path, params_count: int, config: dict) -> None:
 def inspect_model(folder: Path) -> ModelFacts:
     config = read_config(folder)
     architecture = check_architecture(config)
-    params = count_parameters(config)
-    verify_weights(folder, params, config)
+    model = meta_model(config)  # built once: counting and checking both walk it
+    params = sum(p.numel() for p in model.parameters())
+    verify_weights(folder, model, params, config)
     return ModelFacts(architecture=architecture, params_count=params, config=config)
 
 
