@@ -127,15 +127,17 @@ def delete_dataset(dataset_id: str) -> bool:
     return True
 
 
+def whole_number(value):
+    """An ASCII decimal string as an int ("²" and "１" are not); anything else unchanged."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
 def _positive_int(value, field: str, maximum: int) -> int:
+    value = whole_number(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
-                value = int(value)
-            else:
-                raise ValueError
-        except ValueError:
-            raise ServiceError("invalid_input", f"{field} must be a whole number.", details={"field": field}) from None
+        raise ServiceError("invalid_input", f"{field} must be a whole number.", details={"field": field})
     if not 1 <= value <= maximum:
         raise ServiceError("invalid_input", f"{field} must be between 1 and {maximum:,}.", details={"field": field})
     return value

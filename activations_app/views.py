@@ -67,13 +67,8 @@ def extraction_detail(request, extraction_id):
 def _form_fields(post) -> dict:
     """The form's strings as they came: the service parses and bounds every one of them,
     with the same messages as the API and the command."""
-
-    def whole_number(value: str):
-        value = value.strip()
-        return int(value) if value.isascii() and value.lstrip("-").isdigit() else value
-
     return {
-        "layers": [whole_number(x) for x in post.getlist("layers")],
+        "layers": [services.whole_number(x) for x in post.getlist("layers")],
         "hook_types": post.getlist("hook_types"),
         "batch_size": post.get("batch_size") or 32,
         "max_samples": post.get("max_samples") or 1000,

@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from activations_app import jobs, services
 from activations_app.models import ExtractionStatus
-from models_app.management.commands._common import TerminalProgress, service_call
+from models_app.management.commands._common import TerminalProgress, eta_text, service_call
 
 
 def int_list(value: str) -> list:
@@ -62,6 +62,5 @@ class Command(BaseCommand):
 def samples_detail(extraction) -> str:
     if extraction.status != ExtractionStatus.EXTRACTING or not extraction.samples_total:
         return ""
-    eta = f"{extraction.eta_seconds:.0f}s" if extraction.eta_seconds is not None else "?"
     return (f"{extraction.samples_done}/{extraction.samples_total} samples  "
-            f"{extraction.samples_per_second:.1f} samples/s  ETA {eta}")  # fmt: skip
+            f"{extraction.samples_per_second:.1f} samples/s  ETA {eta_text(extraction.eta_seconds)}")  # fmt: skip

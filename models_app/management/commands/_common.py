@@ -14,14 +14,14 @@ from models_app.ml.hub import format_bytes
 from models_app.models import Model, ModelStatus
 
 
-def _eta(seconds: float | None) -> str:
+def eta_text(seconds: float | None) -> str:
     return f"{seconds:.0f}s" if seconds is not None else "?"
 
 
 def download_detail(model: Model) -> str:
     if model.bytes_total and model.status == ModelStatus.DOWNLOADING:
         return (f"{format_bytes(model.bytes_done)}/{format_bytes(model.bytes_total)}  {model.speed_mbps:.1f} MB/s  "
-                f"ETA {_eta(model.eta_seconds)}")  # fmt: skip
+                f"ETA {eta_text(model.eta_seconds)}")  # fmt: skip
     return ""
 
 
