@@ -1,19 +1,21 @@
-"""JSON API for datasets and extractions (same services as the commands)."""
+"""JSON API for datasets and extractions (same services as the page and the commands)."""
 
 from django.core.paginator import Paginator
 from django.http import JsonResponse
 
-from mistudio.errors import NotFound, ServiceError
-from models_app.api import api_endpoint, json_body
+from mistudio.api import api_endpoint, json_body, text_field
+from mistudio.errors import ServiceError
 
 from . import services
+from .ml.extract import ExtractionSpec
 from .models import Dataset, Extraction
 
 
 @api_endpoint({"GET", "POST"})
 def datasets(request):
-    """GET lists datasets; POST adds one: a multipart `file` upload, or JSON {"repo_id"} /
-    {"path"} for a Hub dataset repo or a file under the import roots."""
+    """GET lists datasets; POST adds one: a multipart `file` upload (201, ready), a file
+    under the import roots as JSON {"path"} (201, ready), or a Hub dataset repo as JSON
+    {"repo_id", "split"?, "revision"?, "access_token"?} (202, imported by a job)."""
     if request.method == "GET":
         return JsonResponse({"data": [d.as_dict() for d in Dataset.objects.all()[:500]]})
     if request.FILES.get("file") is not None:
@@ -23,25 +25,27 @@ def datasets(request):
         )  # fmt: skip
     else:
         body = json_body(request)
-        source = body.get("repo_id") or body.get("path")
-        if not isinstance(source, str) or not source:
+        source = text_field(body, "repo_id") or text_field(body, "path")
+        if not source:
             raise ServiceError("invalid_input", "Send a file, or repo_id / path.", details={"field": "file"})
         dataset = services.import_dataset(
-            path=source, name=body.get("name") if isinstance(body.get("name"), str) else None,
-            text_column=str(body.get("text_column") or "text"), split=str(body.get("split") or "train"),
-            token=body.get("access_token") if isinstance(body.get("access_token"), str) else None,
+            path=source, name=text_field(body, "name"), text_column=str(body.get("text_column") or "text"),
+            split=str(body.get("split") or "train"), token=text_field(body, "access_token"),
+            revision=text_field(body, "revision"),
         )  # fmt: skip
-    return JsonResponse(dataset.as_dict(), status=201)
+    return JsonResponse(dataset.as_dict(), status=202 if dataset.is_running else 201)
 
 
 @api_endpoint({"GET", "DELETE"})
 def dataset_detail(request, dataset_id):
     if request.method == "DELETE":
         return JsonResponse({"deleted": services.delete_dataset(dataset_id), "id": dataset_id})
-    dataset = Dataset.objects.filter(pk=dataset_id).first()
-    if dataset is None:
-        raise NotFound("dataset_not_found", f"No dataset with id {dataset_id!r}.")
-    return JsonResponse(dataset.as_dict())
+    return JsonResponse(Dataset.get_or_404(dataset_id).as_dict())
+
+
+@api_endpoint({"POST"})
+def dataset_cancel(request, dataset_id):
+    return JsonResponse(services.cancel_dataset(dataset_id).as_dict())
 
 
 @api_endpoint({"POST"})
@@ -50,8 +54,8 @@ def extract(request, model_id):
     dataset_id = body.get("dataset_id")
     if not isinstance(dataset_id, str):
         raise ServiceError("invalid_input", "dataset_id is required.", details={"field": "dataset_id"})
-    fields = {k: body[k] for k in ("layers", "hook_types", "batch_size", "max_samples", "seq_len", "dtype", "tokenization") if k in body}
-    extraction = services.request_extraction(model_id=model_id, dataset_id=dataset_id, **fields)
+    data = {name: body[name] for name in ExtractionSpec.request_fields() if name in body}
+    extraction = services.request_extraction(model_id=model_id, dataset_id=dataset_id, data=data)
     return JsonResponse(extraction.as_dict(), status=202)
 
 
@@ -71,6 +75,9 @@ def extraction_detail(request, extraction_id):
         if extraction is None:
             return JsonResponse({"deleted": False, "id": extraction_id})
         return JsonResponse({"deleted": services.delete_extraction(extraction), "id": extraction_id})
-    if extraction is None:
-        raise NotFound("extraction_not_found", f"No extraction with id {extraction_id!r}.")
-    return JsonResponse(extraction.as_dict())
+    return JsonResponse((extraction or Extraction.get_or_404(extraction_id)).as_dict())
+
+
+@api_endpoint({"POST"})
+def extraction_cancel(request, extraction_id):
+    return JsonResponse(services.cancel_extraction(extraction_id).as_dict())

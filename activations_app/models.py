@@ -3,7 +3,12 @@ import secrets
 from django.conf import settings
 from django.db import models
 
-from models_app.models import Model
+from mistudio import progress
+from mistudio.errors import JobError
+from mistudio.jobs import TrackedRow
+from mistudio.staging import remove_with_staged
+
+from .ml.extract import ExtractionSpec
 
 
 def new_dataset_id() -> str:
@@ -14,11 +19,28 @@ def new_extraction_id() -> str:
     return f"ext_{secrets.token_hex(6)}"
 
 
-class Dataset(models.Model):
-    """A text corpus to extract over, stored under datasets/{id}/."""
+class DatasetStatus(models.TextChoices):
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"
+    READY = "ready"
+    ERROR = "error"
+    CANCELLED = "cancelled"
 
+
+DATASET_RUNNING = (DatasetStatus.QUEUED, DatasetStatus.DOWNLOADING)
+
+
+class Dataset(TrackedRow, models.Model):
+    """A text corpus to extract over, stored under datasets/{id}/. An upload or a local
+    file is ready at once; a Hub dataset is imported by a job, like a model download."""
+
+    KIND = "dataset"
+    QUEUED, DONE, FAILED, CANCELLED = DatasetStatus.QUEUED, DatasetStatus.READY, DatasetStatus.ERROR, DatasetStatus.CANCELLED
+    RUNNING = DATASET_RUNNING
+    IDLE_FIELDS = {"speed_bps": 0, "eta_seconds": None}
+    card_template = "activations_app/_dataset_card.html"
+    html_group = progress.DATASETS_GROUP
     SOURCES = [("upload", "Upload"), ("local", "Local file"), ("hub", "Hub dataset repo")]
-    STATUSES = [("ready", "ready"), ("error", "error")]
 
     id = models.CharField(primary_key=True, max_length=16, default=new_dataset_id, editable=False)
     name = models.CharField(max_length=200)
@@ -27,8 +49,24 @@ class Dataset(models.Model):
     text_column = models.CharField(max_length=100, default="text")
     row_count = models.IntegerField(default=0)
     preview = models.JSONField(default=list, blank=True)
-    status = models.CharField(max_length=8, choices=STATUSES, default="ready")
+    status = models.CharField(max_length=12, choices=DatasetStatus.choices, default=DatasetStatus.READY)
+    # A Hub dataset: what was asked for, and the commit it resolved to.
+    repo_id = models.CharField(max_length=200, blank=True)
+    split = models.CharField(max_length=100, blank=True)
+    requested_revision = models.CharField(max_length=200, blank=True)
+    revision = models.CharField(max_length=200, blank=True)
+    progress = models.FloatField(default=0.0)
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    speed_bps = models.FloatField(default=0.0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    error_code = models.CharField(max_length=40, blank=True)
+    error_message = models.TextField(blank=True)
+    job_id = models.CharField(max_length=64, blank=True)
+    # The user's Hub token, Fernet-encrypted, kept only while the import needs it.
+    encrypted_token = models.BinaryField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -37,13 +75,50 @@ class Dataset(models.Model):
         return f"{self.name} ({self.row_count} rows)"
 
     @property
+    def label(self) -> str:
+        return self.name
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == DatasetStatus.READY
+
+    @property
     def folder(self):
         return settings.DATA_DIR / "datasets" / self.id
+
+    @property
+    def speed_mbps(self) -> float:
+        return round(self.speed_bps / 1e6, 2)
+
+    def remove_job_files(self) -> None:
+        remove_with_staged(self.folder)
+
+    def stop_fields(self, error: JobError | None) -> dict:
+        return {"encrypted_token": None}
+
+    def progress_event(self) -> dict:
+        return {
+            "type": "dataset_progress", "dataset_id": self.id, "status": self.status, "progress": round(self.progress, 2),
+            "bytes_done": self.bytes_done, "bytes_total": self.bytes_total, "speed_mbps": self.speed_mbps,
+            "eta_seconds": self.eta_seconds, "row_count": self.row_count, "error": self.error_message or None,
+        }  # fmt: skip
+
+    def publish_added(self) -> None:
+        progress.publish_html(Dataset.list_html(oob=True), self.html_group)
+
+    @classmethod
+    def list_html(cls, oob: bool = False) -> str:
+        from django.template.loader import render_to_string
+
+        return render_to_string("activations_app/_dataset_list.html", {"datasets": cls.objects.all(), "oob": oob})
 
     def as_dict(self) -> dict:
         return {
             "id": self.id, "name": self.name, "source": self.source, "text_column": self.text_column,
             "row_count": self.row_count, "preview": self.preview, "status": self.status,
+            "repo_id": self.repo_id or None, "split": self.split or None, "revision": self.revision or None,
+            "progress": round(self.progress, 2), "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
+            "error_code": self.error_code or None, "error_message": self.error_message or None,
             "created_at": self.created_at.isoformat() if self.created_at else None,
         }  # fmt: skip
 
@@ -61,11 +136,20 @@ class ExtractionStatus(models.TextChoices):
 EXTRACTION_RUNNING = (ExtractionStatus.QUEUED, ExtractionStatus.LOADING, ExtractionStatus.EXTRACTING, ExtractionStatus.SAVING)
 
 
-class Extraction(models.Model):
+class Extraction(TrackedRow, models.Model):
+    """One run of a model over a dataset; its request is an ExtractionSpec (`spec`)."""
+
+    KIND = "extraction"
+    QUEUED, DONE, FAILED, CANCELLED = (ExtractionStatus.QUEUED, ExtractionStatus.COMPLETED, ExtractionStatus.FAILED,
+                                       ExtractionStatus.CANCELLED)  # fmt: skip
+    RUNNING = EXTRACTION_RUNNING
+    TIMEOUT_HINT = "use fewer samples or raise the limit"
+    card_template = "activations_app/_extraction_card.html"
+
     id = models.CharField(primary_key=True, max_length=16, default=new_extraction_id, editable=False)
     # Deleting a model or dataset keeps finished extractions (hours of compute, described by
     # their metadata.json); a running one blocks the delete (409).
-    model = models.ForeignKey(Model, null=True, on_delete=models.SET_NULL, related_name="extractions")
+    model = models.ForeignKey("models_app.Model", null=True, on_delete=models.SET_NULL, related_name="extractions")
     dataset = models.ForeignKey(Dataset, null=True, on_delete=models.SET_NULL, related_name="extractions")
     layers = models.JSONField()
     hook_types = models.JSONField()
@@ -94,19 +178,40 @@ class Extraction(models.Model):
     def __str__(self) -> str:
         return f"{self.id} ({self.status})"
 
+    @classmethod
+    def rows(cls):
+        return cls.objects.select_related("model", "dataset")
+
     @property
-    def is_running(self) -> bool:
-        return self.status in EXTRACTION_RUNNING
+    def spec(self) -> ExtractionSpec:
+        """The request as validated: what the job runs."""
+        return ExtractionSpec(**{name: getattr(self, name) for name in ExtractionSpec.request_fields()})
 
     @property
     def final_dir(self):
         return settings.DATA_DIR / "activations" / f"extraction_{self.id}"
 
+    def remove_job_files(self) -> None:
+        remove_with_staged(self.final_dir)
+
+    def event_group(self) -> str | None:
+        return progress.model_group(self.model_id, "extraction") if self.model_id else None
+
+    def progress_event(self) -> dict:
+        if self.status == ExtractionStatus.COMPLETED:
+            return {"type": "extraction_completed", "extraction_id": self.id, "output_path": self.output_path,
+                    "statistics": self.statistics}  # fmt: skip
+        return {
+            "type": "extraction_progress", "extraction_id": self.id, "status": self.status,
+            "progress": round(self.progress, 2), "samples_processed": self.samples_done,
+            "samples_per_second": round(self.samples_per_second, 3), "eta_seconds": self.eta_seconds,
+            "error": self.error_message or None,
+        }  # fmt: skip
+
     def as_dict(self) -> dict:
         return {
-            "id": self.id, "model_id": self.model_id, "dataset_id": self.dataset_id, "layers": self.layers,
-            "hook_types": self.hook_types, "batch_size": self.batch_size, "max_samples": self.max_samples,
-            "seq_len": self.seq_len, "dtype": self.dtype, "tokenization": self.tokenization, "status": self.status,
+            "id": self.id, "model_id": self.model_id, "dataset_id": self.dataset_id, **self.spec.request(),
+            "status": self.status,
             "progress": round(self.progress, 2), "samples_processed": self.samples_done,
             "samples_total": self.samples_total, "samples_per_second": round(self.samples_per_second, 3),
             "eta_seconds": self.eta_seconds, "output_path": self.output_path or None, "statistics": self.statistics,

@@ -1,80 +1,91 @@
-"""Datasets and extractions: every state change that also enqueues, publishes or touches files."""
+"""Datasets and extractions: every state change that also enqueues, publishes or touches
+files. Models are reached only through the model lookup (`models_app.services`)."""
 
 from __future__ import annotations
 
+import os
 import shutil
-import uuid
+import tempfile
+from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 
-from mistudio.errors import Conflict, NotFound, ServiceError
-from models_app import services as model_services
-from models_app.ml.architecture import MODULE_MAPS
-from models_app.ml.errors import InvalidInput
-from models_app.ml.validation import resolve_import_path
-from models_app.models import ModelStatus
+from mistudio import jobs
+from mistudio.crypto import encrypt_secret
+from mistudio.errors import Conflict, InvalidInput, JobError, NotFound, ServiceError
+from mistudio.queue import job_timeout, require_queue
+from mistudio.validation import resolve_import_path, validate_repo_id, validate_revision
+from models_app.ml import compute_device, module_map
+from models_app.services import get_ready_model
 
+from .forms import ExtractionForm
 from .ml import datasets as dataset_files
-from .ml.hooks import HOOK_TYPES
-from .jobs import publish, remove_output_dirs
-from .models import EXTRACTION_RUNNING, Dataset, Extraction, ExtractionStatus
+from .ml.extract import ExtractionSpec, storage_bytes
+from .ml.hub_datasets import plan_dataset
+from .models import Dataset, DatasetStatus, Extraction, ExtractionStatus
 
+MAX_SPLIT_LENGTH = 100
 
-def _refuse(exc: InvalidInput) -> ServiceError:
-    return ServiceError(exc.code, exc.message, details={"field": exc.field})
+# --- datasets ---------------------------------------------------------------------------
 
 
 def looks_like_local_path(value: str) -> bool:
-    import os
-
     return value.startswith(("/", ".", "~")) or os.path.exists(value)
 
 
 def import_dataset(
-    *, path: str, name: str | None = None, text_column: str = "text", split: str = "train", token: str | None = None
-) -> Dataset:
-    """A local file (inside the allowed import roots) copied into datasets/{id}/, or a Hub
-    dataset repo's split downloaded there."""
+    *, path: str, name: str | None = None, text_column: str = "text", split: str = "train", token: str | None = None,
+    revision: str | None = None, enqueue: bool = True,
+) -> Dataset:  # fmt: skip
+    """A local file (inside the allowed import roots) copied into datasets/{id}/ now, or a
+    Hub dataset repo's split imported by a job."""
     if not looks_like_local_path(path):
-        return import_hub_dataset(repo_id=path, name=name, text_column=text_column, split=split, token=token)
+        return request_hub_dataset(repo_id=path, name=name, text_column=text_column, split=split, token=token,
+                                   revision=revision, enqueue=enqueue)  # fmt: skip
     try:
         source = resolve_import_path(path, settings.IMPORT_ROOTS, allow_files=dataset_files.FORMATS)
         dataset_files.check_file(source, text_column)
     except InvalidInput as exc:
-        raise _refuse(exc) from None
+        raise ServiceError.from_invalid(exc) from None
     dataset = Dataset(name=(name or source.stem)[:200], source="local", text_column=text_column, file_path="")
     _store(dataset, source)
     return dataset
 
 
-def import_hub_dataset(*, repo_id: str, name: str | None, text_column: str, split: str, token: str | None) -> Dataset:
-    from models_app.ml.errors import JobError
-    from models_app.ml.validation import validate_repo_id, validate_revision
-
-    from .ml.hub_datasets import download_dataset
-
+def request_hub_dataset(
+    *, repo_id: str, name: str | None, text_column: str, split: str, token: str | None, revision: str | None = None,
+    enqueue: bool = True,
+) -> Dataset:  # fmt: skip
+    """The split's files are listed now (a wrong repo, split or token is refused before any
+    row exists); the download is a job with progress and cancel, like a model's."""
     try:
         repo_id = validate_repo_id(repo_id)
-        revision = validate_revision(None)
+        revision = validate_revision(revision)
     except InvalidInput as exc:
-        raise _refuse(exc) from None
-    dataset = Dataset(name=(name or f"{repo_id}:{split}")[:200], source="hub", text_column=text_column, file_path="")
-    folder = dataset.folder
+        raise ServiceError.from_invalid(exc) from None
+    split = (split or "train").strip()
+    if len(split) > MAX_SPLIT_LENGTH or not split.isprintable():
+        raise ServiceError("invalid_input", "The split name is not valid.", details={"field": "split"})
+    token = (token or "").strip() or None
     try:
-        download_dataset(repo_id, revision, split, token, settings.HF_ENDPOINT, folder)
-        dataset_files.check_file(next(p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in dataset_files.FORMATS and ".cache" not in p.parts), text_column)
-        row_count, preview = dataset_files.summarize(folder, text_column)
-    except (JobError, InvalidInput) as exc:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise ServiceError(exc.code, exc.message) from None
-    shutil.rmtree(folder / ".cache", ignore_errors=True)
-    dataset.file_path, dataset.row_count, dataset.preview = str(folder), row_count, preview
-    dataset.save()
+        plan = plan_dataset(repo_id, revision, split, token, settings.HF_ENDPOINT, retries=1, backoff_seconds=0)
+    except JobError as exc:
+        raise ServiceError(exc.code, exc.message, retryable=exc.retryable) from None
+    if enqueue:
+        require_queue()
+    with transaction.atomic():
+        dataset = Dataset.objects.create(
+            name=(name or f"{repo_id}:{split}")[:200], source="hub", text_column=text_column, file_path="",
+            status=DatasetStatus.QUEUED, repo_id=repo_id, split=split, requested_revision=revision, revision=plan.sha,
+            bytes_total=plan.total_bytes, encrypted_token=encrypt_secret(token) if token else None,
+        )  # fmt: skip
+        if enqueue:
+            jobs.enqueue_after_commit(dataset, "activations_app.jobs.import_dataset_job")
     return dataset
 
 
-def _store(dataset: Dataset, source) -> None:
+def _store(dataset: Dataset, source: Path) -> None:
     dataset.folder.mkdir(parents=True, exist_ok=True)
     target = dataset.folder / f"data{source.suffix.lower()}"
     try:
@@ -89,9 +100,6 @@ def _store(dataset: Dataset, source) -> None:
 
 def upload_dataset(*, upload, name: str | None = None, text_column: str = "text") -> Dataset:
     """An uploaded file (Django UploadedFile), size-limited, checked, stored."""
-    import tempfile
-    from pathlib import Path
-
     suffix = Path(upload.name or "").suffix.lower()
     if suffix not in dataset_files.FORMATS:
         raise ServiceError("invalid_file", f"Upload a {', '.join(dataset_files.FORMATS)} file.", details={"field": "file"})
@@ -110,177 +118,130 @@ def upload_dataset(*, upload, name: str | None = None, text_column: str = "text"
         try:
             dataset_files.check_file(staged, text_column)
         except InvalidInput as exc:
-            raise _refuse(exc) from None
+            raise ServiceError.from_invalid(exc) from None
         dataset = Dataset(name=(name or Path(upload.name).stem)[:200], source="upload", text_column=text_column, file_path="")
         _store(dataset, staged)
     return dataset
+
+
+def get_ready_dataset(dataset_id: str) -> Dataset:
+    dataset = Dataset.get_or_404(dataset_id)
+    if not dataset.is_ready:
+        raise Conflict("dataset_not_ready", f"Dataset {dataset.name} is {dataset.status}.")
+    return dataset
+
+
+def cancel_dataset(dataset_id: str) -> Dataset:
+    return jobs.cancel(Dataset, dataset_id)
 
 
 def delete_dataset(dataset_id: str) -> bool:
     dataset = Dataset.objects.filter(pk=dataset_id).first()
     if dataset is None:
         return False
+    if dataset.is_running:
+        raise Conflict("dataset_in_use", f"{dataset.name} is {dataset.status}; cancel the import before deleting it.")
     if any(e.is_running for e in dataset.extractions.all()):
         raise Conflict("dataset_in_use", f"An extraction is using {dataset.name}; cancel it first.")
-    shutil.rmtree(dataset.folder, ignore_errors=True)
+    dataset.remove_job_files()
     dataset.delete()
     return True
 
 
-def whole_number(value):
-    """An ASCII decimal string as an int ("²" and "１" are not); anything else unchanged."""
-    if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return value
+# --- extractions ------------------------------------------------------------------------
 
 
-def _positive_int(value, field: str, maximum: int) -> int:
-    value = whole_number(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ServiceError("invalid_input", f"{field} must be a whole number.", details={"field": field})
-    if not 1 <= value <= maximum:
-        raise ServiceError("invalid_input", f"{field} must be between 1 and {maximum:,}.", details={"field": field})
-    return value
+def validate_extraction(model, data) -> ExtractionSpec:
+    """The request (form fields, a JSON body, command options) as the spec the job runs;
+    every bound checked, with the reason, before anything is queued or written."""
+    try:
+        module_map(model.architecture)
+    except JobError as exc:
+        raise ServiceError("unsupported_architecture", exc.message) from None
+    return ExtractionForm(data, model=model).spec()
 
 
-def validate_request(model, dataset, layers, hooks, batch_size, max_samples, seq_len, dtype, tokenization) -> dict:
-    """Every bound checked server-side, with the reason; nothing is queued or written before."""
-    if model.status != ModelStatus.READY:
-        raise Conflict("model_not_ready", f"{model.name} is {model.status}; extraction needs a ready model.")
-    if model.architecture not in MODULE_MAPS:
-        raise ServiceError("unsupported_architecture", f"No hook map for {model.architecture!r}.")
-    if dataset.status != "ready":
-        raise Conflict("dataset_not_ready", f"Dataset {dataset.name} is {dataset.status}.")
-    config = model.architecture_config
-    num_layers = int(config.get("num_hidden_layers") or config.get("n_layer"))
-    if not isinstance(layers, list) or not layers:
-        raise ServiceError("invalid_layers", "Choose at least one layer.", details={"field": "layers"})
-    if any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
-        raise ServiceError("invalid_layers", "Layers must be whole numbers.", details={"field": "layers"})
-    if len(set(layers)) != len(layers):
-        raise ServiceError("invalid_layers", "Each layer may be chosen once.", details={"field": "layers"})
-    bad = [x for x in layers if not 0 <= x < num_layers]
-    if bad:
-        raise ServiceError("invalid_layers", f"Layers {bad} are out of range 0–{num_layers - 1}.", details={"field": "layers"})
-    if not isinstance(hooks, list) or not hooks or any(h not in HOOK_TYPES for h in hooks) or len(set(hooks)) != len(hooks):
-        raise ServiceError("invalid_hooks", f"Hook types must be some of {', '.join(HOOK_TYPES)}.", details={"field": "hook_types"})
-    max_positions = int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
-    if dtype not in ("float16", "float32"):
-        raise ServiceError("invalid_input", "dtype must be float16 or float32.", details={"field": "dtype"})
-    if tokenization not in ("packed", "truncate"):
-        raise ServiceError("invalid_input", "tokenization must be packed or truncate.", details={"field": "tokenization"})
-    return {
-        "layers": sorted(layers),
-        "hook_types": [h for h in HOOK_TYPES if h in hooks],
-        "batch_size": _positive_int(batch_size, "batch_size", settings.EXTRACTION_MAX_BATCH_SIZE),
-        "max_samples": _positive_int(max_samples, "max_samples", settings.EXTRACTION_MAX_SAMPLES),
-        "seq_len": _positive_int(seq_len, "seq_len", max_positions),
-        "dtype": dtype,
-        "tokenization": tokenization,
-    }
-
-
-def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, **fields) -> Extraction:
-    model = model_services.get_model(model_id)
-    dataset = Dataset.objects.filter(pk=dataset_id).first()
-    if dataset is None:
-        raise NotFound("dataset_not_found", f"No dataset with id {dataset_id!r}.")
-    clean = validate_request(
-        model, dataset, fields.get("layers"), fields.get("hook_types"), fields.get("batch_size", 32),
-        fields.get("max_samples", 1000), fields.get("seq_len", 128), fields.get("dtype", "float16"),
-        fields.get("tokenization", "packed"),
-    )  # fmt: skip
-    estimate = estimate_extraction(model, clean, dataset)
+def _refuse_unless_it_fits(estimate: dict) -> None:
     if not estimate["fits_on_disk"]:
         raise ServiceError(
             "insufficient_disk_space",
             f"The output needs {estimate['storage_bytes'] / 1e9:.2f} GB but only "
             f"{estimate['disk_free_bytes'] / 1e9:.2f} GB is free in the data dir.",
         )
-    if enqueue:
-        model_services.require_queue()
-    with transaction.atomic():
-        # The job id is on the row before the job exists (see models_app.services).
-        extraction = Extraction.objects.create(model=model, dataset=dataset, job_id=str(uuid.uuid4()) if enqueue else "", **clean)
-        if enqueue:
-            def enqueue_job() -> None:
-                model_services.queue().enqueue(
-                    "activations_app.jobs.extraction_job", extraction.id,
-                    job_id=extraction.job_id, job_timeout=model_services.job_timeout(),
-                )  # fmt: skip
 
-            transaction.on_commit(enqueue_job)
+
+def estimate_request(*, model_id: str, dataset_id: str, data) -> dict:
+    """The dialog's live estimate: the same checks as a start, nothing written."""
+    model = get_ready_model(model_id, "extraction")
+    if not dataset_id:
+        raise ServiceError("invalid_input", "Choose a dataset.", details={"field": "dataset_id"})
+    dataset = get_ready_dataset(dataset_id)
+    return estimate_extraction(model, validate_extraction(model, data), dataset)
+
+
+def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, data=None, **fields) -> Extraction:
+    """`data` as a form posts it, or the request's fields as keywords."""
+    data = fields if data is None else data
+    model = get_ready_model(model_id, "extraction")
+    dataset = get_ready_dataset(dataset_id)
+    spec = validate_extraction(model, data)
+    _refuse_unless_it_fits(estimate_extraction(model, spec, dataset))
+    if enqueue:
+        require_queue()
+    with transaction.atomic():
+        extraction = Extraction.objects.create(model=model, dataset=dataset, **spec.request())
+        if enqueue:
+            jobs.enqueue_after_commit(extraction, "activations_app.jobs.extraction_job")
     return extraction
+
+
+def cancel_extraction(extraction_id: str) -> Extraction:
+    """Stop the worker process running it, then remove its temporary folder; every open
+    page and /ws/models/{id}/extraction client hears of it, not just the one that asked."""
+    return jobs.cancel(Extraction, extraction_id)
 
 
 def delete_extraction(extraction: Extraction) -> bool:
     """Remove the record and its output folder; 409 while it runs (cancel first)."""
     if extraction.is_running:
         raise Conflict("extraction_running", f"{extraction.id} is {extraction.status}; cancel it first.")
-    remove_outputs(extraction)
+    extraction.remove_job_files()
     extraction.delete()
     return True
-
-
-def remove_outputs(extraction: Extraction) -> None:
-    remove_output_dirs(extraction.final_dir)
-
-
-def cancel_extraction(extraction_id: str) -> Extraction:
-    """Stop the worker process running it, then remove its temporary folder."""
-    extraction = Extraction.objects.filter(pk=extraction_id).first()
-    if extraction is None:
-        raise NotFound("extraction_not_found", f"No extraction with id {extraction_id!r}.")
-    if not extraction.is_running:
-        raise Conflict("not_running", f"{extraction.id} is {extraction.status}; only a running extraction can be cancelled.")
-    Extraction.objects.filter(pk=extraction.pk, status__in=EXTRACTION_RUNNING).update(
-        status=ExtractionStatus.CANCELLED, eta_seconds=None
-    )
-    if extraction.job_id:
-        model_services.stop_rq_job(extraction.job_id)
-    remove_outputs(extraction)
-    extraction = Extraction.objects.select_related("model", "dataset").get(pk=extraction.pk)
-    publish(extraction)  # every open page and /ws/models/{id}/extraction client, not just the one that asked
-    return extraction
 
 
 ROUGH_FLOPS_PER_SECOND = {"cpu": 5e10, "cuda": 2e13}
 
 
-def estimate_extraction(model, clean: dict, dataset: Dataset | None = None) -> dict:
+def estimate_extraction(model, spec: ExtractionSpec, dataset: Dataset | None = None) -> dict:
     """Storage exactly for the rows the run will have (truncate: one per document, so at most
     the dataset's row count; packed: max_samples windows at most, fewer when the text runs
     out), time from this model's measured speed when a finished extraction of it exists
     (else a stated rough FLOP figure), memory for a batch."""
-    from models_app.ml import quantize
-
-    from .ml.extract import storage_bytes
-
-    config = model.architecture_config
-    hidden = int(config.get("hidden_size") or config.get("n_embd"))
-    files = len(clean["layers"]) * len(clean["hook_types"])
-    samples, at_most = clean["max_samples"], True
-    if clean["tokenization"] == "truncate" and dataset is not None and dataset.row_count:
+    hidden = model.hidden_size
+    files = len(spec.layers) * len(spec.hook_types)
+    samples, at_most = spec.max_samples, True
+    if spec.tokenization == "truncate" and dataset is not None and dataset.row_count:
         samples, at_most = min(samples, dataset.row_count), False
-    storage = storage_bytes(samples, clean["seq_len"], hidden, clean["dtype"], files, clean["tokenization"] == "truncate")
+    storage = storage_bytes(samples, spec.seq_len, hidden, spec.dtype, files, spec.tokenization == "truncate")
     measured = (
-        Extraction.objects.filter(model=model, status=ExtractionStatus.COMPLETED, seq_len=clean["seq_len"])
+        Extraction.objects.filter(model=model, status=ExtractionStatus.COMPLETED, seq_len=spec.seq_len)
         .exclude(samples_per_second=0)
         .order_by("-created_at")
         .values_list("samples_per_second", flat=True)
         .first()
     )
-    device = quantize.compute_device()
+    device = compute_device()
     if measured:
         seconds, basis = samples / measured, f"measured {measured:.1f} samples/s on this model"
     else:
-        flops = 2 * (model.params_count or 0) * samples * clean["seq_len"]
+        flops = 2 * (model.params_count or 0) * samples * spec.seq_len
         seconds, basis = flops / ROUGH_FLOPS_PER_SECOND[device], f"rough: 2 FLOPs per parameter per token at {ROUGH_FLOPS_PER_SECOND[device]:.0e} FLOP/s on {device.upper()}"
     weights = model.memory_measured_bytes or model.memory_required_bytes or 0
-    batch_bytes = clean["batch_size"] * clean["seq_len"] * hidden * 4 * (files + 8)
+    batch_bytes = spec.batch_size * spec.seq_len * hidden * 4 * (files + 8)
     free = shutil.disk_usage(settings.DATA_DIR).free
     warnings = []
-    limit = model_services.job_timeout()
+    limit = job_timeout()
     if seconds > limit:
         warnings.append(
             f"This would take about {seconds / 3600:.1f} hours, past the job time limit of {limit / 3600:.0f} h "

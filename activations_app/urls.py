@@ -1,12 +1,14 @@
 from django.urls import path
 
-from . import views
+from . import api, views
 
 app_name = "activations"
 
 urlpatterns = [
     path("datasets/", views.datasets_page, name="datasets"),
     path("datasets/upload", views.dataset_upload, name="dataset-upload"),
+    path("datasets/import", views.dataset_import, name="dataset-import"),
+    path("datasets/<str:dataset_id>/cancel", views.dataset_cancel, name="dataset-cancel"),
     path("datasets/<str:dataset_id>/delete", views.dataset_delete, name="dataset-delete"),
     path("extractions/", views.extractions_page, name="extractions"),
     path("extractions/<str:extraction_id>", views.extraction_detail, name="extraction"),
@@ -14,4 +16,11 @@ urlpatterns = [
     path("models/<str:model_id>/extract", views.extraction_dialog, name="dialog"),
     path("models/<str:model_id>/extract/estimate", views.extraction_estimate, name="estimate"),
     path("models/<str:model_id>/extract/start", views.extraction_start, name="start"),
+    path("api/models/<str:model_id>/extract", api.extract, name="api-extract"),
+    path("api/datasets", api.datasets, name="api-datasets"),
+    path("api/datasets/<str:dataset_id>", api.dataset_detail, name="api-dataset"),
+    path("api/datasets/<str:dataset_id>/cancel", api.dataset_cancel, name="api-dataset-cancel"),
+    path("api/extractions", api.extractions, name="api-extractions"),
+    path("api/extractions/<str:extraction_id>", api.extraction_detail, name="api-extraction"),
+    path("api/extractions/<str:extraction_id>/cancel", api.extraction_cancel, name="api-extraction-cancel"),
 ]

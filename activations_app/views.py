@@ -5,18 +5,23 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from mistudio.errors import ServiceError
-from models_app import services as model_services
+from models_app.services import get_model
 
 from . import services
+from .forms import ExtractionForm
 from .ml.hooks import HOOK_TYPES
 from .models import Dataset, Extraction
 
 HOOK_LABELS = {"residual": "Residual Stream", "mlp": "MLP Output", "attention": "Attention Output"}
 
 
+def _datasets_page(request, status: int = 200, **context):
+    return render(request, "activations_app/datasets.html", {"datasets": Dataset.objects.all(), **context}, status=status)
+
+
 @require_GET
 def datasets_page(request):
-    return render(request, "activations_app/datasets.html", {"datasets": Dataset.objects.all()})
+    return _datasets_page(request)
 
 
 @require_POST
@@ -32,8 +37,30 @@ def dataset_upload(request):
             )
         except ServiceError as exc:
             error = exc.message
-    context = {"datasets": Dataset.objects.all(), "upload_error": error}
-    return render(request, "activations_app/datasets.html", context, status=400 if error else 200)
+    return _datasets_page(request, status=400 if error else 200, upload_error=error)
+
+
+@require_POST
+def dataset_import(request):
+    """A Hub dataset: refused at once when the repo, split or token is wrong, else queued."""
+    try:
+        services.request_hub_dataset(
+            repo_id=request.POST.get("repo_id", ""), name=request.POST.get("name") or None,
+            text_column=request.POST.get("text_column") or "text", split=request.POST.get("split") or "train",
+            token=request.POST.get("access_token") or None, revision=request.POST.get("revision") or None,
+        )  # fmt: skip
+    except ServiceError as exc:
+        return _datasets_page(request, status=exc.status, import_error=exc.message, repo_id=request.POST.get("repo_id", ""))
+    return redirect("activations:datasets")
+
+
+@require_POST
+def dataset_cancel(request, dataset_id):
+    try:
+        services.cancel_dataset(dataset_id)
+    except ServiceError as exc:
+        return _datasets_page(request, status=exc.status, import_error=exc.message)
+    return redirect("activations:datasets")
 
 
 @require_POST
@@ -41,14 +68,14 @@ def dataset_delete(request, dataset_id):
     try:
         services.delete_dataset(dataset_id)
     except ServiceError as exc:
-        return render(request, "activations_app/datasets.html", {"datasets": Dataset.objects.all(), "upload_error": exc.message}, status=exc.status)
+        return _datasets_page(request, status=exc.status, upload_error=exc.message)
     return redirect("activations:datasets")
 
 
 @require_GET
 def extractions_page(request):
     """Every extraction, or one model's history with ?model_id=."""
-    extractions = Extraction.objects.select_related("model", "dataset")
+    extractions = Extraction.rows()
     model_id = request.GET.get("model_id")
     if model_id:
         extractions = extractions.filter(model_id=model_id)
@@ -57,50 +84,26 @@ def extractions_page(request):
 
 @require_GET
 def extraction_detail(request, extraction_id):
-    extraction = get_object_or_404(Extraction.objects.select_related("model", "dataset"), pk=extraction_id)
+    extraction = get_object_or_404(Extraction.rows(), pk=extraction_id)
     thresholds = {s.get("sparsity_threshold") for s in extraction.statistics.values()}
     return render(request, "activations_app/extraction_detail.html", {
         "extraction": extraction, "sparsity_threshold": ", ".join(str(t) for t in sorted(thresholds)),
     })  # fmt: skip
 
 
-def _form_fields(post) -> dict:
-    """The form's strings as they came: the service parses and bounds every one of them,
-    with the same messages as the API and the command."""
-    return {
-        "layers": [services.whole_number(x) for x in post.getlist("layers")],
-        "hook_types": post.getlist("hook_types"),
-        "batch_size": post.get("batch_size") or 32,
-        "max_samples": post.get("max_samples") or 1000,
-        "seq_len": post.get("seq_len") or 128,
-        "dtype": post.get("dtype", "float16"),
-        "tokenization": post.get("tokenization", "packed"),
-    }
-
-
 @require_GET
 def extraction_dialog(request, model_id):
-    model = model_services.get_model(model_id)
-    config = model.architecture_config or {}
-    num_layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+    model = get_model(model_id)
     return render(request, "activations_app/_extract_dialog.html", {
-        "model": model, "datasets": Dataset.objects.filter(status="ready"), "layer_range": range(num_layers),
-        "hooks": [(h, HOOK_LABELS[h]) for h in HOOK_TYPES],
-        "max_positions": config.get("max_position_embeddings") or config.get("n_positions"),
+        "model": model, "form": ExtractionForm(model=model), "datasets": Dataset.objects.filter(status="ready"),
+        "layer_range": range(model.num_layers), "hooks": [(h, HOOK_LABELS[h]) for h in HOOK_TYPES],
     })  # fmt: skip
 
 
 @require_POST
 def extraction_estimate(request, model_id):
-    model = model_services.get_model(model_id)
-    dataset = Dataset.objects.filter(pk=request.POST.get("dataset_id", "")).first()
     try:
-        if dataset is None:
-            raise ServiceError("invalid_input", "Choose a dataset.")
-        fields = _form_fields(request.POST)
-        clean = services.validate_request(model, dataset, **{k: fields[k] for k in ("batch_size", "max_samples", "seq_len", "dtype", "tokenization")},
-                                          layers=fields["layers"], hooks=fields["hook_types"])  # fmt: skip
-        estimate = services.estimate_extraction(model, clean, dataset)
+        estimate = services.estimate_request(model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), data=request.POST)
     except ServiceError as exc:
         return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message})
     return render(request, "activations_app/_extract_estimate.html", {"estimate": estimate})
@@ -110,7 +113,7 @@ def extraction_estimate(request, model_id):
 def extraction_start(request, model_id):
     try:
         extraction = services.request_extraction(
-            model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), **_form_fields(request.POST)
+            model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), data=request.POST
         )
     except ServiceError as exc:
         return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message}, status=exc.status)

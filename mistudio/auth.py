@@ -3,7 +3,7 @@
 from django.contrib.auth.middleware import LoginRequiredMiddleware as DjangoLoginRequired
 from django.utils.deprecation import MiddlewareMixin
 
-from .errors import error_response
+from .api import error_response
 from .models import ApiToken
 
 

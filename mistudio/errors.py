@@ -1,6 +1,40 @@
-"""The API's error shape: {"error": {"code", "message", "details", "retryable"}}."""
+"""Every error a user can act on, each with a stable code for the API, the card and the
+commands. Django-free: the pure `ml/` packages raise these too."""
 
-from django.http import JsonResponse
+from __future__ import annotations
+
+
+class InvalidInput(ValueError):
+    """Input refused before anything is queued or written."""
+
+    def __init__(self, field: str, message: str, code: str = "invalid_input") -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+class JobError(Exception):
+    """A job failed for a reason the user can act on. The message is shown as is, so it
+    must never contain a secret."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        suggested_format: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.suggested_format = suggested_format
+
+
+class JobCancelled(Exception):
+    """Raised inside a job when its row was cancelled, to unwind and clean up."""
 
 
 class ServiceError(Exception):
@@ -15,6 +49,10 @@ class ServiceError(Exception):
         self.details = details or {}
         self.retryable = retryable
 
+    @classmethod
+    def from_invalid(cls, exc: InvalidInput) -> ServiceError:
+        return cls(exc.code, exc.message, details={"field": exc.field})
+
 
 class NotFound(ServiceError):
     status = 404
@@ -26,8 +64,3 @@ class Conflict(ServiceError):
 
 class Unavailable(ServiceError):
     status = 503
-
-
-def error_response(status: int, code: str, message: str, details: dict | None = None, retryable: bool = False):
-    body = {"error": {"code": code, "message": message, "details": details or {}, "retryable": retryable}}
-    return JsonResponse(body, status=status)

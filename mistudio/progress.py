@@ -43,6 +43,7 @@ class _LayerLoop:
 _layer_loop = _LayerLoop()
 
 MODELS_GROUP = "models"
+DATASETS_GROUP = "datasets"
 
 
 def model_group(model_id: str, channel: str = "progress") -> str:
@@ -60,14 +61,14 @@ def _send(group: str, message: dict) -> None:
         log.warning("could not publish to %s: %s", group, type(exc).__name__)
 
 
-def publish_html(html: str) -> None:
-    """HTML fragments for the page, swapped out-of-band by element id."""
-    _send(MODELS_GROUP, {"type": "html.fragment", "html": html})
+def publish_html(html: str, group: str = MODELS_GROUP) -> None:
+    """HTML fragments for the pages of `group`, swapped out-of-band by element id."""
+    _send(group, {"type": "html.fragment", "html": html})
 
 
-def publish_event(model_id: str, event: dict, channel: str = "progress") -> None:
-    """A JSON event for programmatic clients of /ws/models/{id}/progress or …/extraction."""
-    _send(model_group(model_id, channel), {"type": "json.event", "event": event})
+def publish_event_to(group: str, event: dict) -> None:
+    """A JSON event for the programmatic clients following one row."""
+    _send(group, {"type": "json.event", "event": event})
 
 
 class LatestStateWriter:

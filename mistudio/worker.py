@@ -7,17 +7,16 @@ start and every 10 minutes)."""
 import os
 
 from django.db import connections
+from django.utils.module_loading import autodiscover_modules
 from rq.exceptions import AbandonedJobError
 from rq.worker import Worker
 
+from . import jobs
+
 
 def _mark_job_died(job_id: str, reason: str) -> None:
-    from activations_app.jobs import mark_worker_died as extraction_died
-    from models_app.jobs import mark_worker_died as model_job_died
-
     try:
-        model_job_died(job_id, reason)
-        extraction_died(job_id, reason)
+        jobs.mark_worker_died(job_id, reason)
     finally:
         # The next job forks from this process: it must not inherit an open connection.
         connections.close_all()
@@ -42,8 +41,7 @@ class MistudioWorker(Worker):
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
-        import activations_app.jobs  # noqa: F401
-        import models_app.jobs  # noqa: F401
+        autodiscover_modules("jobs")  # every app's jobs module
 
         return super().work(*args, **kwargs)
 

@@ -1,9 +1,9 @@
 from django import forms
 from django.core.exceptions import ValidationError
 
-from .ml.errors import InvalidInput
+from mistudio.errors import InvalidInput
 from .ml.formats import validate_format
-from .ml.validation import validate_repo_id, validate_revision
+from mistudio.validation import validate_repo_id, validate_revision
 
 QUANTIZATION_CHOICES = [
     ("FP32", "FP32 (Full Precision)"),

@@ -1,8 +1,17 @@
 import secrets
+import shutil
 from pathlib import Path
 
 from django.conf import settings
 from django.db import models
+from django.template.loader import render_to_string
+
+from mistudio import progress
+from mistudio.errors import JobError
+from mistudio.jobs import TrackedRow
+from mistudio.staging import staged_path
+
+from .ml.formats import BYTES_PER_PARAM
 
 
 def new_model_id() -> str:
@@ -29,8 +38,15 @@ PHASE_LABELS = {
 }
 
 
-class Model(models.Model):
+class Model(TrackedRow, models.Model):
     """One downloadable artifact: a repo at a revision in one quantization format."""
+
+    KIND = "model"
+    QUEUED, DONE, FAILED, CANCELLED = ModelStatus.QUEUED, ModelStatus.READY, ModelStatus.ERROR, ModelStatus.CANCELLED
+    RUNNING = RUNNING_STATUSES
+    IDLE_FIELDS = {"speed_bps": 0, "eta_seconds": None}
+    card_template = "models_app/_card.html"
+    PANEL_SIZE = 200
 
     SOURCE_CHOICES = [("hub", "Hugging Face Hub"), ("local", "Local folder"), ("gguf", "GGUF file")]
 
@@ -90,8 +106,35 @@ class Model(models.Model):
         return f"{self.name} ({self.quantization}, {self.status})"
 
     @property
-    def is_running(self) -> bool:
-        return self.status in RUNNING_STATUSES
+    def label(self) -> str:
+        return self.name
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == ModelStatus.READY
+
+    def _config(self, *names: str, default=None):
+        """The first of `names` that the config sets (families name the same thing differently)."""
+        config = self.architecture_config or {}
+        return next((config[name] for name in names if config.get(name) is not None), default)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._config("num_hidden_layers", "n_layer", default=0))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._config("hidden_size", "n_embd", default=0))
+
+    @property
+    def max_positions(self) -> int | None:
+        value = self._config("max_position_embeddings", "n_positions")
+        return int(value) if value is not None else None
+
+    @property
+    def quantize_choices(self) -> list[str]:
+        """The formats "Quantize to…" offers: every other one."""
+        return [fmt for fmt in BYTES_PER_PARAM if fmt != self.quantization]
 
     @property
     def phase_label(self) -> str:
@@ -121,15 +164,39 @@ class Model(models.Model):
 
     def owned_dirs(self) -> list[Path]:
         """Every folder only this record uses (for cleanup): its quantized folders, and the
-        raw snapshot unless another record was made from it."""
+        raw snapshot unless another record was made from it; each with what a job staged."""
         base = settings.DATA_DIR / "models" / "quantized"
-        dirs = sorted(base.glob(f"{self.id}_*"))
+        dirs = sorted(base.glob(f"{self.id}_*")) + [self.quantized_dir(fmt) for fmt in BYTES_PER_PARAM]
         sharers = Model.objects.filter(
             models.Q(snapshot_of=self.snapshot_owner) | models.Q(pk=self.snapshot_owner)
         ).exclude(pk=self.pk)
         if not sharers.exists():
-            dirs[:0] = [self.raw_dir, self.raw_dir.with_name(self.raw_dir.name + ".partial")]  # + an import's copy
-        return dirs
+            dirs.insert(0, self.raw_dir)
+        return [path for folder in dirs for path in (folder, staged_path(folder))]
+
+    def remove_job_files(self) -> None:
+        for folder in self.owned_dirs():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def stop_fields(self, error: JobError | None) -> dict:
+        fields = {"encrypted_token": None}  # the token is kept only while the download needs it
+        if error is not None:
+            fields["suggested_format"] = error.suggested_format or ""
+        return fields
+
+    def event_group(self) -> str:
+        return progress.model_group(self.id)
+
+    def publish_added(self) -> None:
+        progress.publish_html(Model.list_html(oob=True))
+
+    @classmethod
+    def for_panel(cls):
+        return cls.objects.all()[: cls.PANEL_SIZE]
+
+    @classmethod
+    def list_html(cls, oob: bool = False) -> str:
+        return render_to_string("models_app/_model_list.html", {"models": cls.for_panel(), "oob": oob})
 
     @property
     def speed_mbps(self) -> float:

@@ -5,5 +5,4 @@ from . import consumers
 websocket_urlpatterns = [
     path("ws/models/", consumers.ModelsConsumer.as_asgi()),
     path("ws/models/<str:model_id>/progress", consumers.ModelProgressConsumer.as_asgi()),
-    path("ws/models/<str:model_id>/extraction", consumers.ExtractionProgressConsumer.as_asgi()),
 ]

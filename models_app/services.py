@@ -7,109 +7,32 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
-import uuid
 
-import django_rq
 from django.conf import settings
 from django.db import transaction
-from django.template.loader import render_to_string
-from redis.exceptions import RedisError
-from rq.command import send_stop_job_command
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job, JobStatus
 
-from mistudio import progress
+from mistudio import jobs, progress
 from mistudio.crypto import encrypt_secret
-from mistudio.errors import Conflict, NotFound, ServiceError, Unavailable
+from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
+from mistudio.queue import require_queue
+from mistudio.validation import resolve_import_path, validate_repo_id, validate_revision
 
 from .ml import architecture as architecture_view
 from .ml import hub, loading, quantize
-from .ml.errors import InvalidInput, JobError
 from .ml.formats import validate_format
-from .ml.validation import resolve_import_path, validate_repo_id, validate_revision
-from .models import RUNNING_STATUSES, Model, ModelStatus
+from .models import Model
 
 log = logging.getLogger(__name__)
 
 
-def as_service_error(exc: InvalidInput) -> ServiceError:
-    return ServiceError(exc.code, exc.message, details={"field": exc.field})
-
-
-def queue():
-    # Enqueue immediately: callers already wait for the row's transaction to commit.
-    return django_rq.get_queue("default", commit_mode="auto")
-
-
-def require_queue() -> None:
-    """Refuse up front when Redis is down, so no row is left queued with no job."""
-    try:
-        queue().connection.ping()
-    except RedisError:
-        raise Unavailable(
-            "queue_unavailable",
-            "The job queue (Redis) is not reachable; nothing was started. Check REDIS_URL and that Redis runs.",
-            retryable=True,
-        ) from None
-
-
-# --- publishing -------------------------------------------------------------------------
-
-
-def render_card(model: Model, oob: bool = False) -> str:
-    return render_to_string("models_app/_card.html", {"model": model, "oob": oob})
-
-
-def render_model_list(oob: bool = False) -> str:
-    return render_to_string("models_app/_model_list.html", {"models": list_for_panel(), "oob": oob})
-
-
-def list_for_panel():
-    return Model.objects.all()[:200]
-
-
-def publish_card(model: Model, event: dict | None = None) -> None:
-    progress.publish_html(render_card(model, oob=True))
-    progress.publish_event(model.id, event or model.progress_event())
-
-
 def publish_list() -> None:
     """The whole list, for changes that add or remove cards (every open tab converges)."""
-    progress.publish_html(render_model_list(oob=True))
+    progress.publish_html(Model.list_html(oob=True))
 
 
-# --- starting jobs ----------------------------------------------------------------------
-
-
-def job_timeout() -> int:
-    """Seconds a job may run before RQ stops it (MISTUDIO_JOB_TIMEOUT)."""
-    return int(settings.RQ_QUEUES["default"]["DEFAULT_TIMEOUT"])
-
-
-def _enqueue_after_commit(model: Model, func: str) -> None:
-    # The job id is on the row before the job exists: a cancel or a dead worker in between
-    # still finds the job to stop or the row to fail.
-    job_id = str(uuid.uuid4())
-    Model.objects.filter(pk=model.pk).update(job_id=job_id)
-    model.job_id = job_id
-
-    def enqueue() -> None:
-        try:
-            queue().enqueue(func, model.id, job_id=job_id, job_timeout=job_timeout())
-        except RedisError:
-            Model.objects.filter(pk=model.pk, status=ModelStatus.QUEUED).update(
-                status=ModelStatus.ERROR,
-                error_code="queue_unavailable",
-                error_message="The job queue (Redis) was not reachable; the job was not started.",
-                encrypted_token=None,
-            )
-            publish_list()
-            return
-        publish_list()
-
-    transaction.on_commit(enqueue)
+def _owner(user):
+    return user if user and user.is_authenticated else None
 
 
 def request_download(
@@ -121,7 +44,7 @@ def request_download(
         fmt = validate_format(quantization)
         revision = validate_revision(revision)
     except InvalidInput as exc:
-        raise as_service_error(exc) from None
+        raise ServiceError.from_invalid(exc) from None
     token = (token or "").strip() or None
     if enqueue:
         require_queue()
@@ -134,10 +57,10 @@ def request_download(
             quantization=fmt,
             requested_quantization=fmt,
             encrypted_token=encrypt_secret(token) if token else None,
-            created_by=user if user and user.is_authenticated else None,
+            created_by=_owner(user),
         )
         if enqueue:
-            _enqueue_after_commit(model, "models_app.jobs.download_model_job")
+            jobs.enqueue_after_commit(model, "models_app.jobs.download_model_job")
     return model
 
 
@@ -145,7 +68,7 @@ def request_import(*, user, path: str, name: str | None = None, enqueue=True) ->
     try:
         resolved = resolve_import_path(path, settings.IMPORT_ROOTS)
     except InvalidInput as exc:
-        raise as_service_error(exc) from None
+        raise ServiceError.from_invalid(exc) from None
     if enqueue:
         require_queue()
     source = "gguf" if resolved.is_file() else "local"
@@ -155,10 +78,10 @@ def request_import(*, user, path: str, name: str | None = None, enqueue=True) ->
             name=(name or "").strip()[:200] or default_name,
             source=source,
             source_path=str(resolved),
-            created_by=user if user and user.is_authenticated else None,
+            created_by=_owner(user),
         )
         if enqueue:
-            _enqueue_after_commit(model, "models_app.jobs.import_model_job")
+            jobs.enqueue_after_commit(model, "models_app.jobs.import_model_job")
     return model
 
 
@@ -168,8 +91,8 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
     try:
         fmt = validate_format(quantization)
     except InvalidInput as exc:
-        raise as_service_error(exc) from None
-    if source.status != ModelStatus.READY:
+        raise ServiceError.from_invalid(exc) from None
+    if not source.is_ready:
         raise Conflict("model_not_ready", f"{source.name} is {source.status}; only a ready model can be quantized.")
     if fmt == source.quantization:
         raise ServiceError(
@@ -195,10 +118,10 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
             perplexity_baseline=source.perplexity_baseline,
             quantization=fmt,
             requested_quantization=fmt,
-            created_by=user if user and user.is_authenticated else None,
+            created_by=_owner(user),
         )
         if enqueue:
-            _enqueue_after_commit(model, "models_app.jobs.quantize_model_job")
+            jobs.enqueue_after_commit(model, "models_app.jobs.quantize_model_job")
     return model
 
 
@@ -223,7 +146,7 @@ def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | Non
         repo_id = validate_repo_id(repo_id)
         revision = validate_revision(revision)
     except InvalidInput as exc:
-        raise as_service_error(exc) from None
+        raise ServiceError.from_invalid(exc) from None
     token = (token or "").strip() or None
     # Per token (hashed, never kept in clear): a gated repo's config read with one user's
     # token must not answer another user who has no access.
@@ -267,71 +190,24 @@ def check_fits(config: dict, fmt: str) -> None:
         raise ServiceError(exc.code, exc.message, details={"budget_bytes": budget}) from None
 
 
-# --- cancel and delete ------------------------------------------------------------------
+# --- lookup, cancel and delete ---------------------------------------------------------
 
 
 def get_model(model_id: str) -> Model:
-    model = Model.objects.filter(pk=model_id).first()
-    if model is None:
-        raise NotFound("model_not_found", f"No model with id {model_id!r}.")
+    """The model lookup other apps use (404 as a ServiceError)."""
+    return Model.get_or_404(model_id)
+
+
+def get_ready_model(model_id: str, purpose: str) -> Model:
+    """A model that can be used now, or a 409 that says why not."""
+    model = get_model(model_id)
+    if not model.is_ready:
+        raise Conflict("model_not_ready", f"{model.name} is {model.status}; {purpose} needs a ready model.")
     return model
-
-
-def remove_files(model: Model) -> None:
-    for folder in model.owned_dirs():
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def stop_rq_job(job_id: str, wait_seconds: float = 15.0) -> None:
-    """Stop the job's worker process (not just the row) and wait until it is gone, so no
-    file is written after we clean up."""
-    try:
-        _stop(job_id, wait_seconds)
-    except RedisError:
-        log.warning("could not reach Redis to stop job %s", job_id)
-
-
-def _stop(job_id: str, wait_seconds: float) -> None:
-    connection = queue().connection
-    try:
-        job = Job.fetch(job_id, connection=connection)
-    except NoSuchJobError:
-        return
-    status = job.get_status(refresh=True)
-    if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
-        job.cancel()
-        return
-    if status != JobStatus.STARTED:
-        return
-    try:
-        send_stop_job_command(connection, job_id)
-    except InvalidJobOperation:
-        return
-    deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline:
-        if job.get_status(refresh=True) != JobStatus.STARTED:
-            return
-        time.sleep(0.1)
-    log.warning("job %s did not stop within %.0f s", job_id, wait_seconds)
 
 
 def cancel_model(model_id: str) -> Model:
-    model = get_model(model_id)
-    if not model.is_running:
-        raise Conflict("not_running", f"{model.name} is {model.status}; only a running job can be cancelled.")
-    # The status flip is what an inline (--sync) job sees; the stop command ends a worker's.
-    updated = Model.objects.filter(pk=model.pk, status__in=RUNNING_STATUSES).update(
-        status=ModelStatus.CANCELLED, encrypted_token=None, speed_bps=0, eta_seconds=None
-    )
-    if not updated:  # the job finished (or failed) since the row was read: its files are the result
-        model.refresh_from_db()
-        raise Conflict("not_running", f"{model.name} is {model.status}; only a running job can be cancelled.")
-    if model.job_id:
-        stop_rq_job(model.job_id)
-    remove_files(model)
-    model.refresh_from_db()
-    publish_card(model)
-    return model
+    return jobs.cancel(Model, model_id)
 
 
 def delete_model(model_id: str) -> bool:
@@ -343,11 +219,9 @@ def delete_model(model_id: str) -> bool:
         raise Conflict(
             "model_in_use", f"{model.name} is {model.status}; cancel the job before deleting the model."
         )
-    from activations_app.models import EXTRACTION_RUNNING
-
-    if model.extractions.filter(status__in=EXTRACTION_RUNNING).exists():
+    if any(extraction.is_running for extraction in model.extractions.all()):
         raise Conflict("model_in_use", f"An extraction of {model.name} is running; cancel it before deleting the model.")
-    remove_files(model)
+    model.remove_job_files()
     model.delete()
     publish_list()
     return True

@@ -1,7 +1,5 @@
 from django.urls import path
 
-from activations_app import api as activations_api
-
 from . import api, views
 
 app_name = "models"
@@ -21,9 +19,4 @@ urlpatterns = [
     path("api/models/<str:model_id>/cancel", api.model_cancel, name="api-cancel"),
     path("api/models/<str:model_id>/quantize", api.model_quantize, name="api-quantize"),
     path("api/models/<str:model_id>/architecture", api.model_architecture, name="api-architecture"),
-    path("api/models/<str:model_id>/extract", activations_api.extract, name="api-extract"),
-    path("api/datasets", activations_api.datasets, name="api-datasets"),
-    path("api/datasets/<str:dataset_id>", activations_api.dataset_detail, name="api-dataset"),
-    path("api/extractions", activations_api.extractions, name="api-extractions"),
-    path("api/extractions/<str:extraction_id>", activations_api.extraction_detail, name="api-extraction"),
 ]

@@ -10,10 +10,11 @@ from mistudio.errors import NotFound, ServiceError
 
 from . import services
 from .forms import DownloadForm
+from .models import Model
 
 
 def _panel_context(form=None):
-    return {"form": form or DownloadForm(), "models": services.list_for_panel()}
+    return {"form": form or DownloadForm(), "models": Model.for_panel()}
 
 
 @require_GET
@@ -93,7 +94,7 @@ def quantize(request, model_id):
         return _refused_on_card(request, model_id, exc)
     if not request.htmx:
         return redirect("models:panel")
-    return render(request, "models_app/_model_list.html", {"models": services.list_for_panel()})
+    return render(request, "models_app/_model_list.html", {"models": Model.for_panel()})
 
 
 @require_GET

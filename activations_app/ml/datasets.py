@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from models_app.ml.errors import InvalidInput
+from mistudio.errors import InvalidInput
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 # The csv module refuses fields over 128 KiB by default; a long document is one field.

@@ -13,29 +13,47 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from models_app.ml.errors import JobError
+from mistudio.errors import JobError
+from mistudio.staging import promote, staged_path
 
-from .hooks import StopForward, capture_activations, hook_targets
+from .hooks import HookTargets, StopForward, capture_activations, hook_targets
 from .stats import RunningStats
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+TOKENIZATIONS = {"packed": "packed (EOS-joined windows)", "truncate": "truncate (one row per document, padded)"}
 
 
 @dataclass
 class ExtractionSpec:
+    """One extraction request, validated: what the job runs, what the row stores (a column
+    per request field) and what metadata.json records. The defaults here are the dialog's,
+    the API's and the command's."""
+
     layers: list[int]
-    hooks: list[str]
-    seq_len: int = 128
-    batch_size: int = 8
+    hook_types: list[str]
+    batch_size: int = 32
     max_samples: int = 1000
+    seq_len: int = 128
     dtype: str = "float16"
     tokenization: str = "packed"  # or "truncate"
-    sparsity_threshold: float = 0.01
+    sparsity_threshold: float = field(default=0.01, metadata={"request": False})
+
+    @classmethod
+    def request_fields(cls) -> list[str]:
+        """The fields a request sets (and the row stores)."""
+        return [f.name for f in fields(cls) if f.metadata.get("request", True)]
+
+    @classmethod
+    def default(cls, name: str):
+        return next(f.default for f in fields(cls) if f.name == name)
+
+    def request(self) -> dict:
+        return {name: getattr(self, name) for name in self.request_fields()}
 
 
 @dataclass
@@ -85,7 +103,7 @@ def tokenize(texts: Iterable[str], tokenizer, seq_len: int, mode: str, max_sampl
     that does not fill a window is dropped). `truncate`: one row per document, cut at
     seq_len, right-padded (pad token, else EOS, else 0: the mask marks them either way).
     Stops reading documents once max_samples rows exist."""
-    if mode not in ("packed", "truncate"):
+    if mode not in TOKENIZATIONS:
         raise JobError("invalid_tokenization", f"Tokenization must be packed or truncate, not {mode!r}.")
     eos = tokenizer.eos_token_id
     rows = _Rows(seq_len)
@@ -142,11 +160,6 @@ def _npy_header_bytes(shape, dtype) -> int:
     return buffer.tell()
 
 
-def partial_dir(final_dir: Path) -> Path:
-    """The temporary folder a run writes into, next to (same filesystem as) the final one."""
-    return final_dir.with_name(f".{final_dir.name}.partial")
-
-
 class ActivationWriter:
     """Preallocated .npy files in a temporary folder, filled batch by batch, moved into
     place as a whole. Space is reserved up front, so a full disk fails before the first
@@ -154,7 +167,7 @@ class ActivationWriter:
 
     def __init__(self, final_dir: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> None:
         self.final_dir = final_dir
-        self.tmp_dir = partial_dir(final_dir)
+        self.tmp_dir = staged_path(final_dir)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True)
         self.arrays: dict[str, np.memmap] = {}
@@ -176,10 +189,7 @@ class ActivationWriter:
             array.flush()
         self.arrays.clear()
         (self.tmp_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
-        if self.final_dir.exists():
-            shutil.rmtree(self.final_dir)
-        os.replace(self.tmp_dir, self.final_dir)
-        return self.final_dir
+        return promote(self.tmp_dir, self.final_dir)
 
     def discard(self) -> None:
         self.arrays.clear()
@@ -217,18 +227,21 @@ def run_extraction(
     metadata: dict,
     on_progress: Callable[[int, int, float], None] | None = None,
     on_saving: Callable[[], None] | None = None,
+    targets: HookTargets | None = None,
 ) -> ExtractionResult:
     """Forward every batch once, capturing the requested hooks, writing and summarizing as
-    it goes. A CUDA out-of-memory halves the batch and retries the same rows."""
+    it goes. A CUDA out-of-memory halves the batch and retries the same rows. `targets`,
+    when the caller found them already, are the modules to hook."""
     import torch
 
     if len(tokens.ids) == 0:
         raise JobError("empty_dataset", "The dataset produced no samples at this sequence length.")
-    hook_targets(model, model_type, spec.layers, spec.hooks)  # refuse bad layers/hooks before any file exists
+    # Bad layers or hooks are refused here, before any file exists.
+    targets = targets or hook_targets(model, model_type, spec.layers, spec.hook_types)
     hidden = int(model.config.hidden_size)
     n, seq_len = tokens.ids.shape
     storage = STORAGE_DTYPES[spec.dtype]
-    stems = [file_stem(layer, hook) for layer in spec.layers for hook in spec.hooks]
+    stems = [file_stem(layer, hook) for layer in spec.layers for hook in spec.hook_types]
     shapes = {stem: (n, seq_len, hidden) for stem in stems}
     dtypes = {stem: np.dtype(storage) for stem in stems}
     shapes["tokens"], dtypes["tokens"] = (n, seq_len), np.dtype(np.int64)
@@ -251,7 +264,7 @@ def run_extraction(
 
         batch = spec.batch_size
         start = 0
-        with capture_activations(model, model_type, spec.layers, spec.hooks, on_capture), torch.no_grad():
+        with capture_activations(targets, on_capture), torch.no_grad():
             while start < n:
                 end = min(n, start + batch)
                 ids = torch.from_numpy(tokens.ids[start:end]).to(device)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from models_app.ml.architecture import module_map
-from models_app.ml.errors import JobError
+from models_app.ml import module_map
+from mistudio.errors import JobError
 
 HOOK_TYPES = ("residual", "mlp", "attention")
 Capture = Callable[[int, str, "torch.Tensor"], None]  # noqa: F821
@@ -26,8 +27,16 @@ def _tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def hook_targets(model, model_type: str, layers: list[int], hooks: list[str]) -> list[tuple[int, str, object]]:
-    """(layer, hook, module) for every requested capture, refused before anything runs."""
+@dataclass(frozen=True)
+class HookTargets:
+    """The modules one run hooks, found (and the request checked against the model) once."""
+
+    captures: list[tuple[int, str, object]]  # (layer, hook, module) for every requested capture
+    last_block: object  # the deepest requested block: the forward pass can stop after it
+
+
+def hook_targets(model, model_type: str, layers: list[int], hooks: list[str]) -> HookTargets:
+    """Every requested capture's module, refused before anything runs."""
     mapping = module_map(model_type)
     blocks = model
     for part in mapping.blocks.split("."):
@@ -42,38 +51,32 @@ def hook_targets(model, model_type: str, layers: list[int], hooks: list[str]) ->
     bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
     if bad:
         raise JobError("invalid_layers", f"Layers {bad} are out of range: the model has layers 0–{len(blocks) - 1}.")
-    targets = []
+    captures = []
     for layer in layers:
         block = blocks[layer]
         for hook in hooks:
             module = {"residual": block, "attention": getattr(block, mapping.attention), "mlp": getattr(block, mapping.mlp)}[hook]
-            targets.append((layer, hook, module))
-    return targets
+            captures.append((layer, hook, module))
+    return HookTargets(captures, blocks[max(layers)])
 
 
 @contextmanager
-def capture_activations(
-    model, model_type: str, layers: list[int], hooks: list[str], on_capture: Capture, stop_after_last: bool = True
-) -> Iterator[None]:
+def capture_activations(targets: HookTargets, on_capture: Capture, stop_after_last: bool = True) -> Iterator[None]:
     """Calls `on_capture(layer, hook, tensor)` during each forward pass; with
     `stop_after_last`, the pass raises StopForward once the deepest requested block ran."""
-    targets = hook_targets(model, model_type, layers, hooks)
     handles = []
     try:
-        for layer, hook, module in targets:
+        for layer, hook, module in targets.captures:
             handles.append(
                 module.register_forward_hook(lambda _m, _i, out, layer=layer, hook=hook: on_capture(layer, hook, _tensor(out)))
             )
         if stop_after_last:
-            deepest = [module for layer, hook, module in targets if layer == max(layers) and hook == "residual"]
-            if not deepest:
-                deepest = [hook_targets(model, model_type, [max(layers)], ["residual"])[0][2]]
 
             def stop(_module, _inputs, _output):
                 raise StopForward()
 
             # Registered last, so the captures on the same block run before it.
-            handles.append(deepest[0].register_forward_hook(stop))
+            handles.append(targets.last_block.register_forward_hook(stop))
         yield
     finally:
         for handle in handles:

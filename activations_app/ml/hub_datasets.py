@@ -4,10 +4,11 @@ translation as model downloads (so the loopback Hub tests them too)."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from models_app.ml import hub
-from models_app.ml.errors import JobError
+from mistudio import hub
+from mistudio.errors import JobError
 
 from .datasets import FORMATS
 
@@ -29,20 +30,37 @@ def split_files(paths: list[str], split: str) -> list[str]:
     return data
 
 
-def download_dataset(repo_id: str, revision: str, split: str, token: str | None, endpoint: str, dest: Path) -> list[Path]:
-    """The split's data files into `dest`; returns their local paths in order."""
-    from huggingface_hub import HfApi, hf_hub_download
+@dataclass(frozen=True)
+class DatasetPlan:
+    repo_id: str
+    revision: str  # what the user asked for
+    sha: str  # the commit it resolved to
+    files: tuple[str, ...]  # the split's data files, in order
+    file_sizes: dict[str, int]
 
-    try:
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.file_sizes[f] for f in self.files)
+
+
+def plan_dataset(
+    repo_id: str, revision: str, split: str, token: str | None, endpoint: str, retries: int = 3, backoff_seconds: float = 2.0
+) -> DatasetPlan:
+    """The split's data files and their sizes at the commit `revision` resolves to."""
+    from huggingface_hub import HfApi
+
+    def fetch() -> DatasetPlan:
         info = HfApi(endpoint=endpoint).dataset_info(repo_id, revision=revision, files_metadata=True, token=token or False)
-        files = split_files([s.rfilename for s in info.siblings or []], split)
-        dest.mkdir(parents=True, exist_ok=True)
-        return [
-            Path(hf_hub_download(repo_id, name, repo_type="dataset", revision=info.sha, local_dir=dest,
-                                 endpoint=endpoint, token=token or False))
-            for name in files
-        ]  # fmt: skip
-    except JobError:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - translated into a message a user can act on
-        raise hub.translate_error(exc, repo_id, revision, bool(token)) from None
+        sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+        return DatasetPlan(repo_id, revision, str(info.sha), tuple(split_files(list(sizes), split)), sizes)
+
+    return hub.with_retries(fetch, retries, backoff_seconds, lambda e: hub.translate_error(e, repo_id, revision, bool(token)))
+
+
+def download_dataset(plan: DatasetPlan, dest: Path, token: str | None, endpoint: str, on_bytes: hub.ByteCallback,
+                     retries: int = 3, backoff_seconds: float = 2.0) -> None:  # fmt: skip
+    """The split's files into `dest` through the shared Hub client (progress, retries, resume)."""
+    hub.download_repo_files(
+        plan.repo_id, plan.sha, plan.files, plan.file_sizes, dest, token, endpoint, on_bytes, repo_type="dataset",
+        revision_asked=plan.revision, retries=retries, backoff_seconds=backoff_seconds,
+    )  # fmt: skip

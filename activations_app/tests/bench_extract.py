@@ -42,7 +42,7 @@ def bare_forward(model, ids: np.ndarray) -> float:
 
 
 def extract(model, ids: Tokens, layers, out) -> float:
-    spec = ExtractionSpec(layers=layers, hooks=list(HOOK_TYPES), seq_len=SEQ, batch_size=BATCH, dtype="float16")
+    spec = ExtractionSpec(layers=layers, hook_types=list(HOOK_TYPES), seq_len=SEQ, batch_size=BATCH, dtype="float16")
     started = time.perf_counter()
     run_extraction(model, "llama", ids, spec, out, {})
     return time.perf_counter() - started

@@ -12,7 +12,7 @@ from activations_app.ml import extract
 from activations_app.ml.extract import ExtractionSpec, Tokens, run_extraction, tokenize
 from activations_app.ml.hooks import HOOK_TYPES
 from models_app.ml.architecture import module_map
-from models_app.ml.errors import JobError
+from mistudio.errors import JobError
 
 TINY = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -56,7 +56,7 @@ def reference(model, model_type, ids, mask=None):
 def test_every_hook_matches_the_model_to_float32_precision(model_type, tmp_path):
     model = tiny_model(model_type)
     ids = np.random.default_rng(0).integers(0, 300, size=(6, 16)).astype(np.int64)
-    spec = ExtractionSpec(layers=[0, 1, 2, 3], hooks=list(HOOK_TYPES), seq_len=16, batch_size=6, dtype="float32")
+    spec = ExtractionSpec(layers=[0, 1, 2, 3], hook_types=list(HOOK_TYPES), seq_len=16, batch_size=6, dtype="float32")
     result = run_extraction(model, model_type, Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {"model": "tiny"})
     hidden_states, captured = reference(model, model_type, ids)
     for layer in range(4):
@@ -74,7 +74,7 @@ def test_every_hook_matches_the_model_to_float32_precision(model_type, tmp_path)
 def test_float16_storage_is_the_float32_values_rounded(tmp_path):
     model = tiny_model("llama")
     ids = np.random.default_rng(1).integers(0, 300, size=(4, 16)).astype(np.int64)
-    spec = ExtractionSpec(layers=[1, 2], hooks=["residual", "mlp"], seq_len=16, batch_size=4, dtype="float16")
+    spec = ExtractionSpec(layers=[1, 2], hook_types=["residual", "mlp"], seq_len=16, batch_size=4, dtype="float16")
     result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
     _, captured = reference(model, "llama", ids)
     for layer in (1, 2):
@@ -90,7 +90,7 @@ def test_the_forward_pass_stops_after_the_deepest_requested_layer(tmp_path):
         block.register_forward_hook(lambda *_a, i=i: ran.append(i))
     model.lm_head.register_forward_hook(lambda *_a: ran.append("lm_head"))
     ids = np.zeros((2, 8), dtype=np.int64)
-    spec = ExtractionSpec(layers=[0, 1], hooks=["residual"], seq_len=8, batch_size=2)
+    spec = ExtractionSpec(layers=[0, 1], hook_types=["residual"], seq_len=8, batch_size=2)
     run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
     assert ran == [0, 1]  # blocks 2 and 3, the final norm and the LM head never ran
 
@@ -118,7 +118,7 @@ def test_truncate_mode_pads_masks_and_keeps_padding_out_of_the_statistics(smollm
     tokens = tokenize(texts, tokenizer, seq_len=12, mode="truncate", max_samples=10)
     lengths = [min(12, len(tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts]
     assert tokens.mask.sum(axis=1).tolist() == lengths
-    spec = ExtractionSpec(layers=[0, 29], hooks=list(HOOK_TYPES), seq_len=12, batch_size=2, dtype="float16")
+    spec = ExtractionSpec(layers=[0, 29], hook_types=list(HOOK_TYPES), seq_len=12, batch_size=2, dtype="float16")
     result = run_extraction(model, "llama", tokens, spec, tmp_path / "activations" / "extraction_1", {"model": "SmolLM2-135M"})
     out = result.output_dir
     assert np.array_equal(np.load(out / "attention_mask.npy"), tokens.mask)
@@ -144,7 +144,7 @@ def test_smollm2_residuals_match_its_hidden_states(smollm2_folder, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
     ids = np.random.default_rng(2).integers(0, 49152, size=(2, 24)).astype(np.int64)
-    spec = ExtractionSpec(layers=[0, 14, 28], hooks=list(HOOK_TYPES), seq_len=24, batch_size=2, dtype="float32")
+    spec = ExtractionSpec(layers=[0, 14, 28], hook_types=list(HOOK_TYPES), seq_len=24, batch_size=2, dtype="float32")
     result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
     hidden_states, captured = reference(model, "llama", ids)
     for layer in (0, 14, 28):
@@ -161,7 +161,7 @@ def test_a_full_disk_fails_before_the_first_batch_and_leaves_no_files(tmp_path, 
 
     monkeypatch.setattr(extract.os, "posix_fallocate", no_space)
     model = tiny_model("llama")
-    spec = ExtractionSpec(layers=[0], hooks=["residual"], seq_len=8, batch_size=2)
+    spec = ExtractionSpec(layers=[0], hook_types=["residual"], seq_len=8, batch_size=2)
     with pytest.raises(JobError) as caught:
         run_extraction(model, "llama", Tokens(np.zeros((2, 8), dtype=np.int64), None), spec, tmp_path / "activations" / "extraction_1", {})
     assert caught.value.code == "disk_full"
@@ -182,7 +182,7 @@ def test_a_cuda_out_of_memory_halves_the_batch_and_retries_the_same_rows(tmp_pat
 
     monkeypatch.setattr(model, "forward", forward)
     ids = np.random.default_rng(3).integers(0, 300, size=(6, 8)).astype(np.int64)
-    spec = ExtractionSpec(layers=[1], hooks=["residual"], seq_len=8, batch_size=6, dtype="float32")
+    spec = ExtractionSpec(layers=[1], hook_types=["residual"], seq_len=8, batch_size=6, dtype="float32")
     result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
     assert seen[:3] == [6, 3, 3] and result.batch_sizes == [3, 3]
     monkeypatch.undo()
@@ -199,7 +199,7 @@ def test_an_error_mid_run_leaves_no_final_folder(tmp_path):
         if len(calls) == 2:
             raise RuntimeError("worker lost")
 
-    spec = ExtractionSpec(layers=[0], hooks=["residual"], seq_len=8, batch_size=1)
+    spec = ExtractionSpec(layers=[0], hook_types=["residual"], seq_len=8, batch_size=1)
     with pytest.raises(RuntimeError):
         run_extraction(model, "llama", Tokens(np.zeros((3, 8), dtype=np.int64), None), spec, tmp_path / "activations" / "extraction_1", {},
                        on_progress=fail_on_second_batch)  # fmt: skip
@@ -211,7 +211,7 @@ def test_an_error_mid_run_leaves_no_final_folder(tmp_path):
                                                   ([0], ["mlp", "mlp"], "invalid_layers"), ([], ["mlp"], "invalid_layers"),
                                                   ([0], [], "invalid_hooks")])  # fmt: skip
 def test_bad_layers_or_hooks_are_refused_before_anything_is_written(tmp_path, layers, hooks, code):
-    spec = ExtractionSpec(layers=layers, hooks=hooks, seq_len=8, batch_size=1)
+    spec = ExtractionSpec(layers=layers, hook_types=hooks, seq_len=8, batch_size=1)
     with pytest.raises(JobError) as caught:
         run_extraction(tiny_model("llama"), "llama", Tokens(np.zeros((1, 8), dtype=np.int64), None), spec, tmp_path / "activations" / "extraction_1", {})
     assert caught.value.code == code
@@ -228,7 +228,7 @@ def test_quantized_models_are_hooked_exactly_too(fmt, tmp_path):
     folder = write_tiny_model(tmp_path / "tiny", vocab_size=300, intermediate_size=256)
     model = load_in_format(folder, fmt, "cpu").eval()
     ids = np.random.default_rng(4).integers(0, 300, size=(3, 12)).astype(np.int64)
-    spec = ExtractionSpec(layers=[0], hooks=list(HOOK_TYPES), seq_len=12, batch_size=3, dtype="float32")
+    spec = ExtractionSpec(layers=[0], hook_types=list(HOOK_TYPES), seq_len=12, batch_size=3, dtype="float32")
     result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_q", {})
     hidden_states, captured = reference(model, "llama", ids)
     np.testing.assert_allclose(np.load(result.output_dir / "layer_0_residual.npy"), hidden_states[1].float().numpy(), atol=1e-5)

@@ -182,15 +182,15 @@ def test_a_hub_dataset_split_is_downloaded_through_the_loopback_hub(hub, tmp_pat
     (repo / "data" / "test-00000-of-00001.jsonl").write_text('{"text": "held out"}\n')
     (repo / "README.md").write_text("# corpus")
     hub.add_repo(HubRepo("corpora/tiny", repo, make_sha("corpora/tiny"), repo_type="dataset"))
-    call_command("import_dataset", "corpora/tiny", "--json")
+    call_command("import_dataset", "corpora/tiny", "--sync", "--json")
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (record["row_count"], record["preview"], record["source"]) == (3, ["one", "two", "three"], "hub")
-    call_command("import_dataset", "corpora/tiny", "--split", "test", "--json")
+    call_command("import_dataset", "corpora/tiny", "--split", "test", "--sync", "--json")
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["preview"] == ["held out"]
     with pytest.raises(Exception, match="no 'validation' split"):
-        call_command("import_dataset", "corpora/tiny", "--split", "validation")
+        call_command("import_dataset", "corpora/tiny", "--split", "validation", "--sync")
     with pytest.raises(Exception, match="repo_not_found"):
-        call_command("import_dataset", "corpora/missing")
+        call_command("import_dataset", "corpora/missing", "--sync")
     assert Dataset.objects.count() == 2
 
 

@@ -86,13 +86,6 @@ def signed_percent(value) -> str:
     return f"{'+' if value >= 0 else '−'}{abs(value):.1f} %"
 
 
-@register.simple_tag
-def quantize_formats():
-    from models_app.ml.formats import BYTES_PER_PARAM
-
-    return list(BYTES_PER_PARAM)
-
-
 @register.filter
 def get_item(mapping, key):
     return mapping.get(key) if mapping else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import InvalidInput
+from mistudio.errors import InvalidInput
 
 BYTES_PER_PARAM: dict[str, float] = {"FP32": 4.0, "FP16": 2.0, "Q8": 1.0, "Q4": 0.5, "Q2": 0.25}
 # Overhead for activations, buffers and the allocator on top of the weights.

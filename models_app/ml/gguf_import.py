@@ -6,20 +6,17 @@ quantization entry) and that one is saved."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from .errors import JobError
+from mistudio.errors import JobError
+from mistudio.staging import staged_dir
 
 
 def gguf_to_safetensors(gguf_path: Path, dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(dest) as tmp:
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
@@ -37,8 +34,3 @@ def gguf_to_safetensors(gguf_path: Path, dest: Path) -> None:
         del loaded
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

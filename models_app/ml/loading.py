@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import JobError
+from mistudio.errors import JobError
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "phi", "phi3", "gpt_neox", "gemma")
 ENCODER_ONLY = {
@@ -141,9 +141,10 @@ def inspect_model(folder: Path) -> ModelFacts:
     return ModelFacts(architecture=architecture, params_count=params, config=config)
 
 
-def copy_sidecar_files(src: Path, dst: Path) -> None:
+def copy_sidecar_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """The tokenizer and config files beside the weights (those in `skip` aside)."""
     for name in SIDECAR_FILES:
-        if (src / name).is_file():
+        if name not in skip and (src / name).is_file():
             shutil.copy2(src / name, dst / name)
 
 

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import JobError
+from mistudio.errors import JobError
+from mistudio.hub import format_bytes
+from mistudio.staging import staged_dir
+
 from .formats import MEMORY_OVERHEAD
-from .hub import format_bytes
-from .loading import SIDECAR_FILES, meta_model
+from .loading import copy_sidecar_files, meta_model
 
 FORMATS_SMALLEST_LAST = ("FP32", "FP16", "Q8", "Q4", "Q2")
 # A format whose backend is missing falls back along this chain.
@@ -236,10 +237,7 @@ def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = N
 
 def save_in_format(model, fmt: str, src: Path, dest: Path) -> None:
     """Save to `dest` (complete or absent: written to a sibling folder, then renamed)."""
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(dest) as tmp:
         if fmt == "Q2":
             from optimum.quanto import quantization_map
             from safetensors.torch import save_file
@@ -253,15 +251,8 @@ def save_in_format(model, fmt: str, src: Path, dest: Path) -> None:
             model.config.save_pretrained(tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
-        for name in SIDECAR_FILES:
-            if name != "config.json" and (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        copy_sidecar_files(src, tmp, skip=("config.json",))  # the saved model wrote its own
         (tmp / FORMAT_FILE).write_text(json.dumps({"format": fmt}))
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_saved(folder: Path, device: str | None = None):

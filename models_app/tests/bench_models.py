@@ -24,7 +24,7 @@ from mistudio import progress
 from mistudio.asgi import application
 from mistudio.models import ApiToken
 from models_app import services
-from models_app.jobs import JobProgress
+from mistudio.jobs import TrackedJob
 from models_app.ml import hub as hub_api
 from models_app.models import Model, ModelStatus
 from models_app.tests.hub_server import HubRepo, hub_in_subprocess, make_sha
@@ -52,7 +52,7 @@ def plain_fetch(urls: list[str], dest: Path) -> float:
 
 def measure_download(plan, endpoint, rounds, tmp_path) -> tuple[list[float], list[float]]:
     """Seconds per round for a plain fetch of the planned files and for the job's path
-    (snapshot_download + JobProgress writing to PostgreSQL and publishing to Redis),
+    (snapshot_download + TrackedJob writing to PostgreSQL and publishing to Redis),
     interleaved so both see the same machine."""
     urls = [f"{endpoint}/{plan.repo_id}/resolve/{plan.sha}/{name}" for name in plan.files]
     plain_times, job_times = [], []
@@ -60,12 +60,12 @@ def measure_download(plan, endpoint, rounds, tmp_path) -> tuple[list[float], lis
         plain_times.append(plain_fetch(urls, tmp_path / "plain"))
         (tmp_path / "plain").unlink()
         model = Model.objects.create(name="bench", repo_id=plan.repo_id, status=ModelStatus.DOWNLOADING)
-        reporter = JobProgress(model.id)
+        reporter = TrackedJob(model)
         start = time.perf_counter()
         hub_api.download_snapshot(plan, model.raw_dir, None, endpoint, reporter.transfer)
         reporter.flush()
         job_times.append(time.perf_counter() - start)
-        services.remove_files(model)
+        model.remove_job_files()
     return plain_times, job_times
 
 
@@ -184,7 +184,7 @@ async def test_progress_event_delay_to_a_websocket_client(user):
     delays = []
     for i in range(200):
         sent = time.perf_counter()
-        await asyncio.to_thread(progress.publish_event, model.id, {"type": "progress", "progress": i, "sent": sent})
+        await asyncio.to_thread(progress.publish_event_to, progress.model_group(model.id), {"type": "progress", "progress": i, "sent": sent})
         event = json.loads(await socket.receive_from(timeout=5))
         delays.append((time.perf_counter() - event["sent"]) * 1000)
     await socket.disconnect()

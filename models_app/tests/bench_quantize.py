@@ -7,7 +7,7 @@ import time
 import torch
 
 from models_app.ml import quality, quantize
-from models_app.ml.hub import format_bytes
+from mistudio.hub import format_bytes
 from models_app.ml.loading import folder_size, read_config
 
 

@@ -4,8 +4,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from models_app.ml.errors import InvalidInput
-from models_app.ml.validation import validate_repo_id
+from mistudio.errors import InvalidInput
+from mistudio.validation import validate_repo_id
 from models_app.models import Model
 
 BAD_REPO_IDS = [

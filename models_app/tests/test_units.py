@@ -3,9 +3,9 @@
 import pytest
 
 from models_app.ml import loading
-from models_app.ml.errors import JobError
+from mistudio.errors import JobError
 from models_app.ml.quantize import estimate_weight_bytes, memory_estimate
-from models_app.ml.progress import ProgressThrottle, TransferRate
+from mistudio.throttle import ProgressThrottle, TransferRate
 from models_app.ml.hub import select_files
 
 
@@ -174,7 +174,7 @@ def test_the_progress_writer_hands_a_cancellation_back_to_the_job():
     import time
 
     from mistudio.progress import LatestStateWriter
-    from models_app.ml.errors import JobCancelled
+    from mistudio.errors import JobCancelled
 
     def write(state):
         if state["done"] >= 2:

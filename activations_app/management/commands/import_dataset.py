@@ -1,34 +1,42 @@
-import json
+import os
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import CommandError
 
-from activations_app import services
-from models_app.management.commands._common import service_call
+from activations_app import jobs, services
+from mistudio.commands import JobCommand, service_call
 
 
-class Command(BaseCommand):
+class Command(JobCommand):
     help = (
-        "Add a text dataset: a local .txt/.jsonl/.csv/.parquet file under MISTUDIO_IMPORT_ROOTS, "
-        "or a Hub dataset repo id (owner/name) from HF_ENDPOINT."
+        "Add a text dataset: a local .txt/.jsonl/.csv/.parquet file under MISTUDIO_IMPORT_ROOTS (ready at once), "
+        "or a Hub dataset repo id (owner/name) from HF_ENDPOINT (a download job, like a model's)."
     )
+    follow_hint = "; follow it on the Datasets page or GET /api/datasets/<id>"
 
     def add_arguments(self, parser):
         parser.add_argument("path_or_repo")
         parser.add_argument("--name", default=None)
         parser.add_argument("--text-column", default="text")
         parser.add_argument("--split", default="train", help="For Hub repos: which split's files to take.")
+        parser.add_argument("--revision", default=None, help="For Hub repos: branch, tag or commit (default: main).")
         parser.add_argument("--token-env", metavar="VAR", help="Environment variable holding a Hub token (gated repos).")
-        parser.add_argument("--json", action="store_true")
+        self.add_job_arguments(parser)
 
     def handle(self, *args, **options):
-        import os
-
-        token = os.environ.get(options["token_env"]) if options["token_env"] else None
+        token = None
+        if options["token_env"]:
+            token = os.environ.get(options["token_env"])
+            if not token:
+                raise CommandError(f"Environment variable {options['token_env']} is not set or empty.")
         dataset = service_call(
             services.import_dataset, path=options["path_or_repo"], name=options["name"],
-            text_column=options["text_column"], split=options["split"], token=token,
+            text_column=options["text_column"], split=options["split"], token=token, revision=options["revision"],
+            enqueue=not options["sync"],
         )  # fmt: skip
-        if options["json"]:
-            self.stdout.write(json.dumps(dataset.as_dict()))
-        else:
-            self.stdout.write(f"{dataset.id}  {dataset.name}  {dataset.row_count:,} rows")
+        if dataset.is_running:
+            self.run_job(dataset, jobs.run_dataset_import, options)
+        else:  # a local file: already stored
+            self.report(dataset, options, finished=True)
+
+    def describe(self, dataset) -> str:
+        return f"{dataset.id}  {dataset.name}  {dataset.row_count:,} rows"

@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand
 
 from models_app import services
 
-from ._common import service_call
+from mistudio.commands import service_call
 
 
 class Command(BaseCommand):

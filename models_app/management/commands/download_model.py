@@ -4,7 +4,9 @@ from django.core.management.base import CommandError
 
 from models_app import jobs, services
 
-from ._common import ModelCommand, service_call
+from mistudio.commands import service_call
+
+from ._common import ModelCommand
 
 
 class Command(ModelCommand):

@@ -1,6 +1,8 @@
 from models_app import jobs, services
 
-from ._common import ModelCommand, service_call
+from mistudio.commands import service_call
+
+from ._common import ModelCommand
 
 
 class Command(ModelCommand):

@@ -1,0 +1,14 @@
+from django.apps import AppConfig
+
+
+class ActivationsAppConfig(AppConfig):
+    name = "activations_app"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from mistudio import jobs
+
+        from .models import Dataset, Extraction
+
+        jobs.register(Extraction)  # their rows fail like every kind's when their worker dies
+        jobs.register(Dataset)

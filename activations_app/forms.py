@@ -1,0 +1,126 @@
+"""The extraction request, validated once: the dialog posts it, the API and the command
+feed it the same way, and a valid form gives the ExtractionSpec the job runs."""
+
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from mistudio.errors import ServiceError
+
+from .ml.extract import STORAGE_DTYPES, TOKENIZATIONS, ExtractionSpec
+from .ml.hooks import HOOK_TYPES
+
+INPUT_CSS = "w-full px-4 py-2 bg-slate-900 border border-slate-700 rounded-lg text-sm"
+
+
+def whole_number(value):
+    """An ASCII decimal string as an int ("²" and "１" are not); anything else unchanged."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def _as_list(value) -> list:
+    if value in (None, ""):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class WholeNumberField(forms.Field):
+    """1 to `maximum` (a setting's name, or the form sets it), as ASCII digits or a JSON
+    integer: 2.5, true, "²" and "１" are refused, with the field's name in the message."""
+
+    widget = forms.NumberInput
+
+    def __init__(self, *, maximum_setting: str | None = None, **kwargs) -> None:
+        self.maximum_setting = maximum_setting
+        self.maximum: int | None = None
+        super().__init__(required=False, **kwargs)
+
+    def bound(self) -> int:
+        return self.maximum or getattr(settings, self.maximum_setting)
+
+    def clean(self, value):
+        name = self.name
+        value = whole_number(value)
+        if value in (None, ""):
+            return ExtractionSpec.default(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValidationError(f"{name} must be a whole number.", code="invalid_input")
+        maximum = self.bound()
+        if not 1 <= value <= maximum:
+            raise ValidationError(f"{name} must be between 1 and {maximum:,}.", code="invalid_input")
+        return value
+
+
+class ExtractionForm(forms.Form):
+    layers = forms.Field(required=False, widget=forms.MultipleHiddenInput)
+    hook_types = forms.Field(required=False, widget=forms.MultipleHiddenInput)
+    # The settings the dialog shows, in its order; the command offers each as --name-with-dashes.
+    batch_size = WholeNumberField(maximum_setting="EXTRACTION_MAX_BATCH_SIZE", label="Batch Size")
+    max_samples = WholeNumberField(maximum_setting="EXTRACTION_MAX_SAMPLES", label="Max Samples")
+    seq_len = WholeNumberField(label="Sequence Length")  # bounded by the model's positions
+    dtype = forms.ChoiceField(
+        choices=[(name, name) for name in STORAGE_DTYPES], required=False, label="Storage dtype",
+        error_messages={"invalid_choice": "dtype must be float16 or float32."},
+    )  # fmt: skip
+    tokenization = forms.ChoiceField(
+        choices=list(TOKENIZATIONS.items()), required=False, label="Tokenization",
+        error_messages={"invalid_choice": "tokenization must be packed or truncate."},
+    )  # fmt: skip
+
+    SETTINGS = ("batch_size", "max_samples", "seq_len", "dtype", "tokenization")
+
+    def __init__(self, data=None, *, model, **kwargs) -> None:
+        super().__init__(data, **kwargs)
+        self.model = model
+        self.num_layers = model.num_layers
+        self.fields["seq_len"].maximum = model.max_positions or 2048
+        self.fields["seq_len"].label = f"Sequence Length (max {self.fields['seq_len'].maximum})"
+        for name in self.SETTINGS:
+            field = self.fields[name]
+            field.name = name  # its messages name it as the API and the command do
+            field.initial = ExtractionSpec.default(name)
+            field.widget.attrs["class"] = INPUT_CSS
+            if isinstance(field, WholeNumberField):
+                field.widget.attrs.update({"class": f"{INPUT_CSS} font-mono", "min": 1, "max": field.bound()})
+
+    @property
+    def settings_fields(self):
+        return [self[name] for name in self.SETTINGS]
+
+    def clean_layers(self) -> list[int]:
+        layers = [whole_number(x) for x in _as_list(self.cleaned_data["layers"])]
+        if not layers:
+            raise ValidationError("Choose at least one layer.", code="invalid_layers")
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
+            raise ValidationError("Layers must be whole numbers.", code="invalid_layers")
+        if len(set(layers)) != len(layers):
+            raise ValidationError("Each layer may be chosen once.", code="invalid_layers")
+        bad = [x for x in layers if not 0 <= x < self.num_layers]
+        if bad:
+            raise ValidationError(f"Layers {bad} are out of range 0–{self.num_layers - 1}.", code="invalid_layers")
+        return sorted(layers)
+
+    def clean_hook_types(self) -> list[str]:
+        hooks = _as_list(self.cleaned_data["hook_types"])
+        if not hooks or any(h not in HOOK_TYPES for h in hooks) or len(set(hooks)) != len(hooks):
+            raise ValidationError(f"Hook types must be some of {', '.join(HOOK_TYPES)}.", code="invalid_hooks")
+        return [h for h in HOOK_TYPES if h in hooks]
+
+    def clean_dtype(self) -> str:
+        return self.cleaned_data["dtype"] or ExtractionSpec.default("dtype")
+
+    def clean_tokenization(self) -> str:
+        return self.cleaned_data["tokenization"] or ExtractionSpec.default("tokenization")
+
+    def spec(self) -> ExtractionSpec:
+        """The validated request, or a ServiceError naming the first field at fault."""
+        if not self.is_valid():
+            name, errors = next((name, self.errors.as_data()[name]) for name in self.fields if name in self.errors)
+            error = errors[0]
+            code = error.code if error.code in ("invalid_layers", "invalid_hooks") else "invalid_input"
+            raise ServiceError(code, error.messages[0], details={"field": name})
+        return ExtractionSpec(**{name: self.cleaned_data[name] for name in ExtractionSpec.request_fields()})

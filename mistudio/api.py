@@ -1,0 +1,60 @@
+"""What every JSON endpoint shares: the error shape {"error": {"code", "message",
+"details", "retryable"}}, the method check, JSON body parsing and query parameters."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from django.http import JsonResponse
+
+from .errors import ServiceError
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None, retryable: bool = False):
+    body = {"error": {"code": code, "message": message, "details": details or {}, "retryable": retryable}}
+    return JsonResponse(body, status=status)
+
+
+def api_endpoint(methods: set[str]):
+    """Method check, JSON body parsing and ServiceError → error response, for every endpoint.
+    CSRF stays enforced for cookie sessions (ApiTokenMiddleware lifts it for bearer tokens)."""
+
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapper(request, *args, **kwargs):
+            if request.method not in methods:
+                return error_response(405, "method_not_allowed", f"Use {' or '.join(sorted(methods))}.")
+            try:
+                return view(request, *args, **kwargs)
+            except ServiceError as exc:
+                return error_response(exc.status, exc.code, exc.message, exc.details, exc.retryable)
+
+        return wrapper
+
+    return decorate
+
+
+def json_body(request) -> dict:
+    try:
+        body = json.loads(request.body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ServiceError("invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ServiceError("invalid_json", "The request body must be a JSON object.")
+    return body
+
+
+def text_field(body: dict, name: str) -> str | None:
+    """A JSON field that must be a string: anything else counts as absent."""
+    value = body.get(name)
+    return value if isinstance(value, str) else None
+
+
+def int_param(request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.GET.get(name, "")
+    if raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise ServiceError("invalid_parameter", f"{name} must be an integer from {low} to {high}.", details={"field": name})
+    return int(raw)

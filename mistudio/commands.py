@@ -1,0 +1,109 @@
+"""What the job commands share: --sync/--json, the terminal progress bar, and turning a
+failure into a non-zero exit with a one-line reason on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from django.core.management.base import BaseCommand, CommandError
+
+from .errors import ServiceError
+
+
+def eta_text(seconds: float | None) -> str:
+    return f"{seconds:.0f}s" if seconds is not None else "?"
+
+
+class TerminalProgress:
+    """A one-line progress bar on stderr for a running row (a model or an extraction),
+    redrawn at most 10 times a second; `detail` adds the row's own figures."""
+
+    WIDTH = 30
+
+    def __init__(self, stream=None, detail=None) -> None:
+        self.stream = stream or sys.stderr
+        self.detail = detail
+        self.last_draw = 0.0
+        self.last_status = ""
+        self.line_open = False
+
+    def __call__(self, row) -> None:
+        now = time.monotonic()
+        if row.status == self.last_status and now - self.last_draw < 0.1 and row.is_running:
+            return
+        self.last_draw, self.last_status = now, row.status
+        if not row.is_running:
+            self.close()
+            return
+        filled = int(self.WIDTH * row.progress / 100)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        line = f"\r{row.status:<11} [{bar}] {row.progress:5.1f}%"
+        detail = self.detail(row) if self.detail else ""
+        if detail:
+            line += f"  {detail}"
+        self.stream.write(line.ljust(100))
+        self.stream.flush()
+        self.line_open = True
+
+    def close(self) -> None:
+        """End the bar's line, so what is printed next starts on its own."""
+        if self.line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.line_open = False
+
+
+class JobCommand(BaseCommand):
+    """Base for commands that start a tracked job: queued for a worker, or run here
+    (--sync) with a progress bar; the outcome as a line, or the record as JSON."""
+
+    def add_job_arguments(self, parser) -> None:
+        parser.add_argument("--sync", action="store_true", help="Run the job here with a progress bar instead of queueing it.")
+        parser.add_argument("--json", action="store_true", help="Print the final record as one JSON object on the last line.")
+
+    def progress_detail(self, row) -> str:
+        """The row's own figures beside the bar (bytes and speed, samples per second)."""
+        return ""
+
+    def describe(self, row) -> str:
+        """The one line printed when a --sync job has ended."""
+        return f"{row.pk}  {row.status}"
+
+    def run_job(self, row, runner, options):
+        if options["sync"]:
+            bar = TerminalProgress(detail=self.progress_detail)
+            try:
+                runner(row.pk, listener=bar)
+            except Exception as exc:
+                row.refresh_from_db()
+                if row.is_running:  # the job could not even record its failure
+                    raise CommandError(f"{row.pk} failed: {type(exc).__name__}: {exc}") from None
+            finally:
+                bar.close()
+            row.refresh_from_db()
+        self.report(row, options, finished=options["sync"])
+        return row
+
+    def report(self, row, options, finished: bool) -> None:
+        if options["json"]:
+            self.stdout.write(json.dumps(row.as_dict()))
+        elif finished:
+            self.stdout.write(self.describe(row))
+        else:
+            self.stdout.write(f"Queued {row.pk} ({row.label}){self.follow_hint}.")
+        sys.stdout.flush()
+        if row.status == row.FAILED:
+            raise CommandError(f"{row.pk} failed [{row.error_code}]: {row.error_message}")
+        if row.status == row.CANCELLED:
+            raise CommandError(f"{row.pk} was cancelled; no files were kept.")
+
+    follow_hint = ""  # where to watch a queued job
+
+
+def service_call(func, *args, **kwargs):
+    try:
+        return func(*args, **kwargs)
+    except ServiceError as exc:
+        raise CommandError(f"[{exc.code}] {exc.message}") from None

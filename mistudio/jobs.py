@@ -1,0 +1,286 @@
+"""The tracked-job lifecycle, written once for every long job: model download, import and
+quantization, extraction, dataset import.
+
+A job's row is the source of truth. Every write while the job runs is conditional on
+the row still running, so a cancel (a status flip by another process) is seen by the job
+at its next write, as JobCancelled. However the job ends, the row ends in a final state:
+ready or completed by the job's own last write; cancelled with its files removed; failed
+with a code and a message a user can act on, its files removed. Apps plug their row
+classes in with `register` (from their AppConfig.ready); the worker's death handler
+fails the rows of every registered kind the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+
+from django.db import transaction
+from django.template.loader import render_to_string
+from django.utils import timezone
+from redis.exceptions import RedisError
+from rq.timeouts import JobTimeoutException
+
+from . import progress, queue
+from .errors import Conflict, JobCancelled, JobError, NotFound
+from .progress import LatestStateWriter
+from .throttle import ProgressThrottle, TransferRate
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[object], None]
+MAX_WRITES_PER_SECOND = 10
+
+
+class TrackedRow:
+    """Mixin for a Django model whose row a job drives. The model has the fields status,
+    error_code, error_message, job_id, eta_seconds and updated_at, and sets the class
+    attributes below."""
+
+    KIND: str  # "model", "extraction", "dataset": error codes and messages
+    QUEUED: str
+    RUNNING: tuple[str, ...]
+    DONE: str  # the job's own successful end (its files are the result)
+    FAILED: str
+    CANCELLED: str
+    IDLE_FIELDS: dict = {"eta_seconds": None}  # reset on a phase change and whenever the job stops
+    TIMEOUT_HINT = "retry, or raise the limit"
+    card_template: str  # the card partial; rendered with the row under its KIND name
+    html_group = progress.MODELS_GROUP  # pages that show the card
+
+    @property
+    def is_running(self) -> bool:
+        return self.status in self.RUNNING
+
+    @property
+    def label(self) -> str:
+        """How messages name the row."""
+        return str(self.pk)
+
+    @classmethod
+    def rows(cls):
+        return cls.objects.all()
+
+    @classmethod
+    def get_or_404(cls, pk: str):
+        row = cls.rows().filter(pk=pk).first()
+        if row is None:
+            raise NotFound(f"{cls.KIND}_not_found", f"No {cls.KIND} with id {pk!r}.")
+        return row
+
+    def stop_fields(self, error: JobError | None) -> dict:
+        """Fields written when the job stops without finishing (failed, or cancelled)."""
+        return {}
+
+    def remove_job_files(self) -> None:
+        raise NotImplementedError
+
+    def progress_event(self) -> dict:
+        raise NotImplementedError
+
+    def event_group(self) -> str | None:
+        """The group of the JSON event clients of this row's progress."""
+        return None
+
+    def card_html(self, oob: bool = False, **context) -> str:
+        return render_to_string(self.card_template, {self.KIND: self, "oob": oob, **context})
+
+    def publish(self) -> None:
+        """The card to every page that shows it (out-of-band by id), the event to its clients."""
+        progress.publish_html(self.card_html(oob=True), self.html_group)
+        group = self.event_group()
+        if group:
+            progress.publish_event_to(group, self.progress_event())
+
+    def publish_added(self) -> None:
+        """A new row is queued: pages that list rows of this kind show it."""
+
+
+_KINDS: list[type[TrackedRow]] = []
+
+
+def register(row_class: type[TrackedRow]) -> None:
+    if row_class not in _KINDS:
+        _KINDS.append(row_class)
+
+
+def fail(row_class: type[TrackedRow], pk: str, error: JobError, publish: bool = True):
+    """The row ends failed with the error's code and message, and its files go."""
+    row = row_class.rows().filter(pk=pk).first()
+    if row is None:
+        return None
+    row_class.objects.filter(pk=pk, status__in=row_class.RUNNING).update(
+        status=row_class.FAILED, error_code=error.code, error_message=error.message, updated_at=timezone.now(),
+        **row_class.IDLE_FIELDS, **row.stop_fields(error),
+    )  # fmt: skip
+    row.refresh_from_db()
+    if row.status != row_class.DONE:
+        row.remove_job_files()
+    if publish:
+        row.publish()
+    return row
+
+
+def cancel(row_class: type[TrackedRow], pk: str):
+    """Flip the row to cancelled (what an inline job sees), stop its worker process, remove
+    its files, and tell every page and client."""
+    row = row_class.get_or_404(pk)
+
+    def refuse() -> Conflict:
+        return Conflict("not_running", f"{row.label} is {row.status}; only a running job can be cancelled.")
+
+    if not row.is_running:
+        raise refuse()
+    updated = row_class.objects.filter(pk=pk, status__in=row_class.RUNNING).update(
+        status=row_class.CANCELLED, updated_at=timezone.now(), **row_class.IDLE_FIELDS, **row.stop_fields(None)
+    )
+    if not updated:  # the job finished (or failed) since the row was read: its files are the result
+        row.refresh_from_db()
+        raise refuse()
+    if row.job_id:
+        queue.stop_rq_job(row.job_id)
+    row.remove_job_files()
+    row = row_class.rows().get(pk=pk)
+    row.publish()
+    return row
+
+
+def enqueue_after_commit(row: TrackedRow, func: str) -> None:
+    """Queue `func(row.pk)` once the row's transaction commits. The job id is on the row
+    before the job exists: a cancel or a dead worker in between still finds the job to stop
+    or the row to fail. Redis refusing the job fails the row, with that reason."""
+    job_id = str(uuid.uuid4())
+    type(row).objects.filter(pk=row.pk).update(job_id=job_id)
+    row.job_id = job_id
+
+    def enqueue() -> None:
+        try:
+            queue.enqueue(func, row.pk, job_id)
+        except RedisError:
+            error = JobError("queue_unavailable", "The job queue (Redis) was not reachable; the job was not started.")
+            failed = fail(type(row), row.pk, error, publish=False)
+            if failed is not None:
+                failed.publish_added()
+            return
+        row.publish_added()
+
+    transaction.on_commit(enqueue)
+
+
+def error_for(exc: BaseException, row_class: type[TrackedRow]) -> JobError:
+    """Any way a job can end early, as the code and message its row shows."""
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, JobTimeoutException):
+        return JobError("timeout", f"The job passed the time limit of {queue.job_timeout() / 3600:.0f} h "
+                                   f"(MISTUDIO_JOB_TIMEOUT) and was stopped; {row_class.TIMEOUT_HINT}.")  # fmt: skip
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return JobError("interrupted", "The job was interrupted before it finished; start it again.")
+    return JobError("internal_error", f"Unexpected error: {type(exc).__name__}. See the worker log.")
+
+
+class TrackedJob:
+    """One run of a row's job: what its work calls to record progress.
+
+    Progress arrives from the job's own loop (download threads, the forward pass) many
+    times a second; a writer thread takes the latest state (throttled to 0.5 s or 1 %) and
+    does the database write, rendering and channel-layer send, so the work never waits on
+    them. A cancelled row is found by that write and raised here at the next call."""
+
+    def __init__(self, row: TrackedRow, listener: Listener | None = None) -> None:
+        self.row_class = type(row)
+        self.pk = row.pk
+        self.listener = listener
+        self.throttle = ProgressThrottle()
+        self.rate = TransferRate()
+        self._lock = threading.Lock()
+        self._writer = LatestStateWriter(
+            lambda state: self.write(**state), name=f"progress-{row.pk}", max_per_second=MAX_WRITES_PER_SECOND
+        )
+
+    def write(self, **fields):
+        """Written at once, if the row still runs; else JobCancelled."""
+        with self._lock:
+            updated = self.row_class.objects.filter(pk=self.pk, status__in=self.row_class.RUNNING).update(
+                updated_at=timezone.now(), **fields
+            )
+            if not updated:
+                raise JobCancelled()
+            row = self.row_class.rows().get(pk=self.pk)
+        row.publish()
+        if self.listener:
+            self.listener(row)
+        return row
+
+    def phase(self, status: str, **fields):
+        """A status change: written at once, after any progress still pending."""
+        self.flush()
+        self.throttle.should_emit(0.0, force=True)
+        return self.write(status=status, **{**self.row_class.IDLE_FIELDS, **fields})
+
+    def check(self) -> None:
+        """Raise what the writer found (a cancelled row) in the job's own thread."""
+        self._writer.check()
+
+    def report(self, percent: float, fields: Callable[[], dict], force: bool = False) -> None:
+        """Throttled progress; `fields()` is only built when the update goes through."""
+        self.check()
+        if self.throttle.should_emit(percent, force=force):
+            self._writer.submit({"progress": percent, **fields()})
+
+    def transfer(self, done: int, total: int) -> None:
+        """Byte progress of a download or copy; cheap, callable from any thread."""
+        self.check()
+        self.rate.add(done)
+        percent = 100.0 * done / total if total else 100.0
+        self.report(
+            percent,
+            lambda: {"bytes_done": done, "bytes_total": total, "speed_bps": self.rate.bytes_per_second(),
+                     "eta_seconds": self.rate.eta_seconds(total)},
+            force=done >= total,
+        )  # fmt: skip
+
+    def flush(self, raise_error: bool = True) -> None:
+        """Write what is pending and stop the writer thread; raise if it found the row cancelled."""
+        self._writer.flush(raise_error)
+
+
+def run_tracked(row_class: type[TrackedRow], pk: str, work: Callable[[TrackedRow, TrackedJob], None],
+                listener: Listener | None = None):  # fmt: skip
+    """Run `work(row, job)` for a queued row, and record how it ended: cancelled → files
+    removed; failed (down to a Ctrl-C in a --sync command or a job timeout) → the row in
+    error with its reason, files removed, the exception re-raised so RQ records it too."""
+    row = row_class.rows().filter(pk=pk).first()
+    if row is None or row.status != row_class.QUEUED:
+        log.info("%s %s is gone or no longer queued; nothing to do", row_class.KIND, pk)
+        return None
+    job = TrackedJob(row, listener)
+    try:
+        try:
+            work(row, job)
+        finally:
+            job.flush(raise_error=False)
+        job.check()
+    except JobCancelled:
+        row_class.rows().get(pk=pk).remove_job_files()
+        log.info("%s %s cancelled; files removed", row_class.KIND, pk)
+    except BaseException as exc:
+        if not isinstance(exc, (JobError, JobTimeoutException, KeyboardInterrupt, SystemExit)):
+            log.exception("%s %s failed unexpectedly", row_class.KIND, pk)
+        fail(row_class, pk, error_for(exc, row_class))
+        raise
+    row = row_class.rows().get(pk=pk)
+    if listener:
+        listener(row)
+    return row
+
+
+def mark_worker_died(job_id: str, reason: str) -> None:
+    """The worker process running a job died (killed, out of memory, a reboot): whatever
+    kind of row it was running must not stay running."""
+    error = JobError("worker_died", f"The worker process stopped unexpectedly ({reason}); retry.")
+    for row_class in _KINDS:
+        for pk in row_class.objects.filter(job_id=job_id, status__in=row_class.RUNNING).values_list("pk", flat=True):
+            fail(row_class, pk, error)

@@ -1,0 +1,76 @@
+"""The job queue (RQ on Redis): enqueue, refuse up front when Redis is down, stop a job."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import django_rq
+from django.conf import settings
+from redis.exceptions import RedisError
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from .errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def queue():
+    # Enqueue immediately: callers already wait for the row's transaction to commit.
+    return django_rq.get_queue("default", commit_mode="auto")
+
+
+def require_queue() -> None:
+    """Refuse up front when Redis is down, so no row is left queued with no job."""
+    try:
+        queue().connection.ping()
+    except RedisError:
+        raise Unavailable(
+            "queue_unavailable",
+            "The job queue (Redis) is not reachable; nothing was started. Check REDIS_URL and that Redis runs.",
+            retryable=True,
+        ) from None
+
+
+def job_timeout() -> int:
+    """Seconds a job may run before RQ stops it (MISTUDIO_JOB_TIMEOUT)."""
+    return int(settings.RQ_QUEUES["default"]["DEFAULT_TIMEOUT"])
+
+
+def enqueue(func: str, row_id: str, job_id: str) -> None:
+    queue().enqueue(func, row_id, job_id=job_id, job_timeout=job_timeout())
+
+
+def stop_rq_job(job_id: str, wait_seconds: float = 15.0) -> None:
+    """Stop the job's worker process (not just the row) and wait until it is gone, so no
+    file is written after we clean up."""
+    try:
+        _stop(job_id, wait_seconds)
+    except RedisError:
+        log.warning("could not reach Redis to stop job %s", job_id)
+
+
+def _stop(job_id: str, wait_seconds: float) -> None:
+    connection = queue().connection
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except NoSuchJobError:
+        return
+    status = job.get_status(refresh=True)
+    if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+        job.cancel()
+        return
+    if status != JobStatus.STARTED:
+        return
+    try:
+        send_stop_job_command(connection, job_id)
+    except InvalidJobOperation:
+        return
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if job.get_status(refresh=True) != JobStatus.STARTED:
+            return
+        time.sleep(0.1)
+    log.warning("job %s did not stop within %.0f s", job_id, wait_seconds)

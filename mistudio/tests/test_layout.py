@@ -1,0 +1,87 @@
+"""The shape a newcomer relies on: `mistudio/` is the shared floor and imports no app; the
+pure `ml/` packages and the Django-free parts of the floor they use import no Django."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from django.conf import settings
+
+ROOT = Path(settings.BASE_DIR)
+# Files of the floor that wire the apps together, and may name them.
+WIRING = {"settings.py", "settings_test.py", "urls.py"}
+
+
+def project_apps() -> list[str]:
+    return [name for name in settings.INSTALLED_APPS if (ROOT / name).is_dir() and name != "mistudio"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_the_shared_floor_imports_no_app():
+    apps = project_apps()
+    assert apps, "the project's apps were not found"
+    offenders = [
+        f"{path.relative_to(ROOT)}: {module}"
+        for path in (ROOT / "mistudio").rglob("*.py")
+        if path.name not in WIRING and "tests" not in path.parts and "migrations" not in path.parts
+        for module in imported_modules(path)
+        if module.split(".")[0] in apps
+    ]
+    assert offenders == []
+    # Nor does any file of the floor, wiring aside, name an app at all (an import_string).
+    named = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "mistudio").rglob("*.py")
+        if path.name not in WIRING and "tests" not in path.parts
+        and any(app in path.read_text() for app in apps)
+    ]  # fmt: skip
+    assert named == []
+
+
+def test_the_ml_packages_run_without_django():
+    """Every ml/ module imports in a fresh interpreter without pulling Django in."""
+    modules = [
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for app in project_apps()
+        for path in sorted((ROOT / app / "ml").glob("*.py"))
+        if path.name != "__init__.py"
+    ]
+    assert len(modules) > 5
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "leaked = sorted(m for m in sys.modules if m == 'django' or m.startswith('django.'))\n"
+        "print(leaked)\n"
+        "sys.exit(1 if leaked else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_apps_use_each_other_only_through_the_public_surface():
+    """activations_app reaches models_app through its model lookup service, its row (the
+    foreign key, by name) and the `ml` loading API; nothing else of it."""
+    allowed = {"models_app.services", "models_app.ml"}
+    apps = project_apps()
+    offenders = []
+    for app in apps:
+        for path in (ROOT / app).rglob("*.py"):
+            if "tests" in path.parts or "migrations" in path.parts:
+                continue
+            for module in imported_modules(path):
+                top = module.split(".")[0]
+                if top in apps and top != app and module not in allowed:
+                    offenders.append(f"{path.relative_to(ROOT)}: {module}")
+    assert offenders == []
