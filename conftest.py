@@ -12,8 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from models_app.tests.hub_server import HubRepo, HubServer, VALID_UNGATED_TOKEN, make_sha  # noqa: E402
 from models_app.tests import support  # noqa: E402
+from models_app.tests.hub_server import VALID_UNGATED_TOKEN, HubRepo, HubServer, make_sha  # noqa: E402
 
 GATED_TOKEN = "hf_granted_token_for_tests"
 

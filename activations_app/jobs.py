@@ -9,9 +9,9 @@ from pathlib import Path
 
 from django.conf import settings
 
-from mistudio.crypto import decrypt_secret
 from mistudio.errors import InvalidInput, JobError
 from mistudio.hub import ensure_free_space
+from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
 from mistudio.staging import staged_dir
 from models_app.ml import load_saved
@@ -66,13 +66,9 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
 
 
 def _import_hub_dataset(dataset: Dataset, job: TrackedJob) -> None:
-    try:
-        token = decrypt_secret(dataset.encrypted_token) if dataset.encrypted_token else None
-    except ValueError:
-        raise JobError("token_unreadable", "The stored Hub token cannot be decrypted here: the worker's SECRET_KEY "
-                                           "differs from the web server's. Fix that, then import again with the token.") from None  # fmt: skip
+    token = stored_token(dataset.encrypted_token)
     endpoint = settings.HF_ENDPOINT
-    retry = {"retries": settings.HUB_RETRIES, "backoff_seconds": settings.HUB_RETRY_BACKOFF_SECONDS}
+    retry = retry_policy()
     job.phase(DatasetStatus.DOWNLOADING, progress=0.0)
     # The commit the request resolved: the files are the ones the user was shown.
     plan = plan_dataset(dataset.repo_id, dataset.revision, dataset.split, token, endpoint, **retry)

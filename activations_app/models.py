@@ -4,8 +4,7 @@ from django.conf import settings
 from django.db import models
 
 from mistudio import progress
-from mistudio.errors import JobError
-from mistudio.jobs import TrackedRow
+from mistudio.jobs import TrackedRow, TransferRow
 from mistudio.staging import remove_with_staged
 
 from .ml.extract import ExtractionSpec
@@ -30,14 +29,13 @@ class DatasetStatus(models.TextChoices):
 DATASET_RUNNING = (DatasetStatus.QUEUED, DatasetStatus.DOWNLOADING)
 
 
-class Dataset(TrackedRow, models.Model):
+class Dataset(TransferRow):
     """A text corpus to extract over, stored under datasets/{id}/. An upload or a local
     file is ready at once; a Hub dataset is imported by a job, like a model download."""
 
     KIND = "dataset"
     QUEUED, DONE, FAILED, CANCELLED = DatasetStatus.QUEUED, DatasetStatus.READY, DatasetStatus.ERROR, DatasetStatus.CANCELLED
     RUNNING = DATASET_RUNNING
-    IDLE_FIELDS = {"speed_bps": 0, "eta_seconds": None}
     card_template = "activations_app/_dataset_card.html"
     html_group = progress.DATASETS_GROUP
     SOURCES = [("upload", "Upload"), ("local", "Local file"), ("hub", "Hub dataset repo")]
@@ -55,18 +53,6 @@ class Dataset(TrackedRow, models.Model):
     split = models.CharField(max_length=100, blank=True)
     requested_revision = models.CharField(max_length=200, blank=True)
     revision = models.CharField(max_length=200, blank=True)
-    progress = models.FloatField(default=0.0)
-    bytes_done = models.BigIntegerField(default=0)
-    bytes_total = models.BigIntegerField(default=0)
-    speed_bps = models.FloatField(default=0.0)
-    eta_seconds = models.FloatField(null=True, blank=True)
-    error_code = models.CharField(max_length=40, blank=True)
-    error_message = models.TextField(blank=True)
-    job_id = models.CharField(max_length=64, blank=True)
-    # The user's Hub token, Fernet-encrypted, kept only while the import needs it.
-    encrypted_token = models.BinaryField(null=True, blank=True, editable=False)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -75,26 +61,11 @@ class Dataset(TrackedRow, models.Model):
         return f"{self.name} ({self.row_count} rows)"
 
     @property
-    def label(self) -> str:
-        return self.name
-
-    @property
-    def is_ready(self) -> bool:
-        return self.status == DatasetStatus.READY
-
-    @property
     def folder(self):
         return settings.DATA_DIR / "datasets" / self.id
 
-    @property
-    def speed_mbps(self) -> float:
-        return round(self.speed_bps / 1e6, 2)
-
     def remove_job_files(self) -> None:
         remove_with_staged(self.folder)
-
-    def stop_fields(self, error: JobError | None) -> dict:
-        return {"encrypted_token": None}
 
     def progress_event(self) -> dict:
         return {
@@ -136,7 +107,7 @@ class ExtractionStatus(models.TextChoices):
 EXTRACTION_RUNNING = (ExtractionStatus.QUEUED, ExtractionStatus.LOADING, ExtractionStatus.EXTRACTING, ExtractionStatus.SAVING)
 
 
-class Extraction(TrackedRow, models.Model):
+class Extraction(TrackedRow):
     """One run of a model over a dataset; its request is an ExtractionSpec (`spec`)."""
 
     KIND = "extraction"
@@ -159,18 +130,11 @@ class Extraction(TrackedRow, models.Model):
     dtype = models.CharField(max_length=8, default="float16")
     tokenization = models.CharField(max_length=8, default="packed")
     status = models.CharField(max_length=12, choices=ExtractionStatus.choices, default=ExtractionStatus.QUEUED)
-    progress = models.FloatField(default=0.0)
     samples_done = models.IntegerField(default=0)
     samples_total = models.IntegerField(default=0)
     samples_per_second = models.FloatField(default=0.0)
-    eta_seconds = models.FloatField(null=True, blank=True)
     output_path = models.CharField(max_length=1000, blank=True)
     statistics = models.JSONField(default=dict, blank=True)
-    error_code = models.CharField(max_length=40, blank=True)
-    error_message = models.TextField(blank=True)
-    job_id = models.CharField(max_length=64, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-created_at"]

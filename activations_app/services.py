@@ -13,7 +13,7 @@ from django.db import transaction
 
 from mistudio import jobs
 from mistudio.crypto import encrypt_secret
-from mistudio.errors import Conflict, InvalidInput, JobError, NotFound, ServiceError
+from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
 from mistudio.queue import job_timeout, require_queue
 from mistudio.validation import resolve_import_path, validate_repo_id, validate_revision
 from models_app.ml import compute_device, module_map
@@ -124,13 +124,6 @@ def upload_dataset(*, upload, name: str | None = None, text_column: str = "text"
     return dataset
 
 
-def get_ready_dataset(dataset_id: str) -> Dataset:
-    dataset = Dataset.get_or_404(dataset_id)
-    if not dataset.is_ready:
-        raise Conflict("dataset_not_ready", f"Dataset {dataset.name} is {dataset.status}.")
-    return dataset
-
-
 def cancel_dataset(dataset_id: str) -> Dataset:
     return jobs.cancel(Dataset, dataset_id)
 
@@ -175,7 +168,7 @@ def estimate_request(*, model_id: str, dataset_id: str, data) -> dict:
     model = get_ready_model(model_id, "extraction")
     if not dataset_id:
         raise ServiceError("invalid_input", "Choose a dataset.", details={"field": "dataset_id"})
-    dataset = get_ready_dataset(dataset_id)
+    dataset = Dataset.get_ready_or_409(dataset_id, "extraction")
     return estimate_extraction(model, validate_extraction(model, data), dataset)
 
 
@@ -183,7 +176,7 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
     """`data` as a form posts it, or the request's fields as keywords."""
     data = fields if data is None else data
     model = get_ready_model(model_id, "extraction")
-    dataset = get_ready_dataset(dataset_id)
+    dataset = Dataset.get_ready_or_409(dataset_id, "extraction")
     spec = validate_extraction(model, data)
     _refuse_unless_it_fits(estimate_extraction(model, spec, dataset))
     if enqueue:

@@ -54,22 +54,23 @@ def dataset_import(request):
     return redirect("activations:datasets")
 
 
+def _dataset_action(request, action, dataset_id):
+    """A card's button: back to the page, or the page with the reason it was refused."""
+    try:
+        action(dataset_id)
+    except ServiceError as exc:
+        return _datasets_page(request, status=exc.status, upload_error=exc.message)
+    return redirect("activations:datasets")
+
+
 @require_POST
 def dataset_cancel(request, dataset_id):
-    try:
-        services.cancel_dataset(dataset_id)
-    except ServiceError as exc:
-        return _datasets_page(request, status=exc.status, import_error=exc.message)
-    return redirect("activations:datasets")
+    return _dataset_action(request, services.cancel_dataset, dataset_id)
 
 
 @require_POST
 def dataset_delete(request, dataset_id):
-    try:
-        services.delete_dataset(dataset_id)
-    except ServiceError as exc:
-        return _datasets_page(request, status=exc.status, upload_error=exc.message)
-    return redirect("activations:datasets")
+    return _dataset_action(request, services.delete_dataset, dataset_id)
 
 
 @require_GET

@@ -4,6 +4,7 @@ failure into a non-zero exit with a one-line reason on stderr."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -100,6 +101,16 @@ class JobCommand(BaseCommand):
             raise CommandError(f"{row.pk} was cancelled; no files were kept.")
 
     follow_hint = ""  # where to watch a queued job
+
+
+def token_from_env(variable: str | None) -> str | None:
+    """The Hub token named by --token-env: a token is never an argument (ps, shell history)."""
+    if not variable:
+        return None
+    token = os.environ.get(variable)
+    if not token:
+        raise CommandError(f"Environment variable {variable} is not set or empty.")
+    return token
 
 
 def service_call(func, *args, **kwargs):

@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from django.db import transaction
+from django.db import models, transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -25,7 +25,7 @@ from rq.timeouts import JobTimeoutException
 
 from . import progress, queue
 from .errors import Conflict, JobCancelled, JobError, NotFound
-from .progress import LatestStateWriter
+from .progress import MODELS_GROUP, LatestStateWriter
 from .throttle import ProgressThrottle, TransferRate
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,20 @@ Listener = Callable[[object], None]
 MAX_WRITES_PER_SECOND = 10
 
 
-class TrackedRow:
-    """Mixin for a Django model whose row a job drives. The model has the fields status,
-    error_code, error_message, job_id, eta_seconds and updated_at, and sets the class
+class TrackedRow(models.Model):
+    """A row a job drives. The concrete model adds its `status` field and sets the class
     attributes below."""
+
+    progress = models.FloatField(default=0.0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    error_code = models.CharField(max_length=40, blank=True)
+    error_message = models.TextField(blank=True)
+    job_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        abstract = True
 
     KIND: str  # "model", "extraction", "dataset": error codes and messages
     QUEUED: str
@@ -48,16 +58,21 @@ class TrackedRow:
     IDLE_FIELDS: dict = {"eta_seconds": None}  # reset on a phase change and whenever the job stops
     TIMEOUT_HINT = "retry, or raise the limit"
     card_template: str  # the card partial; rendered with the row under its KIND name
-    html_group = progress.MODELS_GROUP  # pages that show the card
+    html_group = MODELS_GROUP  # pages that show the card
 
     @property
     def is_running(self) -> bool:
         return self.status in self.RUNNING
 
     @property
+    def is_ready(self) -> bool:
+        """The job ended well: its files are the result."""
+        return self.status == self.DONE
+
+    @property
     def label(self) -> str:
-        """How messages name the row."""
-        return str(self.pk)
+        """How messages name the row: its name, else its id."""
+        return getattr(self, "name", "") or str(self.pk)
 
     @classmethod
     def rows(cls):
@@ -68,6 +83,14 @@ class TrackedRow:
         row = cls.rows().filter(pk=pk).first()
         if row is None:
             raise NotFound(f"{cls.KIND}_not_found", f"No {cls.KIND} with id {pk!r}.")
+        return row
+
+    @classmethod
+    def get_ready_or_409(cls, pk: str, purpose: str):
+        """A row another job can use now, or a 409 that says why not."""
+        row = cls.get_or_404(pk)
+        if not row.is_ready:
+            raise Conflict(f"{cls.KIND}_not_ready", f"{row.label} is {row.status}; {purpose} needs a ready {cls.KIND}.")
         return row
 
     def stop_fields(self, error: JobError | None) -> dict:
@@ -96,6 +119,28 @@ class TrackedRow:
 
     def publish_added(self) -> None:
         """A new row is queued: pages that list rows of this kind show it."""
+
+
+class TransferRow(TrackedRow):
+    """A row whose job moves bytes from the Hub, with the user's token while it needs it."""
+
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    speed_bps = models.FloatField(default=0.0)
+    # The user's Hub token, Fernet-encrypted, kept only while the job needs it.
+    encrypted_token = models.BinaryField(null=True, blank=True, editable=False)
+
+    IDLE_FIELDS = {"speed_bps": 0, "eta_seconds": None}
+
+    class Meta:
+        abstract = True
+
+    @property
+    def speed_mbps(self) -> float:
+        return round(self.speed_bps / 1e6, 2)
+
+    def stop_fields(self, error: JobError | None) -> dict:
+        return {"encrypted_token": None}
 
 
 _KINDS: list[type[TrackedRow]] = []

@@ -2,8 +2,9 @@ from django import forms
 from django.core.exceptions import ValidationError
 
 from mistudio.errors import InvalidInput
-from .ml.formats import validate_format
 from mistudio.validation import validate_repo_id, validate_revision
+
+from .ml.formats import validate_format
 
 QUANTIZATION_CHOICES = [
     ("FP32", "FP32 (Full Precision)"),

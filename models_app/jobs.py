@@ -9,9 +9,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models import Q
 
-from mistudio.crypto import decrypt_secret
-from mistudio.errors import JobError
 from mistudio.hub import ensure_free_space
+from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
 from mistudio.staging import staged_dir
 
@@ -127,13 +126,9 @@ def _baseline_perplexity(model: Model, tokenizer, estimates: dict[str, int], dev
 
 
 def _download(model: Model, job: TrackedJob) -> None:
-    try:
-        token = decrypt_secret(model.encrypted_token) if model.encrypted_token else None
-    except ValueError:
-        raise JobError("token_unreadable", "The stored Hub token cannot be decrypted here: the worker's SECRET_KEY "
-                                           "differs from the web server's. Fix that, then download again with the token.") from None  # fmt: skip
+    token = stored_token(model.encrypted_token)
     endpoint = settings.HF_ENDPOINT
-    retry = {"retries": settings.HUB_RETRIES, "backoff_seconds": settings.HUB_RETRY_BACKOFF_SECONDS}
+    retry = retry_policy()
     job.phase(ModelStatus.DOWNLOADING, progress=0.0)
     plan = hub.plan_download(model.repo_id, model.requested_revision, token, endpoint, **retry)
     job.write(revision=plan.sha, bytes_total=plan.total_bytes)

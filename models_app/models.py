@@ -8,7 +8,7 @@ from django.template.loader import render_to_string
 
 from mistudio import progress
 from mistudio.errors import JobError
-from mistudio.jobs import TrackedRow
+from mistudio.jobs import TransferRow
 from mistudio.staging import staged_path
 
 from .ml.formats import BYTES_PER_PARAM
@@ -38,13 +38,12 @@ PHASE_LABELS = {
 }
 
 
-class Model(TrackedRow, models.Model):
+class Model(TransferRow):
     """One downloadable artifact: a repo at a revision in one quantization format."""
 
     KIND = "model"
     QUEUED, DONE, FAILED, CANCELLED = ModelStatus.QUEUED, ModelStatus.READY, ModelStatus.ERROR, ModelStatus.CANCELLED
     RUNNING = RUNNING_STATUSES
-    IDLE_FIELDS = {"speed_bps": 0, "eta_seconds": None}
     card_template = "models_app/_card.html"
     PANEL_SIZE = 200
 
@@ -65,13 +64,6 @@ class Model(TrackedRow, models.Model):
     requested_quantization = models.CharField(max_length=8, default="FP32")
 
     status = models.CharField(max_length=16, choices=ModelStatus.choices, default=ModelStatus.QUEUED)
-    progress = models.FloatField(default=0.0)
-    bytes_done = models.BigIntegerField(default=0)
-    bytes_total = models.BigIntegerField(default=0)
-    speed_bps = models.FloatField(default=0.0)
-    eta_seconds = models.FloatField(null=True, blank=True)
-    error_code = models.CharField(max_length=40, blank=True)
-    error_message = models.TextField(blank=True)
     suggested_format = models.CharField(max_length=8, blank=True)
 
     file_path = models.CharField(max_length=1000, blank=True)
@@ -87,12 +79,7 @@ class Model(TrackedRow, models.Model):
     perplexity_baseline = models.FloatField(null=True, blank=True, help_text="FP32 weights, same text.")
     format_notes = models.TextField(blank=True, help_text="Why the produced format differs from the requested one.")
 
-    job_id = models.CharField(max_length=64, blank=True)
-    # The user's Hub token, Fernet-encrypted, kept only while the download needs it.
-    encrypted_token = models.BinaryField(null=True, blank=True, editable=False)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -104,14 +91,6 @@ class Model(TrackedRow, models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.quantization}, {self.status})"
-
-    @property
-    def label(self) -> str:
-        return self.name
-
-    @property
-    def is_ready(self) -> bool:
-        return self.status == ModelStatus.READY
 
     def _config(self, *names: str, default=None):
         """The first of `names` that the config sets (families name the same thing differently)."""
@@ -179,7 +158,7 @@ class Model(TrackedRow, models.Model):
             shutil.rmtree(folder, ignore_errors=True)
 
     def stop_fields(self, error: JobError | None) -> dict:
-        fields = {"encrypted_token": None}  # the token is kept only while the download needs it
+        fields = super().stop_fields(error)
         if error is not None:
             fields["suggested_format"] = error.suggested_format or ""
         return fields
@@ -197,10 +176,6 @@ class Model(TrackedRow, models.Model):
     @classmethod
     def list_html(cls, oob: bool = False) -> str:
         return render_to_string("models_app/_model_list.html", {"models": cls.for_panel(), "oob": oob})
-
-    @property
-    def speed_mbps(self) -> float:
-        return round(self.speed_bps / 1e6, 2)
 
     def progress_event(self) -> dict:
         """The JSON event describing this row's current state (absolute, never a delta)."""

@@ -200,10 +200,7 @@ def get_model(model_id: str) -> Model:
 
 def get_ready_model(model_id: str, purpose: str) -> Model:
     """A model that can be used now, or a 409 that says why not."""
-    model = get_model(model_id)
-    if not model.is_ready:
-        raise Conflict("model_not_ready", f"{model.name} is {model.status}; {purpose} needs a ready model.")
-    return model
+    return Model.get_ready_or_409(model_id, purpose)
 
 
 def cancel_model(model_id: str) -> Model:

@@ -68,9 +68,8 @@ def iter_texts(path: Path, text_column: str = "text") -> Iterator[str]:
             except csv.Error as exc:
                 raise InvalidInput("file", f"{path.name} line {reader.line_num} is not valid CSV: {exc}.") from None
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         parquet = pq.ParquetFile(path)
         if text_column not in parquet.schema_arrow.names:

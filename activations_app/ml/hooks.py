@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from models_app.ml import module_map
 from mistudio.errors import JobError
+from models_app.ml import module_map
 
 HOOK_TYPES = ("residual", "mlp", "attention")
 Capture = Callable[[int, str, "torch.Tensor"], None]  # noqa: F821

@@ -11,8 +11,8 @@ import torch
 from activations_app.ml import extract
 from activations_app.ml.extract import ExtractionSpec, Tokens, run_extraction, tokenize
 from activations_app.ml.hooks import HOOK_TYPES
-from models_app.ml.architecture import module_map
 from mistudio.errors import JobError
+from models_app.ml.architecture import module_map
 
 TINY = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

@@ -179,9 +179,8 @@ def test_cancelling_a_hub_dataset_import_stops_the_worker_and_removes_its_files(
 
 
 async def test_the_datasets_page_socket_shows_an_import_live(user, hub, tmp_path, data_dir):
-    from mistudio.asgi import application
-
     from activations_app.jobs import run_dataset_import
+    from mistudio.asgi import application
 
     repo_id = await database_sync_to_async(corpus_repo)(hub, tmp_path)
     dataset = await database_sync_to_async(services.import_dataset)(path=repo_id, enqueue=False)

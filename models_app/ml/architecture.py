@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mistudio.errors import JobError
+
 from .loading import SUPPORTED_ARCHITECTURES, meta_model
 
 

@@ -22,9 +22,8 @@ from django.test import Client
 
 from mistudio import progress
 from mistudio.asgi import application
-from mistudio.models import ApiToken
-from models_app import services
 from mistudio.jobs import TrackedJob
+from mistudio.models import ApiToken
 from models_app.ml import hub as hub_api
 from models_app.models import Model, ModelStatus
 from models_app.tests.hub_server import HubRepo, hub_in_subprocess, make_sha

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from models_app.ml import quality, quantize
 from mistudio.hub import format_bytes
+from models_app.ml import quality, quantize
 from models_app.ml.loading import folder_size, read_config
 
 

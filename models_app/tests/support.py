@@ -60,8 +60,8 @@ def write_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, **o
 def write_encoder_only_repo(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"embeddings.word_embeddings.weight": torch.zeros(10, 32)}, str(folder / "model.safetensors"))
     return folder

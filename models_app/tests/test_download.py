@@ -69,8 +69,8 @@ def test_fp16_is_written_as_safetensors_at_half_the_size(signed_in, hub, data_di
     assert model.status == ModelStatus.READY, model.error_message
     fp16 = data_dir / "models" / "quantized" / f"{model.id}_FP16"
     assert model.quantized_path == str(fp16)
-    from safetensors import safe_open
     import torch
+    from safetensors import safe_open
 
     with safe_open(str(fp16 / "model.safetensors"), framework="pt") as handle:
         dtypes = {handle.get_tensor(name).dtype for name in handle.keys()}

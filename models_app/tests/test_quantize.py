@@ -8,8 +8,8 @@ import torch
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from models_app.ml import quantize
 from mistudio.errors import JobError
+from models_app.ml import quantize
 from models_app.models import Model, ModelStatus
 from models_app.tests import support
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from models_app.ml import loading
 from mistudio.errors import JobError
-from models_app.ml.quantize import estimate_weight_bytes, memory_estimate
 from mistudio.throttle import ProgressThrottle, TransferRate
+from models_app.ml import loading
 from models_app.ml.hub import select_files
+from models_app.ml.quantize import estimate_weight_bytes, memory_estimate
 
 
 class FakeClock:
@@ -173,8 +173,8 @@ def test_the_progress_writer_never_blocks_the_job_and_writes_the_last_state_last
 def test_the_progress_writer_hands_a_cancellation_back_to_the_job():
     import time
 
-    from mistudio.progress import LatestStateWriter
     from mistudio.errors import JobCancelled
+    from mistudio.progress import LatestStateWriter
 
     def write(state):
         if state["done"] >= 2:

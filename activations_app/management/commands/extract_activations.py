@@ -1,9 +1,9 @@
 from django.core.management.base import CommandError
 
-from mistudio.commands import JobCommand, eta_text, service_call
 from activations_app import jobs, services
 from activations_app.forms import ExtractionForm
 from activations_app.models import ExtractionStatus
+from mistudio.commands import JobCommand, eta_text, service_call
 
 
 def int_list(value: str) -> list:

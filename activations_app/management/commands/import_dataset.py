@@ -1,9 +1,5 @@
-import os
-
-from django.core.management.base import CommandError
-
 from activations_app import jobs, services
-from mistudio.commands import JobCommand, service_call
+from mistudio.commands import JobCommand, service_call, token_from_env
 
 
 class Command(JobCommand):
@@ -23,11 +19,7 @@ class Command(JobCommand):
         self.add_job_arguments(parser)
 
     def handle(self, *args, **options):
-        token = None
-        if options["token_env"]:
-            token = os.environ.get(options["token_env"])
-            if not token:
-                raise CommandError(f"Environment variable {options['token_env']} is not set or empty.")
+        token = token_from_env(options["token_env"])
         dataset = service_call(
             services.import_dataset, path=options["path_or_repo"], name=options["name"],
             text_column=options["text_column"], split=options["split"], token=token, revision=options["revision"],

@@ -2,9 +2,8 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from models_app import services
-
 from mistudio.commands import service_call
+from models_app import services
 
 
 class Command(BaseCommand):

@@ -1,10 +1,5 @@
-import os
-
-from django.core.management.base import CommandError
-
+from mistudio.commands import service_call, token_from_env
 from models_app import jobs, services
-
-from mistudio.commands import service_call
 
 from ._common import ModelCommand
 
@@ -24,11 +19,7 @@ class Command(ModelCommand):
         self.add_job_arguments(parser)
 
     def handle(self, *args, **options):
-        token = None
-        if options["token_env"]:
-            token = os.environ.get(options["token_env"])
-            if not token:
-                raise CommandError(f"Environment variable {options['token_env']} is not set or empty.")
+        token = token_from_env(options["token_env"])
         model = service_call(
             services.request_download,
             user=None,

@@ -1,6 +1,5 @@
-from models_app import jobs, services
-
 from mistudio.commands import service_call
+from models_app import jobs, services
 
 from ._common import ModelCommand
 
