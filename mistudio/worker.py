@@ -4,7 +4,10 @@ signal) is seen at once; a whole worker gone (SIGKILL, a reboot) is seen by RQ's
 maintenance in any worker, once the job's heartbeat has lapsed (about 90 s; at a worker's
 start and every 10 minutes)."""
 
+import ctypes
+import ctypes.util
 import os
+import signal
 
 from django.db import connections
 from django.utils.module_loading import autodiscover_modules
@@ -30,10 +33,36 @@ def abandoned_job_handler(job, exc_type, exc_value, traceback) -> bool:
     return True  # let the other handlers run too
 
 
+def die_with_parent() -> None:
+    """A work horse must not outlive its worker (kill -9 of the worker): Linux sends it
+    SIGKILL when the worker dies, and the row is failed by the next registry check."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the registry check still fails the row
+        return
+    if os.getppid() != parent:  # the worker died before the request took effect
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
+# A dead worker's job is found once its heartbeat lapses (job_monitoring_interval + 60 s)
+# by the registry check, which every live worker runs this often: together, under 2 minutes.
+JOB_MONITORING_SECONDS = 15
+MAINTENANCE_SECONDS = 30
+
+
 class MistudioWorker(Worker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.push_exc_handler(abandoned_job_handler)
+        self.job_monitoring_interval = min(self.job_monitoring_interval, JOB_MONITORING_SECONDS)
+        self.maintenance_interval = min(self.maintenance_interval, MAINTENANCE_SECONDS)
+
+    def main_work_horse(self, job, queue):
+        die_with_parent()
+        return super().main_work_horse(job, queue)
 
     def work(self, *args, **kwargs):
         # Each job runs in a work horse forked from this process: importing torch and

@@ -1,0 +1,44 @@
+"""/healthz: what a load balancer, compose or an operator asks before sending work here."""
+
+from __future__ import annotations
+
+from django.contrib.auth.decorators import login_not_required
+from django.db import connection
+from django.http import JsonResponse
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+from redis.exceptions import RedisError
+from rq.worker import Worker
+
+from .queue import queue
+
+
+@login_not_required
+@require_GET
+def healthz(request):
+    """200 when the database and Redis answer (the web server can serve and queue), else
+    503; the live workers, each with its queues and last heartbeat, either way."""
+    checks: dict = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        checks["database"] = f"unreachable ({type(exc).__name__})"
+    workers = []
+    try:
+        redis = queue().connection
+        redis.ping()
+        checks["redis"] = "ok"
+        now = timezone.now()
+        for worker in Worker.all(connection=redis):
+            heartbeat = worker.last_heartbeat
+            workers.append({
+                "name": worker.name, "state": worker.get_state(), "queues": worker.queue_names(),
+                "seconds_since_heartbeat": round((now - heartbeat).total_seconds(), 1) if heartbeat else None,
+            })  # fmt: skip
+    except RedisError as exc:
+        checks["redis"] = f"unreachable ({type(exc).__name__})"
+    healthy = checks["database"] == "ok" and checks["redis"] == "ok"
+    body = {"status": "ok" if healthy else "unavailable", **checks, "workers": workers}
+    return JsonResponse(body, status=200 if healthy else 503)

@@ -1,0 +1,151 @@
+"""What `scripts/run` runs after migrating: the web server and the workers (and, where no
+Redis answers and none was configured, a private Redis), each restarted within seconds
+when it dies, so a killed worker never takes the web server down, nor the reverse.
+
+Plain Python, no Django: it only starts processes, and each child loads the settings
+itself with the environment given here (REDIS_URL for a private Redis)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_REDIS = ("127.0.0.1", 6379)
+STOP_GRACE_SECONDS = 10  # a running job gets this long to stop before it is killed
+
+
+def answers_ping(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    command: list[str]
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    quick_deaths: int = field(default=0)
+
+    def start(self, env: dict) -> None:
+        self.process = subprocess.Popen(self.command, env=env)
+        self.started = time.monotonic()
+
+    def restart_delay(self) -> float:
+        """Back off when it keeps dying at once (a bad setting), never past 8 s."""
+        if time.monotonic() - self.started < 5:
+            self.quick_deaths += 1
+        else:
+            self.quick_deaths = 0
+        return min(8.0, 0.5 * 2 ** max(0, self.quick_deaths - 1)) if self.quick_deaths else 0.5
+
+
+class Supervisor:
+    def __init__(self, host: str, port: int, workers: int, data_dir: Path) -> None:
+        self.env = dict(os.environ)
+        self.children: list[Child] = []
+        self.stopping = False
+        python = sys.executable
+        redis = self._redis(data_dir)
+        if redis is not None:
+            self.children.append(redis)
+        self.children.append(Child("web", [python, "-m", "daphne", "-b", host, "-p", str(port), "mistudio.asgi:application"]))
+        for n in range(1, workers + 1):
+            name = f"mistudio-{socket.gethostname()}-{port}-{n}"
+            self.children.append(Child(f"worker {n}", [python, "manage.py", "rqworker", "default", "--name", name,
+                                                       "--worker-class", "mistudio.worker.MistudioWorker"]))  # fmt: skip
+
+    def _redis(self, data_dir: Path) -> Child | None:
+        """An explicit REDIS_URL is used as it is; else the default Redis if it answers;
+        else a private redis-server of our own, its data kept in the data dir."""
+        if self.env.get("REDIS_URL") or answers_ping(*DEFAULT_REDIS):
+            return None
+        server = shutil.which("redis-server")
+        if server is None:
+            raise SystemExit("No Redis answers at 127.0.0.1:6379 and redis-server is not installed: install it "
+                             "(apt-get install redis-server) or set REDIS_URL.")  # fmt: skip
+        port = free_port()
+        folder = data_dir / "redis"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        print(f"No Redis at 127.0.0.1:6379: running a private one on port {port} (data in {folder})", flush=True)
+        return Child("redis", [server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
+                               "--appendonly", "yes", "--save", "60 1"])  # fmt: skip
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+        for child in self.children:
+            child.start(self.env)
+            if child.name == "redis":
+                self._wait_for_redis()
+        while not self.stopping:
+            for child in self.children:
+                code = child.process.poll()
+                if code is not None and not self.stopping:
+                    delay = child.restart_delay()
+                    print(f"{child.name} exited ({_describe(code)}); restarting in {delay:.1f} s", flush=True)
+                    time.sleep(delay)
+                    if not self.stopping:
+                        child.start(self.env)
+            time.sleep(0.2)
+        self._stop_all()
+        return 0
+
+    def _wait_for_redis(self) -> None:
+        port = int(self.env["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not answers_ping("127.0.0.1", port):
+            time.sleep(0.1)
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _stop_all(self) -> None:
+        """Web and workers first (a worker finishes or abandons its job), Redis last."""
+        ordered = [c for c in self.children if c.name != "redis"] + [c for c in self.children if c.name == "redis"]
+        for child in ordered:
+            if child.process and child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for child in ordered:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()  # its work horse dies with it (MistudioWorker)
+                child.process.wait()
+
+
+def _describe(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit status {code}"
+
+
+def main(argv: list[str]) -> int:
+    host = os.environ.get("MISTUDIO_HOST", "127.0.0.1")
+    port = int(os.environ.get("MISTUDIO_PORT", "8000"))
+    workers = int(os.environ.get("MISTUDIO_WORKERS", "1"))
+    data_dir = Path(os.environ.get("MISTUDIO_DATA_DIR", Path(__file__).resolve().parent.parent / "data")).resolve()
+    return Supervisor(host, port, workers, data_dir).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

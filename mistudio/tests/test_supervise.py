@@ -1,0 +1,118 @@
+"""scripts/run as an operator leaves it running for weeks: a worker killed with -9 is back
+within 10 s and the web server stays up, and the reverse; /healthz tells what is alive."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from models_app.tests.support import ROOT, free_port, subprocess_env, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def healthz(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def pids_with(*parts: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if all(part in command for part in parts):
+            found.append(int(entry.name))
+    return found
+
+
+def test_healthz_reports_the_database_redis_and_live_workers(client, redis_clean):
+    from models_app.tests.support import start_worker
+
+    body = client.get("/healthz").json()  # no sign-in: a probe has none
+    assert (body["status"], body["database"], body["redis"]) == ("ok", "ok", "ok")
+    worker = start_worker(burst=False)
+    try:
+        wait_for(lambda: client.get("/healthz").json()["workers"], timeout=60, message="the worker to register")
+        (live,) = client.get("/healthz").json()["workers"]
+        assert live["queues"] == ["default"] and live["seconds_since_heartbeat"] < 60
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
+
+
+def test_healthz_is_503_when_redis_is_gone(client, settings):
+    settings.RQ_QUEUES = {"default": {"URL": "redis://127.0.0.1:1/0", "DEFAULT_TIMEOUT": 60}}
+    response = client.get("/healthz")
+    assert response.status_code == 503 and response.json()["redis"].startswith("unreachable")
+
+
+def test_scripts_run_restarts_a_killed_worker_and_a_killed_web_server(redis_clean):
+    port = free_port()
+    worker_name = f"mistudio-{socket.gethostname()}-{port}-1"
+    env = subprocess_env(MISTUDIO_PORT=str(port), MISTUDIO_ADMIN_PASSWORD="correct horse battery")
+    run = subprocess.Popen(["scripts/run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: (healthz(port) or {}).get("workers") and pids_with("rqworker", worker_name), timeout=120,
+                 interval=0.3, message="scripts/run to serve with a worker")  # fmt: skip
+        (worker,) = pids_with("rqworker", worker_name)
+        (web,) = pids_with("daphne", str(port))
+        os.kill(worker, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: [p for p in pids_with("rqworker", worker_name) if p != worker], timeout=10, interval=0.1,
+                 message="the worker to be restarted")  # fmt: skip
+        assert time.monotonic() - killed < 10
+        assert healthz(port)["status"] == "ok" and pids_with("daphne", str(port)) == [web]
+
+        (worker,) = pids_with("rqworker", worker_name)
+        os.kill(web, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: (healthz(port) or {}).get("status") == "ok", timeout=10, interval=0.1, message="the web server")
+        assert time.monotonic() - killed < 10
+        assert pids_with("rqworker", worker_name) == [worker]
+    finally:
+        os.killpg(run.pid, signal.SIGTERM)
+        try:
+            output, _ = run.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            output, _ = run.communicate()
+    assert "restarting" in output
+    assert not pids_with("rqworker", worker_name) and not pids_with("daphne", str(port))
+
+
+def test_with_no_redis_anywhere_scripts_run_starts_a_private_one_in_the_data_dir(tmp_path, monkeypatch):
+    from mistudio import supervise
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setattr(supervise, "DEFAULT_REDIS", ("127.0.0.1", free_port()))  # where nothing listens
+    supervisor = supervise.Supervisor("127.0.0.1", free_port(), 1, tmp_path)
+    (redis,) = [child for child in supervisor.children if child.name == "redis"]
+    url = supervisor.env["REDIS_URL"]
+    redis.start(supervisor.env)
+    try:
+        supervisor._wait_for_redis()
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        assert supervise.answers_ping("127.0.0.1", port)
+        assert (tmp_path / "redis").is_dir()
+    finally:
+        redis.process.terminate()
+        redis.process.wait(timeout=10)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # an explicit one is never replaced
+    explicit = supervise.Supervisor("127.0.0.1", free_port(), 1, tmp_path)
+    assert explicit.env["REDIS_URL"] == "redis://127.0.0.1:1/0"
+    assert not [child for child in explicit.children if child.name == "redis"]
