@@ -1,19 +1,25 @@
 from django.contrib import admin
 
+from mistudio.admin import TrackedRowAdmin
+
+from . import services
 from .models import Dataset, Extraction
 
 
 @admin.register(Dataset)
-class DatasetAdmin(admin.ModelAdmin):
-    list_display = ("id", "name", "source", "row_count", "text_column", "status", "created_at")
-    list_filter = ("source", "status")
-    search_fields = ("id", "name")
-    readonly_fields = ("id", "file_path", "row_count", "preview", "created_at")
+class DatasetAdmin(TrackedRowAdmin):
+    list_display = ("id", "name", "source", "row_count", "text_column", "status", "owner", "created_at")
+    list_filter = ("source", "status", "owner")
+    search_fields = ("id", "name", "repo_id")
+    readonly_fields = [f.name for f in Dataset._meta.fields if f.name not in ("name", "encrypted_token")]
+    exclude = ("encrypted_token",)
+    delete_service = staticmethod(services.delete_dataset)
 
 
 @admin.register(Extraction)
-class ExtractionAdmin(admin.ModelAdmin):
-    list_display = ("id", "model", "dataset", "status", "progress", "samples_done", "dtype", "created_at")
-    list_filter = ("status", "dtype", "tokenization")
+class ExtractionAdmin(TrackedRowAdmin):
+    list_display = ("id", "model", "dataset", "status", "progress", "samples_done", "dtype", "owner", "created_at")
+    list_filter = ("status", "dtype", "tokenization", "owner")
     search_fields = ("id", "model__name", "dataset__name")
     readonly_fields = [f.name for f in Extraction._meta.fields]
+    delete_service = staticmethod(services.delete_extraction)

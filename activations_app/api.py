@@ -20,7 +20,7 @@ def datasets(request):
         return JsonResponse({"data": [d.as_dict() for d in Dataset.objects.all()[:500]]})
     if request.FILES.get("file") is not None:
         dataset = services.upload_dataset(
-            upload=request.FILES["file"], name=request.POST.get("name") or None,
+            user=request.user, upload=request.FILES["file"], name=request.POST.get("name") or None,
             text_column=request.POST.get("text_column") or "text",
         )  # fmt: skip
     else:
@@ -29,7 +29,7 @@ def datasets(request):
         if not source:
             raise ServiceError("invalid_input", "Send a file, or repo_id / path.", details={"field": "file"})
         dataset = services.import_dataset(
-            path=source, name=text_field(body, "name"), text_column=str(body.get("text_column") or "text"),
+            user=request.user, path=source, name=text_field(body, "name"), text_column=str(body.get("text_column") or "text"),
             split=str(body.get("split") or "train"), token=text_field(body, "access_token"),
             revision=text_field(body, "revision"),
         )  # fmt: skip
@@ -39,13 +39,19 @@ def datasets(request):
 @api_endpoint({"GET", "DELETE"})
 def dataset_detail(request, dataset_id):
     if request.method == "DELETE":
-        return JsonResponse({"deleted": services.delete_dataset(dataset_id), "id": dataset_id})
+        return JsonResponse({"deleted": services.delete_dataset(dataset_id, request.user), "id": dataset_id})
     return JsonResponse(Dataset.get_or_404(dataset_id).as_dict())
 
 
 @api_endpoint({"POST"})
 def dataset_cancel(request, dataset_id):
-    return JsonResponse(services.cancel_dataset(dataset_id).as_dict())
+    return JsonResponse(services.cancel_dataset(dataset_id, request.user).as_dict())
+
+
+@api_endpoint({"POST"})
+def dataset_retry(request, dataset_id):
+    token = text_field(json_body(request), "access_token")
+    return JsonResponse(services.retry_dataset(dataset_id, request.user, token).as_dict(), status=202)
 
 
 @api_endpoint({"POST"})
@@ -55,7 +61,7 @@ def extract(request, model_id):
     if not isinstance(dataset_id, str):
         raise ServiceError("invalid_input", "dataset_id is required.", details={"field": "dataset_id"})
     data = {name: body[name] for name in ExtractionSpec.request_fields() if name in body}
-    extraction = services.request_extraction(model_id=model_id, dataset_id=dataset_id, data=data)
+    extraction = services.request_extraction(model_id=model_id, dataset_id=dataset_id, data=data, user=request.user)
     return JsonResponse(extraction.as_dict(), status=202)
 
 
@@ -70,14 +76,16 @@ def extractions(request):
 
 @api_endpoint({"GET", "DELETE"})
 def extraction_detail(request, extraction_id):
-    extraction = Extraction.objects.filter(pk=extraction_id).first()
     if request.method == "DELETE":
-        if extraction is None:
-            return JsonResponse({"deleted": False, "id": extraction_id})
-        return JsonResponse({"deleted": services.delete_extraction(extraction), "id": extraction_id})
-    return JsonResponse((extraction or Extraction.get_or_404(extraction_id)).as_dict())
+        return JsonResponse({"deleted": services.delete_extraction(extraction_id, request.user), "id": extraction_id})
+    return JsonResponse(Extraction.get_or_404(extraction_id).as_dict())
 
 
 @api_endpoint({"POST"})
 def extraction_cancel(request, extraction_id):
-    return JsonResponse(services.cancel_extraction(extraction_id).as_dict())
+    return JsonResponse(services.cancel_extraction(extraction_id, request.user).as_dict())
+
+
+@api_endpoint({"POST"})
+def extraction_retry(request, extraction_id):
+    return JsonResponse(services.retry_extraction(extraction_id, request.user).as_dict(), status=202)

@@ -13,7 +13,7 @@ from mistudio.errors import InvalidInput, JobError
 from mistudio.hub import ensure_free_space
 from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
-from mistudio.staging import staged_dir
+from mistudio.staging import promote, staged_path
 from models_app.ml import load_saved
 
 from .ml import datasets as dataset_files
@@ -73,15 +73,16 @@ def _import_hub_dataset(dataset: Dataset, job: TrackedJob) -> None:
     # The commit the request resolved: the files are the ones the user was shown.
     plan = plan_dataset(dataset.repo_id, dataset.revision, dataset.split, token, endpoint, **retry)
     job.write(bytes_total=plan.total_bytes)
-    ensure_free_space(dataset.folder.parent, plan.total_bytes, settings.DISK_RESERVE_BYTES)
-    with staged_dir(dataset.folder) as tmp:
-        download_dataset(plan, tmp, token, endpoint, job.transfer, **retry)
-        job.flush()
-        try:
-            dataset_files.check_file(tmp / plan.files[0], dataset.text_column)
-            row_count, preview = dataset_files.summarize(tmp, dataset.text_column)
-        except InvalidInput as exc:
-            raise JobError(exc.code, exc.message) from None
+    tmp = staged_path(dataset.folder)  # kept when a retry can resume it (see TrackedRow.remove_failed_files)
+    ensure_free_space(tmp, plan.total_bytes, settings.DISK_RESERVE_BYTES)
+    download_dataset(plan, tmp, token, endpoint, job.transfer, **retry)
+    job.flush()
+    try:
+        dataset_files.check_file(tmp / plan.files[0], dataset.text_column)
+        row_count, preview = dataset_files.summarize(tmp, dataset.text_column)
+    except InvalidInput as exc:
+        raise JobError(exc.code, exc.message) from None
+    promote(tmp, dataset.folder)
     del token
     job.write(status=DatasetStatus.READY, progress=100.0, file_path=str(dataset.folder), row_count=row_count,
               preview=preview, encrypted_token=None, **Dataset.IDLE_FIELDS)  # fmt: skip

@@ -5,7 +5,7 @@ from django.db import models
 
 from mistudio import progress
 from mistudio.jobs import TrackedRow, TransferRow
-from mistudio.staging import remove_with_staged
+from mistudio.staging import staged_path
 
 from .ml.extract import ExtractionSpec
 
@@ -64,8 +64,14 @@ class Dataset(TransferRow):
     def folder(self):
         return settings.DATA_DIR / "datasets" / self.id
 
-    def remove_job_files(self) -> None:
-        remove_with_staged(self.folder)
+    def job_paths(self) -> list:
+        return [self.folder, staged_path(self.folder)]
+
+    @property
+    def download_target(self):
+        return self.folder
+
+    job_function = "activations_app.jobs.import_dataset_job"
 
     def progress_event(self) -> dict:
         return {
@@ -155,8 +161,10 @@ class Extraction(TrackedRow):
     def final_dir(self):
         return settings.DATA_DIR / "activations" / f"extraction_{self.id}"
 
-    def remove_job_files(self) -> None:
-        remove_with_staged(self.final_dir)
+    job_function = "activations_app.jobs.extraction_job"
+
+    def job_paths(self) -> list:
+        return [self.final_dir, staged_path(self.final_dir)]
 
     def event_group(self) -> str | None:
         return progress.model_group(self.model_id, "extraction") if self.model_id else None

@@ -3,6 +3,7 @@ files. Models are reached only through the model lookup (`models_app.services`).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -15,7 +16,8 @@ from mistudio import jobs
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
 from mistudio.queue import job_timeout, require_queue
-from mistudio.validation import resolve_import_path, validate_repo_id, validate_revision
+from mistudio.text import UNSTORABLE, storable
+from mistudio.validation import resolve_import_path, validate_hub_source
 from models_app.ml import compute_device, module_map
 from models_app.services import get_ready_model
 
@@ -36,69 +38,94 @@ def looks_like_local_path(value: str) -> bool:
 
 def import_dataset(
     *, path: str, name: str | None = None, text_column: str = "text", split: str = "train", token: str | None = None,
-    revision: str | None = None, enqueue: bool = True,
+    revision: str | None = None, enqueue: bool = True, user=None,
 ) -> Dataset:  # fmt: skip
     """A local file (inside the allowed import roots) copied into datasets/{id}/ now, or a
     Hub dataset repo's split imported by a job."""
     if not looks_like_local_path(path):
         return request_hub_dataset(repo_id=path, name=name, text_column=text_column, split=split, token=token,
-                                   revision=revision, enqueue=enqueue)  # fmt: skip
+                                   revision=revision, enqueue=enqueue, user=user)  # fmt: skip
     try:
         source = resolve_import_path(path, settings.IMPORT_ROOTS, allow_files=dataset_files.FORMATS)
+        name, text_column = _dataset_fields(name, text_column, source.stem)
         dataset_files.check_file(source, text_column)
     except InvalidInput as exc:
         raise ServiceError.from_invalid(exc) from None
-    dataset = Dataset(name=(name or source.stem)[:200], source="local", text_column=text_column, file_path="")
+    dataset = Dataset(name=name, source="local", text_column=text_column, file_path="", owner=jobs.owner_of(user))
     _store(dataset, source)
     return dataset
 
 
 def request_hub_dataset(
     *, repo_id: str, name: str | None, text_column: str, split: str, token: str | None, revision: str | None = None,
-    enqueue: bool = True,
+    enqueue: bool = True, user=None,
 ) -> Dataset:  # fmt: skip
     """The split's files are listed now (a wrong repo, split or token is refused before any
     row exists); the download is a job with progress and cancel, like a model's."""
     try:
-        repo_id = validate_repo_id(repo_id)
-        revision = validate_revision(revision)
+        repo_id, revision, token = validate_hub_source(repo_id, revision, token)
     except InvalidInput as exc:
         raise ServiceError.from_invalid(exc) from None
     split = (split or "train").strip()
     if len(split) > MAX_SPLIT_LENGTH or not split.isprintable():
         raise ServiceError("invalid_input", "The split name is not valid.", details={"field": "split"})
-    token = (token or "").strip() or None
     try:
         plan = plan_dataset(repo_id, revision, split, token, settings.HF_ENDPOINT, retries=1, backoff_seconds=0)
     except JobError as exc:
         raise ServiceError(exc.code, exc.message, retryable=exc.retryable) from None
     if enqueue:
         require_queue()
+    name, text_column = _dataset_fields(name, text_column, f"{repo_id}:{split}")
     with transaction.atomic():
         dataset = Dataset.objects.create(
-            name=(name or f"{repo_id}:{split}")[:200], source="hub", text_column=text_column, file_path="",
+            name=name, source="hub", text_column=text_column, file_path="",
             status=DatasetStatus.QUEUED, repo_id=repo_id, split=split, requested_revision=revision, revision=plan.sha,
             bytes_total=plan.total_bytes, encrypted_token=encrypt_secret(token) if token else None,
+            owner=jobs.owner_of(user),
         )  # fmt: skip
         if enqueue:
             jobs.enqueue_after_commit(dataset, "activations_app.jobs.import_dataset_job")
     return dataset
 
 
+def _dataset_fields(name: str | None, text_column: str | None, default_name: str) -> tuple[str, str]:
+    """The record's name and text column as given, refused when they cannot be stored."""
+    name = (name or "").strip()[:200] or default_name[:200]
+    text_column = (text_column or "text").strip()
+    if not storable(name):
+        raise ServiceError("invalid_text", f"The name: {UNSTORABLE}", details={"field": "name"})
+    if not text_column or len(text_column) > 100 or not storable(text_column):
+        raise ServiceError("invalid_input", "The text column must be a column name of 1 to 100 characters.",
+                           details={"field": "text_column"})  # fmt: skip
+    return name, text_column
+
+
+def _disk_full(exc: OSError) -> ServiceError | None:
+    if exc.errno == errno.ENOSPC:
+        return ServiceError("disk_full", "The data dir's disk is full; nothing was stored. Free some space and retry.")
+    return None
+
+
 def _store(dataset: Dataset, source: Path) -> None:
-    dataset.folder.mkdir(parents=True, exist_ok=True)
+    """Copied into datasets/{id}/, read through once for the count and preview, then saved;
+    any failure leaves no folder and no row."""
     target = dataset.folder / f"data{source.suffix.lower()}"
     try:
+        dataset.folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
         row_count, preview = dataset_files.summarize(target, dataset.text_column)
-    except BaseException:
+        dataset.file_path, dataset.row_count, dataset.preview = str(target), row_count, preview
+        dataset.save()
+    except BaseException as exc:
         shutil.rmtree(dataset.folder, ignore_errors=True)
+        if isinstance(exc, InvalidInput):
+            raise ServiceError.from_invalid(exc) from None
+        if isinstance(exc, OSError) and _disk_full(exc):
+            raise _disk_full(exc) from None
         raise
-    dataset.file_path, dataset.row_count, dataset.preview = str(target), row_count, preview
-    dataset.save()
 
 
-def upload_dataset(*, upload, name: str | None = None, text_column: str = "text") -> Dataset:
+def upload_dataset(*, upload, name: str | None = None, text_column: str = "text", user=None) -> Dataset:
     """An uploaded file (Django UploadedFile), size-limited, checked, stored."""
     suffix = Path(upload.name or "").suffix.lower()
     if suffix not in dataset_files.FORMATS:
@@ -110,28 +137,37 @@ def upload_dataset(*, upload, name: str | None = None, text_column: str = "text"
             "(MISTUDIO_DATASET_UPLOAD_LIMIT).",
             details={"field": "file"},
         )
+    name, text_column = _dataset_fields(name, text_column, Path(upload.name).stem)
     with tempfile.TemporaryDirectory(dir=settings.DATA_DIR) as tmp:
         staged = Path(tmp) / f"upload{suffix}"
-        with staged.open("wb") as out:
-            for chunk in upload.chunks():
-                out.write(chunk)
         try:
+            with staged.open("wb") as out:
+                for chunk in upload.chunks():
+                    out.write(chunk)
             dataset_files.check_file(staged, text_column)
         except InvalidInput as exc:
             raise ServiceError.from_invalid(exc) from None
-        dataset = Dataset(name=(name or Path(upload.name).stem)[:200], source="upload", text_column=text_column, file_path="")
+        except OSError as exc:
+            raise (_disk_full(exc) or exc) from None
+        dataset = Dataset(name=name, source="upload", text_column=text_column, file_path="", owner=jobs.owner_of(user))
         _store(dataset, staged)
     return dataset
 
 
-def cancel_dataset(dataset_id: str) -> Dataset:
-    return jobs.cancel(Dataset, dataset_id)
+def cancel_dataset(dataset_id: str, user) -> Dataset:
+    return jobs.cancel(Dataset, dataset_id, user)
 
 
-def delete_dataset(dataset_id: str) -> bool:
+def retry_dataset(dataset_id: str, user, token: str | None = None) -> Dataset:
+    """A failed or cancelled Hub import again, resuming from the bytes it left."""
+    return jobs.retry(Dataset, dataset_id, user, token)
+
+
+def delete_dataset(dataset_id: str, user) -> bool:
     dataset = Dataset.objects.filter(pk=dataset_id).first()
     if dataset is None:
         return False
+    dataset.check_may_change(user, "delete")
     if dataset.is_running:
         raise Conflict("dataset_in_use", f"{dataset.name} is {dataset.status}; cancel the import before deleting it.")
     if any(e.is_running for e in dataset.extractions.all()):
@@ -172,7 +208,7 @@ def estimate_request(*, model_id: str, dataset_id: str, data) -> dict:
     return estimate_extraction(model, validate_extraction(model, data), dataset)
 
 
-def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, data=None, **fields) -> Extraction:
+def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, data=None, user=None, **fields) -> Extraction:
     """`data` as a form posts it, or the request's fields as keywords."""
     data = fields if data is None else data
     model = get_ready_model(model_id, "extraction")
@@ -182,20 +218,30 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
     if enqueue:
         require_queue()
     with transaction.atomic():
-        extraction = Extraction.objects.create(model=model, dataset=dataset, **spec.request())
+        extraction = Extraction.objects.create(model=model, dataset=dataset, owner=jobs.owner_of(user), **spec.request())
         if enqueue:
             jobs.enqueue_after_commit(extraction, "activations_app.jobs.extraction_job")
     return extraction
 
 
-def cancel_extraction(extraction_id: str) -> Extraction:
+def retry_extraction(extraction_id: str, user) -> Extraction:
+    """A failed or cancelled extraction run again from the start, with the same request."""
+    return jobs.retry(Extraction, extraction_id, user)
+
+
+def cancel_extraction(extraction_id: str, user) -> Extraction:
     """Stop the worker process running it, then remove its temporary folder; every open
     page and /ws/models/{id}/extraction client hears of it, not just the one that asked."""
-    return jobs.cancel(Extraction, extraction_id)
+    return jobs.cancel(Extraction, extraction_id, user)
 
 
-def delete_extraction(extraction: Extraction) -> bool:
-    """Remove the record and its output folder; 409 while it runs (cancel first)."""
+def delete_extraction(extraction_id: str, user) -> bool:
+    """Remove the record and its output folder (its owner or staff only); 409 while it runs
+    (cancel first). A missing id is not an error: returns False."""
+    extraction = Extraction.objects.filter(pk=extraction_id).first()
+    if extraction is None:
+        return False
+    extraction.check_may_change(user, "delete")
     if extraction.is_running:
         raise Conflict("extraction_running", f"{extraction.id} is {extraction.status}; cancel it first.")
     extraction.remove_job_files()

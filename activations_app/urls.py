@@ -9,6 +9,7 @@ urlpatterns = [
     path("datasets/upload", views.dataset_upload, name="dataset-upload"),
     path("datasets/import", views.dataset_import, name="dataset-import"),
     path("datasets/<str:dataset_id>/cancel", views.dataset_cancel, name="dataset-cancel"),
+    path("datasets/<str:dataset_id>/retry", views.dataset_retry, name="dataset-retry"),
     path("datasets/<str:dataset_id>/delete", views.dataset_delete, name="dataset-delete"),
     path("extractions/", views.extractions_page, name="extractions"),
     path("extractions/<str:extraction_id>", views.extraction_detail, name="extraction"),
@@ -20,7 +21,9 @@ urlpatterns = [
     path("api/datasets", api.datasets, name="api-datasets"),
     path("api/datasets/<str:dataset_id>", api.dataset_detail, name="api-dataset"),
     path("api/datasets/<str:dataset_id>/cancel", api.dataset_cancel, name="api-dataset-cancel"),
+    path("api/datasets/<str:dataset_id>/retry", api.dataset_retry, name="api-dataset-retry"),
     path("api/extractions", api.extractions, name="api-extractions"),
     path("api/extractions/<str:extraction_id>", api.extraction_detail, name="api-extraction"),
     path("api/extractions/<str:extraction_id>/cancel", api.extraction_cancel, name="api-extraction-cancel"),
+    path("api/extractions/<str:extraction_id>/retry", api.extraction_retry, name="api-extraction-retry"),
 ]

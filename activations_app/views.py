@@ -4,7 +4,7 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from mistudio.errors import ServiceError
+from mistudio.errors import NotFound, ServiceError
 from models_app.services import get_model
 
 from . import services
@@ -33,7 +33,7 @@ def dataset_upload(request):
     else:
         try:
             services.upload_dataset(
-                upload=upload, name=request.POST.get("name") or None, text_column=request.POST.get("text_column") or "text"
+                user=request.user, upload=upload, name=request.POST.get("name") or None, text_column=request.POST.get("text_column") or "text"
             )
         except ServiceError as exc:
             error = exc.message
@@ -45,7 +45,7 @@ def dataset_import(request):
     """A Hub dataset: refused at once when the repo, split or token is wrong, else queued."""
     try:
         services.request_hub_dataset(
-            repo_id=request.POST.get("repo_id", ""), name=request.POST.get("name") or None,
+            user=request.user, repo_id=request.POST.get("repo_id", ""), name=request.POST.get("name") or None,
             text_column=request.POST.get("text_column") or "text", split=request.POST.get("split") or "train",
             token=request.POST.get("access_token") or None, revision=request.POST.get("revision") or None,
         )  # fmt: skip
@@ -57,15 +57,21 @@ def dataset_import(request):
 def _dataset_action(request, action, dataset_id):
     """A card's button: back to the page, or the page with the reason it was refused."""
     try:
-        action(dataset_id)
+        action(dataset_id, request.user)
     except ServiceError as exc:
-        return _datasets_page(request, status=exc.status, upload_error=exc.message)
+        return _datasets_page(request, status=exc.status, list_error=exc.message)
     return redirect("activations:datasets")
 
 
 @require_POST
 def dataset_cancel(request, dataset_id):
     return _dataset_action(request, services.cancel_dataset, dataset_id)
+
+
+@require_POST
+def dataset_retry(request, dataset_id):
+    token = request.POST.get("access_token") or None
+    return _dataset_action(request, lambda pk, user: services.retry_dataset(pk, user, token), dataset_id)
 
 
 @require_POST
@@ -105,8 +111,9 @@ def extraction_dialog(request, model_id):
 def extraction_estimate(request, model_id):
     try:
         estimate = services.estimate_request(model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), data=request.POST)
-    except ServiceError as exc:
-        return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message})
+    except ServiceError as exc:  # shown in the dialog; a model gone meanwhile is a 404
+        status = exc.status if isinstance(exc, NotFound) else 200
+        return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message}, status=status)
     return render(request, "activations_app/_extract_estimate.html", {"estimate": estimate})
 
 
@@ -114,7 +121,7 @@ def extraction_estimate(request, model_id):
 def extraction_start(request, model_id):
     try:
         extraction = services.request_extraction(
-            model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), data=request.POST
+            model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), data=request.POST, user=request.user
         )
     except ServiceError as exc:
         return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message}, status=exc.status)
@@ -126,7 +133,7 @@ def extraction_start(request, model_id):
 @require_POST
 def extraction_cancel(request, extraction_id):
     try:
-        services.cancel_extraction(extraction_id)
+        services.cancel_extraction(extraction_id, request.user)
     except ServiceError:
         pass
     return redirect("activations:extraction", extraction_id=extraction_id)

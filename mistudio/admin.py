@@ -1,5 +1,7 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
+from . import jobs
+from .errors import ServiceError
 from .models import ApiToken
 
 
@@ -12,3 +14,41 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # tokens are issued by `manage.py create_api_token`, which shows the value once
+
+
+class TrackedRowAdmin(admin.ModelAdmin):
+    """Rows that jobs drive (models, datasets, extractions) are made by the page, the API
+    or the commands, never by an admin form (a row made here would have no job). The admin
+    cancels, retries and deletes them through the same services, with the same checks."""
+
+    delete_service = None  # the app's delete: (pk, user) -> bool, which also removes the files
+    actions = ["cancel_selected", "retry_selected", "delete_selected_with_files"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # the action below also removes files and refuses running jobs
+
+    def _each(self, request, queryset, action, done: str) -> None:
+        count = 0
+        for row in queryset:
+            try:
+                action(row)
+                count += 1
+            except ServiceError as exc:
+                self.message_user(request, f"{row.pk}: {exc.message}", messages.WARNING)
+        if count:
+            self.message_user(request, f"{count} {done}.", messages.SUCCESS)
+
+    @admin.action(description="Cancel the selected running jobs")
+    def cancel_selected(self, request, queryset):
+        self._each(request, queryset, lambda row: jobs.cancel(type(row), row.pk, request.user), "cancelled")
+
+    @admin.action(description="Retry the selected failed or cancelled jobs")
+    def retry_selected(self, request, queryset):
+        self._each(request, queryset, lambda row: jobs.retry(type(row), row.pk, request.user), "queued again")
+
+    @admin.action(description="Delete the selected records and their files")
+    def delete_selected_with_files(self, request, queryset):
+        self._each(request, queryset, lambda row: type(self).delete_service(row.pk, request.user), "deleted")

@@ -9,6 +9,7 @@ import json
 from django.http import JsonResponse
 
 from .errors import ServiceError
+from .text import UNSTORABLE, storable
 
 
 def error_response(status: int, code: str, message: str, details: dict | None = None, retryable: bool = False):
@@ -35,13 +36,31 @@ def api_endpoint(methods: set[str]):
     return decorate
 
 
+MAX_JSON_DEPTH = 32
+
+
 def json_body(request) -> dict:
+    """The body as a JSON object whose every string can be stored: refused (400) when it is
+    not JSON, nests deeper than any request needs, holds an integer too long to parse, or
+    a string with NUL or an unpaired surrogate."""
     try:
         body = json.loads(request.body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, an over-long integer
         raise ServiceError("invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise ServiceError("invalid_json", "The request body must be a JSON object.")
+    pending = [(key, value, 2) for pair in body.items() for key, value in [(pair[0], pair[0]), pair]]
+    while pending:
+        field, value, depth = pending.pop()  # `field`: the top-level key it sits under
+        if depth > MAX_JSON_DEPTH:
+            raise ServiceError("invalid_json", f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
+        if isinstance(value, dict):
+            pending.extend((field, item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, list):
+            pending.extend((field, item, depth + 1) for item in value)
+        elif isinstance(value, str) and not storable(value):
+            raise ServiceError("invalid_text", f"{field if storable(field) else 'A key'}: {UNSTORABLE}",
+                               details={"field": field if storable(field) else None})  # fmt: skip
     return body
 
 

@@ -56,6 +56,27 @@ class TerminalProgress:
             self.line_open = False
 
 
+def add_user_argument(parser) -> None:
+    parser.add_argument(
+        "--user", metavar="USERNAME",
+        help="Act as this user: new records are theirs, and only their own (or, for staff, any) may be "
+             "cancelled or deleted. Without it the command acts as the operator, with full rights.",
+    )  # fmt: skip
+
+
+def acting_user(options):
+    """The user --user names, or None (the operator at the shell)."""
+    from django.contrib.auth import get_user_model
+
+    username = options.get("user")
+    if not username:
+        return None
+    user = get_user_model().objects.filter(username=username, is_active=True).first()
+    if user is None:
+        raise CommandError(f"No active user {username!r}.")
+    return user
+
+
 class JobCommand(BaseCommand):
     """Base for commands that start a tracked job: queued for a worker, or run here
     (--sync) with a progress bar; the outcome as a line, or the record as JSON."""
@@ -63,6 +84,7 @@ class JobCommand(BaseCommand):
     def add_job_arguments(self, parser) -> None:
         parser.add_argument("--sync", action="store_true", help="Run the job here with a progress bar instead of queueing it.")
         parser.add_argument("--json", action="store_true", help="Print the final record as one JSON object on the last line.")
+        add_user_argument(parser)
 
     def progress_detail(self, row) -> str:
         """The row's own figures beside the bar (bytes and speed, samples per second)."""

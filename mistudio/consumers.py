@@ -6,6 +6,8 @@ import re
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from .progress import session_group
+
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
 # Every record id the server generates: a short prefix and hex (m_…, ds_…, ext_…).
@@ -23,6 +25,9 @@ class SignedInConsumer(AsyncWebsocketConsumer):
         # Join before reading the state: an event published in between is then delivered
         # after the state (events carry absolute state, so a repeat is harmless), never lost.
         self.groups_to_join = self.group_names()
+        session = self.scope.get("session")
+        if session is not None and session.session_key:
+            self.groups_to_join.append(session_group(session.session_key))  # signing out closes it
         for group in self.groups_to_join:
             await self.channel_layer.group_add(group, self.channel_name)
         initial = await self.initial_message()
@@ -44,6 +49,16 @@ class SignedInConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None):
         """The page sends nothing we act on; state changes go through HTTP."""
+
+    async def session_ended(self, message):
+        await self.close(code=CLOSE_UNAUTHENTICATED)
+
+
+class NoSuchSocket(AsyncWebsocketConsumer):
+    """Any path no app mounts: closed with 4404, not a server error."""
+
+    async def connect(self):
+        await self.close(code=CLOSE_NOT_FOUND)
 
 
 class HtmlFragmentsConsumer(SignedInConsumer):

@@ -54,6 +54,10 @@ class ServiceError(Exception):
         return cls(exc.code, exc.message, details={"field": exc.field})
 
 
+class Forbidden(ServiceError):
+    status = 403
+
+
 class NotFound(ServiceError):
     status = 404
 

@@ -130,14 +130,15 @@ class _ByteCounter:
         self.on_bytes(done, self.total)  # may raise JobCancelled, which stops this file's download
 
 
-def _progress_class(counter: _ByteCounter):
+def _progress_class(counter: _ByteCounter, bar: str = "huggingface_hub.snapshot_download"):
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     class BytesWritten(hf_tqdm):
-        """snapshot_download's "bytes written" bar feeds our counter; nothing is drawn."""
+        """The client's "bytes written" bar (snapshot_download's, or one http_get's) feeds
+        our counter; nothing is drawn."""
 
         def __init__(self, *args, **kwargs):
-            self.counts_bytes = kwargs.get("name") == "huggingface_hub.snapshot_download"
+            self.counts_bytes = kwargs.get("name") == bar
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
 
@@ -191,10 +192,53 @@ def download_repo_files(
             max_workers=4,
         )
 
+    def fetch_resuming() -> None:
+        resume_partials(repo_id, sha, files, dest, token, endpoint, repo_type, on_bytes, already_complete(), total)
+        fetch()
+
     revision = revision_asked or sha
-    with_retries(fetch, retries, backoff_seconds, lambda e: translate_error(e, repo_id, revision, bool(token)))
+    with_retries(fetch_resuming, retries, backoff_seconds, lambda e: translate_error(e, repo_id, revision, bool(token)))
     missing = [f for f in files if not (dest / f).is_file()]
     if missing:
         raise JobError("network_error", f"The download ended without {', '.join(missing)}; retry.", retryable=True)
     on_bytes(total, total)
     shutil.rmtree(dest / ".cache", ignore_errors=True)
+
+
+def resume_partials(repo_id: str, sha: str, files: tuple[str, ...], dest: Path, token: str | None, endpoint: str,
+                    repo_type: str, on_bytes: ByteCallback, done: int, total: int) -> None:  # fmt: skip
+    """Finish the files an earlier attempt (a dead worker, a dropped connection) left half
+    written, from their last byte, with an HTTP Range request through the Hub client's own
+    `http_get`; snapshot_download then takes them as downloaded. huggingface_hub >= 2 writes
+    each attempt to a fresh temporary file and never resumes across processes itself."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub._local_folder import get_local_download_paths, write_download_metadata
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    partials = {}
+    for name in files:
+        paths = get_local_download_paths(dest, name)
+        # The client names a partial "{key}.{etag}.{attempt}.incomplete", `key` from the file name.
+        key = paths.incomplete_path("ETAG").name.split(".ETAG.")[0]
+        leftovers = sorted(paths.metadata_path.parent.glob(f"{key}.*.incomplete"), key=lambda p: p.stat().st_size)
+        for stale in leftovers[:-1]:
+            stale.unlink()
+        if leftovers and not paths.file_path.is_file() and leftovers[-1].stat().st_size > 0:
+            partials[name] = (paths, leftovers[-1])
+    if not partials:
+        return
+    counter = _ByteCounter(done + sum(p.stat().st_size for _, p in partials.values()), total, on_bytes)
+    for name, (paths, partial) in partials.items():
+        url = hf_hub_url(repo_id, name, repo_type=repo_type, revision=sha, endpoint=endpoint)
+        metadata = get_hf_file_metadata(url, token=token or False, endpoint=endpoint)
+        have = partial.stat().st_size
+        if metadata.size is None or have > metadata.size or metadata.etag is None:
+            partial.unlink()  # not a prefix of this file: fetched afresh by snapshot_download
+            continue
+        if have < metadata.size:
+            with partial.open("ab") as out:
+                http_get(metadata.location, out, resume_size=have, headers=build_hf_headers(token=token or False),
+                         expected_size=metadata.size, tqdm_class=_progress_class(counter, "huggingface_hub.http_get"))  # fmt: skip
+        os.replace(partial, paths.file_path)
+        write_download_metadata(dest, name, commit_hash=sha, etag=metadata.etag)

@@ -13,10 +13,13 @@ fails the rows of every registered kind the same way.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
+from django.conf import settings
 from django.db import models, transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
@@ -24,9 +27,11 @@ from redis.exceptions import RedisError
 from rq.timeouts import JobTimeoutException
 
 from . import progress, queue
-from .errors import Conflict, JobCancelled, JobError, NotFound
+from .errors import Conflict, Forbidden, InvalidInput, JobCancelled, JobError, NotFound, ServiceError
 from .progress import MODELS_GROUP, LatestStateWriter
+from .staging import staged_path
 from .throttle import ProgressThrottle, TransferRate
+from .validation import validate_token
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,10 @@ class TrackedRow(models.Model):
     """A row a job drives. The concrete model adds its `status` field and sets the class
     attributes below."""
 
+    # Who made it: everyone signed in may read it and use it (when ready) to make their own;
+    # only they or staff may cancel or delete it. None: made from the shell, by the operator.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")  # fmt: skip
     progress = models.FloatField(default=0.0)
     eta_seconds = models.FloatField(null=True, blank=True)
     error_code = models.CharField(max_length=40, blank=True)
@@ -85,6 +94,17 @@ class TrackedRow(models.Model):
             raise NotFound(f"{cls.KIND}_not_found", f"No {cls.KIND} with id {pk!r}.")
         return row
 
+    def may_change(self, user) -> bool:
+        """Cancel, delete, retry: the owner or staff. `user` None is the operator at the
+        shell (a command run without --user). A row with no owner (made at the shell
+        without --user, or before records had owners) is everyone's."""
+        return user is None or user.is_staff or self.owner_id is None or self.owner_id == user.pk
+
+    def check_may_change(self, user, action: str) -> None:
+        if not self.may_change(user):
+            owner = self.owner.get_username() if self.owner else "the operator"
+            raise Forbidden("not_owner", f"Only {owner}, who made {self.label}, or staff may {action} it.")
+
     @classmethod
     def get_ready_or_409(cls, pk: str, purpose: str):
         """A row another job can use now, or a 409 that says why not."""
@@ -97,8 +117,34 @@ class TrackedRow(models.Model):
         """Fields written when the job stops without finishing (failed, or cancelled)."""
         return {}
 
-    def remove_job_files(self) -> None:
+    def retry_fields(self, token: str | None) -> dict:
+        """Fields a retry writes besides the reset status, progress and error."""
+        return {}
+
+    @property
+    def job_function(self) -> str:
+        """The dotted path of the RQ job that runs this row."""
         raise NotImplementedError
+
+    def job_paths(self) -> list[Path]:
+        """Every folder the row's job writes, staged ones included."""
+        raise NotImplementedError
+
+    resume_path: Path | None = None  # a staged download a retry resumes from
+
+    def remove_job_files(self) -> None:
+        """Everything the job wrote (a cancel, a delete)."""
+        for path in self.job_paths():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def remove_failed_files(self, error: JobError) -> None:
+        """What a failed job leaves: nothing, except that a download stopped by something a
+        retry can get past (`resumable`) keeps its partial bytes aside, never where the
+        finished files go, for the retry to resume from."""
+        kept = self.resume_path if resumable(error) else None
+        for path in self.job_paths():
+            if path != kept:
+                shutil.rmtree(path, ignore_errors=True)
 
     def progress_event(self) -> dict:
         raise NotImplementedError
@@ -135,12 +181,36 @@ class TransferRow(TrackedRow):
     class Meta:
         abstract = True
 
+    download_target: Path  # where the finished download goes
+
+    @property
+    def resume_path(self) -> Path:
+        return staged_path(self.download_target)
+
     @property
     def speed_mbps(self) -> float:
         return round(self.speed_bps / 1e6, 2)
 
     def stop_fields(self, error: JobError | None) -> dict:
         return {"encrypted_token": None}
+
+    def retry_fields(self, token: str | None) -> dict:
+        from .crypto import encrypt_secret
+
+        return {"encrypted_token": encrypt_secret(token) if token else None, "bytes_done": 0}
+
+
+# Failures a retry can get past, where the bytes already fetched are worth keeping.
+RESUMABLE = {"worker_died", "timeout", "interrupted", "network_error"}
+
+
+def resumable(error: JobError) -> bool:
+    return error.retryable or error.code in RESUMABLE
+
+
+def owner_of(user):
+    """The owner a new row gets: the signed-in user, or None for the operator at the shell."""
+    return user if user is not None and user.is_authenticated else None
 
 
 _KINDS: list[type[TrackedRow]] = []
@@ -161,17 +231,20 @@ def fail(row_class: type[TrackedRow], pk: str, error: JobError, publish: bool = 
         **row_class.IDLE_FIELDS, **row.stop_fields(error),
     )  # fmt: skip
     row.refresh_from_db()
-    if row.status != row_class.DONE:
+    if row.status == row_class.FAILED:
+        row.remove_failed_files(error)
+    elif row.status != row_class.DONE:
         row.remove_job_files()
     if publish:
         row.publish()
     return row
 
 
-def cancel(row_class: type[TrackedRow], pk: str):
+def cancel(row_class: type[TrackedRow], pk: str, user):
     """Flip the row to cancelled (what an inline job sees), stop its worker process, remove
-    its files, and tell every page and client."""
+    its files, and tell every page and client. Only its owner or staff may."""
     row = row_class.get_or_404(pk)
+    row.check_may_change(user, "cancel")
 
     def refuse() -> Conflict:
         return Conflict("not_running", f"{row.label} is {row.status}; only a running job can be cancelled.")
@@ -188,6 +261,35 @@ def cancel(row_class: type[TrackedRow], pk: str):
         queue.stop_rq_job(row.job_id)
     row.remove_job_files()
     row = row_class.rows().get(pk=pk)
+    row.publish()
+    return row
+
+
+def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None):
+    """A failed or cancelled job queued again on the same row (owner or staff only). A
+    download picks up the bytes its earlier attempt left on disk."""
+    row = row_class.get_or_404(pk)
+    row.check_may_change(user, "retry")
+    try:
+        token = validate_token(token)
+    except InvalidInput as exc:
+        raise ServiceError.from_invalid(exc) from None
+
+    def refuse() -> Conflict:
+        return Conflict("not_retryable", f"{row.label} is {row.status}; only a failed or cancelled job can be retried.")
+
+    if row.status not in (row_class.FAILED, row_class.CANCELLED):
+        raise refuse()
+    queue.require_queue()
+    with transaction.atomic():
+        updated = row_class.objects.filter(pk=pk, status__in=(row_class.FAILED, row_class.CANCELLED)).update(
+            status=row_class.QUEUED, progress=0.0, error_code="", error_message="", updated_at=timezone.now(),
+            **row_class.IDLE_FIELDS, **row.retry_fields(token),
+        )  # fmt: skip
+        if not updated:
+            raise refuse()
+        row = row_class.rows().get(pk=pk)
+        enqueue_after_commit(row, row.job_function)
     row.publish()
     return row
 

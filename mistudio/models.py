@@ -26,13 +26,18 @@ class ApiToken(models.Model):
 
     @classmethod
     def user_for(cls, raw: str):
-        """The active user a raw token signs in, or None; records its use."""
+        """The active user a raw token signs in, or None; records its use (to the minute: a
+        script polling the API should not cost a database write per request)."""
+        from datetime import timedelta
+
         from django.utils import timezone
 
         token = cls.objects.select_related("user").filter(key_hash=hash_api_token(raw)).first()
         if token is None or not token.user.is_active:
             return None
-        cls.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        now = timezone.now()
+        if token.last_used_at is None or now - token.last_used_at > timedelta(minutes=1):
+            cls.objects.filter(pk=token.pk).update(last_used_at=now)
         return token.user
 
     @classmethod

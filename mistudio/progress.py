@@ -6,6 +6,7 @@ outage never fails a job: the row in the database stays the source of truth.
 """
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -64,6 +65,15 @@ def _send(group: str, message: dict) -> None:
 def publish_html(html: str, group: str = MODELS_GROUP) -> None:
     """HTML fragments for the pages of `group`, swapped out-of-band by element id."""
     _send(group, {"type": "html.fragment", "html": html})
+
+
+def session_group(session_key: str) -> str:
+    """Every socket a browser session opened, so signing out can close them."""
+    return "session_" + hashlib.sha256(session_key.encode()).hexdigest()[:32]
+
+
+def close_session_sockets(session_key: str) -> None:
+    _send(session_group(session_key), {"type": "session.ended"})
 
 
 def publish_event_to(group: str, event: dict) -> None:

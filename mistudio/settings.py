@@ -6,6 +6,7 @@ it, SQLite in it and Redis on localhost are the defaults.
 
 import os
 import secrets
+import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -51,9 +52,22 @@ def database_from_url(url: str, sqlite_path: Path) -> dict:
         "PASSWORD": unquote(parts.password or ""),
         "HOST": parts.hostname or "",
         "PORT": str(parts.port or ""),
-        "CONN_MAX_AGE": 60,
-        "CONN_HEALTH_CHECKS": True,
+        **connection_reuse(),
     }
+
+
+def connection_reuse() -> dict:
+    """How a process keeps its PostgreSQL connections.
+
+    The ASGI server (mistudio/asgi.py sets MISTUDIO_DB_POOL) runs each request's sync code
+    in a thread of its own, so a per-thread persistent connection is left behind by every
+    request: Django's psycopg pool bounds them instead (at most MISTUDIO_DB_POOL_SIZE per web
+    process). RQ workers, whose jobs fork from them, never pool (a pool's threads and shared
+    sockets do not survive a fork); they and the commands keep one connection for a minute."""
+    if env_bool("MISTUDIO_DB_POOL", False) and "rqworker" not in sys.argv:
+        pool = {"min_size": 2, "max_size": env_int("MISTUDIO_DB_POOL_SIZE", 20), "timeout": 10}
+        return {"CONN_MAX_AGE": 0, "OPTIONS": {"pool": pool}}
+    return {"CONN_MAX_AGE": 60, "CONN_HEALTH_CHECKS": True}
 
 
 def persistent_secret_key(data_dir: Path) -> str:
@@ -99,6 +113,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    "mistudio.hardening.RefuseUnstorableText",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "mistudio.auth.ApiTokenMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -137,10 +152,13 @@ RQ_QUEUES = {
 }
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        # Pub/sub: a group join is a SUBSCRIBE on one shared connection per process and a
+        # group send one PUBLISH, so a burst of page loads opens no connection per socket
+        # (the list-based layer ran out of pooled connections at a few hundred at once).
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
         "CONFIG": {
-            # redis-py 8 times socket reads out after 5 s, the same as channels-redis's
-            # blocking receive: every idle WebSocket would drop after 5 s without this.
+            # redis-py 8 times socket reads out after 5 s by default; the layer polls with
+            # its own short timeout, so a longer socket timeout only guards a hung Redis.
             "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
             "prefix": env_str("MISTUDIO_CHANNEL_PREFIX", "mistudio"),
         },
@@ -155,6 +173,18 @@ LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/login/"
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # htmx reads the token from the page, not the cookie
+CSRF_FAILURE_VIEW = "mistudio.hardening.csrf_failure"  # JSON on /api/, a page elsewhere
+
+# Serving over HTTPS (directly, or behind a TLS proxy): with these set, `manage.py check
+# --deploy` reports no warnings. Off by default so http://127.0.0.1:8000 works as it is.
+SECURE_SSL_REDIRECT = env_bool("MISTUDIO_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # a load balancer's health probe speaks plain HTTP
+SECURE_HSTS_SECONDS = env_int("MISTUDIO_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("MISTUDIO_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("MISTUDIO_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("MISTUDIO_SECURE_COOKIES", False)
+if env_bool("MISTUDIO_BEHIND_TLS_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -23,12 +23,6 @@ def promote(tmp: Path, final: Path) -> Path:
     return final
 
 
-def remove_with_staged(final: Path) -> None:
-    """A job's output and whatever it had staged."""
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.rmtree(staged_path(final), ignore_errors=True)
-
-
 @contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """A fresh temporary folder beside `final`, moved into place when the block completes

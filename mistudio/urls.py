@@ -4,7 +4,10 @@ from django.contrib.auth.decorators import login_not_required
 from django.contrib.staticfiles.views import serve as serve_static
 from django.urls import include, path, re_path
 
+from .health import healthz
+
 urlpatterns = [
+    path("healthz", healthz, name="healthz"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
@@ -14,3 +17,8 @@ urlpatterns = [
     path("", include("activations_app.urls")),
     path("", include("models_app.urls")),
 ]
+
+handler400 = "mistudio.hardening.bad_request"
+handler403 = "mistudio.hardening.permission_denied"
+handler404 = "mistudio.hardening.page_not_found"
+handler500 = "mistudio.hardening.server_error"

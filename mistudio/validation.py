@@ -60,13 +60,18 @@ def validate_revision(value: str | None) -> str:
     return value
 
 
+def inside_roots(resolved: Path, roots: list[Path]) -> bool:
+    """Whether a fully resolved path (symlinks followed) lies in one of the allowed roots."""
+    return any(resolved == root or resolved.is_relative_to(root) for root in roots)
+
+
 def resolve_import_path(value: str, roots: list[Path], allow_files: tuple[str, ...] | None = None) -> Path:
     """The real path of a local import, refused unless it lies inside an allowed root.
     Models: a folder or a .gguf file; with `allow_files`, a file with one of those suffixes."""
     if not value or "\x00" in value:
         raise InvalidInput("path", "Give the path of a model folder or a .gguf file.")
     path = Path(value).expanduser().resolve()
-    if not any(path == root or path.is_relative_to(root) for root in roots):
+    if not inside_roots(path, roots):
         allowed = ", ".join(str(root) for root in roots) or "(none configured)"
         raise InvalidInput(
             "path",
@@ -81,6 +86,14 @@ def resolve_import_path(value: str, roots: list[Path], allow_files: tuple[str, .
             raise InvalidInput("path", f"{path} is not a {', '.join(allow_files)} file.")
         return path
     if path.is_dir():
+        escaping = [entry.name for entry in sorted(path.iterdir()) if not inside_roots(entry.resolve(), roots)]
+        if escaping:
+            raise InvalidInput(
+                "path",
+                f"{path} holds links to files outside the allowed import folders ({', '.join(escaping[:5])}); "
+                "copy the files in instead of linking them.",
+                code="path_not_allowed",
+            )
         if not (path / "config.json").is_file():
             raise InvalidInput("path", f"{path} has no config.json; a model folder needs config.json and weights.")
         if not any(path.glob("*.safetensors")):
@@ -92,3 +105,27 @@ def resolve_import_path(value: str, roots: list[Path], allow_files: tuple[str, .
         if handle.read(4) != GGUF_MAGIC:
             raise InvalidInput("path", f"{path} is not a GGUF file (its first bytes are not 'GGUF').", code="not_gguf")
     return path
+
+
+MAX_TOKEN_LENGTH = 1000
+
+
+def validate_token(value: str | None) -> str | None:
+    """A Hub access token as pasted (surrounding whitespace dropped), or None when none was
+    given. It goes into an HTTP header, so anything but printable ASCII is refused here
+    rather than failing later as a network error."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if len(value) > MAX_TOKEN_LENGTH or not all("!" <= ch <= "~" for ch in value):
+        raise InvalidInput(
+            "access_token",
+            "The access token may only contain printable ASCII characters (no spaces, line breaks or NUL).",
+            code="invalid_token",
+        )
+    return value
+
+
+def validate_hub_source(repo_id: str, revision: str | None, token: str | None) -> tuple[str, str, str | None]:
+    """What every Hub request names: a repo, a revision (main by default) and maybe a token."""
+    return validate_repo_id(repo_id), validate_revision(revision), validate_token(token)

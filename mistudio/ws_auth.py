@@ -5,9 +5,12 @@ would otherwise ride along on another site's page). Programmatic clients of
 /ws/models/{id}/progress send no Origin; they present `Authorization: Bearer <token>`, the
 same API token the JSON API takes, which a browser page cannot attach to a WebSocket."""
 
+from urllib.parse import urlsplit
+
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
-from channels.security.websocket import AllowedHostsOriginValidator
+from channels.security.websocket import AllowedHostsOriginValidator, WebsocketDenier
+from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 
 from .models import ApiToken
@@ -18,14 +21,28 @@ def user_for_token(raw: str):
     return ApiToken.user_for(raw) or AnonymousUser()  # the consumer closes an anonymous one with 4401
 
 
+def same_origin(headers: dict) -> bool:
+    """A browser's socket comes from the page's own origin: the Origin's host *and port*
+    equal the Host it connected to (or it is one of CSRF_TRUSTED_ORIGINS, behind a proxy).
+    Another port of an allowed host is another site."""
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    host = headers.get(b"host", b"").decode("latin-1")
+    if not host:  # no Host header: no browser sent this; the allowed-hosts check decides
+        return True
+    return urlsplit(origin).netloc.lower() == host.lower() or origin in settings.CSRF_TRUSTED_ORIGINS
+
+
 class WebsocketAuth:
     def __init__(self, inner) -> None:
         self.inner = inner
         self.browser = AllowedHostsOriginValidator(AuthMiddlewareStack(inner))
 
     async def __call__(self, scope, receive, send):
-        authorization = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+        headers = dict(scope.get("headers", []))
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
         if authorization.startswith("Bearer "):
             user = await user_for_token(authorization.removeprefix("Bearer ").strip())
             return await self.inner(dict(scope, user=user), receive, send)
+        if not same_origin(headers):
+            return await WebsocketDenier()(scope, receive, send)
         return await self.browser(scope, receive, send)

@@ -15,7 +15,7 @@ MAX_PAGE_SIZE = 100
 
 @api_endpoint({"GET"})
 def models_collection(request):
-    queryset = Model.objects.all()
+    queryset = Model.objects.defer("architecture_config")  # a list leaves the config out
     status = request.GET.get("status", "")
     if status:
         if status not in ModelStatus.values:
@@ -65,14 +65,20 @@ def download(request):
 @api_endpoint({"GET", "DELETE"})
 def model_detail(request, model_id):
     if request.method == "DELETE":
-        deleted = services.delete_model(model_id)
+        deleted = services.delete_model(model_id, request.user)
         return JsonResponse({"deleted": deleted, "id": model_id})
     return JsonResponse(services.get_model(model_id).as_dict())
 
 
 @api_endpoint({"POST"})
 def model_cancel(request, model_id):
-    return JsonResponse(services.cancel_model(model_id).as_dict())
+    return JsonResponse(services.cancel_model(model_id, request.user).as_dict())
+
+
+@api_endpoint({"POST"})
+def model_retry(request, model_id):
+    body = json_body(request)
+    return JsonResponse(services.retry_model(model_id, request.user, text_field(body, "access_token")).as_dict(), status=202)
 
 
 @api_endpoint({"POST"})

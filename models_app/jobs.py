@@ -9,10 +9,12 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models import Q
 
+from mistudio.errors import JobError
 from mistudio.hub import ensure_free_space
 from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
-from mistudio.staging import staged_dir
+from mistudio.staging import promote, staged_dir, staged_path
+from mistudio.validation import inside_roots
 
 from .ml import hub, loading, quality, quantize
 from .ml.gguf_import import gguf_to_safetensors
@@ -130,19 +132,25 @@ def _download(model: Model, job: TrackedJob) -> None:
     endpoint = settings.HF_ENDPOINT
     retry = retry_policy()
     job.phase(ModelStatus.DOWNLOADING, progress=0.0)
-    plan = hub.plan_download(model.repo_id, model.requested_revision, token, endpoint, **retry)
+    # A retry fetches the commit the first attempt resolved: its bytes on disk are that commit's.
+    plan = hub.plan_download(model.repo_id, model.revision or model.requested_revision, token, endpoint, **retry)
     job.write(revision=plan.sha, bytes_total=plan.total_bytes)
+    # Written aside and moved into place when complete. Kept when the job fails (a dead
+    # worker, a dropped connection): a retry resumes from its bytes (the Hub client's
+    # .incomplete files and HTTP Range). A cancel or a delete removes it.
+    tmp = staged_path(model.raw_dir)
     # config.json first: an unsupported architecture is refused before gigabytes move.
-    hub.fetch_file(plan, "config.json", model.raw_dir, token, endpoint)
-    config = loading.read_config(model.raw_dir)
+    hub.fetch_file(plan, "config.json", tmp, token, endpoint)
+    config = loading.read_config(tmp)
     loading.check_architecture(config)
     # So is a model that fits the memory budget in no format, before its weights are fetched.
     device = quantize.compute_device()
     budget = quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device)
     quantize.choose_format(model.requested_quantization, quantize.memory_estimate(config, device), budget, device)
-    ensure_free_space(model.raw_dir, plan.total_bytes, settings.DISK_RESERVE_BYTES)
-    hub.download_snapshot(plan, model.raw_dir, token, endpoint, job.transfer, **retry)
+    ensure_free_space(tmp, plan.total_bytes, settings.DISK_RESERVE_BYTES)
+    hub.download_snapshot(plan, tmp, token, endpoint, job.transfer, **retry)
     del token
+    promote(tmp, model.raw_dir)
     _finish(model, job, model.requested_quantization)
 
 
@@ -158,6 +166,11 @@ def _import(model: Model, job: TrackedJob) -> None:
 
 def _copy_model_folder(src: Path, dest: Path, job: TrackedJob) -> None:
     files = [p for p in sorted(src.iterdir()) if p.is_file() and (p.suffix == ".safetensors" or p.name in loading.SIDECAR_FILES or p.name == "model.safetensors.index.json")]
+    # Checked again when copied: a link may have been put there since the request.
+    escaping = [p.name for p in files if not inside_roots(p.resolve(), settings.IMPORT_ROOTS)]
+    if escaping:
+        raise JobError("path_not_allowed", f"{', '.join(escaping)} link outside the allowed import folders; "
+                                           "copy the files in instead of linking them.")  # fmt: skip
     total = sum(p.stat().st_size for p in files)
     ensure_free_space(dest.parent, total, settings.DISK_RESERVE_BYTES)
     done = 0

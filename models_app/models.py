@@ -1,5 +1,4 @@
 import secrets
-import shutil
 from pathlib import Path
 
 from django.conf import settings
@@ -45,7 +44,7 @@ class Model(TransferRow):
     QUEUED, DONE, FAILED, CANCELLED = ModelStatus.QUEUED, ModelStatus.READY, ModelStatus.ERROR, ModelStatus.CANCELLED
     RUNNING = RUNNING_STATUSES
     card_template = "models_app/_card.html"
-    PANEL_SIZE = 200
+    PANEL_SIZE = 20  # cards per page of the panel (the rest load on demand)
 
     SOURCE_CHOICES = [("hub", "Hugging Face Hub"), ("local", "Local folder"), ("gguf", "GGUF file")]
 
@@ -79,7 +78,6 @@ class Model(TransferRow):
     perplexity_baseline = models.FloatField(null=True, blank=True, help_text="FP32 weights, same text.")
     format_notes = models.TextField(blank=True, help_text="Why the produced format differs from the requested one.")
 
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
 
     class Meta:
         ordering = ["-created_at"]
@@ -153,9 +151,12 @@ class Model(TransferRow):
             dirs.insert(0, self.raw_dir)
         return [path for folder in dirs for path in (folder, staged_path(folder))]
 
-    def remove_job_files(self) -> None:
-        for folder in self.owned_dirs():
-            shutil.rmtree(folder, ignore_errors=True)
+    def job_paths(self) -> list[Path]:
+        return self.owned_dirs()
+
+    @property
+    def download_target(self) -> Path:
+        return self.raw_dir
 
     def stop_fields(self, error: JobError | None) -> dict:
         fields = super().stop_fields(error)
@@ -163,19 +164,35 @@ class Model(TransferRow):
             fields["suggested_format"] = error.suggested_format or ""
         return fields
 
+    def retry_fields(self, token: str | None) -> dict:
+        return {**super().retry_fields(token), "suggested_format": ""}
+
+    @property
+    def job_function(self) -> str:
+        if self.snapshot_of:
+            return "models_app.jobs.quantize_model_job"
+        return "models_app.jobs.download_model_job" if self.source == "hub" else "models_app.jobs.import_model_job"
+
     def event_group(self) -> str:
         return progress.model_group(self.id)
 
     def publish_added(self) -> None:
-        progress.publish_html(Model.list_html(oob=True))
+        """Only the new card, put first in every open list (and the empty state gone)."""
+        progress.publish_html(render_to_string("models_app/_card_added.html", {"model": self}))
+
+    def publish_removed(self) -> None:
+        progress.publish_html(f'<div id="model-card-{self.id}" hx-swap-oob="delete"></div>')
 
     @classmethod
-    def for_panel(cls):
-        return cls.objects.all()[: cls.PANEL_SIZE]
+    def panel_page(cls, page: int = 1) -> dict:
+        """One page of cards, newest first, and whether another follows."""
+        start = (page - 1) * cls.PANEL_SIZE
+        rows = list(cls.objects.all()[start : start + cls.PANEL_SIZE + 1])
+        return {"models": rows[: cls.PANEL_SIZE], "next_page": page + 1 if len(rows) > cls.PANEL_SIZE else None}
 
     @classmethod
     def list_html(cls, oob: bool = False) -> str:
-        return render_to_string("models_app/_model_list.html", {"models": cls.for_panel(), "oob": oob})
+        return render_to_string("models_app/_model_list.html", {**cls.panel_page(), "oob": oob})
 
     def progress_event(self) -> dict:
         """The JSON event describing this row's current state (absolute, never a delta)."""

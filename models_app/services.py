@@ -12,11 +12,11 @@ import time
 from django.conf import settings
 from django.db import transaction
 
-from mistudio import jobs, progress
+from mistudio import jobs
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
 from mistudio.queue import require_queue
-from mistudio.validation import resolve_import_path, validate_repo_id, validate_revision
+from mistudio.validation import resolve_import_path, validate_hub_source
 
 from .ml import architecture as architecture_view
 from .ml import hub, loading, quantize
@@ -26,26 +26,15 @@ from .models import Model
 log = logging.getLogger(__name__)
 
 
-def publish_list() -> None:
-    """The whole list, for changes that add or remove cards (every open tab converges)."""
-    progress.publish_html(Model.list_html(oob=True))
-
-
-def _owner(user):
-    return user if user and user.is_authenticated else None
-
-
 def request_download(
     *, user, repo_id: str, quantization: str, token: str | None = None, revision: str | None = None, enqueue=True
 ) -> Model:
     """Validate, create the row and (unless the caller runs it inline) queue the download."""
     try:
-        repo_id = validate_repo_id(repo_id)
+        repo_id, revision, token = validate_hub_source(repo_id, revision, token)
         fmt = validate_format(quantization)
-        revision = validate_revision(revision)
     except InvalidInput as exc:
         raise ServiceError.from_invalid(exc) from None
-    token = (token or "").strip() or None
     if enqueue:
         require_queue()
     with transaction.atomic():
@@ -57,7 +46,7 @@ def request_download(
             quantization=fmt,
             requested_quantization=fmt,
             encrypted_token=encrypt_secret(token) if token else None,
-            created_by=_owner(user),
+            owner=jobs.owner_of(user),
         )
         if enqueue:
             jobs.enqueue_after_commit(model, "models_app.jobs.download_model_job")
@@ -78,7 +67,7 @@ def request_import(*, user, path: str, name: str | None = None, enqueue=True) ->
             name=(name or "").strip()[:200] or default_name,
             source=source,
             source_path=str(resolved),
-            created_by=_owner(user),
+            owner=jobs.owner_of(user),
         )
         if enqueue:
             jobs.enqueue_after_commit(model, "models_app.jobs.import_model_job")
@@ -118,7 +107,7 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
             perplexity_baseline=source.perplexity_baseline,
             quantization=fmt,
             requested_quantization=fmt,
-            created_by=_owner(user),
+            owner=jobs.owner_of(user),
         )
         if enqueue:
             jobs.enqueue_after_commit(model, "models_app.jobs.quantize_model_job")
@@ -143,11 +132,9 @@ def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | Non
     """Parameters, memory and disk per format for a Hub repo, from its config and file
     sizes only (no weights fetched). Cached for ten minutes per repo and revision."""
     try:
-        repo_id = validate_repo_id(repo_id)
-        revision = validate_revision(revision)
+        repo_id, revision, token = validate_hub_source(repo_id, revision, token)
     except InvalidInput as exc:
         raise ServiceError.from_invalid(exc) from None
-    token = (token or "").strip() or None
     # Per token (hashed, never kept in clear): a gated repo's config read with one user's
     # token must not answer another user who has no access.
     key = (settings.HF_ENDPOINT, repo_id, revision, hashlib.sha256(token.encode()).hexdigest() if token else None)
@@ -203,12 +190,18 @@ def get_ready_model(model_id: str, purpose: str) -> Model:
     return Model.get_ready_or_409(model_id, purpose)
 
 
-def cancel_model(model_id: str) -> Model:
-    return jobs.cancel(Model, model_id)
+def cancel_model(model_id: str, user) -> Model:
+    return jobs.cancel(Model, model_id, user)
 
 
-def delete_model(model_id: str) -> bool:
-    """Remove the record and every file of it. A missing id is not an error: returns False."""
+def retry_model(model_id: str, user, token: str | None = None) -> Model:
+    """A failed or cancelled model's job again; a download resumes from the bytes it left."""
+    return jobs.retry(Model, model_id, user, token)
+
+
+def delete_model(model_id: str, user) -> bool:
+    """Remove the record and every file of it (its owner or staff only). A missing id is
+    not an error: returns False."""
     model = Model.objects.filter(pk=model_id).first()
     if model is None:
         return False
@@ -218,7 +211,9 @@ def delete_model(model_id: str) -> bool:
         )
     if any(extraction.is_running for extraction in model.extractions.all()):
         raise Conflict("model_in_use", f"An extraction of {model.name} is running; cancel it before deleting the model.")
+    model.check_may_change(user, "delete")
     model.remove_job_files()
     model.delete()
-    publish_list()
+    model.id = model_id  # delete() clears the key; every open list drops the card by it
+    model.publish_removed()
     return True

@@ -14,7 +14,7 @@ from .models import Model
 
 
 def _panel_context(form=None):
-    return {"form": form or DownloadForm(), "models": Model.for_panel()}
+    return {"form": form or DownloadForm(), **Model.panel_page()}
 
 
 @require_GET
@@ -77,12 +77,19 @@ def _card_or_redirect(request, model_id, action):
 
 @require_POST
 def cancel(request, model_id):
-    return _card_or_redirect(request, model_id, services.cancel_model)
+    return _card_or_redirect(request, model_id, lambda mid: services.cancel_model(mid, request.user))
 
 
 @require_POST
 def delete(request, model_id):
-    return _card_or_redirect(request, model_id, lambda mid: services.delete_model(mid) and None)
+    return _card_or_redirect(request, model_id, lambda mid: services.delete_model(mid, request.user) and None)
+
+
+@require_POST
+def retry(request, model_id):
+    """Retry on an error or cancelled card (with a token for a gated repo): the card goes back to queued."""
+    token = request.POST.get("access_token") or None
+    return _card_or_redirect(request, model_id, lambda mid: services.retry_model(mid, request.user, token))
 
 
 @require_POST
@@ -94,7 +101,15 @@ def quantize(request, model_id):
         return _refused_on_card(request, model_id, exc)
     if not request.htmx:
         return redirect("models:panel")
-    return render(request, "models_app/_model_list.html", {"models": Model.for_panel()})
+    return render(request, "models_app/_model_list.html", Model.panel_page())
+
+
+@require_GET
+def more_models(request):
+    """The next page of cards, appended where the "Show more" button was."""
+    page = request.GET.get("page", "")
+    page = int(page) if page.isascii() and page.isdigit() and 0 < int(page) < 10**6 else 1
+    return render(request, "models_app/_model_page.html", Model.panel_page(page))
 
 
 @require_GET

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mistudio.errors import InvalidInput
+from mistudio.text import storable
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 # The csv module refuses fields over 128 KiB by default; a long document is one field.
@@ -36,11 +37,27 @@ def check_file(path: Path, text_column: str) -> None:
 
 
 def iter_texts(path: Path, text_column: str = "text") -> Iterator[str]:
-    """Rows of one file, or of every data file in a folder (a Hub split's shards) in order."""
+    """Rows of one file, or of every data file in a folder (a Hub split's shards) in order.
+    A file that turns out not to be text (bad UTF-8, NUL, a broken parquet file) anywhere,
+    not only in the part `check_file` looked at, is refused with the reason."""
     if path.is_dir():
         for child in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS and ".cache" not in p.parts):
             yield from iter_texts(child, text_column)
         return
+    try:
+        for number, text in enumerate(_rows(path, text_column), 1):
+            if not storable(text):
+                raise InvalidInput("file", f"{path.name} row {number} contains a NUL character or an unpaired surrogate.")
+            yield text
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("file", f"{path.name} is not UTF-8 text (byte {exc.start:,} of a line cannot be decoded).") from None
+    except ValueError as exc:  # pyarrow's ArrowInvalid, and the like, for a file that is not parquet
+        if isinstance(exc, InvalidInput):
+            raise
+        raise InvalidInput("file", f"{path.name} cannot be read as {path.suffix.lower()}: {type(exc).__name__}.") from None
+
+
+def _rows(path: Path, text_column: str) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         yield from _txt(path)

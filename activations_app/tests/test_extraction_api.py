@@ -166,7 +166,7 @@ async def test_a_cancel_reaches_every_connected_client_not_only_the_one_that_ask
     other_tab = socket(f"/ws/models/{smollm2_model.id}/extraction", cookie)
     assert (await other_tab.connect())[0]
     assert json.loads(await other_tab.receive_from())["status"] == "extracting"
-    await database_sync_to_async(services.cancel_extraction)(extraction.id)
+    await database_sync_to_async(services.cancel_extraction)(extraction.id, None)
     event = json.loads(await other_tab.receive_from(timeout=10))
     assert (event["extraction_id"], event["status"]) == (extraction.id, "cancelled")
     await other_tab.disconnect()

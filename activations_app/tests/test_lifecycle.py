@@ -99,8 +99,9 @@ def test_a_dead_worker_fails_every_kind_of_row_the_same_way_and_removes_its_file
         ended.append((row.status, row.error_code, row.error_message))
     message = "The worker process stopped unexpectedly (signal 9); retry."
     assert ended == [("error", "worker_died", message), ("failed", "worker_died", message), ("error", "worker_died", message)]
-    assert not model.raw_dir.exists()
-    assert not staged_path(extraction.final_dir).exists() and not staged_path(dataset.folder).exists()
+    assert not model.raw_dir.exists() and not staged_path(extraction.final_dir).exists()
+    # A download's partial bytes stay aside for a retry to resume (a cancel removes them).
+    assert (staged_path(dataset.folder) / "part.bin").read_bytes() == b"half"
     bystander.refresh_from_db()
     assert bystander.status == "extracting"
 

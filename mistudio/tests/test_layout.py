@@ -85,3 +85,35 @@ def test_apps_use_each_other_only_through_the_public_surface():
                 if top in apps and top != app and module not in allowed:
                     offenders.append(f"{path.relative_to(ROOT)}: {module}")
     assert offenders == []
+
+
+def test_check_deploy_is_clean_with_the_documented_https_settings(tmp_path):
+    import os
+    import secrets
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MISTUDIO_", "DJANGO_"))}
+    env.update(DJANGO_SETTINGS_MODULE="mistudio.settings", MISTUDIO_DATA_DIR=str(tmp_path), SECRET_KEY=secrets.token_urlsafe(50),
+               ALLOWED_HOSTS="studio.example.org")  # fmt: skip
+    command = [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
+    plain = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert plain.returncode != 0 and "SECURE_HSTS_SECONDS" in plain.stderr + plain.stdout
+    env.update(MISTUDIO_SSL_REDIRECT="1", MISTUDIO_HSTS_SECONDS="31536000", MISTUDIO_HSTS_INCLUDE_SUBDOMAINS="1",
+               MISTUDIO_HSTS_PRELOAD="1", MISTUDIO_SECURE_COOKIES="1")  # fmt: skip
+    secure = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert secure.returncode == 0, secure.stdout + secure.stderr
+    assert "no issues" in secure.stdout
+
+
+def test_compose_runs_web_workers_postgres_and_redis_each_with_a_healthcheck_and_a_restart_policy():
+    import yaml
+
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert set(services) == {"web", "worker", "postgres", "redis"}
+    for name, service in services.items():
+        assert service["restart"] == "unless-stopped", name
+        assert service["healthcheck"]["test"], name
+    assert "/healthz" in " ".join(services["web"]["healthcheck"]["test"])
+    for name in ("web", "worker"):
+        assert services[name]["depends_on"] == {"postgres": {"condition": "service_healthy"},
+                                                "redis": {"condition": "service_healthy"}}  # fmt: skip
+    assert services["worker"]["command"] == ["worker"] and services["web"]["command"] == ["web"]

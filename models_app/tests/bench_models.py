@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.db import connection
 from django.test import Client
 
 from mistudio import progress
@@ -165,6 +166,111 @@ def test_list_api_latency_with_1000_records(user, hub):
         server.wait(timeout=10)
 
 
+def monitor_connection():
+    """One connection held for counting, opened before the load (the load may use up the rest)."""
+    import psycopg
+
+    db = connection.settings_dict
+    return psycopg.connect(host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"], dbname="postgres",
+                           autocommit=True)  # fmt: skip
+
+
+def database_connections(monitor) -> int:
+    """Connections to this test database right now, as PostgreSQL counts them."""
+    name = connection.settings_dict["NAME"]
+    return monitor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()[0]
+
+
+def open_loop_load(url: str, headers: dict, rate: float, seconds: float, monitor, clients: int = 64) -> dict:
+    """GETs sent at a fixed rate whatever the answers (an open loop, as independent clients
+    would), from `clients` keep-alive connections, bounded in count and time, with the
+    database's connection count sampled."""
+    import http.client
+    import queue as queue_module
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    results: list[tuple[int, float]] = []
+    peak = [0]
+    stop = threading.Event()
+    due: queue_module.Queue = queue_module.Queue()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], database_connections(monitor))
+            stop.wait(0.05)
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        while (scheduled := due.get()) is not None:
+            try:
+                conn.request("GET", target, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+            except OSError:
+                status = 0
+                conn.close()
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            results.append((status, (time.perf_counter() - scheduled) * 1000))  # from when it was due
+        conn.close()
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    begin = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        scheduled = begin + i / rate
+        time.sleep(max(0.0, scheduled - time.perf_counter()))
+        due.put(scheduled)
+    for _ in threads:
+        due.put(None)
+    for thread in threads:
+        thread.join(timeout=60)
+    stop.set()
+    sampler.join()
+    latencies = sorted(ms for _, ms in results)
+    return {
+        "requests": len(results), "errors": sum(1 for status, _ in results if status != 200),
+        "p50": statistics.median(latencies), "p95": latencies[int(len(latencies) * 0.95) - 1], "peak_connections": peak[0],
+    }  # fmt: skip
+
+
+@pytest.mark.timeout(900)
+def test_list_api_under_load_keeps_database_connections_bounded(user):
+    config = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
+    Model.objects.bulk_create(
+        [Model(name=f"model-{i}", repo_id=f"org/model-{i}", status=ModelStatus.READY, architecture="llama",
+               params_count=134_515_008, architecture_config=config) for i in range(1000)]
+    )  # fmt: skip
+    _, token = ApiToken.issue(user)
+    port = free_port()
+    server = start_daphne(port)
+    monitor = monitor_connection()
+    try:
+        idle_before = database_connections(monitor)
+        figures = open_loop_load(f"http://127.0.0.1:{port}/api/models", {"Authorization": f"Bearer {token}"}, 100, 30, monitor)
+        time.sleep(2)
+        idle_after = database_connections(monitor)
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+        monitor.close()
+    report(
+        "GET /api/models (1,000 records, 20 per page) at 100 requests/s for 30 s through daphne",
+        [
+            ("requests / errors", f"{figures['requests']} / {figures['errors']}"),
+            ("latency", f"p50 {figures['p50']:7.1f} ms   p95 {figures['p95']:7.1f} ms"),
+            ("database connections", f"peak {figures['peak_connections']} (before {idle_before}, 2 s after {idle_after})"),
+            ("target", "0 errors, p95 < 100 ms, at most 40 connections at any moment"),
+        ],
+    )
+
+
 async def test_progress_event_delay_to_a_websocket_client(user):
     def session_cookie() -> str:
         client = Client()
@@ -197,3 +303,82 @@ async def test_progress_event_delay_to_a_websocket_client(user):
             ("target", "< 50 ms"),
         ],
     )
+
+
+async def websocket_burst(port: int, token: str, model_id: str, clients: int, events: int) -> dict:
+    """`clients` sockets opened at once; then `events` progress events, each timed from the
+    publish to its arrival at every socket."""
+    import websockets
+
+    url = f"ws://127.0.0.1:{port}/ws/models/{model_id}/progress"
+
+    async def connect():
+        try:
+            ws = await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=60,
+                                          max_queue=None)  # fmt: skip
+            await asyncio.wait_for(ws.recv(), 30)  # the current state, first
+            return ws
+        except Exception as exc:  # noqa: BLE001 - counted
+            return exc
+
+    opened = await asyncio.gather(*(connect() for _ in range(clients)))
+    sockets = [ws for ws in opened if not isinstance(ws, Exception)]
+    failures = [type(ws).__name__ for ws in opened if isinstance(ws, Exception)]
+
+    async def arrival(ws) -> float:
+        event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        return (time.time() - event["sent"]) * 1000
+
+    delays: list[float] = []
+    for i in range(events):
+        waiting = [asyncio.create_task(arrival(ws)) for ws in sockets]
+        await asyncio.sleep(0.05)
+        event = {"type": "progress", "progress": i, "sent": time.time()}
+        await asyncio.to_thread(progress.publish_event_to, progress.model_group(model_id), event)
+        delays += await asyncio.gather(*waiting)
+    await asyncio.gather(*(ws.close() for ws in sockets))
+    delays.sort()
+    return {"connected": len(sockets), "failures": failures, "p50": statistics.median(delays),
+            "p95": delays[int(len(delays) * 0.95) - 1]}  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_websocket_burst_fan_out_and_list_sizes_with_1000_models(user, signed_in_client):
+    config = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152}
+    Model.objects.bulk_create(
+        [Model(name=f"model-{i}", repo_id=f"org/model-{i}", status=ModelStatus.READY, architecture="llama",
+               params_count=134_515_008, architecture_config=config) for i in range(1000)]
+    )  # fmt: skip
+    panel = len(signed_in_client.get("/").content)
+    first_frame = len(Model.list_html(oob=True).encode())
+    added = Model.objects.create(name="one-more", status=ModelStatus.QUEUED)
+    from django.template.loader import render_to_string
+
+    added_frame = len(render_to_string("models_app/_card_added.html", {"model": added}).encode())
+    model = Model.objects.create(name="bench", status=ModelStatus.DOWNLOADING)
+    _, token = ApiToken.issue(user)
+    port = free_port()
+    server = start_daphne(port)
+    try:
+        figures = asyncio.run(websocket_burst(port, token, model.id, clients=500, events=20))
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    report(
+        "WebSockets through daphne: 500 /ws/models/{id}/progress clients opened at once, then 20 events to all",
+        [
+            ("connected / failed", f"{figures['connected']} / {len(figures['failures'])} {sorted(set(figures['failures']))}"),
+            ("delivery, publish -> every client", f"p50 {figures['p50']:7.1f} ms   p95 {figures['p95']:7.1f} ms"),
+            ("Models page HTML, 1,000 models", f"{panel / 1000:7.1f} KB"),
+            ("first /ws/models/ frame", f"{first_frame / 1000:7.1f} KB"),
+            ("frame for one added card", f"{added_frame / 1000:7.1f} KB"),
+            ("target", "0 failures, p95 < 100 ms; page < 100 KB; a change sends only its card"),
+        ],
+    )
+
+
+@pytest.fixture
+def signed_in_client(user):
+    client = Client()
+    client.force_login(user)
+    return client

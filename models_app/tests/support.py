@@ -128,16 +128,22 @@ def free_port() -> int:
 
 
 def start_daphne(port: int) -> subprocess.Popen:
-    """The real ASGI server the run command uses, against the test database."""
+    """The real ASGI server the run command uses, against the test database. Its output
+    (an access-log line per request) goes to a file: an unread pipe would fill up and
+    stall the server mid-test."""
+    import tempfile
+    import urllib.request
+
+    log = tempfile.NamedTemporaryFile(prefix=f"daphne-{port}-", suffix=".log", delete=False)
     process = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "mistudio.asgi:application"],
         cwd=ROOT,
         env=subprocess_env(),
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    import urllib.request
+    process.log_path = log.name
 
     def answers() -> bool:
         try:
@@ -147,5 +153,5 @@ def start_daphne(port: int) -> subprocess.Popen:
             return process.poll() is not None
 
     wait_for(answers, timeout=60, interval=0.2, message="daphne to answer")
-    assert process.poll() is None, process.stdout.read()
+    assert process.poll() is None, Path(log.name).read_text()
     return process

@@ -218,7 +218,7 @@ def test_an_inline_job_stops_when_its_row_is_cancelled_elsewhere(hub, data_dir):
     thread = threading.Thread(target=run)
     thread.start()
     wait_for(lambda: Model.objects.get(pk=model.id).bytes_done > 0, timeout=30, message="download start")
-    services.cancel_model(model.id)
+    services.cancel_model(model.id, None)
     thread.join(timeout=30)
     assert not thread.is_alive()
     assert Model.objects.get(pk=model.id).status == ModelStatus.CANCELLED
@@ -243,3 +243,64 @@ def test_a_worker_killed_mid_download_leaves_the_row_failed_not_running(signed_i
     assert model.status == ModelStatus.ERROR, output
     assert model.error_code == "worker_died" and f"signal {int(signal.SIGKILL)}" in model.error_message
     assert not (data_dir / "models" / "raw" / model.id).exists()
+
+
+def test_a_retry_after_the_worker_died_at_half_way_fetches_only_the_rest(signed_in, hub, data_dir, tiny_repo_folder):
+    import subprocess
+
+    from mistudio.staging import staged_path
+
+    weights = (tiny_repo_folder / "model.safetensors").stat().st_size
+    hub.bytes_per_second = 200_000  # the ~1.4 MB weights take ~7 s
+    created = api_download(signed_in, repo_id="tiny/llama", quantization="FP32")
+    worker = start_worker()
+    try:
+        wait_for(lambda: Model.objects.get(pk=created["id"]).bytes_done > weights // 2, timeout=60, message="half way")
+        subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)
+        worker.communicate(timeout=60)
+    finally:
+        worker.kill()
+    model = Model.objects.get(pk=created["id"])
+    assert (model.status, model.error_code) == ("error", "worker_died")
+    assert not model.raw_dir.exists()  # nothing where the finished snapshot goes
+    partial = sum(p.stat().st_size for p in staged_path(model.raw_dir).rglob("*.incomplete"))
+    assert partial > weights * 0.4, partial  # the bytes already fetched are kept aside
+
+    hub.clear_log()
+    hub.bytes_per_second = None
+    retried = signed_in.post(f"/api/models/{model.id}/retry", {}, content_type="application/json")
+    assert retried.status_code == 202 and retried.json()["status"] == "queued"
+    run_burst_worker()
+    model.refresh_from_db()
+    assert model.status == ModelStatus.READY, model.error_message
+    fetches = [r for r in hub.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
+    assert fetches and all(r.range for r in fetches), fetches
+    start = int(fetches[0].range.removeprefix("bytes=").split("-")[0])
+    assert start >= partial - (1 << 20) and start > weights * 0.4, (start, partial, weights)
+    assert (model.raw_dir / "model.safetensors").read_bytes() == (tiny_repo_folder / "model.safetensors").read_bytes()
+    assert not staged_path(model.raw_dir).exists()
+
+
+def test_a_cancelled_download_keeps_nothing_and_retries_from_zero(signed_in, hub, data_dir):
+    from mistudio.staging import staged_path
+
+    hub.bytes_per_second = 200_000
+    created = api_download(signed_in, repo_id="tiny/llama", quantization="FP32")
+    worker = start_worker()
+    try:
+        wait_for(lambda: Model.objects.get(pk=created["id"]).bytes_done > 100_000, timeout=60, message="bytes on disk")
+        assert signed_in.post(f"/api/models/{created['id']}/cancel").json()["status"] == "cancelled"
+        worker.communicate(timeout=30)
+    finally:
+        worker.kill()
+    model = Model.objects.get(pk=created["id"])
+    assert not model.raw_dir.exists() and not staged_path(model.raw_dir).exists()
+    page = signed_in.get("/").content.decode()
+    assert f'hx-post="/models/{model.id}/retry"' in page
+    hub.clear_log()
+    hub.bytes_per_second = None
+    signed_in.post(f"/models/{model.id}/retry", HTTP_HX_REQUEST="true")
+    run_burst_worker()
+    model.refresh_from_db()
+    assert model.status == ModelStatus.READY
+    assert not any(r.range for r in hub.requests if r.path.endswith("/model.safetensors"))

@@ -117,3 +117,45 @@ def test_actions_on_a_model_deleted_in_another_tab_drop_its_card_instead_of_fail
         response = signed_in.post(f"/models/m_000000000000/{action}", {"quantization": "Q4"}, **headers)
         assert response.status_code == 200 and response.content == b"", action
     assert signed_in.get("/models/m_000000000000/architecture").status_code == 404
+
+
+def test_with_1000_models_the_page_shows_20_cards_and_loads_the_rest_on_demand(signed_in):
+    Model.objects.bulk_create([Model(name=f"model-{i:04d}", status="ready", quantization="FP16") for i in range(1000)])
+    page = signed_in.get("/").content.decode()
+    assert len(page.encode()) < 100_000
+    assert page.count('id="model-card-') == 20 and 'id="more-models"' in page
+    more = signed_in.get("/models/more?page=2").content.decode()
+    assert more.count('id="model-card-') == 20 and "page=3" in more
+    last = signed_in.get("/models/more?page=50").content.decode()
+    assert last.count('id="model-card-') == 20 and 'id="more-models"' not in last
+    assert signed_in.get("/models/more?page=%00").status_code == 400
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_model_reaches_open_pages_as_its_card_alone(user, redis_clean, django_capture_on_commit_callbacks):
+    import asyncio
+
+    from channels.layers import get_channel_layer
+
+    from mistudio.progress import MODELS_GROUP
+    from models_app import services
+
+    Model.objects.bulk_create([Model(name=f"model-{i}", status="ready") for i in range(300)])
+    layer = get_channel_layer()
+
+    async def listen():
+        channel = await layer.new_channel()
+        await layer.group_add(MODELS_GROUP, channel)
+        return channel
+
+    loop = asyncio.new_event_loop()
+    try:
+        channel = loop.run_until_complete(listen())
+        with django_capture_on_commit_callbacks(execute=True):
+            model = services.request_download(user=user, repo_id="tiny/llama", quantization="FP16")
+        message = loop.run_until_complete(asyncio.wait_for(layer.receive(channel), 10))
+    finally:
+        loop.close()
+    html = message["html"]
+    assert 'hx-swap-oob="afterbegin:#model-list"' in html and f'id="model-card-{model.id}"' in html
+    assert html.count('id="model-card-') == 1 and len(html.encode()) < 10_000

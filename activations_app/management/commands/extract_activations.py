@@ -3,7 +3,7 @@ from django.core.management.base import CommandError
 from activations_app import jobs, services
 from activations_app.forms import ExtractionForm
 from activations_app.models import ExtractionStatus
-from mistudio.commands import JobCommand, eta_text, service_call
+from mistudio.commands import JobCommand, acting_user, eta_text, service_call
 
 
 def int_list(value: str) -> list:
@@ -34,7 +34,7 @@ class Command(JobCommand):
         data |= {"layers": int_list(options["layers"]), "hook_types": [h for h in options["hooks"].split(",") if h]}
         extraction = service_call(
             services.request_extraction, model_id=options["model_id"], dataset_id=options["dataset"],
-            enqueue=not options["sync"], data=data,
+            enqueue=not options["sync"], data=data, user=acting_user(options),
         )  # fmt: skip
         self.run_job(extraction, jobs.run_extraction_job, options)
 

@@ -1,5 +1,5 @@
 from activations_app import jobs, services
-from mistudio.commands import JobCommand, service_call, token_from_env
+from mistudio.commands import JobCommand, acting_user, service_call, token_from_env
 
 
 class Command(JobCommand):
@@ -23,7 +23,7 @@ class Command(JobCommand):
         dataset = service_call(
             services.import_dataset, path=options["path_or_repo"], name=options["name"],
             text_column=options["text_column"], split=options["split"], token=token, revision=options["revision"],
-            enqueue=not options["sync"],
+            enqueue=not options["sync"], user=acting_user(options),
         )  # fmt: skip
         if dataset.is_running:
             self.run_job(dataset, jobs.run_dataset_import, options)

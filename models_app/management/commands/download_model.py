@@ -1,4 +1,4 @@
-from mistudio.commands import service_call, token_from_env
+from mistudio.commands import acting_user, service_call, token_from_env
 from models_app import jobs, services
 
 from ._common import ModelCommand
@@ -22,7 +22,7 @@ class Command(ModelCommand):
         token = token_from_env(options["token_env"])
         model = service_call(
             services.request_download,
-            user=None,
+            user=acting_user(options),
             repo_id=options["repo_id"],
             quantization=options["quantization"],
             token=token,

@@ -1,4 +1,4 @@
-from mistudio.commands import service_call
+from mistudio.commands import acting_user, service_call
 from models_app import jobs, services
 
 from ._common import ModelCommand
@@ -17,6 +17,6 @@ class Command(ModelCommand):
 
     def handle(self, *args, **options):
         model = service_call(
-            services.request_import, user=None, path=options["path"], name=options["name"], enqueue=not options["sync"]
+            services.request_import, user=acting_user(options), path=options["path"], name=options["name"], enqueue=not options["sync"]
         )
         self.run_job(model, jobs.run_import, options)

@@ -1,4 +1,4 @@
-from mistudio.commands import service_call
+from mistudio.commands import acting_user, service_call
 from models_app import jobs, services
 
 from ._common import ModelCommand
@@ -15,7 +15,7 @@ class Command(ModelCommand):
     def handle(self, *args, **options):
         model = service_call(
             services.request_quantize,
-            user=None,
+            user=acting_user(options),
             model_id=options["model_id"],
             quantization=options["quantization"],
             enqueue=not options["sync"],
