@@ -100,8 +100,11 @@ def _dataset_fields(name: str | None, text_column: str | None, default_name: str
     return name, text_column
 
 
-def _disk_full(exc: OSError) -> ServiceError | None:
-    if exc.errno == errno.ENOSPC:
+def _refusal_for(exc: BaseException) -> ServiceError | None:
+    """A failure while storing a dataset that is the file's fault or the disk's, said so."""
+    if isinstance(exc, InvalidInput):
+        return ServiceError.from_invalid(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return ServiceError("disk_full", "The data dir's disk is full; nothing was stored. Free some space and retry.")
     return None
 
@@ -118,11 +121,10 @@ def _store(dataset: Dataset, source: Path) -> None:
         dataset.save()
     except BaseException as exc:
         shutil.rmtree(dataset.folder, ignore_errors=True)
-        if isinstance(exc, InvalidInput):
-            raise ServiceError.from_invalid(exc) from None
-        if isinstance(exc, OSError) and _disk_full(exc):
-            raise _disk_full(exc) from None
-        raise
+        refusal = _refusal_for(exc)
+        if refusal is None:
+            raise
+        raise refusal from None
 
 
 def upload_dataset(*, upload, name: str | None = None, text_column: str = "text", user=None) -> Dataset:
@@ -145,10 +147,11 @@ def upload_dataset(*, upload, name: str | None = None, text_column: str = "text"
                 for chunk in upload.chunks():
                     out.write(chunk)
             dataset_files.check_file(staged, text_column)
-        except InvalidInput as exc:
-            raise ServiceError.from_invalid(exc) from None
-        except OSError as exc:
-            raise (_disk_full(exc) or exc) from None
+        except (InvalidInput, OSError) as exc:
+            refusal = _refusal_for(exc)
+            if refusal is None:
+                raise
+            raise refusal from None
         dataset = Dataset(name=name, source="upload", text_column=text_column, file_path="", owner=jobs.owner_of(user))
         _store(dataset, staged)
     return dataset

@@ -5,7 +5,8 @@ A job's row is the source of truth. Every write while the job runs is conditiona
 the row still running, so a cancel (a status flip by another process) is seen by the job
 at its next write, as JobCancelled. However the job ends, the row ends in a final state:
 ready or completed by the job's own last write; cancelled with its files removed; failed
-with a code and a message a user can act on, its files removed. Apps plug their row
+with a code and a message a user can act on, its files removed (a download a retry can
+resume keeps its partial bytes aside). Apps plug their row
 classes in with `register` (from their AppConfig.ready); the worker's death handler
 fails the rows of every registered kind the same way.
 """
@@ -27,6 +28,7 @@ from redis.exceptions import RedisError
 from rq.timeouts import JobTimeoutException
 
 from . import progress, queue
+from .crypto import encrypt_secret
 from .errors import Conflict, Forbidden, InvalidInput, JobCancelled, JobError, NotFound, ServiceError
 from .progress import MODELS_GROUP, LatestStateWriter
 from .staging import staged_path
@@ -44,7 +46,8 @@ class TrackedRow(models.Model):
     attributes below."""
 
     # Who made it: everyone signed in may read it and use it (when ready) to make their own;
-    # only they or staff may cancel or delete it. None: made from the shell, by the operator.
+    # only they or staff may cancel, retry or delete it (see may_change). None: nobody's,
+    # so everyone's (made at the shell without --user, or before records had owners).
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                               related_name="+")  # fmt: skip
     progress = models.FloatField(default=0.0)
@@ -102,8 +105,7 @@ class TrackedRow(models.Model):
 
     def check_may_change(self, user, action: str) -> None:
         if not self.may_change(user):
-            owner = self.owner.get_username() if self.owner else "the operator"
-            raise Forbidden("not_owner", f"Only {owner}, who made {self.label}, or staff may {action} it.")
+            raise Forbidden("not_owner", f"Only {self.owner.get_username()}, who made {self.label}, or staff may {action} it.")
 
     @classmethod
     def get_ready_or_409(cls, pk: str, purpose: str):
@@ -195,8 +197,6 @@ class TransferRow(TrackedRow):
         return {"encrypted_token": None}
 
     def retry_fields(self, token: str | None) -> dict:
-        from .crypto import encrypt_secret
-
         return {"encrypted_token": encrypt_secret(token) if token else None, "bytes_done": 0}
 
 
