@@ -83,6 +83,14 @@ class Dataset(TransferRow):
     def publish_added(self) -> None:
         progress.publish_html(Dataset.list_html(oob=True), self.html_group)
 
+    def publish_removed(self) -> None:
+        progress.publish_html(f'<div id="dataset-{self.id}" hx-swap-oob="delete"></div>', self.html_group)
+
+    def delete_blocker(self) -> str | None:
+        if any(extraction.is_running for extraction in self.extractions.all()):
+            return f"An extraction is using {self.name}; cancel it first."
+        return None
+
     @classmethod
     def list_html(cls, oob: bool = False) -> str:
         from django.template.loader import render_to_string

@@ -14,7 +14,7 @@ from django.db import transaction
 
 from mistudio import jobs
 from mistudio.crypto import encrypt_secret
-from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
+from mistudio.errors import InvalidInput, JobError, ServiceError
 from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
@@ -167,17 +167,7 @@ def retry_dataset(dataset_id: str, user, token: str | None = None) -> Dataset:
 
 
 def delete_dataset(dataset_id: str, user) -> bool:
-    dataset = Dataset.objects.filter(pk=dataset_id).first()
-    if dataset is None:
-        return False
-    dataset.check_may_change(user, "delete")
-    if dataset.is_running:
-        raise Conflict("dataset_in_use", f"{dataset.name} is {dataset.status}; cancel the import before deleting it.")
-    if any(e.is_running for e in dataset.extractions.all()):
-        raise Conflict("dataset_in_use", f"An extraction is using {dataset.name}; cancel it first.")
-    dataset.remove_job_files()
-    dataset.delete()
-    return True
+    return jobs.delete(Dataset, dataset_id, user)
 
 
 # --- extractions ------------------------------------------------------------------------
@@ -239,17 +229,8 @@ def cancel_extraction(extraction_id: str, user) -> Extraction:
 
 
 def delete_extraction(extraction_id: str, user) -> bool:
-    """Remove the record and its output folder (its owner or staff only); 409 while it runs
-    (cancel first). A missing id is not an error: returns False."""
-    extraction = Extraction.objects.filter(pk=extraction_id).first()
-    if extraction is None:
-        return False
-    extraction.check_may_change(user, "delete")
-    if extraction.is_running:
-        raise Conflict("extraction_running", f"{extraction.id} is {extraction.status}; cancel it first.")
-    extraction.remove_job_files()
-    extraction.delete()
-    return True
+    """Remove the record and its output folder (see mistudio.jobs.delete)."""
+    return jobs.delete(Extraction, extraction_id, user)
 
 
 ROUGH_FLOPS_PER_SECOND = {"cpu": 5e10, "cuda": 2e13}

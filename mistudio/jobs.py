@@ -168,6 +168,13 @@ class TrackedRow(models.Model):
     def publish_added(self) -> None:
         """A new row is queued: pages that list rows of this kind show it."""
 
+    def publish_removed(self) -> None:
+        """The row was deleted: pages that list rows of this kind drop it."""
+
+    def delete_blocker(self) -> str | None:
+        """Why the row cannot be deleted now besides its own job running (a job that uses it)."""
+        return None
+
 
 class TransferRow(TrackedRow):
     """A row whose job moves bytes from the Hub, with the user's token while it needs it."""
@@ -263,6 +270,23 @@ def cancel(row_class: type[TrackedRow], pk: str, user):
     row = row_class.rows().get(pk=pk)
     row.publish()
     return row
+
+
+def delete(row_class: type[TrackedRow], pk: str, user) -> bool:
+    """The row and every file of it, by its owner or staff; 409 while its own job or a job
+    that uses it runs (cancel first). A missing id is not an error: False."""
+    row = row_class.rows().filter(pk=pk).first()
+    if row is None:
+        return False
+    row.check_may_change(user, "delete")
+    blocker = f"{row.label} is {row.status}; cancel it before deleting it." if row.is_running else row.delete_blocker()
+    if blocker:
+        raise Conflict(f"{row_class.KIND}_in_use", blocker)
+    row.remove_job_files()
+    row.delete()
+    row.pk = pk  # delete() clears the key; the pages drop the card by it
+    row.publish_removed()
+    return True
 
 
 def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None):

@@ -183,6 +183,11 @@ class Model(TransferRow):
     def publish_removed(self) -> None:
         progress.publish_html(f'<div id="model-card-{self.id}" hx-swap-oob="delete"></div>')
 
+    def delete_blocker(self) -> str | None:
+        if any(extraction.is_running for extraction in self.extractions.all()):
+            return f"An extraction of {self.name} is running; cancel it before deleting the model."
+        return None
+
     @classmethod
     def panel_page(cls, page: int = 1) -> dict:
         """One page of cards, newest first, and whether another follows."""

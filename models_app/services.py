@@ -200,20 +200,5 @@ def retry_model(model_id: str, user, token: str | None = None) -> Model:
 
 
 def delete_model(model_id: str, user) -> bool:
-    """Remove the record and every file of it (its owner or staff only). A missing id is
-    not an error: returns False."""
-    model = Model.objects.filter(pk=model_id).first()
-    if model is None:
-        return False
-    if model.is_running:
-        raise Conflict(
-            "model_in_use", f"{model.name} is {model.status}; cancel the job before deleting the model."
-        )
-    if any(extraction.is_running for extraction in model.extractions.all()):
-        raise Conflict("model_in_use", f"An extraction of {model.name} is running; cancel it before deleting the model.")
-    model.check_may_change(user, "delete")
-    model.remove_job_files()
-    model.delete()
-    model.id = model_id  # delete() clears the key; every open list drops the card by it
-    model.publish_removed()
-    return True
+    """Remove the record and every file of it (see mistudio.jobs.delete)."""
+    return jobs.delete(Model, model_id, user)
