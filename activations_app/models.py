@@ -2,6 +2,7 @@ import secrets
 
 from django.conf import settings
 from django.db import models
+from django.template.loader import render_to_string
 
 from mistudio import progress
 from mistudio.jobs import TrackedRow, TransferRow
@@ -93,8 +94,6 @@ class Dataset(TransferRow):
 
     @classmethod
     def list_html(cls, oob: bool = False) -> str:
-        from django.template.loader import render_to_string
-
         return render_to_string("activations_app/_dataset_list.html", {"datasets": cls.objects.all(), "oob": oob})
 
     def as_dict(self) -> dict:

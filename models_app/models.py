@@ -142,8 +142,7 @@ class Model(TransferRow):
     def owned_dirs(self) -> list[Path]:
         """Every folder only this record uses (for cleanup): its quantized folders, and the
         raw snapshot unless another record was made from it; each with what a job staged."""
-        base = settings.DATA_DIR / "models" / "quantized"
-        dirs = sorted(base.glob(f"{self.id}_*")) + [self.quantized_dir(fmt) for fmt in BYTES_PER_PARAM]
+        dirs = [self.quantized_dir(fmt) for fmt in BYTES_PER_PARAM]  # every format a job can make
         sharers = Model.objects.filter(
             models.Q(snapshot_of=self.snapshot_owner) | models.Q(pk=self.snapshot_owner)
         ).exclude(pk=self.pk)

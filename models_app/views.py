@@ -6,6 +6,7 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
+from mistudio.api import int_param
 from mistudio.errors import NotFound, ServiceError
 
 from . import services
@@ -107,8 +108,7 @@ def quantize(request, model_id):
 @require_GET
 def more_models(request):
     """The next page of cards, appended where the "Show more" button was."""
-    page = request.GET.get("page", "")
-    page = int(page) if page.isascii() and page.isdigit() and 0 < int(page) < 10**6 else 1
+    page = int_param(request, "page", 1, 1, 10**6)  # a bad one is a 400 page (mistudio.hardening)
     return render(request, "models_app/_model_page.html", Model.panel_page(page))
 
 

@@ -129,6 +129,7 @@ def test_with_1000_models_the_page_shows_20_cards_and_loads_the_rest_on_demand(s
     last = signed_in.get("/models/more?page=50").content.decode()
     assert last.count('id="model-card-') == 20 and 'id="more-models"' not in last
     assert signed_in.get("/models/more?page=%00").status_code == 400
+    assert signed_in.get("/models/more?page=abc").status_code == 400
 
 
 @pytest.mark.django_db(transaction=True)
