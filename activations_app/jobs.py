@@ -9,12 +9,14 @@ from pathlib import Path
 
 from django.conf import settings
 
+from mistudio import capacity
 from mistudio.errors import InvalidInput, JobError
 from mistudio.hub import ensure_free_space
 from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
 from mistudio.staging import promote, staged_path
 from models_app.ml import load_saved
+from models_app.services import model_verdict
 
 from .ml import datasets as dataset_files
 from .ml.extract import run_extraction, tokenize
@@ -28,6 +30,11 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
 
     model_row, dataset, spec = extraction.model, extraction.dataset, extraction.spec
     job.phase(ExtractionStatus.LOADING)
+    # Placed on a worker that reported room for it; checked again here, before loading.
+    here = capacity.this_machine()
+    refusal = model_verdict(model_row, here).refusal
+    if refusal:
+        raise JobError("does_not_fit", f"This worker ({here.label}) cannot load it: {refusal}.")
     model = load_saved(model_row.weights_dir)
     targets = hook_targets(model, model_row.architecture, spec.layers, spec.hook_types)
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)

@@ -170,6 +170,16 @@ class Extraction(TrackedRow):
 
     job_function = "activations_app.jobs.extraction_job"
 
+    def job_queue(self) -> str:
+        """A worker that can hold the model (a retry): else the shared queue, and the job says why."""
+        from mistudio.errors import ServiceError
+        from models_app.services import model_placement
+
+        try:
+            return model_placement(self.model).queue
+        except ServiceError:
+            return "default"
+
     def job_paths(self) -> list:
         return [self.final_dir, staged_path(self.final_dir)]
 

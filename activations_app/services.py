@@ -19,7 +19,7 @@ from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
 from models_app.ml import compute_device, module_map
-from models_app.services import get_ready_model
+from models_app.services import get_ready_model, model_placement
 
 from .forms import ExtractionForm
 from .ml import datasets as dataset_files
@@ -208,12 +208,13 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
     dataset = Dataset.get_ready_or_409(dataset_id, "extraction")
     spec = validate_extraction(model, data)
     _refuse_unless_it_fits(estimate_extraction(model, spec, dataset))
+    where = model_placement(model)
     if enqueue:
         require_queue()
     with transaction.atomic():
         extraction = Extraction.objects.create(model=model, dataset=dataset, owner=jobs.owner_of(user), **spec.request())
         if enqueue:
-            jobs.enqueue_after_commit(extraction, "activations_app.jobs.extraction_job")
+            jobs.enqueue_after_commit(extraction, "activations_app.jobs.extraction_job", where.queue)
     return extraction
 
 

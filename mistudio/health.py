@@ -10,6 +10,7 @@ from django.views.decorators.http import require_GET
 from redis.exceptions import RedisError
 from rq.worker import Worker
 
+from . import capacity
 from .queue import queue
 
 
@@ -31,11 +32,15 @@ def healthz(request):
         redis.ping()
         checks["redis"] = "ok"
         now = timezone.now()
+        reported = {c.worker: c for c in capacity.live_workers(redis)}
         for worker in Worker.all(connection=redis):
             heartbeat = worker.last_heartbeat
+            own = reported.get(worker.name)
             workers.append({
                 "name": worker.name, "state": worker.get_state(), "queues": worker.queue_names(),
                 "seconds_since_heartbeat": round((now - heartbeat).total_seconds(), 1) if heartbeat else None,
+                "device": own.device if own else None, "device_name": own.device_name if own else None,
+                "budget_bytes": own.budget_bytes if own else None,
             })  # fmt: skip
     except RedisError as exc:
         checks["redis"] = f"unreachable ({type(exc).__name__})"

@@ -128,6 +128,11 @@ class TrackedRow(models.Model):
         """The dotted path of the RQ job that runs this row."""
         raise NotImplementedError
 
+    def job_queue(self) -> str:
+        """The queue its job goes to when nothing placed it (a retry): the shared one, unless
+        the kind needs a worker with the memory for it."""
+        return "default"
+
     def job_paths(self) -> list[Path]:
         """Every folder the row's job writes, staged ones included."""
         raise NotImplementedError
@@ -318,17 +323,19 @@ def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None):
     return row
 
 
-def enqueue_after_commit(row: TrackedRow, func: str) -> None:
+def enqueue_after_commit(row: TrackedRow, func: str, queue_name: str | None = None) -> None:
     """Queue `func(row.pk)` once the row's transaction commits. The job id is on the row
     before the job exists: a cancel or a dead worker in between still finds the job to stop
-    or the row to fail. Redis refusing the job fails the row, with that reason."""
+    or the row to fail. Redis refusing the job fails the row, with that reason. The queue is
+    the device class the caller placed it on, else the row's own choice (`job_queue`)."""
     job_id = str(uuid.uuid4())
+    queue_name = queue_name or row.job_queue()
     type(row).objects.filter(pk=row.pk).update(job_id=job_id)
     row.job_id = job_id
 
     def enqueue() -> None:
         try:
-            queue.enqueue(func, row.pk, job_id)
+            queue.enqueue(func, row.pk, job_id, queue_name)
         except RedisError:
             error = JobError("queue_unavailable", "The job queue (Redis) was not reachable; the job was not started.")
             failed = fail(type(row), row.pk, error, publish=False)

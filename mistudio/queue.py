@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.queue import Queue
 
 from .errors import Unavailable
 
@@ -39,8 +40,10 @@ def job_timeout() -> int:
     return int(settings.RQ_QUEUES["default"]["DEFAULT_TIMEOUT"])
 
 
-def enqueue(func: str, row_id: str, job_id: str) -> None:
-    queue().enqueue(func, row_id, job_id=job_id, job_timeout=job_timeout())
+def enqueue(func: str, row_id: str, job_id: str, queue_name: str = "default") -> None:
+    """Onto the shared queue, or onto a device class's queue (see mistudio.capacity)."""
+    target = queue() if queue_name == "default" else Queue(queue_name, connection=queue().connection)
+    target.enqueue(func, row_id, job_id=job_id, job_timeout=job_timeout())
 
 
 def stop_rq_job(job_id: str, wait_seconds: float = 15.0) -> None:

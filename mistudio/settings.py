@@ -5,10 +5,13 @@ it, SQLite in it and Redis on localhost are the defaults.
 """
 
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -220,6 +223,11 @@ def env_bytes(name: str) -> int | None:
 # Memory a model may take when it is loaded (the fit check). Default: the GPU's free
 # memory, or the free RAM on a machine without one.
 GPU_MEMORY_LIMIT = env_bytes("MISTUDIO_GPU_MEMORY_LIMIT")
+# The device-class queue a worker serves (besides "default"): "gpu" on a CUDA machine, else
+# "cpu", unless named here (e.g. "a100" and "t4" for two kinds of GPU host).
+WORKER_CLASS = env_str("MISTUDIO_WORKER_CLASS", "")
+if WORKER_CLASS and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", WORKER_CLASS):
+    raise ImproperlyConfigured("MISTUDIO_WORKER_CLASS must be a short lowercase name (letters, digits, - and _).")
 DATASET_UPLOAD_LIMIT_BYTES = env_bytes("MISTUDIO_DATASET_UPLOAD_LIMIT") or 1_000_000_000
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024  # larger uploads stream to a temporary file
 # Server-side bounds of an extraction request.

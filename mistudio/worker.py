@@ -6,15 +6,20 @@ start and every 10 minutes)."""
 
 import ctypes
 import ctypes.util
+import dataclasses
 import os
 import signal
+import time
 
 from django.db import connections
 from django.utils.module_loading import autodiscover_modules
+from redis.exceptions import RedisError
 from rq.exceptions import AbandonedJobError
+from rq.queue import Queue
 from rq.worker import Worker
 
-from . import jobs
+from . import capacity, jobs
+from .devices import compute_device
 
 
 def _mark_job_died(job_id: str, reason: str) -> None:
@@ -51,14 +56,53 @@ PR_SET_PDEATHSIG = 1
 # by the registry check, which every live worker runs this often: together, under 2 minutes.
 JOB_MONITORING_SECONDS = 15
 MAINTENANCE_SECONDS = 30
+# An idle worker heartbeats every WORKER_TTL - 15 s (RQ's dequeue timeout), a busy one every
+# JOB_MONITORING_SECONDS; its capacity record lapses after three missed beats.
+WORKER_TTL = 30
+CAPACITY_TTL = 45
 
 
 class MistudioWorker(Worker):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    """Serves its device class's queue first (gpu, cpu or MISTUDIO_WORKER_CLASS), then the
+    queues it was started with, and reports its device and memory budget with every heartbeat."""
+
+    def __init__(self, queues, *args, **kwargs):
+        kwargs.setdefault("worker_ttl", WORKER_TTL)
+        queues = [queues] if isinstance(queues, str | Queue) else list(queues)
+        first = queues[0]
+        connection = kwargs.get("connection") or getattr(first, "connection", None)
+        own = capacity.worker_queue(compute_device())
+        if own not in [getattr(q, "name", q) for q in queues]:
+            queues.insert(0, type(first)(own, connection=connection) if isinstance(first, Queue) else own)
+        super().__init__(queues, *args, **kwargs)
         self.push_exc_handler(abandoned_job_handler)
         self.job_monitoring_interval = min(self.job_monitoring_interval, JOB_MONITORING_SECONDS)
         self.maintenance_interval = min(self.maintenance_interval, MAINTENANCE_SECONDS)
+        self._idle_capacity: capacity.Capacity | None = None
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        super().heartbeat(timeout, pipeline)
+        self.report_capacity()
+
+    def report_capacity(self) -> None:
+        """While a job runs, its own memory is in use: the budget reported is the one measured
+        when last idle (what the next job will have)."""
+        busy = self.get_current_job_id() is not None
+        if busy and self._idle_capacity is not None:
+            record = dataclasses.replace(self._idle_capacity, busy=True, updated=time.time())
+        else:
+            record = self._idle_capacity = capacity.this_machine(self.name, busy=busy, fork_safe=True)
+        try:
+            capacity.publish(self.connection, record, CAPACITY_TTL)
+        except RedisError:
+            pass  # the next heartbeat tries again; RQ itself reports the lost connection
+
+    def register_death(self, *args, **kwargs):
+        try:
+            capacity.withdraw(self.connection, self.name)
+        except RedisError:
+            pass
+        return super().register_death(*args, **kwargs)
 
     def main_work_horse(self, job, queue):
         die_with_parent()

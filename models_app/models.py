@@ -172,6 +172,11 @@ class Model(TransferRow):
             return "models_app.jobs.quantize_model_job"
         return "models_app.jobs.download_model_job" if self.source == "hub" else "models_app.jobs.import_model_job"
 
+    def job_queue(self) -> str:
+        from .services import model_queue
+
+        return model_queue(self.architecture_config, self.requested_quantization)
+
     def event_group(self) -> str:
         return progress.model_group(self.id)
 

@@ -12,9 +12,10 @@ import time
 from django.conf import settings
 from django.db import transaction
 
-from mistudio import jobs
+from mistudio import capacity, jobs
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
+from mistudio.hub import format_bytes
 from mistudio.queue import require_queue
 from mistudio.validation import resolve_import_path, validate_hub_source
 
@@ -49,7 +50,7 @@ def request_download(
             owner=jobs.owner_of(user),
         )
         if enqueue:
-            jobs.enqueue_after_commit(model, "models_app.jobs.download_model_job")
+            jobs.enqueue_after_commit(model, "models_app.jobs.download_model_job", _download_queue(repo_id, revision, token, fmt))
     return model
 
 
@@ -61,6 +62,8 @@ def request_import(*, user, path: str, name: str | None = None, enqueue=True) ->
     if enqueue:
         require_queue()
     source = "gguf" if resolved.is_file() else "local"
+    config = _local_config(resolved) if source == "local" else None
+    where = placement(config, "FP32").queue if config else capacity.SHARED_QUEUE
     default_name = resolved.stem if source == "gguf" else resolved.name
     with transaction.atomic():
         model = Model.objects.create(
@@ -70,7 +73,7 @@ def request_import(*, user, path: str, name: str | None = None, enqueue=True) ->
             owner=jobs.owner_of(user),
         )
         if enqueue:
-            jobs.enqueue_after_commit(model, "models_app.jobs.import_model_job")
+            jobs.enqueue_after_commit(model, "models_app.jobs.import_model_job", where)
     return model
 
 
@@ -89,7 +92,7 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
         )
     if not source.raw_dir.is_dir():
         raise Conflict("snapshot_missing", f"The stored snapshot of {source.name} is gone; download it again.")
-    check_fits(source.architecture_config, fmt)
+    where = check_fits(source.architecture_config, fmt)
     if enqueue:
         require_queue()
     with transaction.atomic():
@@ -110,7 +113,7 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
             owner=jobs.owner_of(user),
         )
         if enqueue:
-            jobs.enqueue_after_commit(model, "models_app.jobs.quantize_model_job")
+            jobs.enqueue_after_commit(model, "models_app.jobs.quantize_model_job", where.queue)
     return model
 
 
@@ -124,13 +127,28 @@ def architecture(model_id: str) -> dict:
         raise ServiceError(exc.code, exc.message) from None
 
 
-_ESTIMATE_CACHE: dict[tuple, tuple[float, dict]] = {}
+_ESTIMATE_CACHE: dict[tuple, tuple[float, dict, dict]] = {}
 ESTIMATE_TTL_SECONDS = 600
 
 
 def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | None = None) -> dict:
     """Parameters, memory and disk per format for a Hub repo, from its config and file
     sizes only (no weights fetched). Cached for ten minutes per repo and revision."""
+    result, config = _repo_facts(repo_id, revision, token)
+    return {**result, "placement": {fmt: _placement_summary(config, fmt) for fmt in quantize.FORMATS_SMALLEST_LAST}}
+
+
+def _placement_summary(config: dict, fmt: str) -> dict:
+    """Which worker a download of `fmt` would count on, or why none can hold it."""
+    try:
+        where = placement(config, fmt)
+    except ServiceError as exc:
+        return {"fits": False, "queue": None, "note": exc.message}
+    return {"fits": True, "queue": where.queue, "note": where.note}
+
+
+def _repo_facts(repo_id: str, revision: str | None, token: str | None) -> tuple[dict, dict]:
+    """The estimate and the config it was made from."""
     try:
         repo_id, revision, token = validate_hub_source(repo_id, revision, token)
     except InvalidInput as exc:
@@ -140,7 +158,7 @@ def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | Non
     key = (settings.HF_ENDPOINT, repo_id, revision, hashlib.sha256(token.encode()).hexdigest() if token else None)
     cached = _ESTIMATE_CACHE.get(key)
     if cached and time.monotonic() - cached[0] < ESTIMATE_TTL_SECONDS:
-        return cached[1]
+        return cached[1], cached[2]
     retry = {"retries": 1, "backoff_seconds": 0}
     try:
         plan = hub.plan_download(repo_id, revision, token, settings.HF_ENDPOINT, **retry)
@@ -163,18 +181,83 @@ def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | Non
         "disk": disk,
         "device": device,
     }
-    _ESTIMATE_CACHE[key] = (time.monotonic(), result)
-    return result
+    _ESTIMATE_CACHE[key] = (time.monotonic(), result, config)
+    return result, config
 
 
-def check_fits(config: dict, fmt: str) -> None:
-    """Refuse up front when even the smallest format cannot fit the memory budget."""
-    device = quantize.compute_device()
-    budget = quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device)
+def _local_config(folder) -> dict | None:
     try:
-        quantize.choose_format(fmt, quantize.memory_estimate(config, device), budget, device)
-    except JobError as exc:
-        raise ServiceError(exc.code, exc.message, details={"budget_bytes": budget}) from None
+        return loading.read_config(folder)
+    except JobError:
+        return None  # the job refuses it, with the reason
+
+
+def _download_queue(repo_id: str, revision: str | None, token: str | None, fmt: str) -> str:
+    """Where a download goes. With workers of one class, their queue (the config is judged by
+    the job); with several, the one whose budget holds the model, judged from the repo's
+    config now (the dialog's estimate is cached). The Hub not answering leaves it to the
+    shared queue, and the job says what went wrong."""
+    queues = capacity.live_queues()
+    if len(queues) <= 1:
+        return next(iter(queues), capacity.SHARED_QUEUE)
+    try:
+        _, config = _repo_facts(repo_id, revision, token)
+    except ServiceError as exc:
+        if exc.code == "does_not_fit":
+            raise
+        return capacity.SHARED_QUEUE
+    return placement(config, fmt).queue
+
+
+def model_queue(config: dict | None, fmt: str) -> str:
+    """A job's queue on a retry or an import, where a refusal is the job's to record."""
+    if not config:
+        return capacity.SHARED_QUEUE
+    try:
+        return placement(config, fmt).queue
+    except ServiceError:
+        return capacity.SHARED_QUEUE
+
+
+def placement(config: dict, fmt: str) -> capacity.Placement:
+    """The device-class queue of a live worker that can make and hold `fmt` (or fall back to
+    a smaller format on it); refused up front, naming every worker's budget, when none can."""
+
+    def judge(worker: capacity.Capacity) -> capacity.Verdict:
+        try:
+            made, _ = quantize.choose_format(fmt, quantize.memory_estimate(config, worker.device), worker.budget_bytes,
+                                             worker.device)  # fmt: skip
+        except JobError as exc:
+            return capacity.Verdict(exc.message)
+        return capacity.Verdict(exact=made == fmt)
+
+    return capacity.place(judge)
+
+
+def check_fits(config: dict, fmt: str) -> capacity.Placement:
+    """Refuse up front when even the smallest format fits no worker's memory budget."""
+    return placement(config, fmt)
+
+
+def model_verdict(model: Model, worker: capacity.Capacity) -> capacity.Verdict:
+    """Whether `worker` can load the ready model as it is (its format's estimate on that
+    worker's device; bitsandbytes formats only on a CUDA worker)."""
+    fmt = model.quantization
+    if fmt in ("Q8", "Q4") and worker.device != "cuda":
+        return capacity.Verdict(f"a {fmt} (bitsandbytes) model runs only on a CUDA GPU")
+    need = quantize.memory_estimate(model.architecture_config, worker.device)[fmt]
+    if need > worker.budget_bytes:
+        return capacity.Verdict(f"{model.name} {fmt} needs {format_bytes(need)}, more than its {format_bytes(worker.budget_bytes)} budget")
+    return capacity.Verdict()
+
+
+def model_placement(model: Model) -> capacity.Placement:
+    """The queue of a live worker that can load the model (an extraction)."""
+
+    def judge(worker: capacity.Capacity) -> capacity.Verdict:
+        return model_verdict(model, worker)
+
+    return capacity.place(judge)
 
 
 # --- lookup, cancel and delete ---------------------------------------------------------

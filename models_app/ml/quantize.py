@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mistudio.devices import compute_device, memory_budget  # noqa: F401 - the ml package's names for them
 from mistudio.errors import JobError
 from mistudio.hub import format_bytes
 from mistudio.staging import staged_dir
@@ -44,12 +45,6 @@ class QuantizeResult:
     peak_cuda_bytes: int | None = None
     seconds: float = 0.0
     offloaded: bool = False
-
-
-def compute_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def base_dtype(device: str):
@@ -121,20 +116,6 @@ def _quanto_group_size(in_features: int) -> int:
 def memory_estimate(config: dict, device: str = "cpu") -> dict[str, int]:
     """Memory each format needs (weights × 1.2 for activations and allocator overhead)."""
     return {fmt: round(estimate_weight_bytes(config, fmt, device) * MEMORY_OVERHEAD) for fmt in FORMATS_SMALLEST_LAST}
-
-
-def memory_budget(limit_bytes: int | None, device: str) -> int:
-    """The memory a model may use: the configured limit, else what the device has free."""
-    if limit_bytes:
-        return limit_bytes
-    if device == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info()
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def making_peak(fmt: str, estimates: dict[str, int], device: str) -> int:
