@@ -36,7 +36,7 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
     if refusal:
         raise JobError("does_not_fit", f"This worker ({here.label}) cannot load it: {refusal}.")
     model = load_saved(model_row.weights_dir)
-    targets = hook_targets(model, model_row.architecture, spec.layers, spec.hook_types)
+    targets = hook_targets(model, spec.layers, spec.hook_types)
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(
         dataset_files.iter_texts(Path(dataset.file_path), dataset.text_column),

@@ -18,7 +18,7 @@ from mistudio.errors import InvalidInput, JobError, ServiceError
 from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
-from models_app.ml import compute_device, module_map
+from models_app.ml import check_architecture, compute_device
 from models_app.services import get_ready_model, model_placement
 
 from .forms import ExtractionForm
@@ -177,7 +177,7 @@ def validate_extraction(model, data) -> ExtractionSpec:
     """The request (form fields, a JSON body, command options) as the spec the job runs;
     every bound checked, with the reason, before anything is queued or written."""
     try:
-        module_map(model.architecture)
+        check_architecture(model.architecture_config or {"model_type": model.architecture})
     except JobError as exc:
         raise ServiceError("unsupported_architecture", exc.message) from None
     return ExtractionForm(data, model=model).spec()

@@ -237,7 +237,7 @@ def run_extraction(
     if len(tokens.ids) == 0:
         raise JobError("empty_dataset", "The dataset produced no samples at this sequence length.")
     # Bad layers or hooks are refused here, before any file exists.
-    targets = targets or hook_targets(model, model_type, spec.layers, spec.hook_types)
+    targets = targets or hook_targets(model, spec.layers, spec.hook_types)
     hidden = int(model.config.hidden_size)
     n, seq_len = tokens.ids.shape
     storage = STORAGE_DTYPES[spec.dtype]

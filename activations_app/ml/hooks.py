@@ -1,8 +1,9 @@
-"""Forward hooks on a decoder-only model, at the modules the architecture viewer shows.
+"""Forward hooks on a decoder-only model, at the modules `models_app.ml.decoder` finds.
 
-`residual` is the output of decoder block i (the residual stream after it), `attention`
-the attention module's output and `mlp` the MLP module's output, both before they are
-added to the residual. Handles are removed in `finally`, even when the forward pass
+`residual` is the output of decoder block i (the residual stream after it); `attention` and
+`mlp` are exactly what those sublayers add to the stream: the output of the module that
+holds each part (a post-norm where the block has one), times the block's residual
+multiplier where it has one. Handles are removed in `finally`, even when the forward pass
 raised (or was stopped early on purpose)."""
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mistudio.errors import JobError
-from models_app.ml import module_map
+from models_app.ml import decoder
 
-HOOK_TYPES = ("residual", "mlp", "attention")
+HOOK_TYPES = decoder.HOOK_TYPES
 Capture = Callable[[int, str, "torch.Tensor"], None]  # noqa: F821
 
 
@@ -31,16 +32,15 @@ def _tensor(output):
 class HookTargets:
     """The modules one run hooks, found (and the request checked against the model) once."""
 
-    captures: list[tuple[int, str, object]]  # (layer, hook, module) for every requested capture
+    captures: list[tuple[int, str, object, float]]  # (layer, hook, module, scale) for every requested capture
     last_block: object  # the deepest requested block: the forward pass can stop after it
+    paths: dict[str, str]  # "layer_{i}_{hook}" -> the module path whose output it is
+    layout: decoder.DecoderLayout
 
 
-def hook_targets(model, model_type: str, layers: list[int], hooks: list[str]) -> HookTargets:
-    """Every requested capture's module, refused before anything runs."""
-    mapping = module_map(model_type)
-    blocks = model
-    for part in mapping.blocks.split("."):
-        blocks = getattr(blocks, part)
+def hook_targets(model, layers: list[int], hooks: list[str], probe=None) -> HookTargets:
+    """Every requested capture's module, refused before anything runs. The blocks' parts are
+    found on this very model (one short probe pass through blocks 0..max(layers))."""
     unknown = sorted(set(hooks) - set(HOOK_TYPES))
     if unknown:
         raise JobError("invalid_hooks", f"Unknown hook type(s) {unknown}; choose from {', '.join(HOOK_TYPES)}.")
@@ -48,28 +48,37 @@ def hook_targets(model, model_type: str, layers: list[int], hooks: list[str]) ->
         raise JobError("invalid_layers" if not layers else "invalid_hooks", "Choose at least one layer and one hook type.")
     if len(set(layers)) != len(layers) or len(set(hooks)) != len(hooks):
         raise JobError("invalid_layers", "Each layer and each hook type may be chosen once.")
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    path, blocks = decoder.find_blocks(model, getattr(text, "num_hidden_layers", None))
     bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
     if bad:
         raise JobError("invalid_layers", f"Layers {bad} are out of range: the model has layers 0–{len(blocks) - 1}.")
-    captures = []
+    layout = decoder.discover(model, probe, upto=max(layers))
+    captures, paths = [], {}
     for layer in layers:
-        block = blocks[layer]
+        parts = {hook: (module, scale) for hook, module, scale in decoder.parts_of(blocks[layer], layout.blocks[layer])}
         for hook in hooks:
-            module = {"residual": block, "attention": getattr(block, mapping.attention), "mlp": getattr(block, mapping.mlp)}[hook]
-            captures.append((layer, hook, module))
-    return HookTargets(captures, blocks[max(layers)])
+            module, scale = parts[hook]
+            captures.append((layer, hook, module, scale))
+            part = None if hook == "residual" else layout.part(layer, hook)
+            paths[f"layer_{layer}_{hook}"] = f"{path}.{layer}" + (f".{part.path}" if part else "")
+    return HookTargets(captures, blocks[max(layers)], paths, layout)
 
 
 @contextmanager
 def capture_activations(targets: HookTargets, on_capture: Capture, stop_after_last: bool = True) -> Iterator[None]:
-    """Calls `on_capture(layer, hook, tensor)` during each forward pass; with
-    `stop_after_last`, the pass raises StopForward once the deepest requested block ran."""
+    """Calls `on_capture(layer, hook, tensor)` during each forward pass (the tensor times the
+    part's multiplier); with `stop_after_last`, the pass raises StopForward once the
+    deepest requested block ran."""
     handles = []
     try:
-        for layer, hook, module in targets.captures:
-            handles.append(
-                module.register_forward_hook(lambda _m, _i, out, layer=layer, hook=hook: on_capture(layer, hook, _tensor(out)))
-            )
+        for layer, hook, module, scale in targets.captures:
+
+            def capture(_m, _i, out, layer=layer, hook=hook, scale=scale):
+                tensor = _tensor(out)
+                on_capture(layer, hook, tensor * scale if scale != 1.0 else tensor)
+
+            handles.append(module.register_forward_hook(capture))
         if stop_after_last:
 
             def stop(_module, _inputs, _output):

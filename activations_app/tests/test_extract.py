@@ -12,7 +12,9 @@ from activations_app.ml import extract
 from activations_app.ml.extract import ExtractionSpec, Tokens, run_extraction, tokenize
 from activations_app.ml.hooks import HOOK_TYPES
 from mistudio.errors import JobError
-from models_app.ml.architecture import module_map
+
+# Written out by hand, independently of the discovery the product uses (models_app.ml.decoder).
+PARTS = {"llama": ("model.layers", "self_attn", "mlp"), "gpt2": ("transformer.h", "attn", "mlp")}
 
 TINY = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -31,17 +33,17 @@ def tiny_model(model_type: str):
 
 def blocks_of(model, model_type):
     blocks = model
-    for part in module_map(model_type).blocks.split("."):
+    for part in PARTS[model_type][0].split("."):
         blocks = getattr(blocks, part)
     return blocks
 
 
 def reference(model, model_type, ids, mask=None):
     """hidden_states, plus every block / attention / MLP output from our own hooks."""
-    mapping = module_map(model_type)
+    _, attention, mlp = PARTS[model_type]
     captured, handles = {}, []
     for i, block in enumerate(blocks_of(model, model_type)):
-        for hook, module in (("residual", block), ("attention", getattr(block, mapping.attention)), ("mlp", getattr(block, mapping.mlp))):
+        for hook, module in (("residual", block), ("attention", getattr(block, attention)), ("mlp", getattr(block, mlp))):
             handles.append(module.register_forward_hook(
                 lambda _m, _i, out, key=(i, hook): captured.__setitem__(key, (out[0] if isinstance(out, tuple) else out).detach().clone())))  # fmt: skip
     with torch.no_grad():
@@ -92,7 +94,8 @@ def test_the_forward_pass_stops_after_the_deepest_requested_layer(tmp_path):
     ids = np.zeros((2, 8), dtype=np.int64)
     spec = ExtractionSpec(layers=[0, 1], hook_types=["residual"], seq_len=8, batch_size=2)
     run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
-    assert ran == [0, 1]  # blocks 2 and 3, the final norm and the LM head never ran
+    # The layout probe (2 rows) and the one batch: blocks 2 and 3, the final norm and the LM head never ran.
+    assert ran == [0, 1, 0, 1]
 
 
 def test_packed_tokens_are_the_tokenizers_ids_joined_with_eos(smollm2_folder):
@@ -184,7 +187,7 @@ def test_a_cuda_out_of_memory_halves_the_batch_and_retries_the_same_rows(tmp_pat
     ids = np.random.default_rng(3).integers(0, 300, size=(6, 8)).astype(np.int64)
     spec = ExtractionSpec(layers=[1], hook_types=["residual"], seq_len=8, batch_size=6, dtype="float32")
     result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
-    assert seen[:3] == [6, 3, 3] and result.batch_sizes == [3, 3]
+    assert seen[:4] == [2, 6, 3, 3] and result.batch_sizes == [3, 3]  # the layout probe's 2 rows first
     monkeypatch.undo()
     hidden_states, _ = reference(model, "llama", ids)
     np.testing.assert_allclose(np.load(result.output_dir / "layer_1_residual.npy"), hidden_states[2].numpy(), atol=1e-6)

@@ -1,57 +1,20 @@
 """What a model looks like inside, from its config alone: the model is built on the meta
-device (no weights, no memory) and its modules are walked. One module map per
-architecture family says where the decoder blocks, attention and MLP live; activation
-extraction attaches its hooks at exactly these modules."""
+device (no weights, no memory) and its modules are walked. Which modules are the blocks,
+and whose outputs are what attention and the MLP add to the stream, comes from the same
+discovery extraction hooks by (models_app.ml.decoder), so the viewer shows exactly where
+each hook sits: on a post-norm (Gemma 2/3, OLMo 2), with a multiplier (Granite), in
+parallel blocks (GPT-NeoX, Phi, Cohere), over experts (Mixtral, Qwen 3 MoE)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from mistudio.errors import JobError
-
-from .loading import SUPPORTED_ARCHITECTURES, meta_model
-
-
-@dataclass(frozen=True)
-class ModuleMap:
-    blocks: str  # dotted path of the ModuleList of decoder blocks
-    attention: str  # attribute of a block: the attention module (its output, before the residual add)
-    mlp: str  # attribute of a block: the MLP module
-    embedding: str
-    final_norm: str
-
-
-_LLAMA_LIKE = ModuleMap("model.layers", "self_attn", "mlp", "model.embed_tokens", "model.norm")
-MODULE_MAPS: dict[str, ModuleMap] = {
-    "gpt2": ModuleMap("transformer.h", "attn", "mlp", "transformer.wte", "transformer.ln_f"),
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "phi": ModuleMap("model.layers", "self_attn", "mlp", "model.embed_tokens", "model.final_layernorm"),
-    "gpt_neox": ModuleMap("gpt_neox.layers", "attention", "mlp", "gpt_neox.embed_in", "gpt_neox.final_layer_norm"),
-}
-assert set(MODULE_MAPS) == set(SUPPORTED_ARCHITECTURES)
+from . import decoder
+from .loading import meta_model
 
 HOOK_DESCRIPTIONS = {
     "residual": "output of the decoder block (the residual stream after it)",
-    "attention": "attention output, before it is added to the residual",
-    "mlp": "MLP output, before it is added to the residual",
+    "attention": "what attention adds to the residual stream",
+    "mlp": "what the MLP adds to the residual stream",
 }
-
-
-def module_map(model_type: str) -> ModuleMap:
-    try:
-        return MODULE_MAPS[model_type]
-    except KeyError:
-        raise JobError("unsupported_architecture", f"No module map for architecture {model_type!r}.") from None
-
-
-def _get(root, dotted: str):
-    for part in dotted.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def _first(config: dict, *names: str, default=None):
@@ -62,80 +25,165 @@ def _first(config: dict, *names: str, default=None):
 
 
 def _parameter_shapes(module) -> list[dict]:
-    return [
-        {"name": name, "shape": list(param.shape)}
-        for name, param in module.named_parameters()
-    ]
+    return [{"name": name, "shape": list(param.shape)} for name, param in module.named_parameters()]
+
+
+def _name_of(model, target) -> str | None:
+    return next((name for name, module in model.named_modules() if module is target), None)
+
+
+def _experts(module) -> int | None:
+    """How many experts an MLP part holds (a ModuleList of experts, or fused 3-D weights)."""
+    import torch
+
+    for name, child in module.named_modules():
+        if "expert" in name.rsplit(".", 1)[-1].lower() and isinstance(child, torch.nn.ModuleList):
+            return len(child)
+    fused = [p.shape[0] for n, p in module.named_parameters() if "expert" in n.lower() and p.dim() == 3]
+    return fused[0] if fused else None
+
+
+def _kind(name: str, type_name: str, role: str | None, attention_path: str, mlp_path: str) -> str:
+    lowered = f"{name} {type_name}".lower()
+    if "norm" in lowered:
+        if role == "attention":
+            return "Post-attention norm"
+        if role == "mlp":
+            return "Post-MLP norm"
+        return "Norm"
+    if name == attention_path.split(".")[0] or "attn" in lowered or "attention" in lowered:
+        return "Attention"
+    if name == mlp_path.split(".")[0] or "mlp" in lowered or "moe" in lowered or "feed_forward" in lowered:
+        return "MLP"
+    return "Module"
+
+
+def _layout(config: dict):
+    try:
+        return decoder.judge_config(config).layout
+    except decoder.NotBuildable:
+        return None  # the blocks are still shown; their parts are found when a model is loaded
 
 
 def describe(config: dict) -> dict:
-    """Tiles, layer list (with sub-modules, shapes and hook points) and config summary."""
+    """Tiles, layer list (every module of each block in the order it runs, the hook points on
+    the modules whose outputs they are) and config summary."""
     model_type = str(config.get("model_type"))
-    mapping = module_map(model_type)
+    layout = _layout(config)
     model = meta_model(config)
-    blocks = _get(model, mapping.blocks)
-    hidden = int(_first(config, "hidden_size", "n_embd"))
-    heads = int(_first(config, "num_attention_heads", "n_head"))
-    kv_heads = int(_first(config, "num_key_value_heads", default=heads))
-    head_dim = int(_first(config, "head_dim", default=hidden // heads))
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    blocks_path, blocks = (layout.blocks_path, decoder.get_module(model, layout.blocks_path)) if layout else \
+        decoder.find_blocks(model, getattr(text, "num_hidden_layers", None))  # fmt: skip
+    hidden = int(_first(config, "hidden_size", "n_embd", default=getattr(text, "hidden_size", 0)))
+    heads = int(_first(config, "num_attention_heads", "n_head", default=getattr(text, "num_attention_heads", 1)))
+    kv_heads = int(_first(config, "num_key_value_heads", default=heads) or heads)
+    head_dim = int(_first(config, "head_dim", default=hidden // heads if heads else 0) or hidden // heads)
     intermediate = int(_first(config, "intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden)
-    vocab = int(config.get("vocab_size"))
-    embedding = _get(model, mapping.embedding)
+    vocab = int(_first(config, "vocab_size", default=getattr(text, "vocab_size", 0)))
+    embedding = model.get_input_embeddings()
+    embedding_path = _name_of(model, embedding)
     layers = [
-        {"index": 0, "name": "Embedding", "detail": f"Shape: {vocab:,} × {hidden}", "path": mapping.embedding,
+        {"index": 0, "name": "Embedding", "detail": f"Shape: {vocab:,} × {hidden}", "path": embedding_path,
          "shape": list(embedding.weight.shape)},
     ]  # fmt: skip
+    parallel = layout.parallel if layout else None
     for i, block in enumerate(blocks):
-        path = f"{mapping.blocks}.{i}"
-        attention, mlp = getattr(block, mapping.attention), getattr(block, mapping.mlp)
-        layers.append(
-            {
-                "index": i + 1,
-                "block": i,
-                "name": f"TransformerBlock_{i}",
-                "detail": f"Attention: {heads} heads × {head_dim} dims | MLP: {hidden} → {intermediate} → {hidden}",
-                "path": path,
-                "hooks": [{"name": "residual", "path": path, "description": HOOK_DESCRIPTIONS["residual"]}],
-                "submodules": [
-                    {
-                        "kind": "Attention",
-                        "path": f"{path}.{mapping.attention}",
-                        "type": type(attention).__name__,
-                        "parameters": _parameter_shapes(attention),
-                        "hooks": [{"name": "attention", "description": HOOK_DESCRIPTIONS["attention"]}],
-                    },
-                    {
-                        "kind": "MLP",
-                        "path": f"{path}.{mapping.mlp}",
-                        "type": type(mlp).__name__,
-                        "parameters": _parameter_shapes(mlp),
-                        "hooks": [{"name": "mlp", "description": HOOK_DESCRIPTIONS["mlp"]}],
-                    },
-                ],
-            }
-        )
+        path = f"{blocks_path}.{i}"
+        part = _block_layout(layout, block, i)
+        layers.append(_block_row(i, path, block, part, parallel, heads, head_dim, hidden, intermediate))
+    parent_path, _, _ = blocks_path.rpartition(".")
+    parent = decoder.get_module(model, parent_path) if parent_path else model
+    after = list(parent.named_children())
+    names = [n for n, _ in after]
+    tail = after[names.index(blocks_path.rpartition(".")[2]) + 1 :] if blocks_path.rpartition(".")[2] in names else []
+    for name, module in tail:
+        if "norm" in f"{name} {type(module).__name__}".lower():
+            full = f"{parent_path}.{name}" if parent_path else name
+            layers.append({"index": len(layers), "name": type(module).__name__, "detail": f"Shape: {hidden}", "path": full})
     head = model.get_output_embeddings()
-    head_path = next(name for name, module in model.named_modules() if module is head)
-    layers.append({"index": len(layers), "name": "LayerNorm", "detail": f"Shape: {hidden}", "path": mapping.final_norm})
-    layers.append(
-        {"index": len(layers), "name": "Output", "detail": f"Shape: {hidden} × {vocab:,}", "path": head_path,
-         "tied": head.weight is embedding.weight}
-    )  # fmt: skip
+    if head is not None:
+        layers.append(
+            {"index": len(layers), "name": "Output", "detail": f"Shape: {hidden} × {vocab:,}", "path": _name_of(model, head),
+             "tied": head.weight is embedding.weight}
+        )  # fmt: skip
     return {
         "architecture": model_type,
-        "tiles": {
-            "layers": len(blocks),
-            "hidden": hidden,
-            "heads": heads,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
+        "tiles": {"layers": len(blocks), "hidden": hidden, "heads": heads, "parameters": sum(p.numel() for p in model.parameters())},
         "kv_heads": kv_heads,
         "head_dim": head_dim,
+        "parallel": parallel,
         "layers": layers,
         "summary": {
             "vocab_size": vocab,
             "max_position": _first(config, "max_position_embeddings", "n_positions"),
-            "mlp_ratio": round(intermediate / hidden, 2),
+            "mlp_ratio": round(intermediate / hidden, 2) if hidden else None,
             "architecture": model_type,
+            "blocks": "parallel (attention and MLP both read the block's input)" if parallel else
+                      "sequential" if parallel is False else "unknown until loaded",
         },
+    }  # fmt: skip
+
+
+def _block_layout(layout, block, i: int):
+    """The discovered parts for block i: the tiny model's block of the same kind (its
+    children's paths exist in this block), else None."""
+    if layout is None:
+        return None
+    candidates = [layout.blocks[min(i, len(layout.blocks) - 1)], *layout.blocks]
+    for part in candidates:
+        try:
+            decoder.get_module(block, part.attention.path)
+            decoder.get_module(block, part.mlp.path)
+        except (AttributeError, IndexError):
+            continue
+        return part
+    return None
+
+
+def _block_row(i, path, block, part, parallel, heads, head_dim, hidden, intermediate) -> dict:
+    roles = {}
+    if part is not None:
+        roles[part.attention.path] = ("attention", part.attention.scale)
+        roles[part.mlp.path] = ("mlp", part.mlp.scale)
+    children = dict(block.named_children())
+    ordered = [n for n in (part.order if part else ()) if n in children] + [n for n in children if not part or n not in part.order]
+    submodules = []
+    for name in ordered:
+        module = children[name]
+        hooks = []
+        role = None
+        for hook_path, (hook, scale) in roles.items():
+            if hook_path == name or hook_path.startswith(name + "."):
+                role = hook
+                where = "" if hook_path == name else f" (the output of {hook_path})"
+                times = f", × {scale:g} (the block's residual multiplier)" if scale != 1.0 else ""
+                hooks.append({"name": hook, "description": HOOK_DESCRIPTIONS[hook] + where + times})
+        kind = _kind(name, type(module).__name__, role, part.attention.path if part else "", part.mlp.path if part else "")
+        entry = {"kind": kind, "path": f"{path}.{name}", "type": type(module).__name__,
+                 "parameters": _parameter_shapes(module), "hooks": hooks}  # fmt: skip
+        experts = _experts(module) if kind == "MLP" else None
+        if experts:
+            entry["experts"] = experts
+            entry["kind"] = f"MLP ({experts} experts)"
+        submodules.append(entry)
+    arrangement = " | parallel block" if parallel else ""
+    return {
+        "index": i + 1,
+        "block": i,
+        "name": f"TransformerBlock_{i}",
+        "detail": f"Attention: {heads} heads × {head_dim} dims | MLP: {hidden} → {intermediate} → {hidden}{arrangement}",
+        "path": path,
+        "type": type(block).__name__,
+        "hooks": [{"name": "residual", "path": path, "description": HOOK_DESCRIPTIONS["residual"]}],
+        "submodules": submodules,
     }
+
+
+def hook_module_paths(config: dict, layer: int) -> dict[str, str] | None:
+    """The full module path of each hook of one block (for metadata and the viewer)."""
+    layout = _layout(config)
+    if layout is None:
+        return None
+    part = layout.blocks[min(layer, len(layout.blocks) - 1)]
+    base = f"{layout.blocks_path}.{layer}"
+    return {"residual": base, "attention": f"{base}.{part.attention.path}", "mlp": f"{base}.{part.mlp.path}"}

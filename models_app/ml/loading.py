@@ -10,7 +10,6 @@ from pathlib import Path
 
 from mistudio.errors import JobError
 
-SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "phi", "phi3", "gpt_neox", "gemma")
 ENCODER_ONLY = {
     "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra",
     "ernie", "modernbert", "mpnet", "roberta", "xlm-roberta",
@@ -41,27 +40,38 @@ def read_config(folder: Path) -> dict:
         raise JobError("invalid_model", f"config.json is not valid JSON ({exc}).") from None
 
 
-def check_architecture(config: dict) -> str:
-    """The config's model_type when we support it; otherwise a refusal that says why."""
+FITS = "decoder-only causal LMs whose blocks add an attention part and an MLP part to a residual stream"
+
+
+def check_family(config: dict) -> str:
+    """The config's model_type when transformers has a causal LM for it and it is not an
+    encoder or an encoder-decoder; otherwise a refusal that says why."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     model_type = str(config.get("model_type") or "")
-    supported = ", ".join(SUPPORTED_ARCHITECTURES)
     if model_type in ENCODER_ONLY:
-        raise JobError(
-            "unsupported_architecture",
-            f"{model_type} is an encoder-only (masked language) model; miStudio works with decoder-only "
-            f"causal LMs ({supported}).",
-        )
-    if model_type in ENCODER_DECODER:
-        raise JobError(
-            "unsupported_architecture",
-            f"{model_type} is an encoder-decoder model; miStudio works with decoder-only causal LMs ({supported}).",
-        )
-    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise JobError("unsupported_architecture",
+                       f"{model_type} is an encoder-only (masked language) model; miStudio works with {FITS}.")  # fmt: skip
+    if model_type in ENCODER_DECODER or config.get("is_encoder_decoder"):
+        raise JobError("unsupported_architecture", f"{model_type} is an encoder-decoder model; miStudio works with {FITS}.")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         shown = model_type or "(no model_type in config.json)"
-        raise JobError(
-            "unsupported_architecture",
-            f"Architecture {shown} is not supported; supported decoder-only architectures: {supported}.",
-        )
+        raise JobError("unsupported_architecture",
+                       f"Architecture {shown} has no causal language model in transformers; miStudio works with {FITS}.")  # fmt: skip
+    return model_type
+
+
+def check_architecture(config: dict) -> str:
+    """check_family, then the family's blocks judged from the config alone (built tiny and
+    random: see decoder.judge_config), before any weights are fetched. A config that cannot
+    be built at toy size is judged again on the loaded model, when an extraction runs."""
+    from .decoder import NotBuildable, judge_config
+
+    model_type = check_family(config)
+    try:
+        judge_config(config)
+    except NotBuildable:
+        pass
     return model_type
 
 
@@ -106,38 +116,46 @@ def stored_tensor_elements(folder: Path) -> dict[str, int]:
     return counts
 
 
-def verify_weights(folder: Path, model, params_count: int, config: dict) -> None:
-    """Refuse a folder whose safetensors do not hold exactly the model's parameters (a
-    truncated or mismatched download), allowing for a tied LM head stored twice.
+def verify_weights(folder: Path) -> None:
+    """Refuse a folder whose weights are not exactly the model's (a truncated or mismatched
+    download), judged by transformers' own loading report on the meta device (no tensor is
+    read): missing, unexpected or wrongly shaped keys. It knows each family's renames (a
+    Pythia head stored as `embed_out.weight`), tied heads and ignorable buffers."""
+    import logging
 
-    Only tensors that are parameters count: GPT-2 and Pythia checkpoints also store buffers
-    (the causal mask `attn.bias`, `masked_bias`, `rotary_emb.inv_freq`), which transformers
-    rebuilds and ignores on load. Names are matched with and without the base model's
-    prefix (GPT-2 stores `h.0.…` for `transformer.h.0.…`)."""
-    counts = stored_tensor_elements(folder)
-    if not counts:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    stored_tensor_elements(folder)  # a truncated or unreadable shard is refused by name first
+    if not any(folder.glob("*.safetensors")):
         return  # .bin-only repos are checked by loading them
-    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
-    names |= {name.removeprefix(prefix) for name in names if prefix and name.startswith(prefix)}
-    parameters = {name: n for name, n in counts.items() if name in names}
-    stored = sum(parameters.values())
-    head = sum(n for name, n in parameters.items() if name.endswith("lm_head.weight") or name == "embed_out.weight")
-    if stored == params_count or (config.get("tie_word_embeddings") and stored - head == params_count):
-        return
-    raise JobError(
-        "invalid_model",
-        f"The weight files hold {stored:,} parameter values but the config describes {params_count:,}; "
-        "the download is incomplete or the weights do not match config.json.",
-    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)  # its report table would go to the worker log
+    try:
+        _, report = AutoModelForCausalLM.from_pretrained(folder, device_map="meta", output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers refuses, the model is not loadable
+        raise JobError("invalid_model", f"transformers cannot load these weights: {type(exc).__name__}: {exc}"[:600]) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = []
+    for kind, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of the wrong shape")):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in report.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {label} ({shown})")
+    if problems:
+        raise JobError(
+            "invalid_model",
+            f"The weight files do not match config.json: {'; '.join(problems)}. The download is incomplete or the "
+            "weights belong to another model.",
+        )
 
 
 def inspect_model(folder: Path) -> ModelFacts:
     config = read_config(folder)
     architecture = check_architecture(config)
-    model = meta_model(config)  # built once: counting and checking both walk it
-    params = sum(p.numel() for p in model.parameters())
-    verify_weights(folder, model, params, config)
+    params = sum(p.numel() for p in meta_model(config).parameters())
+    verify_weights(folder)
     return ModelFacts(architecture=architecture, params_count=params, config=config)
 
 

@@ -45,7 +45,39 @@ def test_the_viewer_shows_the_real_structure_of_each_supported_architecture(sign
 
     api = signed_in.get(f"/api/models/{model.id}/architecture").json()
     assert api["tiles"] == {"layers": 3, "hidden": 64, "heads": 4, "parameters": params}
-    assert api["layers"][2]["submodules"][0]["path"] == attention
+    hooked = {hook["name"]: sub["path"] for sub in api["layers"][2]["submodules"] for hook in sub["hooks"]}
+    assert hooked == {"attention": attention, "mlp": mlp}
+    kinds = [sub["kind"] for sub in api["layers"][2]["submodules"]]
+    assert "Attention" in kinds and "MLP" in kinds and kinds.index("Attention") < kinds.index("MLP")  # the order they run
+
+
+@pytest.mark.parametrize(
+    ("model_type", "attention_hook", "mlp_hook", "shown"),
+    [
+        ("gemma2", "post_attention_layernorm", "post_feedforward_layernorm", "Post-attention norm"),
+        ("olmo2", "post_attention_layernorm", "post_feedforward_layernorm", "Post-MLP norm"),
+        ("mixtral", "self_attn", "mlp", "MLP (4 experts)"),
+        ("gpt_neox", "attention", "mlp", "parallel block"),
+        ("granite", "self_attn", "mlp", "× 0.22"),
+    ],
+)
+def test_the_viewer_shows_post_norms_experts_parallel_blocks_and_multipliers(signed_in, model_type, attention_hook,
+                                                                             mlp_hook, shown):  # fmt: skip
+    from transformers import AutoConfig
+
+    from models_app.ml.decoder import tiny_config
+
+    config = tiny_config({**AutoConfig.for_model(model_type).to_dict(), "model_type": model_type,
+                          **({"residual_multiplier": 0.22} if model_type == "granite" else {})}).to_dict()  # fmt: skip
+    config["model_type"] = model_type
+    model = Model.objects.create(name=f"tiny-{model_type}", status="ready", architecture=model_type,
+                                 architecture_config=config, params_count=count_parameters(config))  # fmt: skip
+    view = signed_in.get(f"/api/models/{model.id}/architecture").json()
+    block = view["layers"][1]
+    hooked = {hook["name"]: sub["path"].rsplit(".", 1)[-1] for sub in block["submodules"] for hook in sub["hooks"]}
+    assert hooked == {"attention": attention_hook, "mlp": mlp_hook}
+    html = signed_in.get(f"/models/{model.id}/architecture", HTTP_HX_REQUEST="true").content.decode()
+    assert shown in html
 
 
 def test_the_viewer_shows_parameter_shapes_of_smollm2_blocks(signed_in, smollm2_folder):
@@ -56,7 +88,7 @@ def test_the_viewer_shows_parameter_shapes_of_smollm2_blocks(signed_in, smollm2_
                                  params_count=134_515_008)  # fmt: skip
     view = signed_in.get(f"/api/models/{model.id}/architecture").json()
     assert view["tiles"] == {"layers": 30, "hidden": 576, "heads": 9, "parameters": 134_515_008}
-    attention = view["layers"][1]["submodules"][0]["parameters"]
+    attention = next(sub for sub in view["layers"][1]["submodules"] if sub["kind"] == "Attention")["parameters"]
     assert {"name": "k_proj.weight", "shape": [192, 576]} in attention  # 3 KV heads × 64 dims
     assert view["layers"][-1]["tied"] is True
 

@@ -103,7 +103,7 @@ def test_gpt2_is_counted_like_transformers_does():
     assert loading.count_parameters(config) == reference.num_parameters()
 
 
-@pytest.mark.parametrize("model_type, phrase", [("bert", "encoder-only"), ("t5", "encoder-decoder"), ("mamba", "not supported")])
+@pytest.mark.parametrize("model_type, phrase", [("bert", "encoder-only"), ("t5", "encoder-decoder"), ("mamba", "is not an attention part plus an MLP part")])
 def test_architectures_we_cannot_hook_are_refused_with_the_reason(model_type, phrase):
     with pytest.raises(JobError) as caught:
         loading.check_architecture({"model_type": model_type})
