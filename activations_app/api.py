@@ -83,7 +83,17 @@ def extraction_detail(request, extraction_id):
 
 @api_endpoint({"POST"})
 def extraction_cancel(request, extraction_id):
-    return JsonResponse(services.cancel_extraction(extraction_id, request.user).as_dict())
+    """`{"keep": true}` keeps what the run made durable, for a later resume."""
+    body = json_body(request) if request.content_type == "application/json" else {}
+    keep = body.get("keep", False) if isinstance(body, dict) else False
+    if not isinstance(keep, bool):
+        raise ServiceError("invalid_input", "keep must be true or false.", details={"field": "keep"})
+    return JsonResponse(services.cancel_extraction(extraction_id, request.user, keep=keep).as_dict())
+
+
+@api_endpoint({"POST"})
+def extraction_resume(request, extraction_id):
+    return JsonResponse(services.resume_extraction(extraction_id, request.user).as_dict(), status=202)
 
 
 @api_endpoint({"POST"})

@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 
 from mistudio.errors import ServiceError
 
-from .ml.extract import STORAGE_DTYPES, TOKENIZATIONS, ExtractionSpec
+from .ml.extract import PREPEND_BOS, STORAGE_DTYPES, TOKENIZATIONS, ExtractionSpec
 from .ml.hooks import HOOK_TYPES
 
 INPUT_CSS = "w-full px-4 py-2 bg-slate-900 border border-slate-700 rounded-lg text-sm"
@@ -71,7 +71,12 @@ class ExtractionForm(forms.Form):
         error_messages={"invalid_choice": "tokenization must be packed or truncate."},
     )  # fmt: skip
 
-    SETTINGS = ("batch_size", "max_samples", "seq_len", "dtype", "tokenization")
+    prepend_bos = forms.ChoiceField(
+        choices=list(PREPEND_BOS.items()), required=False, label="Prepend BOS",
+        error_messages={"invalid_choice": "prepend_bos must be auto, always or never."},
+    )  # fmt: skip
+
+    SETTINGS = ("batch_size", "max_samples", "seq_len", "dtype", "tokenization", "prepend_bos")
 
     def __init__(self, data=None, *, model, **kwargs) -> None:
         super().__init__(data, **kwargs)
@@ -115,6 +120,9 @@ class ExtractionForm(forms.Form):
 
     def clean_tokenization(self) -> str:
         return self.cleaned_data["tokenization"] or ExtractionSpec.default("tokenization")
+
+    def clean_prepend_bos(self) -> str:
+        return self.cleaned_data["prepend_bos"] or ExtractionSpec.default("prepend_bos")
 
     def spec(self) -> ExtractionSpec:
         """The validated request, or a ServiceError naming the first field at fault."""

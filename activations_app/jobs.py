@@ -40,14 +40,15 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(
         dataset_files.iter_texts(Path(dataset.file_path), dataset.text_column),
-        tokenizer, spec.seq_len, spec.tokenization, spec.max_samples,
+        tokenizer, spec.seq_len, spec.tokenization, spec.max_samples, spec.prepend_bos,
     )  # fmt: skip
     job.phase(ExtractionStatus.EXTRACTING, samples_total=len(tokens.ids))
+    resumed = extraction.resumable_rows  # rows a stopped run made durable: they are not run again
 
     # The forward loop hands progress over and goes on; the job's writer thread writes the
     # row and publishes the card (and finds a cancelled row, which stops the loop).
     def on_progress(done: int, total: int, seconds: float) -> None:
-        rate = done / seconds if seconds else 0.0
+        rate = (done - resumed) / seconds if seconds and done > resumed else 0.0
         job.report(
             100.0 * done / total,
             lambda: {"samples_done": done, "samples_per_second": rate, "eta_seconds": (total - done) / rate if rate else None},
@@ -65,11 +66,27 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
     result = run_extraction(
         model, model_row.architecture, tokens, spec, extraction.final_dir, metadata, on_progress,
         on_saving=lambda: job.phase(ExtractionStatus.SAVING), targets=targets,
+        fingerprint=_fingerprint(extraction, tokenizer), checkpoint_seconds=settings.EXTRACTION_CHECKPOINT_SECONDS,
     )  # fmt: skip
     job.write(
         status=ExtractionStatus.COMPLETED, progress=100.0, output_path=str(result.output_dir),
         statistics=result.statistics, samples_per_second=result.samples_per_second, eta_seconds=None,
     )  # fmt: skip
+
+
+def _fingerprint(extraction: Extraction, tokenizer) -> str:
+    """What a resumed run must share with the stopped one: the request, the model's weights
+    and the dataset's file (the tokens are compared as well, before going on)."""
+    import hashlib
+    import json
+
+    model, dataset = extraction.model, extraction.dataset
+    source = Path(dataset.file_path)
+    files = sorted(source.rglob("*")) if source.is_dir() else [source]
+    data = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+    record = {"extraction": extraction.id, "request": extraction.spec.request(), "model": [model.id, model.revision,
+              model.quantization], "dataset": [dataset.id, data], "tokenizer": type(tokenizer).__name__}  # fmt: skip
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _import_hub_dataset(dataset: Dataset, job: TrackedJob) -> None:

@@ -142,6 +142,7 @@ class Extraction(TrackedRow):
     seq_len = models.IntegerField()
     dtype = models.CharField(max_length=8, default="float16")
     tokenization = models.CharField(max_length=8, default="packed")
+    prepend_bos = models.CharField(max_length=8, default="auto")
     status = models.CharField(max_length=12, choices=ExtractionStatus.choices, default=ExtractionStatus.QUEUED)
     samples_done = models.IntegerField(default=0)
     samples_total = models.IntegerField(default=0)
@@ -182,6 +183,23 @@ class Extraction(TrackedRow):
 
     def job_paths(self) -> list:
         return [self.final_dir, staged_path(self.final_dir)]
+
+    @property
+    def resume_path(self):
+        """The stopped run's files, when a checkpoint made some rows durable: a worker death,
+        a timeout or a cancel that kept them leaves them for Resume."""
+        staged = staged_path(self.final_dir)
+        return staged if (staged / "checkpoint.json").is_file() else None
+
+    @property
+    def resumable_rows(self) -> int:
+        import json
+
+        path = self.resume_path
+        try:
+            return int(json.loads((path / "checkpoint.json").read_text())["rows"]) if path else 0
+        except (OSError, ValueError, KeyError):
+            return 0
 
     def event_group(self) -> str | None:
         return progress.model_group(self.model_id, "extraction") if self.model_id else None

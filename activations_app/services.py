@@ -14,7 +14,8 @@ from django.db import transaction
 
 from mistudio import jobs
 from mistudio.crypto import encrypt_secret
-from mistudio.errors import InvalidInput, JobError, ServiceError
+from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
+from mistudio.staging import staged_path
 from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
@@ -220,13 +221,27 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
 
 def retry_extraction(extraction_id: str, user) -> Extraction:
     """A failed or cancelled extraction run again from the start, with the same request."""
+    extraction = Extraction.get_or_404(extraction_id)
+    extraction.check_may_change(user, "retry")
+    if extraction.status in (Extraction.FAILED, Extraction.CANCELLED):
+        shutil.rmtree(staged_path(extraction.final_dir), ignore_errors=True)
     return jobs.retry(Extraction, extraction_id, user)
 
 
-def cancel_extraction(extraction_id: str, user) -> Extraction:
+def resume_extraction(extraction_id: str, user, enqueue: bool = True) -> Extraction:
+    """A stopped extraction (worker killed, time limit, a cancel that kept its files) goes on
+    from its last durable batch; the finished files are those of an uninterrupted run."""
+    extraction = Extraction.get_or_404(extraction_id)
+    extraction.check_may_change(user, "resume")
+    if extraction.status in (Extraction.FAILED, Extraction.CANCELLED) and extraction.resume_path is None:
+        raise Conflict("not_resumable", f"{extraction.label} kept no checkpoint to resume from; retry it from the start.")
+    return jobs.retry(Extraction, extraction_id, user, enqueue=enqueue)
+
+
+def cancel_extraction(extraction_id: str, user, keep: bool = False) -> Extraction:
     """Stop the worker process running it, then remove its temporary folder; every open
     page and /ws/models/{id}/extraction client hears of it, not just the one that asked."""
-    return jobs.cancel(Extraction, extraction_id, user)
+    return jobs.cancel(Extraction, extraction_id, user, keep=keep)
 
 
 def delete_extraction(extraction_id: str, user) -> bool:

@@ -26,4 +26,5 @@ urlpatterns = [
     path("api/extractions/<str:extraction_id>", api.extraction_detail, name="api-extraction"),
     path("api/extractions/<str:extraction_id>/cancel", api.extraction_cancel, name="api-extraction-cancel"),
     path("api/extractions/<str:extraction_id>/retry", api.extraction_retry, name="api-extraction-retry"),
+    path("api/extractions/<str:extraction_id>/resume", api.extraction_resume, name="api-extraction-resume"),
 ]

@@ -252,9 +252,10 @@ def fail(row_class: type[TrackedRow], pk: str, error: JobError, publish: bool = 
     return row
 
 
-def cancel(row_class: type[TrackedRow], pk: str, user):
+def cancel(row_class: type[TrackedRow], pk: str, user, keep: bool = False):
     """Flip the row to cancelled (what an inline job sees), stop its worker process, remove
-    its files, and tell every page and client. Only its owner or staff may."""
+    its files (with `keep`, all but what a resume goes on from), and tell every page and
+    client. Only its owner or staff may."""
     row = row_class.get_or_404(pk)
     row.check_may_change(user, "cancel")
 
@@ -271,7 +272,10 @@ def cancel(row_class: type[TrackedRow], pk: str, user):
         raise refuse()
     if row.job_id:
         queue.stop_rq_job(row.job_id)
-    row.remove_job_files()
+    kept = row.resume_path if keep else None
+    for path in row.job_paths():
+        if path != kept:
+            shutil.rmtree(path, ignore_errors=True)
     row = row_class.rows().get(pk=pk)
     row.publish()
     return row
@@ -294,7 +298,7 @@ def delete(row_class: type[TrackedRow], pk: str, user) -> bool:
     return True
 
 
-def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None):
+def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None, enqueue: bool = True):
     """A failed or cancelled job queued again on the same row (owner or staff only). A
     download picks up the bytes its earlier attempt left on disk."""
     row = row_class.get_or_404(pk)
@@ -309,7 +313,8 @@ def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None):
 
     if row.status not in (row_class.FAILED, row_class.CANCELLED):
         raise refuse()
-    queue.require_queue()
+    if enqueue:
+        queue.require_queue()
     with transaction.atomic():
         updated = row_class.objects.filter(pk=pk, status__in=(row_class.FAILED, row_class.CANCELLED)).update(
             status=row_class.QUEUED, progress=0.0, error_code="", error_message="", updated_at=timezone.now(),
@@ -318,7 +323,8 @@ def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None):
         if not updated:
             raise refuse()
         row = row_class.rows().get(pk=pk)
-        enqueue_after_commit(row, row.job_function)
+        if enqueue:  # else the caller runs it inline (a command's --sync)
+            enqueue_after_commit(row, row.job_function)
     row.publish()
     return row
 

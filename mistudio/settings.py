@@ -233,6 +233,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024  # larger uploads stream to a tem
 # Server-side bounds of an extraction request.
 EXTRACTION_MAX_BATCH_SIZE = env_int("MISTUDIO_MAX_BATCH_SIZE", 512)
 EXTRACTION_MAX_SAMPLES = env_int("MISTUDIO_MAX_SAMPLES", 1_000_000)
+# How often a running extraction makes its rows durable for a resume (0: every batch).
+EXTRACTION_CHECKPOINT_SECONDS = float(env_str("MISTUDIO_CHECKPOINT_SECONDS", "30"))
 # Free space a download must leave on the data dir's filesystem.
 DISK_RESERVE_BYTES = env_int("MISTUDIO_DISK_RESERVE_BYTES", 1 << 30)
 

@@ -26,6 +26,7 @@ from .stats import RunningStats
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 TOKENIZATIONS = {"packed": "packed (EOS-joined windows)", "truncate": "truncate (one row per document, padded)"}
+PREPEND_BOS = {"auto": "auto (as the tokenizer does)", "always": "always (BOS first in every row)", "never": "never"}
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ExtractionSpec:
     seq_len: int = 128
     dtype: str = "float16"
     tokenization: str = "packed"  # or "truncate"
+    prepend_bos: str = "auto"  # "always", "never"
     sparsity_threshold: float = field(default=0.01, metadata={"request": False})
 
     @classmethod
@@ -60,6 +62,34 @@ class ExtractionSpec:
 class Tokens:
     ids: np.ndarray  # [num_samples, seq_len], int64
     mask: np.ndarray | None  # [num_samples, seq_len], bool; None when every position is real (packed)
+    bos_token_id: int | None = None  # set when every row starts with it (position 0 is BOS)
+
+    def statistics_mask(self):
+        """Positions the statistics count: real tokens, BOS aside (its residual norm is often
+        10–100× the rest and would swamp the means). None when all count."""
+        if self.bos_token_id is None:
+            return self.mask
+        keep = np.ones(self.ids.shape, dtype=bool) if self.mask is None else self.mask.copy()
+        keep[:, 0] = False
+        return keep
+
+
+def bos_token(tokenizer, prepend_bos: str) -> int | None:
+    """The token every row starts with, or None. `auto` does what the tokenizer itself does
+    with special tokens; `always` uses BOS, else EOS (as TransformerLens does for GPT-2)."""
+    if prepend_bos not in PREPEND_BOS:
+        raise JobError("invalid_input", f"prepend_bos must be auto, always or never, not {prepend_bos!r}.")
+    if prepend_bos == "never":
+        return None
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prepend_bos == "always":
+        if bos is None:
+            raise JobError("invalid_input", "prepend_bos=always needs a BOS or EOS token; the tokenizer has neither.")
+        return bos
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    adds = tokenizer.bos_token_id is not None and with_special[:1] == [tokenizer.bos_token_id] and without[:1] != with_special[:1]
+    return tokenizer.bos_token_id if adds else None
 
 
 class _Rows:
@@ -98,13 +128,27 @@ class _Rows:
         return out
 
 
-def tokenize(texts: Iterable[str], tokenizer, seq_len: int, mode: str, max_samples: int) -> Tokens:
+def tokenize(texts: Iterable[str], tokenizer, seq_len: int, mode: str, max_samples: int, prepend_bos: str = "never") -> Tokens:
     """`packed`: documents joined with EOS and cut into full windows (no padding, the tail
     that does not fill a window is dropped). `truncate`: one row per document, cut at
     seq_len, right-padded (pad token, else EOS, else 0: the mask marks them either way).
-    Stops reading documents once max_samples rows exist."""
+    With a BOS (see bos_token), every row starts with it, followed by seq_len - 1 text
+    tokens (SAELens' convention for packed windows). Stops reading documents once
+    max_samples rows exist."""
     if mode not in TOKENIZATIONS:
         raise JobError("invalid_tokenization", f"Tokenization must be packed or truncate, not {mode!r}.")
+    bos = bos_token(tokenizer, prepend_bos)
+    tokens = _tokenize(texts, tokenizer, seq_len - (bos is not None), mode, max_samples)
+    if bos is None:
+        return tokens
+    if seq_len < 2:
+        raise JobError("invalid_input", "With a BOS first, the sequence length must be at least 2.")
+    ids = np.concatenate([np.full((len(tokens.ids), 1), bos, dtype=np.int64), tokens.ids], axis=1)
+    mask = None if tokens.mask is None else np.concatenate([np.ones((len(ids), 1), dtype=bool), tokens.mask], axis=1)
+    return Tokens(ids=ids, mask=mask, bos_token_id=bos)
+
+
+def _tokenize(texts: Iterable[str], tokenizer, seq_len: int, mode: str, max_samples: int) -> Tokens:
     eos = tokenizer.eos_token_id
     rows = _Rows(seq_len)
     if mode == "packed":
@@ -160,40 +204,142 @@ def _npy_header_bytes(shape, dtype) -> int:
     return buffer.tell()
 
 
-class ActivationWriter:
-    """Preallocated .npy files in a temporary folder, filled batch by batch, moved into
-    place as a whole. Space is reserved up front, so a full disk fails before the first
-    batch instead of leaving a sparse file that crashes later."""
+CHECKPOINT = "checkpoint.json"
+CHECKPOINT_STATS = "checkpoint_stats.npz"
 
-    def __init__(self, final_dir: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> None:
+
+class ActivationWriter:
+    """Preallocated .npy files in a temporary folder, filled batch by batch with positional
+    writes (os.pwrite: no mmap page faults), moved into place as a whole. Space is reserved
+    up front, so a full disk fails before the first batch instead of leaving a sparse file
+    that crashes later.
+
+    Resumable: `checkpoint` makes every row written so far durable (fdatasync) and records
+    how many, with the running statistics; a later writer over the same folder and the same
+    request (`fingerprint`) reopens the files and goes on from there."""
+
+    def __init__(self, final_dir: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype],
+                 fingerprint: str = "") -> None:  # fmt: skip
         self.final_dir = final_dir
         self.tmp_dir = staged_path(final_dir)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir(parents=True)
-        self.arrays: dict[str, np.memmap] = {}
+        self.fingerprint = fingerprint
+        self.fds: dict[str, int] = {}
+        self.offsets: dict[str, int] = {}
+        self.row_bytes: dict[str, int] = {}
+        self.resumed_rows = 0
+        self.resumed_stats: dict | None = None
         try:
-            for stem, shape in shapes.items():
-                path = self.tmp_dir / f"{stem}.npy"
-                array = np.lib.format.open_memmap(path, mode="w+", dtype=dtypes[stem], shape=shape)
-                reserve(path)
-                self.arrays[stem] = array
+            if not self._reopen(shapes, dtypes):
+                self._create(shapes, dtypes)
         except BaseException:
             self.discard()
             raise
 
-    def write(self, stem: str, start: int, values: np.ndarray) -> None:
-        self.arrays[stem][start : start + len(values)] = values
+    def _create(self, shapes, dtypes) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir(parents=True)
+        for stem, shape in shapes.items():
+            path = self.tmp_dir / f"{stem}.npy"
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtypes[stem], shape=shape)
+            offset = array.offset
+            del array
+            reserve(path)
+            self._open(stem, path, offset, shape, dtypes[stem])
 
-    def commit(self, metadata: dict) -> Path:
-        for array in self.arrays.values():
-            array.flush()
-        self.arrays.clear()
+    def _open(self, stem, path, offset, shape, dtype) -> None:
+        self.fds[stem] = os.open(path, os.O_RDWR)
+        self.offsets[stem] = offset
+        self.row_bytes[stem] = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+
+    def _reopen(self, shapes, dtypes) -> bool:
+        """Go on from a checkpoint of the same request, when there is one."""
+        marker = self.tmp_dir / CHECKPOINT
+        if not self.fingerprint or not marker.is_file():
+            return False
+        try:
+            checkpoint = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return False
+        if checkpoint.get("fingerprint") != self.fingerprint:
+            return False
+        for stem, shape in shapes.items():
+            path = self.tmp_dir / f"{stem}.npy"
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError):
+                return False
+            if array.shape != tuple(shape) or array.dtype != dtypes[stem]:
+                return False
+            offset = array.offset
+            del array
+            self._open(stem, path, offset, shape, dtypes[stem])
+        with np.load(self.tmp_dir / CHECKPOINT_STATS, allow_pickle=False) as saved:
+            self.resumed_stats = {key: saved[key] for key in saved.files}
+        self.resumed_rows = int(checkpoint["rows"])
+        return True
+
+    def write(self, stem: str, start: int, values: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(values)).cast("B")
+        fd, at = self.fds[stem], self.offsets[stem] + start * self.row_bytes[stem]
+        while data:
+            written = os.pwrite(fd, data, at)
+            data, at = data[written:], at + written
+
+    def read(self, stem: str) -> np.ndarray:
+        return np.load(self.tmp_dir / f"{stem}.npy", mmap_mode="r")
+
+    def checkpoint(self, rows: int, stats: dict[str, dict]) -> None:
+        """Rows [0, rows) and the statistics over them, durable: data first, then the
+        statistics, then the marker that points at both (each replaced atomically)."""
+        for fd in self.fds.values():
+            os.fdatasync(fd)
+        flat = {f"{stem}/{key}": np.asarray(value) for stem, state in stats.items() for key, value in state.items()
+                if value is not None}  # fmt: skip
+        tmp = self.tmp_dir / f".{CHECKPOINT_STATS}"
+        with tmp.open("wb") as handle:
+            np.savez(handle, **flat)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.tmp_dir / CHECKPOINT_STATS)
+        marker = self.tmp_dir / f".{CHECKPOINT}"
+        marker.write_text(json.dumps({"rows": rows, "fingerprint": self.fingerprint}))
+        os.replace(marker, self.tmp_dir / CHECKPOINT)
+
+    def commit(self, metadata: dict, extra_files: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
+        for fd in self.fds.values():
+            os.fsync(fd)
+        self._close()
+        for name, arrays in (extra_files or {}).items():
+            np.savez(self.tmp_dir / name, **arrays)
+        for name in (CHECKPOINT, CHECKPOINT_STATS):
+            (self.tmp_dir / name).unlink(missing_ok=True)
         (self.tmp_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
         return promote(self.tmp_dir, self.final_dir)
 
+    def _close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def close(self) -> None:
+        """Stop writing and keep what a checkpoint made durable (a resume goes on from it)."""
+        self._close()
+
     def discard(self) -> None:
-        self.arrays.clear()
+        self._close()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def stats_from_checkpoint(saved: dict[str, np.ndarray], stems: list[str]) -> dict[str, dict]:
+    states: dict[str, dict] = {stem: {} for stem in stems}
+    for key, value in saved.items():
+        stem, name = key.split("/", 1)
+        if stem in states:
+            states[stem][name] = value
+    for state in states.values():
+        state.setdefault("dim_mean", None)
+        state.setdefault("dim_m2", None)
+    return states
 
 
 def reserve(path: Path) -> None:
@@ -228,17 +374,26 @@ def run_extraction(
     on_progress: Callable[[int, int, float], None] | None = None,
     on_saving: Callable[[], None] | None = None,
     targets: HookTargets | None = None,
+    fingerprint: str = "",
+    checkpoint_seconds: float = 30.0,
 ) -> ExtractionResult:
     """Forward every batch once, capturing the requested hooks, writing and summarizing as
     it goes. A CUDA out-of-memory halves the batch and retries the same rows. `targets`,
-    when the caller found them already, are the modules to hook."""
+    when the caller found them already, are the modules to hook.
+
+    With a `fingerprint` (the request, model and data it names), the run is resumable: every
+    `checkpoint_seconds` the rows so far are made durable with the statistics over them,
+    and a run with the same fingerprint over a folder left by a stopped one goes on from
+    its last checkpoint. On the CPU the finished files are byte-identical to an
+    uninterrupted run (the same batches, in the same order). Files that the run stopped
+    with are kept for that; any other failure removes them."""
     import torch
 
     if len(tokens.ids) == 0:
         raise JobError("empty_dataset", "The dataset produced no samples at this sequence length.")
     # Bad layers or hooks are refused here, before any file exists.
     targets = targets or hook_targets(model, spec.layers, spec.hook_types)
-    hidden = int(model.config.hidden_size)
+    hidden = int(model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else model.config.hidden_size)
     n, seq_len = tokens.ids.shape
     storage = STORAGE_DTYPES[spec.dtype]
     stems = [file_stem(layer, hook) for layer in spec.layers for hook in spec.hook_types]
@@ -247,23 +402,36 @@ def run_extraction(
     shapes["tokens"], dtypes["tokens"] = (n, seq_len), np.dtype(np.int64)
     if tokens.mask is not None:
         shapes["attention_mask"], dtypes["attention_mask"] = (n, seq_len), np.dtype(bool)
-    writer = ActivationWriter(final_dir, shapes, dtypes)
-    stats = {stem: RunningStats(spec.sparsity_threshold) for stem in stems}
+    writer = ActivationWriter(final_dir, shapes, dtypes, fingerprint)
+    start = writer.resumed_rows
+    if start and not np.array_equal(writer.read("tokens"), tokens.ids):
+        writer.discard()  # the data changed under the same request: start over
+        writer = ActivationWriter(final_dir, shapes, dtypes, fingerprint="")
+        writer.fingerprint, start = fingerprint, 0
+    if start:
+        states = stats_from_checkpoint(writer.resumed_stats or {}, stems)
+        stats = {stem: RunningStats.from_state(states[stem]) for stem in stems}
+    else:
+        stats = {stem: RunningStats(spec.sparsity_threshold) for stem in stems}
+    counted = tokens.statistics_mask()
     device = next(model.parameters()).device
     torch_storage = torch.float16 if spec.dtype == "float16" else torch.float32
     started = time.perf_counter()
     batch_sizes: list[int] = []
+    stopped_resumable = False
     try:
-        writer.write("tokens", 0, tokens.ids)
-        if tokens.mask is not None:
-            writer.write("attention_mask", 0, tokens.mask)
+        if not start:
+            writer.write("tokens", 0, tokens.ids)
+            if tokens.mask is not None:
+                writer.write("attention_mask", 0, tokens.mask)
         current: dict = {}
 
         def on_capture(layer: int, hook: str, tensor) -> None:
-            current[file_stem(layer, hook)] = tensor.detach().to(torch_storage).cpu()
+            # A copy, always: some blocks add into their sublayer's output in place (Falcon).
+            current[file_stem(layer, hook)] = tensor.detach().to(device="cpu", dtype=torch_storage, copy=True)
 
         batch = spec.batch_size
-        start = 0
+        last_checkpoint = time.monotonic()
         with capture_activations(targets, on_capture), torch.no_grad():
             while start < n:
                 end = min(n, start + batch)
@@ -281,13 +449,16 @@ def run_extraction(
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     continue
-                valid = None if tokens.mask is None else torch.from_numpy(tokens.mask[start:end])
+                valid = None if counted is None else torch.from_numpy(counted[start:end])
                 for stem in stems:
-                    values = current[stem]
+                    values = current[stem].reshape(end - start, seq_len, hidden)
                     writer.write(stem, start, values.numpy())
                     stats[stem].update(values, valid)
                 batch_sizes.append(end - start)
                 start = end
+                if fingerprint and start < n and time.monotonic() - last_checkpoint >= checkpoint_seconds:
+                    writer.checkpoint(start, {stem: s.state() for stem, s in stats.items()})
+                    last_checkpoint = time.monotonic()
                 if on_progress:
                     on_progress(start, n, time.perf_counter() - started)
         seconds = time.perf_counter() - started
@@ -298,13 +469,31 @@ def run_extraction(
             "num_samples": n,
             "shapes": {stem: list(shape) for stem, shape in shapes.items()},
             "dtype": spec.dtype,
+            "prepend_bos": spec.prepend_bos,
+            "bos_token_id": tokens.bos_token_id,
+            "statistics_exclude": (["bos"] if tokens.bos_token_id is not None else []) + (["padding"] if tokens.mask is not None else []),
+            "statistics_note": "Figures and .stats.npz count real tokens only: BOS (position 0 of every row, when "
+                               "prepended) and padding positions are left out; the .npy files hold every position.",
+            "hook_modules": targets.paths,
             "timings": {"seconds": round(seconds, 3), "samples_per_second": round(n / seconds, 3) if seconds else None},
             "statistics": summary,
-        }
+        }  # fmt: skip
         if on_saving:
             on_saving()  # flushing the files to disk can take minutes for a large run
-        output = writer.commit(metadata)
-    except BaseException:
-        writer.discard()
+        output = writer.commit(metadata, {f"{stem}.stats.npz": stats[stem].dimension_arrays() for stem in stems})
+    except BaseException as exc:
+        stopped_resumable = bool(fingerprint) and resumable_stop(exc) and (writer.tmp_dir / CHECKPOINT).is_file()
+        if stopped_resumable:
+            writer.close()
+        else:
+            writer.discard()
         raise
     return ExtractionResult(output, summary, n, seconds, n / seconds if seconds else math.inf, batch_sizes)
+
+
+def resumable_stop(exc: BaseException) -> bool:
+    """A stop the run can go on from (a timeout, a stop request, an interrupt), not a fault
+    in the request or the data."""
+    if isinstance(exc, JobError):
+        return exc.code in ("job_timeout", "cancelled", "out_of_memory")
+    return not isinstance(exc, ValueError | TypeError | KeyError | IndexError | AttributeError)

@@ -8,6 +8,12 @@ import math
 import numpy as np
 
 
+# Per-token L2 norms are counted in fixed log-spaced bins, the same for every file and run,
+# so histograms compare across layers and models: 10^-3 … 10^5 in 64 bins, plus one bin
+# below and one above.
+NORM_BIN_EDGES = np.logspace(-3, 5, 65)
+
+
 class RunningStats:
     """mean |x|, mean per-token L2 norm, max |x|, min, max, std, share of |x| < threshold,
     NaN and Inf counts, over the values exactly as stored.
@@ -31,6 +37,54 @@ class RunningStats:
         self.inf = 0
         self.tokens = 0
         self.norm_sum = 0.0
+        # Per dimension, merged across batches (Chan et al.): count, mean and the sum of
+        # squared deviations, in float64.
+        self.dim_count = 0
+        self.dim_mean: np.ndarray | None = None
+        self.dim_m2: np.ndarray | None = None
+        self.norm_hist = np.zeros(len(NORM_BIN_EDGES) + 1, dtype=np.int64)  # [below, 64 bins…, above]
+
+    STATE = ("threshold", "elements", "finite", "sum", "sum_abs", "sum_sq", "below", "max_abs", "min", "max", "nan",
+             "inf", "tokens", "norm_sum", "dim_count", "dim_mean", "dim_m2", "norm_hist")  # fmt: skip
+
+    def state(self) -> dict:
+        """Everything needed to go on after a restart (a resumed extraction)."""
+        return {name: getattr(self, name) for name in self.STATE}
+
+    @classmethod
+    def from_state(cls, state: dict) -> RunningStats:
+        stats = cls(float(state["threshold"]))
+        for name in cls.STATE:
+            value = state[name]
+            if isinstance(value, np.ndarray) and value.ndim == 0:
+                value = value.item()
+            setattr(stats, name, value)
+        if stats.dim_mean is not None and np.ndim(stats.dim_mean) == 0:
+            stats.dim_mean = stats.dim_m2 = None
+        return stats
+
+    def _update_dimensions(self, wide, norms) -> None:
+        n = wide.shape[0]
+        batch_mean = wide.mean(dim=0)
+        batch_m2 = (wide - batch_mean).square().sum(dim=0).numpy()
+        batch_mean = batch_mean.numpy()
+        if self.dim_mean is None:
+            self.dim_count, self.dim_mean, self.dim_m2 = n, batch_mean, batch_m2
+        else:
+            total = self.dim_count + n
+            delta = batch_mean - self.dim_mean
+            self.dim_mean = self.dim_mean + delta * (n / total)
+            self.dim_m2 = self.dim_m2 + batch_m2 + delta * delta * (self.dim_count * n / total)
+            self.dim_count = total
+        self.norm_hist += np.bincount(np.searchsorted(NORM_BIN_EDGES, norms.numpy(), side="right"),
+                                      minlength=len(self.norm_hist))[: len(self.norm_hist)]  # fmt: skip
+
+    def dimension_arrays(self) -> dict[str, np.ndarray]:
+        """What `layer_{i}_{hook}.stats.npz` holds: per-dimension mean and (population)
+        variance over the counted tokens, float64, and that count."""
+        if self.dim_mean is None:
+            return {"mean": np.zeros(0), "var": np.zeros(0), "count": np.int64(0)}
+        return {"mean": self.dim_mean, "var": self.dim_m2 / self.dim_count, "count": np.int64(self.dim_count)}
 
     def update(self, values, valid=None) -> None:
         """`values`: a CPU tensor [batch, seq, hidden] in the storage dtype; `valid`: a bool
@@ -65,6 +119,7 @@ class RunningStats:
         self.max_abs = max(self.max_abs, -self.min, self.max)
         self.norm_sum += float(norms.sum())
         self.tokens += x.shape[0]
+        self._update_dimensions(wide, norms)
 
     def _update_nonfinite(self, x) -> None:
         """The same figures when some values are NaN or Inf: those are counted, and left out
@@ -91,9 +146,16 @@ class RunningStats:
             self.max = max(self.max, float(finite_values.max()))
         self.norm_sum += float(square.sum(dim=1).sqrt().sum())
         self.tokens += x.shape[0]
+        # Per-dimension figures and the norm histogram: over the tokens with no NaN or Inf.
+        whole = finite.all(dim=1)
+        if bool(whole.any()):
+            kept = x[whole]
+            self._update_dimensions(kept, torch.linalg.vector_norm(kept, dim=1))
 
     def result(self) -> dict:
         n = self.finite
+        hidden = len(self.dim_mean) if self.dim_mean is not None else 0
+        mean_norm = self.norm_sum / self.tokens if self.tokens else None
         mean = self.sum / n if n else None
         variance = max(0.0, self.sum_sq / n - mean * mean) if n else None
         return {
@@ -110,4 +172,8 @@ class RunningStats:
             "inf_count": self.inf,
             "elements": self.elements,
             "tokens": self.tokens,
+            # SAELens' normalisation: multiply activations by it so E‖x‖₂ = √d.
+            "norm_scaling_factor": math.sqrt(hidden) / mean_norm if hidden and mean_norm else None,
+            "norm_histogram": {"edges": "logspace(-3, 5, 65)", "below": int(self.norm_hist[0]),
+                               "counts": self.norm_hist[1:-1].tolist(), "above": int(self.norm_hist[-1])},
         }

@@ -18,10 +18,12 @@ class Command(JobCommand):
     follow_hint = "; follow it on the Extractions page or GET /api/extractions/<id>"
 
     def add_arguments(self, parser):
-        parser.add_argument("model_id")
-        parser.add_argument("--dataset", required=True)
-        parser.add_argument("--layers", required=True, help="e.g. 0,5,11")
-        parser.add_argument("--hooks", required=True, help="residual,mlp,attention")
+        parser.add_argument("model_id", nargs="?")
+        parser.add_argument("--dataset")
+        parser.add_argument("--layers", help="e.g. 0,5,11")
+        parser.add_argument("--hooks", help="residual,mlp,attention")
+        parser.add_argument("--resume", metavar="EXT_ID",
+                            help="go on with a stopped extraction from its last durable batch (no other arguments)")  # fmt: skip
         # The dialog's settings, with its defaults and the same validation (ExtractionForm).
         for name in ExtractionForm.SETTINGS:
             field = ExtractionForm.base_fields[name]
@@ -30,6 +32,14 @@ class Command(JobCommand):
         self.add_job_arguments(parser)
 
     def handle(self, *args, **options):
+        if options["resume"]:
+            extraction = service_call(services.resume_extraction, options["resume"], acting_user(options),
+                                      enqueue=not options["sync"])  # fmt: skip
+            self.run_job(extraction, jobs.run_extraction_job, options)
+            return
+        missing = [f"--{name}" for name in ("dataset", "layers", "hooks") if not options[name]]
+        if not options["model_id"] or missing:
+            raise CommandError("Give MODEL_ID, --dataset, --layers and --hooks (or --resume EXT_ID).")
         data = {name: options[name] for name in ExtractionForm.SETTINGS if options[name] is not None}
         data |= {"layers": int_list(options["layers"]), "hook_types": [h for h in options["hooks"].split(",") if h]}
         extraction = service_call(

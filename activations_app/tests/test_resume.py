@@ -1,0 +1,147 @@
+"""Research-grade extraction on the real SmolLM2: BOS control, per-dimension statistics
+checked against numpy over the whole file, and a run killed part way that resumes from its
+last durable batch and ends byte-identical to an uninterrupted one."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from django.core.management import call_command
+
+from activations_app import jobs, services
+from activations_app.models import Extraction, ExtractionStatus
+from activations_app.ml.stats import NORM_BIN_EDGES
+from models_app.tests.support import start_worker, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TEXT = "\n".join(f"Line {i}: the river runs through the old city, past the bakery, the market and the bridge."
+                 for i in range(900))  # fmt: skip
+
+
+@pytest.fixture
+def dataset(data_dir, capsys):
+    path = data_dir / "imports" / "river.txt"
+    path.write_text(TEXT)
+    call_command("import_dataset", str(path), "--json")
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def output_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".npy", ".npz")}
+
+
+def test_statistics_match_numpy_over_the_whole_file_with_bos_left_out(smollm2_model, dataset, data_dir):
+    extraction = services.request_extraction(
+        model_id=smollm2_model.id, dataset_id=dataset["id"], enqueue=False,
+        layers=[0, 3], hook_types=["residual", "mlp"], max_samples=12, batch_size=5, seq_len=24, dtype="float32",
+        prepend_bos="always",
+    )  # fmt: skip
+    jobs.run_extraction_job(extraction.id)
+    extraction.refresh_from_db()
+    assert extraction.status == ExtractionStatus.COMPLETED, extraction.error_message
+    out = data_dir / "activations" / f"extraction_{extraction.id}"
+    tokens = np.load(out / "tokens.npy")
+    metadata = json.loads((out / "metadata.json").read_text())
+    bos = metadata["bos_token_id"]
+    assert bos is not None and (tokens[:, 0] == bos).all() and (tokens[:, 1:] != bos).any()
+    assert metadata["prepend_bos"] == "always" and metadata["statistics_exclude"] == ["bos"]
+    assert metadata["hook_modules"]["layer_3_mlp"] == "model.layers.3.mlp"
+    for stem in ("layer_0_residual", "layer_0_mlp", "layer_3_residual", "layer_3_mlp"):
+        values = np.load(out / f"{stem}.npy").astype(np.float64)[:, 1:, :].reshape(-1, 576)  # BOS positions left out
+        saved = np.load(out / f"{stem}.stats.npz")
+        assert int(saved["count"]) == len(values) == 12 * 23
+        np.testing.assert_allclose(saved["mean"], values.mean(axis=0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(saved["var"], values.var(axis=0), rtol=1e-8, atol=1e-12)
+        figures = metadata["statistics"][stem]
+        norms = np.linalg.norm(values, axis=1)
+        assert figures["norm_scaling_factor"] == pytest.approx(np.sqrt(576) / norms.mean(), rel=1e-9)
+        histogram = figures["norm_histogram"]
+        counts = np.histogram(norms, bins=NORM_BIN_EDGES)[0]
+        assert histogram["counts"] == counts.tolist() and histogram["below"] + histogram["above"] + counts.sum() == len(norms)
+        assert figures["tokens"] == 12 * 23
+    # With BOS counted, the means move: the figures would not be what a trainer normalises by.
+    with_bos = np.load(out / "layer_3_residual.npy").astype(np.float64).reshape(-1, 576)
+    assert not np.allclose(with_bos.mean(axis=0), np.load(out / "layer_3_residual.stats.npz")["mean"], rtol=1e-3)
+
+
+@pytest.mark.parametrize(("mode", "first_is_bos"), [("always", True), ("never", False), ("auto", False)])
+def test_prepend_bos_modes_on_packed_windows(smollm2_folder, mode, first_is_bos):
+    """SmolLM2's tokenizer adds no BOS of its own, so `auto` puts none; `always` starts every
+    window with BOS followed by seq_len - 1 text tokens."""
+    from transformers import AutoTokenizer
+
+    from activations_app.ml.extract import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    texts = TEXT.splitlines()[:40]
+    tokens = tokenize(texts, tokenizer, seq_len=16, mode="packed", max_samples=10, prepend_bos=mode)
+    assert tokens.ids.shape == (10, 16)
+    bos = tokenizer.bos_token_id
+    assert bool((tokens.ids[:, 0] == bos).all()) is first_is_bos
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    body = 15 if first_is_bos else 16
+    assert tokens.ids[:, 16 - body :].reshape(-1).tolist() == stream[: 10 * body]
+
+
+def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run(smollm2_model, dataset, data_dir, signed_in):
+    request = dict(layers=[2, 29], hook_types=["residual", "attention"], max_samples=160, batch_size=4, seq_len=48)
+    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], **request)
+    worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0")
+    try:
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 40, timeout=180, message="part way")
+        subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)  # the work horse, as the OOM killer would
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.FAILED, timeout=60,
+                 message="the row failed")  # fmt: skip
+        stopped = Extraction.objects.get(pk=extraction.id)
+        assert stopped.error_code == "worker_died"
+        kept = stopped.resumable_rows
+        assert 40 <= kept < 160 and kept % 4 == 0, kept
+        assert not stopped.final_dir.exists()  # nothing where the finished files go
+
+        response = signed_in.post(f"/api/extractions/{extraction.id}/resume")
+        assert response.status_code == 202, response.content
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).status in (ExtractionStatus.COMPLETED, ExtractionStatus.FAILED),
+                 timeout=240, message="the resumed run ends")  # fmt: skip
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=60)
+    resumed = Extraction.objects.get(pk=extraction.id)
+    assert resumed.status == ExtractionStatus.COMPLETED, resumed.error_message
+
+    clean = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], enqueue=False, **request)
+    jobs.run_extraction_job(clean.id)
+    clean.refresh_from_db()
+    assert clean.status == ExtractionStatus.COMPLETED
+    first, second = output_files(resumed.final_dir), output_files(clean.final_dir)
+    assert sorted(first) == sorted(second) and "layer_29_attention.stats.npz" in first
+    for name in first:
+        assert first[name] == second[name], f"{name} differs from an uninterrupted run"
+    assert resumed.statistics == clean.statistics
+    assert not list(resumed.final_dir.glob("checkpoint*"))
+
+
+def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cannot(smollm2_model, dataset, signed_in):
+    request = dict(layers=[29], hook_types=["residual"], max_samples=200, batch_size=4, seq_len=48)
+    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], **request)
+    worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0")
+    try:
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 20, timeout=180, message="part way")
+        response = signed_in.post(f"/api/extractions/{extraction.id}/cancel", {"keep": True}, content_type="application/json")
+        assert response.status_code == 200 and response.json()["status"] == "cancelled"
+        assert Extraction.objects.get(pk=extraction.id).resumable_rows >= 20
+        assert signed_in.post(f"/api/extractions/{extraction.id}/resume").status_code == 202
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.COMPLETED, timeout=240,
+                 message="the resumed run ends")  # fmt: skip
+
+        other = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], **request)
+        wait_for(lambda: Extraction.objects.get(pk=other.id).samples_done >= 20, timeout=180, message="part way")
+        assert signed_in.post(f"/api/extractions/{other.id}/cancel").status_code == 200
+        refused = signed_in.post(f"/api/extractions/{other.id}/resume")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_resumable"
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=60)
