@@ -133,7 +133,25 @@ def extraction_start(request, model_id):
 @require_POST
 def extraction_cancel(request, extraction_id):
     try:
-        services.cancel_extraction(extraction_id, request.user)
+        services.cancel_extraction(extraction_id, request.user, keep=request.POST.get("keep") == "1")
+    except ServiceError:
+        pass
+    return redirect("activations:extraction", extraction_id=extraction_id)
+
+
+@require_POST
+def extraction_resume(request, extraction_id):
+    try:
+        services.resume_extraction(extraction_id, request.user)
+    except ServiceError:
+        pass  # the page shows the row as it is
+    return redirect("activations:extraction", extraction_id=extraction_id)
+
+
+@require_POST
+def extraction_retry(request, extraction_id):
+    try:
+        services.retry_extraction(extraction_id, request.user)
     except ServiceError:
         pass
     return redirect("activations:extraction", extraction_id=extraction_id)

@@ -48,7 +48,7 @@ def test_healthz_reports_the_database_redis_and_live_workers(client, redis_clean
     try:
         wait_for(lambda: client.get("/healthz").json()["workers"], timeout=60, message="the worker to register")
         (live,) = client.get("/healthz").json()["workers"]
-        assert live["queues"] == ["default"] and live["seconds_since_heartbeat"] < 60
+        assert live["queues"] == ["cpu", "default"] and live["device"] == "cpu" and live["budget_bytes"] > 0 and live["seconds_since_heartbeat"] < 60
     finally:
         worker.terminate()
         worker.communicate(timeout=30)

@@ -43,7 +43,9 @@ def test_extract_activations_writes_aligned_files_with_statistics(ready_smollm2,
     out = data_dir / "activations" / f"extraction_{record['id']}"
     assert record["output_path"] == str(out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "layer_0_mlp.npy", "layer_0_residual.npy", "layer_29_mlp.npy", "layer_29_residual.npy", "metadata.json", "tokens.npy"
+        "layer_0_mlp.npy", "layer_0_mlp.stats.npz", "layer_0_residual.npy", "layer_0_residual.stats.npz",
+        "layer_29_mlp.npy", "layer_29_mlp.stats.npz", "layer_29_residual.npy", "layer_29_residual.stats.npz",
+        "metadata.json", "tokens.npy",
     ]  # fmt: skip
     residual = np.load(out / "layer_29_residual.npy", mmap_mode="r")
     assert residual.shape == (6, 32, 576) and residual.dtype == np.float16

@@ -145,3 +145,23 @@ def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cann
     finally:
         worker.terminate()
         worker.communicate(timeout=60)
+
+
+def test_the_page_offers_resume_only_where_a_checkpoint_was_kept(smollm2_model, dataset, signed_in, redis_clean):
+    from mistudio.staging import staged_path
+
+    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], enqueue=False,
+                                             layers=[0], hook_types=["residual"], max_samples=8)  # fmt: skip
+    Extraction.objects.filter(pk=extraction.id).update(status=ExtractionStatus.FAILED, error_code="worker_died",
+                                                       error_message="its worker stopped while running it")  # fmt: skip
+    page = signed_in.get(f"/extractions/{extraction.id}").content.decode()
+    assert "Retry from the start" in page and "Resume from sample" not in page
+    staged = staged_path(extraction.final_dir)
+    staged.mkdir(parents=True)
+    (staged / "checkpoint.json").write_text(json.dumps({"rows": 4, "fingerprint": "x"}))
+    page = signed_in.get(f"/extractions/{extraction.id}").content.decode()
+    assert "Resume from sample 4" in page
+    response = signed_in.post(f"/extractions/{extraction.id}/resume")
+    assert response.status_code == 302
+    resumed = Extraction.objects.get(pk=extraction.id)
+    assert resumed.status == ExtractionStatus.QUEUED and staged.is_dir()  # the checkpoint stays for the job

@@ -4,6 +4,7 @@ hooks extraction uses) or refused from its config with a reason: never a crash, 
 wrong tensors passed as right. Prints the counts and every refusal's reason."""
 
 import collections
+import signal
 import time
 
 import pytest
@@ -12,7 +13,19 @@ from mistudio.errors import JobError
 from models_app.ml import decoder, loading
 
 
+PER_TYPE_SECONDS = 60
+
+
+class TookTooLong(Exception):
+    pass
+
+
+def _alarm(*_):
+    raise TookTooLong(f"took over {PER_TYPE_SECONDS} s at toy size")
+
+
 def sweep() -> dict[str, list[tuple[str, str]]]:
+    signal.signal(signal.SIGALRM, _alarm)
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -24,15 +37,18 @@ def sweep() -> dict[str, list[tuple[str, str]]]:
             outcome["not buildable tiny"].append((model_type, f"default config: {type(exc).__name__}: {exc}"[:160]))
             continue
         config["model_type"] = model_type
+        signal.alarm(PER_TYPE_SECONDS)  # a toy model that takes longer says nothing about the family
         try:
             loading.check_family(config)  # encoder-decoder, encoder-only: refused from the config alone
             verdict = decoder.judge_config(config)
         except JobError as exc:
             outcome["refused"].append((model_type, exc.message))
             continue
-        except decoder.NotBuildable as exc:
-            outcome["not buildable tiny"].append((model_type, str(exc)[:160]))
+        except (decoder.NotBuildable, TookTooLong) as exc:
+            outcome["not buildable tiny"].append((model_type, str(exc)[:160] or "took too long at toy size"))
             continue
+        finally:
+            signal.alarm(0)
         outcome["exact"].append((model_type, "parallel" if verdict.layout.parallel else "sequential"))
     return outcome
 

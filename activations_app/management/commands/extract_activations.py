@@ -37,7 +37,7 @@ class Command(JobCommand):
                                       enqueue=not options["sync"])  # fmt: skip
             self.run_job(extraction, jobs.run_extraction_job, options)
             return
-        missing = [f"--{name}" for name in ("dataset", "layers", "hooks") if not options[name]]
+        missing = [f"--{name}" for name in ("dataset", "layers", "hooks") if options[name] is None]
         if not options["model_id"] or missing:
             raise CommandError("Give MODEL_ID, --dataset, --layers and --hooks (or --resume EXT_ID).")
         data = {name: options[name] for name in ExtractionForm.SETTINGS if options[name] is not None}
