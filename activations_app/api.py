@@ -92,6 +92,14 @@ def extraction_cancel(request, extraction_id):
 
 
 @api_endpoint({"POST"})
+def extraction_export(request, extraction_id):
+    """`{"format": "saelens"}` → 202; the datasets land in `extraction_{id}/saelens/`."""
+    body = json_body(request) if request.content_type == "application/json" else {}
+    fmt = text_field(body, "format") if isinstance(body, dict) else None
+    return JsonResponse(services.export_extraction(extraction_id, request.user, fmt or "saelens"), status=202)
+
+
+@api_endpoint({"POST"})
 def extraction_resume(request, extraction_id):
     return JsonResponse(services.resume_extraction(extraction_id, request.user).as_dict(), status=202)
 

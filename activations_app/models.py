@@ -224,4 +224,10 @@ class Extraction(TrackedRow):
             "eta_seconds": self.eta_seconds, "output_path": self.output_path or None, "statistics": self.statistics,
             "error_code": self.error_code or None, "error_message": self.error_message or None,
             "created_at": self.created_at.isoformat() if self.created_at else None,
+            "exports": self.exports, "resumable_from": self.resumable_rows or None,
         }  # fmt: skip
+
+    @property
+    def exports(self) -> dict:
+        """Finished exports by format (a folder exists only once it is whole)."""
+        return {fmt: str(self.final_dir / fmt) for fmt in ("saelens",) if (self.final_dir / fmt / "export.json").is_file()}

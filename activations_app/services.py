@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from django.conf import settings
@@ -24,6 +25,7 @@ from models_app.services import get_ready_model, model_placement
 
 from .forms import ExtractionForm
 from .ml import datasets as dataset_files
+from .ml.export import FORMATS as EXPORT_FORMATS
 from .ml.extract import ExtractionSpec, storage_bytes
 from .ml.hub_datasets import plan_dataset
 from .models import Dataset, DatasetStatus, Extraction, ExtractionStatus
@@ -236,6 +238,24 @@ def resume_extraction(extraction_id: str, user, enqueue: bool = True) -> Extract
     if extraction.status in (Extraction.FAILED, Extraction.CANCELLED) and extraction.resume_path is None:
         raise Conflict("not_resumable", f"{extraction.label} kept no checkpoint to resume from; retry it from the start.")
     return jobs.retry(Extraction, extraction_id, user, enqueue=enqueue)
+
+
+def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: bool = True) -> dict:
+    """Write a finished extraction in a trainer's format (SAELens: `datasets` per hook) into
+    its own folder, `extraction_{id}/{format}/`: queued for a worker, or (`enqueue=False`)
+    left for the caller to run. Anyone may export: it reads the extraction, writes beside it."""
+    extraction = Extraction.get_or_404(extraction_id)
+    if fmt not in EXPORT_FORMATS:
+        raise ServiceError("invalid_input", f"format must be one of {', '.join(EXPORT_FORMATS)}.", details={"field": "format"})
+    if extraction.status != ExtractionStatus.COMPLETED or not extraction.final_dir.is_dir():
+        raise Conflict("not_completed", f"{extraction.label} is {extraction.status}; only a completed extraction can be exported.")
+    target = extraction.final_dir / fmt
+    if enqueue:
+        require_queue()
+        from mistudio.queue import enqueue as enqueue_job
+
+        enqueue_job("activations_app.jobs.export_job", extraction.id, f"export-{extraction.id}-{fmt}-{uuid.uuid4().hex[:8]}")
+    return {"extraction_id": extraction.id, "format": fmt, "path": str(target), "status": "queued" if enqueue else "running"}
 
 
 def cancel_extraction(extraction_id: str, user, keep: bool = False) -> Extraction:

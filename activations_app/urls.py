@@ -29,4 +29,6 @@ urlpatterns = [
     path("api/extractions/<str:extraction_id>/cancel", api.extraction_cancel, name="api-extraction-cancel"),
     path("api/extractions/<str:extraction_id>/retry", api.extraction_retry, name="api-extraction-retry"),
     path("api/extractions/<str:extraction_id>/resume", api.extraction_resume, name="api-extraction-resume"),
+    path("api/extractions/<str:extraction_id>/export", api.extraction_export, name="api-extraction-export"),
+    path("extractions/<str:extraction_id>/export", views.extraction_export, name="extraction-export"),
 ]

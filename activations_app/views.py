@@ -149,6 +149,15 @@ def extraction_resume(request, extraction_id):
 
 
 @require_POST
+def extraction_export(request, extraction_id):
+    try:
+        services.export_extraction(extraction_id, request.user, "saelens")
+    except ServiceError:
+        pass
+    return redirect("activations:extraction", extraction_id=extraction_id)
+
+
+@require_POST
 def extraction_retry(request, extraction_id):
     try:
         services.retry_extraction(extraction_id, request.user)

@@ -165,3 +165,29 @@ def test_the_page_offers_resume_only_where_a_checkpoint_was_kept(smollm2_model, 
     assert response.status_code == 302
     resumed = Extraction.objects.get(pk=extraction.id)
     assert resumed.status == ExtractionStatus.QUEUED and staged.is_dir()  # the checkpoint stays for the job
+
+
+def test_the_saelens_export_loads_with_datasets_and_holds_the_npy_values(smollm2_model, dataset, data_dir, capsys):
+    import datasets
+
+    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], enqueue=False,
+                                             layers=[1, 4], hook_types=["residual", "mlp", "attention"],
+                                             max_samples=70, batch_size=8, seq_len=16)  # fmt: skip
+    jobs.run_extraction_job(extraction.id)
+    extraction.refresh_from_db()
+    call_command("export_activations", extraction.id, "--format", "saelens")
+    out = extraction.final_dir / "saelens"
+    printed = capsys.readouterr()
+    assert "100.0%" in printed.err and str(out / "blocks.4.hook_attn_out") in printed.out
+    tokens = np.load(extraction.final_dir / "tokens.npy")
+    for layer in (1, 4):
+        for hook, name in (("residual", "hook_resid_post"), ("mlp", "hook_mlp_out"), ("attention", "hook_attn_out")):
+            column = f"blocks.{layer}.{name}"
+            loaded = datasets.load_from_disk(str(out / column))
+            assert loaded.column_names == [column, "token_ids"] and len(loaded) == 70
+            assert loaded.features[column].shape == (16, 576)  # what ActivationsStore checks: (context_size, d_in)
+            loaded.set_format("numpy")
+            np.testing.assert_array_equal(loaded[column], np.load(extraction.final_dir / f"layer_{layer}_{hook}.npy"))
+            np.testing.assert_array_equal(loaded["token_ids"], tokens)
+    assert Extraction.objects.get(pk=extraction.id).as_dict()["exports"] == {"saelens": str(out)}
+    assert not list(extraction.final_dir.glob(".saelens*"))  # nothing staged left behind
