@@ -15,7 +15,8 @@ from .models import Dataset, Extraction
 def datasets(request):
     """GET lists datasets; POST adds one: a multipart `file` upload (201, ready), a file
     under the import roots as JSON {"path"} (201, ready), or a Hub dataset repo as JSON
-    {"repo_id", "split"?, "revision"?, "access_token"?} (202, imported by a job)."""
+    {"repo_id", "split"?, "config"?, "revision"?, "access_token"?, "download_whole"?} (202,
+    imported by a job: streamed from the Hub unless `download_whole` is true)."""
     if request.method == "GET":
         return JsonResponse({"data": [d.as_dict() for d in Dataset.objects.all()[:500]]})
     if request.FILES.get("file") is not None:
@@ -31,9 +32,17 @@ def datasets(request):
         dataset = services.import_dataset(
             user=request.user, path=source, name=text_field(body, "name"), text_column=str(body.get("text_column") or "text"),
             split=str(body.get("split") or "train"), token=text_field(body, "access_token"),
-            revision=text_field(body, "revision"),
+            revision=text_field(body, "revision"), config=text_field(body, "config"),
+            download_whole=_flag(body, "download_whole"),
         )  # fmt: skip
     return JsonResponse(dataset.as_dict(), status=202 if dataset.is_running else 201)
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ServiceError("invalid_input", f"{name} must be true or false.", details={"field": name})
+    return value
 
 
 @api_endpoint({"GET", "DELETE"})

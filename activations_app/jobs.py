@@ -22,7 +22,7 @@ from .ml import datasets as dataset_files
 from .ml.export import export_saelens
 from .ml.extract import run_extraction, tokenize
 from .ml.hooks import hook_targets
-from .ml.hub_datasets import download_dataset, plan_dataset
+from .ml.hub_datasets import download_dataset, plan_dataset, stream_summary
 from .models import Dataset, DatasetStatus, Extraction, ExtractionStatus
 
 
@@ -40,7 +40,7 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
     targets = hook_targets(model, spec.layers, spec.hook_types)
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(
-        dataset_files.iter_texts(Path(dataset.file_path), dataset.text_column),
+        dataset.texts(),
         tokenizer, spec.seq_len, spec.tokenization, spec.max_samples, spec.prepend_bos,
     )  # fmt: skip
     job.phase(ExtractionStatus.EXTRACTING, samples_total=len(tokens.ids))
@@ -82,9 +82,7 @@ def _fingerprint(extraction: Extraction, tokenizer) -> str:
     import json
 
     model, dataset = extraction.model, extraction.dataset
-    source = Path(dataset.file_path)
-    files = sorted(source.rglob("*")) if source.is_dir() else [source]
-    data = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+    data = dataset.source_fingerprint()
     record = {"extraction": extraction.id, "request": extraction.spec.request(), "model": [model.id, model.revision,
               model.quantization], "dataset": [dataset.id, data], "tokenizer": type(tokenizer).__name__}  # fmt: skip
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
@@ -96,7 +94,15 @@ def _import_hub_dataset(dataset: Dataset, job: TrackedJob) -> None:
     retry = retry_policy()
     job.phase(DatasetStatus.DOWNLOADING, progress=0.0)
     # The commit the request resolved: the files are the ones the user was shown.
-    plan = plan_dataset(dataset.repo_id, dataset.revision, dataset.split, token, endpoint, **retry)
+    plan = plan_dataset(dataset.repo_id, dataset.revision, dataset.split, token, endpoint, **retry, config=dataset.config)
+    if dataset.storage == "stream":  # nothing downloaded: the footers, the first rows, and it is ready
+        try:
+            row_count, preview = stream_summary(plan, dataset.text_column, token, endpoint)
+        except InvalidInput as exc:
+            raise JobError(exc.code, exc.message) from None
+        job.write(status=DatasetStatus.READY, progress=100.0, files=list(plan.files), row_count=row_count,
+                  preview=preview, **Dataset.IDLE_FIELDS)  # fmt: skip  (the token stays, encrypted: reads need it)
+        return
     job.write(bytes_total=plan.total_bytes)
     tmp = staged_path(dataset.folder)  # kept when a retry can resume it (see TrackedRow.remove_failed_files)
     ensure_free_space(tmp, plan.total_bytes, settings.DISK_RESERVE_BYTES)

@@ -1,5 +1,7 @@
 import secrets
 
+from pathlib import Path
+
 from django.conf import settings
 from django.db import models
 from django.template.loader import render_to_string
@@ -46,7 +48,7 @@ class Dataset(TransferRow):
     source = models.CharField(max_length=8, choices=SOURCES)
     file_path = models.CharField(max_length=1000)
     text_column = models.CharField(max_length=100, default="text")
-    row_count = models.IntegerField(default=0)
+    row_count = models.IntegerField(default=0, null=True)  # None: not known until read whole (a streamed jsonl)
     preview = models.JSONField(default=list, blank=True)
     status = models.CharField(max_length=12, choices=DatasetStatus.choices, default=DatasetStatus.READY)
     # A Hub dataset: what was asked for, and the commit it resolved to.
@@ -54,12 +56,17 @@ class Dataset(TransferRow):
     split = models.CharField(max_length=100, blank=True)
     requested_revision = models.CharField(max_length=200, blank=True)
     revision = models.CharField(max_length=200, blank=True)
+    config = models.CharField(max_length=100, blank=True)  # the subset (a folder of the repo), when it has several
+    # "stream": the files stay on the Hub and an extraction reads only the rows it needs
+    # (parquet row groups, jsonl blocks, over HTTP Range); "local": downloaded whole.
+    storage = models.CharField(max_length=8, default="local")
+    files = models.JSONField(default=list, blank=True)  # a streamed split's files, in order
 
     class Meta:
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.row_count} rows)"
+        return f"{self.name} ({'uncounted' if self.row_count is None else self.row_count} rows)"
 
     @property
     def folder(self):
@@ -87,6 +94,26 @@ class Dataset(TransferRow):
     def publish_removed(self) -> None:
         progress.publish_html(f'<div id="dataset-{self.id}" hx-swap-oob="delete"></div>', self.html_group)
 
+    def texts(self):
+        """Its rows, in order: from the stored file(s), or streamed from the Hub as read."""
+        from mistudio.hub_access import stored_token
+
+        from .ml import datasets as dataset_files
+        from .ml.hub_datasets import stream_texts
+
+        if self.storage == "stream":
+            return stream_texts(self.repo_id, self.revision, list(self.files), self.text_column,
+                                stored_token(self.encrypted_token), settings.HF_ENDPOINT)  # fmt: skip
+        return dataset_files.iter_texts(Path(self.file_path), self.text_column)
+
+    def source_fingerprint(self) -> list:
+        """What identifies its content: the Hub commit and files, or the stored files' sizes and times."""
+        if self.storage == "stream":
+            return [self.repo_id, self.revision, list(self.files)]
+        source = Path(self.file_path)
+        files = sorted(source.rglob("*")) if source.is_dir() else [source]
+        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+
     def delete_blocker(self) -> str | None:
         if any(extraction.is_running for extraction in self.extractions.all()):
             return f"An extraction is using {self.name}; cancel it first."
@@ -101,6 +128,7 @@ class Dataset(TransferRow):
             "id": self.id, "name": self.name, "source": self.source, "text_column": self.text_column,
             "row_count": self.row_count, "preview": self.preview, "status": self.status,
             "repo_id": self.repo_id or None, "split": self.split or None, "revision": self.revision or None,
+            "config": self.config or None, "storage": self.storage, "files": self.files,
             "progress": round(self.progress, 2), "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
             "error_code": self.error_code or None, "error_message": self.error_message or None,
             "created_at": self.created_at.isoformat() if self.created_at else None,

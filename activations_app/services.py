@@ -41,13 +41,14 @@ def looks_like_local_path(value: str) -> bool:
 
 def import_dataset(
     *, path: str, name: str | None = None, text_column: str = "text", split: str = "train", token: str | None = None,
-    revision: str | None = None, enqueue: bool = True, user=None,
+    revision: str | None = None, enqueue: bool = True, user=None, config: str | None = None, download_whole: bool = False,
 ) -> Dataset:  # fmt: skip
     """A local file (inside the allowed import roots) copied into datasets/{id}/ now, or a
-    Hub dataset repo's split imported by a job."""
+    Hub dataset repo's split imported by a job (streamed, or downloaded whole)."""
     if not looks_like_local_path(path):
         return request_hub_dataset(repo_id=path, name=name, text_column=text_column, split=split, token=token,
-                                   revision=revision, enqueue=enqueue, user=user)  # fmt: skip
+                                   revision=revision, enqueue=enqueue, user=user, config=config,
+                                   download_whole=download_whole)  # fmt: skip
     try:
         source = resolve_import_path(path, settings.IMPORT_ROOTS, allow_files=dataset_files.FORMATS)
         name, text_column = _dataset_fields(name, text_column, source.stem)
@@ -61,10 +62,13 @@ def import_dataset(
 
 def request_hub_dataset(
     *, repo_id: str, name: str | None, text_column: str, split: str, token: str | None, revision: str | None = None,
-    enqueue: bool = True, user=None,
+    enqueue: bool = True, user=None, config: str | None = None, download_whole: bool = False,
 ) -> Dataset:  # fmt: skip
-    """The split's files are listed now (a wrong repo, split or token is refused before any
-    row exists); the download is a job with progress and cancel, like a model's."""
+    """The split's files are listed now (a wrong repo, subset, split or token is refused
+    before any row exists). By default the files stay on the Hub: a short job reads the
+    parquet footers and the first rows, and an extraction later streams only the rows it
+    needs. `download_whole` keeps a local copy instead: a download job with progress and
+    cancel, like a model's."""
     try:
         repo_id, revision, token = validate_hub_source(repo_id, revision, token)
     except InvalidInput as exc:
@@ -72,8 +76,11 @@ def request_hub_dataset(
     split = (split or "train").strip()
     if len(split) > MAX_SPLIT_LENGTH or not split.isprintable():
         raise ServiceError("invalid_input", "The split name is not valid.", details={"field": "split"})
+    config = (config or "").strip()
+    if len(config) > MAX_SPLIT_LENGTH or not config.isprintable() or "/" in config or config in (".", ".."):
+        raise ServiceError("invalid_input", "The subset (config) name is not valid.", details={"field": "config"})
     try:
-        plan = plan_dataset(repo_id, revision, split, token, settings.HF_ENDPOINT, retries=1, backoff_seconds=0)
+        plan = plan_dataset(repo_id, revision, split, token, settings.HF_ENDPOINT, retries=1, backoff_seconds=0, config=config)
     except JobError as exc:
         raise ServiceError(exc.code, exc.message, retryable=exc.retryable) from None
     if enqueue:
@@ -83,7 +90,8 @@ def request_hub_dataset(
         dataset = Dataset.objects.create(
             name=name, source="hub", text_column=text_column, file_path="",
             status=DatasetStatus.QUEUED, repo_id=repo_id, split=split, requested_revision=revision, revision=plan.sha,
-            bytes_total=plan.total_bytes, encrypted_token=encrypt_secret(token) if token else None,
+            config=config, storage="local" if download_whole else "stream", files=list(plan.files),
+            bytes_total=plan.total_bytes if download_whole else 0, encrypted_token=encrypt_secret(token) if token else None,
             owner=jobs.owner_of(user),
         )  # fmt: skip
         if enqueue:

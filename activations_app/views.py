@@ -48,6 +48,7 @@ def dataset_import(request):
             user=request.user, repo_id=request.POST.get("repo_id", ""), name=request.POST.get("name") or None,
             text_column=request.POST.get("text_column") or "text", split=request.POST.get("split") or "train",
             token=request.POST.get("access_token") or None, revision=request.POST.get("revision") or None,
+            config=request.POST.get("config") or None, download_whole=request.POST.get("download_whole") == "1",
         )  # fmt: skip
     except ServiceError as exc:
         return _datasets_page(request, status=exc.status, import_error=exc.message, repo_id=request.POST.get("repo_id", ""))

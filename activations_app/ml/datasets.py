@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,8 +45,16 @@ def iter_texts(path: Path, text_column: str = "text") -> Iterator[str]:
         for child in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS and ".cache" not in p.parts):
             yield from iter_texts(child, text_column)
         return
+    yield from iter_file_texts(lambda: path.open("rb"), path, text_column)
+
+
+def iter_file_texts(open_binary, path: Path, text_column: str = "text", scan_bytes: int | None = None) -> Iterator[str]:
+    """The rows of one data file however it is opened: `open_binary()` gives a binary file
+    object (a local file, or a Hub file read over HTTP Range through HfFileSystem); `path`
+    names it (its suffix says the format). `scan_bytes` bounds how much of a .txt is looked
+    at to tell paragraphs from lines (None: all of it)."""
     try:
-        for number, text in enumerate(_rows(path, text_column), 1):
+        for number, text in enumerate(_rows(open_binary, path, text_column, scan_bytes), 1):
             if not storable(text):
                 raise InvalidInput("file", f"{path.name} row {number} contains a NUL character or an unpaired surrogate.")
             yield text
@@ -57,12 +66,16 @@ def iter_texts(path: Path, text_column: str = "text") -> Iterator[str]:
         raise InvalidInput("file", f"{path.name} cannot be read as {path.suffix.lower()}: {type(exc).__name__}.") from None
 
 
-def _rows(path: Path, text_column: str) -> Iterator[str]:
+def _text(open_binary, newline=None):
+    return io.TextIOWrapper(open_binary(), encoding="utf-8", newline=newline)
+
+
+def _rows(open_binary, path: Path, text_column: str, scan_bytes: int | None) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        yield from _txt(path)
+        yield from _txt(open_binary, scan_bytes)
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
+        with _text(open_binary) as handle:
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
@@ -74,7 +87,7 @@ def _rows(path: Path, text_column: str) -> Iterator[str]:
                 if text.strip():
                     yield text
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
+        with _text(open_binary, newline="") as handle:
             reader = csv.DictReader(handle)
             try:
                 if text_column not in (reader.fieldnames or []):
@@ -88,26 +101,39 @@ def _rows(path: Path, text_column: str) -> Iterator[str]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        parquet = pq.ParquetFile(path)
-        if text_column not in parquet.schema_arrow.names:
-            raise InvalidInput("text_column", f"{path.name} has no column {text_column!r} (columns: {parquet.schema_arrow.names}).")
-        column_type = parquet.schema_arrow.field(text_column).type
-        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-            raise InvalidInput("text_column", f"{path.name}: column {text_column!r} holds {column_type}, not text.")
-        for batch in parquet.iter_batches(columns=[text_column], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                if value and value.strip():
-                    yield value
+        with open_binary() as raw:
+            parquet = pq.ParquetFile(raw)
+            if text_column not in parquet.schema_arrow.names:
+                raise InvalidInput("text_column", f"{path.name} has no column {text_column!r} (columns: {parquet.schema_arrow.names}).")
+            column_type = parquet.schema_arrow.field(text_column).type
+            if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+                raise InvalidInput("text_column", f"{path.name}: column {text_column!r} holds {column_type}, not text.")
+            # Row group by row group: a reader that stops early has read only the groups it used
+            # (iter_batches reads ahead across several groups).
+            for group in range(parquet.num_row_groups):
+                for batch in parquet.iter_batches(batch_size=1024, row_groups=[group], columns=[text_column]):
+                    for value in batch.column(0).to_pylist():
+                        if value and value.strip():
+                            yield value
     else:
         raise InvalidInput("file", f"{path.name}: use one of {', '.join(FORMATS)}.")
 
 
-def _txt(path: Path) -> Iterator[str]:
+def _txt(open_binary, scan_bytes: int | None = None) -> Iterator[str]:
     """Blank-line separated paragraphs when the file has blank lines, else one per line.
-    Two streamed passes (the first only looks for a blank line), never the whole file in memory."""
-    with path.open(encoding="utf-8") as handle:
-        paragraphs = any(number > 0 and line == "\n" for number, line in enumerate(handle))
-    with path.open(encoding="utf-8") as handle:
+    Two streamed passes (the first only looks for a blank line, in the first `scan_bytes`
+    when given), never the whole file in memory."""
+    with _text(open_binary) as handle:
+        seen = 0
+        paragraphs = False
+        for number, line in enumerate(handle):
+            if number > 0 and line == "\n":
+                paragraphs = True
+                break
+            seen += len(line)
+            if scan_bytes is not None and seen >= scan_bytes:
+                break
+    with _text(open_binary) as handle:
         if not paragraphs:
             for line in handle:
                 if line.strip():

@@ -8,16 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mistudio import hub
-from mistudio.errors import JobError
+from mistudio.errors import InvalidInput, JobError
 
 from .datasets import FORMATS
 
 
-def split_files(paths: list[str], split: str) -> list[str]:
+def split_files(paths: list[str], split: str, config: str = "") -> list[str]:
     """The repo's data files of `split`: files named after it (train.jsonl,
     data/train-00000-of-00002.parquet, train/part.csv); every data file when the repo has
-    no split names at all."""
+    no split names at all. With a `config` (a subset), only the files in its folder."""
     data = sorted(p for p in paths if Path(p).suffix.lower() in FORMATS and not Path(p).name.startswith("."))
+    if config:
+        inside = [p for p in data if config in Path(p).parts[:-1]]
+        if not inside:
+            folders = sorted({Path(p).parts[0] for p in data if len(Path(p).parts) > 1})
+            raise JobError("config_not_found", f"The dataset has no {config!r} subset; its folders: {', '.join(folders[:10]) or 'none'}.")
+        data = inside
     pattern = re.compile(rf"(^|[/_\-.]){re.escape(split)}([/_\-.]|$)")
     chosen = [p for p in data if pattern.search(p)]
     if chosen:
@@ -44,7 +50,8 @@ class DatasetPlan:
 
 
 def plan_dataset(
-    repo_id: str, revision: str, split: str, token: str | None, endpoint: str, retries: int = 3, backoff_seconds: float = 2.0
+    repo_id: str, revision: str, split: str, token: str | None, endpoint: str, retries: int = 3, backoff_seconds: float = 2.0,
+    config: str = "",
 ) -> DatasetPlan:
     """The split's data files and their sizes at the commit `revision` resolves to."""
     from huggingface_hub import HfApi
@@ -52,7 +59,7 @@ def plan_dataset(
     def fetch() -> DatasetPlan:
         info = HfApi(endpoint=endpoint).dataset_info(repo_id, revision=revision, files_metadata=True, token=token or False)
         sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
-        return DatasetPlan(repo_id, revision, str(info.sha), tuple(split_files(list(sizes), split)), sizes)
+        return DatasetPlan(repo_id, revision, str(info.sha), tuple(split_files(list(sizes), split, config)), sizes)
 
     return hub.with_retries(fetch, retries, backoff_seconds, lambda e: hub.translate_error(e, repo_id, revision, bool(token)))
 
@@ -64,3 +71,58 @@ def download_dataset(plan: DatasetPlan, dest: Path, token: str | None, endpoint:
         plan.repo_id, plan.sha, plan.files, plan.file_sizes, dest, token, endpoint, on_bytes, repo_type="dataset",
         revision_asked=plan.revision, retries=retries, backoff_seconds=backoff_seconds,
     )  # fmt: skip
+
+
+# --- streaming: read only what an extraction needs -----------------------------------------
+
+STREAM_BLOCK_BYTES = 1 << 20  # HfFileSystem's read-ahead per Range request
+PREVIEW_ROWS = 5
+
+
+def _filesystem(token: str | None, endpoint: str):
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem(endpoint=endpoint, token=token or False, skip_instance_cache=True)
+
+
+def _remote(plan_repo: str, sha: str, name: str) -> str:
+    return f"datasets/{plan_repo}@{sha}/{name}"
+
+
+def stream_texts(repo_id: str, sha: str, files: list[str], text_column: str, token: str | None, endpoint: str):
+    """The split's rows, read from the Hub as they are consumed: parquet row group by row
+    group (footer first), jsonl/csv/txt in HTTP Range blocks; a consumer that stops early
+    has fetched only what it used. Errors are the Hub client's, translated."""
+    from .datasets import iter_file_texts
+
+    fs = _filesystem(token, endpoint)
+    try:
+        for name in files:
+            remote = _remote(repo_id, sha, name)
+            yield from iter_file_texts(lambda remote=remote: fs.open(remote, "rb", block_size=STREAM_BLOCK_BYTES),
+                                       Path(name), text_column, scan_bytes=STREAM_BLOCK_BYTES)  # fmt: skip
+    except (InvalidInput, JobError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - fsspec and the Hub client's HTTP and network errors
+        raise hub.translate_error(exc, repo_id, sha, bool(token)) from None
+
+
+def stream_summary(plan: DatasetPlan, text_column: str, token: str | None, endpoint: str) -> tuple[int | None, list[str]]:
+    """Row count from the parquet footers (None when a file is not parquet: jsonl and text
+    say how many rows only when read whole) and the first rows, read over HTTP Range."""
+    import pyarrow.parquet as pq
+
+    fs = _filesystem(token, endpoint)
+    count: int | None = 0
+    for name in plan.files:
+        if not name.lower().endswith(".parquet"):
+            count = None
+            break
+        with fs.open(_remote(plan.repo_id, plan.sha, name), "rb", block_size=64 << 10) as handle:
+            count += pq.ParquetFile(handle).metadata.num_rows
+    preview = []
+    for text in stream_texts(plan.repo_id, plan.sha, list(plan.files), text_column, token, endpoint):
+        preview.append(text[:300])
+        if len(preview) == PREVIEW_ROWS:
+            break
+    return count, preview

@@ -182,16 +182,20 @@ def test_a_hub_dataset_split_is_downloaded_through_the_loopback_hub(hub, tmp_pat
     (repo / "data" / "test-00000-of-00001.jsonl").write_text('{"text": "held out"}\n')
     (repo / "README.md").write_text("# corpus")
     hub.add_repo(HubRepo("corpora/tiny", repo, make_sha("corpora/tiny"), repo_type="dataset"))
-    call_command("import_dataset", "corpora/tiny", "--sync", "--json")
+    call_command("import_dataset", "corpora/tiny", "--download-whole", "--sync", "--json")
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (record["row_count"], record["preview"], record["source"]) == (3, ["one", "two", "three"], "hub")
+    call_command("import_dataset", "corpora/tiny", "--sync", "--json")  # streamed: jsonl rows are counted only as read
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (record["row_count"], record["preview"], record["storage"]) == (None, ["one", "two", "three"], "stream")
+    assert record["files"] == ["data/train-00000-of-00002.jsonl", "data/train-00001-of-00002.jsonl"]
     call_command("import_dataset", "corpora/tiny", "--split", "test", "--sync", "--json")
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["preview"] == ["held out"]
     with pytest.raises(Exception, match="no 'validation' split"):
         call_command("import_dataset", "corpora/tiny", "--split", "validation", "--sync")
     with pytest.raises(Exception, match="repo_not_found"):
         call_command("import_dataset", "corpora/missing", "--sync")
-    assert Dataset.objects.count() == 2
+    assert Dataset.objects.count() == 3
 
 
 def test_the_api_adds_datasets_by_upload_and_refuses_paths_outside_the_import_roots(signed_in, data_dir):

@@ -69,7 +69,7 @@ def test_a_refused_enqueue_fails_an_extraction_row_exactly_as_it_fails_a_model_r
         model = model_services.request_download(user=None, repo_id="tiny/llama", quantization="FP32")
         extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=text_dataset.id, layers=[0],
                                                  hook_types=["residual"], max_samples=2, batch_size=1, seq_len=8)  # fmt: skip
-        dataset = services.import_dataset(path=dataset_repo)
+        dataset = services.import_dataset(path=dataset_repo, download_whole=True)
     outcomes = []
     for row in (model, extraction, dataset):
         row.refresh_from_db()
@@ -124,7 +124,7 @@ def test_cancel_answers_the_same_for_every_kind(signed_in, smollm2_model, text_d
 
 def test_a_hub_dataset_is_imported_by_a_worker_through_queued_downloading_and_ready(signed_in, hub, tmp_path, data_dir):
     repo_id = corpus_repo(hub, tmp_path)
-    response = signed_in.post("/api/datasets", {"repo_id": repo_id}, content_type="application/json")
+    response = signed_in.post("/api/datasets", {"repo_id": repo_id, "download_whole": True}, content_type="application/json")
     assert response.status_code == 202, response.content
     created = response.json()
     assert created["status"] == "queued" and created["bytes_total"] > 0
@@ -154,7 +154,7 @@ def test_a_hub_dataset_that_does_not_fit_on_disk_is_refused_before_its_files_mov
     repo_id = corpus_repo(hub, tmp_path)
     settings.DISK_RESERVE_BYTES = 10**15
     with pytest.raises(Exception, match="insufficient_disk_space"):
-        call_command("import_dataset", repo_id, "--sync")
+        call_command("import_dataset", repo_id, "--download-whole", "--sync")
     dataset = Dataset.objects.get()
     assert (dataset.status, dataset.error_code) == ("error", "insufficient_disk_space")
     assert not [r for r in hub.requests if "/resolve/" in r.path and r.method == "GET"]
@@ -164,7 +164,7 @@ def test_a_hub_dataset_that_does_not_fit_on_disk_is_refused_before_its_files_mov
 def test_cancelling_a_hub_dataset_import_stops_the_worker_and_removes_its_files(signed_in, hub, tmp_path, data_dir):
     repo_id = corpus_repo(hub, tmp_path, rows=40_000)  # about 2 MB
     hub.bytes_per_second = 200_000
-    created = signed_in.post("/api/datasets", {"repo_id": repo_id}, content_type="application/json").json()
+    created = signed_in.post("/api/datasets", {"repo_id": repo_id, "download_whole": True}, content_type="application/json").json()
     worker = start_worker()
     try:
         wait_for(lambda: Dataset.objects.get(pk=created["id"]).bytes_done > 100_000, timeout=60, message="bytes on disk")
@@ -184,7 +184,7 @@ async def test_the_datasets_page_socket_shows_an_import_live(user, hub, tmp_path
     from mistudio.asgi import application
 
     repo_id = await database_sync_to_async(corpus_repo)(hub, tmp_path)
-    dataset = await database_sync_to_async(services.import_dataset)(path=repo_id, enqueue=False)
+    dataset = await database_sync_to_async(services.import_dataset)(path=repo_id, enqueue=False, download_whole=True)
     page = WebsocketCommunicator(application, "/ws/datasets/", headers=[(b"origin", b"http://localhost")])
     page.scope["user"] = user
     connected, _ = await page.connect()

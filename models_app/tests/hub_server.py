@@ -62,6 +62,7 @@ class RequestRecord:
     authorization: str | None
     range: str | None
     status: int  # 0 when the connection was dropped on purpose (fail_next_requests)
+    body_bytes: int = 0  # what the answer's body carried (0 for HEAD)
 
 
 @dataclass(frozen=True)
@@ -335,15 +336,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_head(self, status: int, headers: dict[str, str], length: int) -> None:
-        self._log(status)
+        self._log(status, length if self.command == "GET" else 0)
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(length)}.items():
             self.send_header(name, value)
         self.end_headers()
 
-    def _log(self, status: int) -> None:
+    def _log(self, status: int, body_bytes: int = 0) -> None:
         authorization, range_ = self.headers["Authorization"], self.headers["Range"]
-        self.hub._record(RequestRecord(self.command, self.path, authorization, range_, status))
+        self.hub._record(RequestRecord(self.command, self.path, authorization, range_, status, body_bytes))
 
 
 def _serve_until_killed(repos: list[HubRepo], bytes_per_second: int | None, ready) -> None:

@@ -16,6 +16,9 @@ class Command(JobCommand):
         parser.add_argument("--split", default="train", help="For Hub repos: which split's files to take.")
         parser.add_argument("--revision", default=None, help="For Hub repos: branch, tag or commit (default: main).")
         parser.add_argument("--token-env", metavar="VAR", help="Environment variable holding a Hub token (gated repos).")
+        parser.add_argument("--config", default=None, help="For Hub repos: the subset (its folder), when there are several.")
+        parser.add_argument("--download-whole", action="store_true",
+                            help="For Hub repos: keep a local copy instead of streaming the rows an extraction needs.")  # fmt: skip
         self.add_job_arguments(parser)
 
     def handle(self, *args, **options):
@@ -23,7 +26,8 @@ class Command(JobCommand):
         dataset = service_call(
             services.import_dataset, path=options["path_or_repo"], name=options["name"],
             text_column=options["text_column"], split=options["split"], token=token, revision=options["revision"],
-            enqueue=not options["sync"], user=acting_user(options),
+            enqueue=not options["sync"], user=acting_user(options), config=options["config"],
+            download_whole=options["download_whole"],
         )  # fmt: skip
         if dataset.is_running:
             self.run_job(dataset, jobs.run_dataset_import, options)
@@ -31,4 +35,5 @@ class Command(JobCommand):
             self.report(dataset, options, finished=True)
 
     def describe(self, dataset) -> str:
-        return f"{dataset.id}  {dataset.name}  {dataset.row_count:,} rows"
+        rows = "uncounted" if dataset.row_count is None else f"{dataset.row_count:,}"
+        return f"{dataset.id}  {dataset.name}  {rows} rows{'  (streamed from the Hub)' if dataset.storage == 'stream' else ''}"
