@@ -325,11 +325,48 @@ _SIZES = {
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "num_key_value_heads": 2, "n_head_kv": 2,
     "num_kv_heads": 2, "multi_query_group_num": 2, "head_dim": 16, "kv_channels": 16,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "num_experts_per_tok": 2, "moe_topk": 2, "n_group": 1, "topk_group": 1, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     "vocab_size": 512, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "sliding_window": 8,
-    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2,
+    "rotary_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16,
+    "q_lora_rank": 16, "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 4, "index_topk": 8,
 }  # fmt: skip
 TINY_VOCAB = 512
+
+
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _cut_layers(fields: dict, depth: int) -> None:
+    """Keep one layer of each kind: every per-layer list (`layer_types`, `mlp_layer_types`,
+    per-layer sizes…: a list as long as the model is deep) is cut to the same layers,
+    layer-index lists and per-layer dicts are renumbered, and the depth follows."""
+    per_layer = [k for k, v in fields.items() if isinstance(v, list) and len(v) == depth and depth > 1]
+    signature = [tuple(json_key(fields[k][i]) for k in per_layer) for i in range(depth)]
+    firsts = list(dict.fromkeys(signature))
+    kept = [signature.index(kind) for kind in firsts]
+    if len(kept) < 2:
+        kept = [0, 1][: min(2, depth)]
+    renumber = {old: new for new, old in enumerate(kept)}
+    for key in per_layer:
+        fields[key] = [fields[key][i] for i in kept]
+    for key, value in list(fields.items()):
+        if key in per_layer:
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value) \
+                and key.endswith(("_idxs", "_indices", "_layers", "_layer_ids", "_idx")) and max(value) < depth:
+            fields[key] = [renumber[v] for v in value if v in renumber]  # full_attn_idxs, mlp_only_layers, …
+        elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            fields[key] = {type(k)(renumber[int(k)]) if isinstance(k, int) else str(renumber[int(k)]): v
+                           for k, v in value.items() if int(k) in renumber}  # per_layer_config  # fmt: skip
+    for key in _DEPTH_KEYS:
+        if isinstance(fields.get(key), int):
+            fields[key] = len(kept)
+
+
+def json_key(value):
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def tiny_config(config: dict):
@@ -340,27 +377,22 @@ def tiny_config(config: dict):
 
     model_type = config["model_type"]
     given = {k: v for k, v in config.items() if k not in {"quantization_config", "model_type", "transformers_version"}}
-    fields = {**AutoConfig.for_model(model_type).to_dict(), **given}  # the family's defaults fill what is not said
+    # The family's defaults fill what is not said, but for per-layer lists: those follow the
+    # depth the config gives (the class derives them again).
+    defaults = {k: v for k, v in AutoConfig.for_model(model_type).to_dict().items() if not isinstance(v, list)}
+    fields = {**defaults, **given}
     fields.pop("model_type", None)
     fields.pop("transformers_version", None)
     text = fields.get("text_config")
     if isinstance(text, dict):  # a multimodal wrapper: its language model is what we judge
         return tiny_config({**text, "model_type": text.get("model_type") or model_type})
+    depth_key = next((k for k in _DEPTH_KEYS if isinstance(fields.get(k), int)), None)
+    depth = fields[depth_key] if depth_key else None
     for key, value in _SIZES.items():
         if key in fields and isinstance(fields[key], int) and not isinstance(fields[key], bool):
             fields[key] = value
-    kinds = fields.get("layer_types")
-    if isinstance(kinds, list) and kinds:
-        unique = list(dict.fromkeys(kinds))
-        fields["layer_types"] = (unique * 2)[: max(2, len(unique))]
-        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-            if key in fields:
-                fields[key] = len(fields["layer_types"])
-    layers = next((fields[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in fields), 2)
-    for key, value in list(fields.items()):  # per-layer index lists (full_attn_idxs, mlp_only_layers, …)
-        if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value) \
-                and key.endswith(("_idxs", "_indices", "_layers", "_layer_ids")):
-            fields[key] = [v for v in value if v < layers]
+    if depth:
+        _cut_layers(fields, depth)
     for key in [k for k in fields if k.endswith("_token_id")]:
         if isinstance(fields[key], int) and fields[key] >= TINY_VOCAB:
             fields[key] = None
@@ -413,12 +445,37 @@ def _judge(config: dict) -> ConfigVerdict:
     ids = probe_ids(TINY_VOCAB)
     try:
         layout = discover(model, ids)
+        check_causal(model, layout, ids)
+        check_identities(model, layout, ids)
+        parallel = is_parallel(model, layout, ids)
     except JobError:
         raise
     except Exception as exc:  # noqa: BLE001 - the toy-size model does not run (a shrunk size it needs)
         raise NotBuildable(f"the tiny model does not run: {type(exc).__name__}: {exc}") from None
-    check_identities(model, layout, ids)
-    return ConfigVerdict(DecoderLayout(layout.blocks_path, layout.blocks, is_parallel(model, layout, ids)), True)
+    return ConfigVerdict(DecoderLayout(layout.blocks_path, layout.blocks, parallel), True)
+
+
+def check_causal(model, layout: DecoderLayout, ids) -> None:
+    """Refuse a model whose early positions see later tokens (an encoder behind a causal-LM
+    class, like BERT-style LM heads without is_decoder): changing the last token must not
+    change block 0's output anywhere before it."""
+    import torch
+
+    block = get_module(model, layout.blocks_path)[0]
+    seen = []
+    handle = block.register_forward_hook(lambda _m, _i, out: seen.append(_first_tensor(out).detach().clone()))
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % max(4, int(ids.max()) + 1)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+            model(input_ids=changed, use_cache=False)
+    finally:
+        handle.remove()
+    before, after = seen[0][:, :-1], seen[1][:, :-1]
+    if not torch.allclose(before, after, rtol=1e-5, atol=1e-6):
+        raise JobError("unsupported_architecture", "Its attention is bidirectional: earlier positions see later tokens, "
+                                                   "so it is an encoder, not a causal LM.")  # fmt: skip
 
 
 def check_identities(model, layout: DecoderLayout, ids, tolerance: float = 1e-4) -> dict:
@@ -449,6 +506,10 @@ def check_identities(model, layout: DecoderLayout, ids, tolerance: float = 1e-4)
         errors["sum"] = max(errors["sum"], float((res - added).norm() / res.norm()))
         if i < len(blocks) - 1:
             reference = out.hidden_states[i + 1].double()
+            if reference.shape != res.shape:
+                raise JobError("unsupported_architecture",
+                               f"Block {i}'s output ({list(res.shape)}) does not line up with transformers' hidden "
+                               f"states ({list(reference.shape)}): the model adds positions of its own.")  # fmt: skip
             errors["hidden_states"] = max(errors["hidden_states"], float((res - reference).norm() / reference.norm()))
     if errors["sum"] > tolerance:
         raise JobError("unsupported_architecture",
