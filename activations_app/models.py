@@ -1,5 +1,4 @@
 import secrets
-
 from pathlib import Path
 
 from django.conf import settings

@@ -16,8 +16,8 @@ from django.db import transaction
 from mistudio import jobs
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
-from mistudio.staging import staged_path
 from mistudio.queue import job_timeout, require_queue
+from mistudio.staging import staged_path
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
 from models_app.ml import check_architecture, compute_device

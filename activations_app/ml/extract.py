@@ -432,12 +432,12 @@ def run_extraction(
 
         batch = spec.batch_size
         last_checkpoint = time.monotonic()
-        with capture_activations(targets, on_capture), torch.no_grad():
+        with capture_activations(targets, on_capture), torch.no_grad(), _Background() as background:
             while start < n:
                 end = min(n, start + batch)
                 ids = torch.from_numpy(tokens.ids[start:end]).to(device)
                 mask = None if tokens.mask is None else torch.from_numpy(tokens.mask[start:end]).to(device)
-                current.clear()
+                current = {}  # this batch's captures: the previous dict may still be in the background's hands
                 try:
                     model(input_ids=ids, attention_mask=mask, use_cache=False)
                 except StopForward:
@@ -450,17 +450,28 @@ def run_extraction(
                         torch.cuda.empty_cache()
                     continue
                 valid = None if counted is None else torch.from_numpy(counted[start:end])
-                for stem in stems:
-                    values = current[stem].reshape(end - start, seq_len, hidden)
-                    writer.write(stem, start, values.numpy())
-                    stats[stem].update(values, valid)
+
+                due = bool(fingerprint) and end < n and time.monotonic() - last_checkpoint >= checkpoint_seconds
+                if due:
+                    last_checkpoint = time.monotonic()
+
+                def store(start=start, end=end, captured=current, valid=valid, due=due) -> None:
+                    for stem in stems:
+                        values = captured[stem].reshape(end - start, seq_len, hidden)
+                        writer.write(stem, start, values.numpy())
+                        stats[stem].update(values, valid)
+                    if due:  # rows [0, end) and the statistics over exactly them
+                        writer.checkpoint(end, {stem: s.state() for stem, s in stats.items()})
+
+                # Batch k is written, summarized (and checkpointed when due) on one background
+                # thread while batch k+1's forward runs (torch and pwrite release the GIL); in
+                # batch order, so files and statistics are exactly those of doing it inline.
+                background.submit(store)
                 batch_sizes.append(end - start)
                 start = end
-                if fingerprint and start < n and time.monotonic() - last_checkpoint >= checkpoint_seconds:
-                    writer.checkpoint(start, {stem: s.state() for stem, s in stats.items()})
-                    last_checkpoint = time.monotonic()
                 if on_progress:
                     on_progress(start, n, time.perf_counter() - started)
+            background.wait()
         seconds = time.perf_counter() - started
         summary = {stem: s.result() for stem, s in stats.items()}
         metadata = {
@@ -489,6 +500,36 @@ def run_extraction(
             writer.discard()
         raise
     return ExtractionResult(output, summary, n, seconds, n / seconds if seconds else math.inf, batch_sizes)
+
+
+class _Background:
+    """One background thread, one task in flight: `submit` waits for the previous task (and
+    raises its error here), so at most one batch's captures wait in memory."""
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extraction-store")
+        self.pending = None
+        return self
+
+    def submit(self, task) -> None:
+        self.wait()
+        self.pending = self.executor.submit(task)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+            elif self.pending is not None:
+                self.pending.exception()  # let it finish before the files are closed; its error is secondary
+        finally:
+            self.executor.shutdown(wait=True)
 
 
 def resumable_stop(exc: BaseException) -> bool:

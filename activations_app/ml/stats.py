@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 
-
 # Per-token L2 norms are counted in fixed log-spaced bins, the same for every file and run,
 # so histograms compare across layers and models: 10^-3 … 10^5 in 64 bins, plus one bin
 # below and one above.
@@ -64,10 +63,13 @@ class RunningStats:
         return stats
 
     def _update_dimensions(self, wide, norms) -> None:
-        n = wide.shape[0]
-        batch_mean = wide.mean(dim=0)
-        batch_m2 = (wide - batch_mean).square().sum(dim=0).numpy()
-        batch_mean = batch_mean.numpy()
+        self._merge_dimensions(wide.shape[0], wide.sum(dim=0).numpy(), (wide * wide).sum(dim=0).numpy(), norms)
+
+    def _merge_dimensions(self, n: int, per_dim, per_dim_sq, norms) -> None:
+        """One batch's per-dimension sums into the running mean and squared deviations (Chan
+        et al.): the batch's own M2 from its sums, then the merge, all in float64."""
+        batch_mean = per_dim / n
+        batch_m2 = np.maximum(per_dim_sq - per_dim * batch_mean, 0.0)
         if self.dim_mean is None:
             self.dim_count, self.dim_mean, self.dim_m2 = n, batch_mean, batch_m2
         else:
@@ -105,13 +107,16 @@ class RunningStats:
             self._update_nonfinite(x.double())
             return
         wide = x.double()
-        norms = torch.linalg.vector_norm(wide, dim=1)  # per-token L2 norms, in float64
+        square = wide * wide  # one pass, read three ways: per token, per dimension, in total
+        per_dim_sq = square.sum(dim=0)
+        norms = square.sum(dim=1).sqrt_()  # per-token L2 norms, in float64
+        per_dim = wide.sum(dim=0)
         low, high = torch.aminmax(x)
         self.elements += x.numel()
         self.finite += x.numel()
-        self.sum += float(wide.sum())
-        self.sum_abs += float(magnitude.double().sum())
-        self.sum_sq += float(norms.square().sum())
+        self.sum += float(per_dim.sum())
+        self.sum_abs += float(magnitude.sum(dtype=torch.float64))
+        self.sum_sq += float(per_dim_sq.sum())
         # numpy's vectorized compare and count: several times faster than torch's bool kernels here
         self.below += int(np.count_nonzero(magnitude.numpy() < self.threshold))
         self.min = min(self.min, float(low))
@@ -119,7 +124,7 @@ class RunningStats:
         self.max_abs = max(self.max_abs, -self.min, self.max)
         self.norm_sum += float(norms.sum())
         self.tokens += x.shape[0]
-        self._update_dimensions(wide, norms)
+        self._merge_dimensions(x.shape[0], per_dim.numpy(), per_dim_sq.numpy(), norms)
 
     def _update_nonfinite(self, x) -> None:
         """The same figures when some values are NaN or Inf: those are counted, and left out

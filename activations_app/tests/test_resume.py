@@ -10,8 +10,8 @@ import pytest
 from django.core.management import call_command
 
 from activations_app import jobs, services
-from activations_app.models import Extraction, ExtractionStatus
 from activations_app.ml.stats import NORM_BIN_EDGES
+from activations_app.models import Extraction, ExtractionStatus
 from models_app.tests.support import start_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -12,7 +12,6 @@ import pytest
 from mistudio.errors import JobError
 from models_app.ml import decoder, loading
 
-
 PER_TYPE_SECONDS = 60
 
 
