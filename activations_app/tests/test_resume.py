@@ -99,7 +99,8 @@ def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run
         stopped = Extraction.objects.get(pk=extraction.id)
         assert stopped.error_code == "worker_died"
         kept = stopped.resumable_rows
-        assert 40 <= kept < 160 and kept % 4 == 0, kept
+        # Durable lags the progress shown by the batch in flight on the background thread.
+        assert 20 <= kept < 160 and kept % 4 == 0, kept
         assert not stopped.final_dir.exists()  # nothing where the finished files go
 
         response = signed_in.post(f"/api/extractions/{extraction.id}/resume")
@@ -132,7 +133,7 @@ def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cann
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 20, timeout=180, message="part way")
         response = signed_in.post(f"/api/extractions/{extraction.id}/cancel", {"keep": True}, content_type="application/json")
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
-        assert Extraction.objects.get(pk=extraction.id).resumable_rows >= 20
+        assert Extraction.objects.get(pk=extraction.id).resumable_rows >= 12  # durable lags by the batch in flight
         assert signed_in.post(f"/api/extractions/{extraction.id}/resume").status_code == 202
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.COMPLETED, timeout=240,
                  message="the resumed run ends")  # fmt: skip
