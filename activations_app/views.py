@@ -92,11 +92,16 @@ def extractions_page(request):
 
 @require_GET
 def extraction_detail(request, extraction_id):
+    return _detail_page(request, extraction_id)
+
+
+def _detail_page(request, extraction_id, action_error: str | None = None, status: int = 200):
     extraction = get_object_or_404(Extraction.rows(), pk=extraction_id)
     thresholds = {s.get("sparsity_threshold") for s in extraction.statistics.values()}
     return render(request, "activations_app/extraction_detail.html", {
         "extraction": extraction, "sparsity_threshold": ", ".join(str(t) for t in sorted(thresholds)),
-    })  # fmt: skip
+        "action_error": action_error,
+    }, status=status)  # fmt: skip
 
 
 @require_GET
@@ -131,37 +136,32 @@ def extraction_start(request, model_id):
     return response
 
 
+def _act_on_extraction(request, extraction_id, action):
+    """The detail page's buttons: do it, then show the page again; a refusal (not the
+    owner, nothing to resume, not finished) is shown on the page with its status."""
+    try:
+        action()
+    except ServiceError as exc:
+        return _detail_page(request, extraction_id, action_error=exc.message, status=exc.status)
+    return redirect("activations:extraction", extraction_id=extraction_id)
+
+
 @require_POST
 def extraction_cancel(request, extraction_id):
-    try:
-        services.cancel_extraction(extraction_id, request.user, keep=request.POST.get("keep") == "1")
-    except ServiceError:
-        pass
-    return redirect("activations:extraction", extraction_id=extraction_id)
+    keep = request.POST.get("keep") == "1"
+    return _act_on_extraction(request, extraction_id, lambda: services.cancel_extraction(extraction_id, request.user, keep=keep))
 
 
 @require_POST
 def extraction_resume(request, extraction_id):
-    try:
-        services.resume_extraction(extraction_id, request.user)
-    except ServiceError:
-        pass  # the page shows the row as it is
-    return redirect("activations:extraction", extraction_id=extraction_id)
+    return _act_on_extraction(request, extraction_id, lambda: services.resume_extraction(extraction_id, request.user))
 
 
 @require_POST
 def extraction_export(request, extraction_id):
-    try:
-        services.export_extraction(extraction_id, request.user, "saelens")
-    except ServiceError:
-        pass
-    return redirect("activations:extraction", extraction_id=extraction_id)
+    return _act_on_extraction(request, extraction_id, lambda: services.export_extraction(extraction_id, request.user, "saelens"))
 
 
 @require_POST
 def extraction_retry(request, extraction_id):
-    try:
-        services.retry_extraction(extraction_id, request.user)
-    except ServiceError:
-        pass
-    return redirect("activations:extraction", extraction_id=extraction_id)
+    return _act_on_extraction(request, extraction_id, lambda: services.retry_extraction(extraction_id, request.user))

@@ -192,3 +192,14 @@ def test_the_saelens_export_loads_with_datasets_and_holds_the_npy_values(smollm2
             np.testing.assert_array_equal(loaded["token_ids"], tokens)
     assert Extraction.objects.get(pk=extraction.id).as_dict()["exports"] == {"saelens": str(out)}
     assert not list(extraction.final_dir.glob(".saelens*"))  # nothing staged left behind
+
+
+def test_a_refused_page_action_says_why_on_the_page(smollm2_model, dataset, signed_in):
+    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], enqueue=False,
+                                             layers=[0], hook_types=["residual"], max_samples=8)  # fmt: skip
+    Extraction.objects.filter(pk=extraction.id).update(status=ExtractionStatus.FAILED, error_code="worker_died")
+    response = signed_in.post(f"/extractions/{extraction.id}/resume")  # no checkpoint was kept
+    assert response.status_code == 409
+    assert "kept no checkpoint to resume from" in response.content.decode()
+    response = signed_in.post(f"/extractions/{extraction.id}/export")
+    assert response.status_code == 409 and "only a completed extraction can be exported" in response.content.decode()
