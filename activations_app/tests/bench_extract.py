@@ -121,6 +121,25 @@ def reference_rows(model, folder, ids: np.ndarray) -> list[tuple[str, str]]:
     return rows
 
 
+def cost_breakdown(model, ids: Tokens, tmp_path) -> list[tuple[str, str]]:
+    """Where the time over the floor goes: the same run with the statistics, then also the
+    file writes, switched off (hooks and copies alone remain)."""
+    from unittest import mock
+
+    from activations_app.ml import extract as extract_module
+    from activations_app.ml import stats as stats_module
+
+    floor = truncated_forward(model, ids.ids)
+    with mock.patch.object(stats_module.RunningStats, "update", lambda self, values, valid=None: None):
+        no_stats = extract(model, ids, list(range(30)), tmp_path / "ns" / "extraction_x")
+        with mock.patch.object(extract_module.ActivationWriter, "write", lambda self, stem, start, values: None):
+            bare_hooks = extract(model, ids, list(range(30)), tmp_path / "nw" / "extraction_x")
+    return [
+        ("  breakdown: without the statistics", f"{no_stats:7.2f} s   {no_stats / floor:.2f} x the truncated forward"),
+        ("  breakdown: without statistics and writes (hooks, copies)", f"{bare_hooks:7.2f} s   {bare_hooks / floor:.2f} x"),
+    ]
+
+
 ROUNDS = int(__import__('os').environ.get('BENCH_ROUNDS', '5'))
 
 
@@ -144,6 +163,7 @@ def test_extraction_table(smollm2_folder, tmp_path):
     floor_round = statistics.median(t / b for t, b in zip(times["full"], times["truncated"]))
     checkpoints = SAMPLES // BATCH - 1
     per_checkpoint = max(0.0, every - full) / checkpoints
+    breakdown = cost_breakdown(model, ids, tmp_path)
     gc.collect()
     rss64 = peak_rss_of_run(64, smollm2_folder, tmp_path / "c" / "extraction_x")
     rss512 = peak_rss_of_run(512, smollm2_folder, tmp_path / "d" / "extraction_x")
@@ -157,6 +177,7 @@ def test_extraction_table(smollm2_folder, tmp_path):
         ("  ... with a durable checkpoint after every batch",
          f"{every:7.2f} s   {per_checkpoint * 1000:.0f} ms per checkpoint: {100 * per_checkpoint / 30:.2f} % of run time at "
          "the default 30 s interval (target <= 2 %)"),
+        *breakdown,
         ("extraction, layers 0-5 only (early exit)",
          f"{early:7.2f} s   ratio {early / bare:.2f} best/best, {per_round['early']:.2f} median per round (target <= 0.30)"),
         ("peak RSS, 64 samples, layers 0-5 x 3 hooks (fresh process)", f"{rss64 / 1e6:7.0f} MB"),
