@@ -37,7 +37,10 @@ def dataset_upload(request):
             )
         except ServiceError as exc:
             error = exc.message
-    return _datasets_page(request, status=400 if error else 200, upload_error=error)
+    if error:
+        return _datasets_page(request, status=400, upload_error=error)
+    # Post/redirect/get: a reload of the page that follows does not upload the file again.
+    return redirect("activations:datasets")
 
 
 @require_POST

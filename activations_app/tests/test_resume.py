@@ -203,3 +203,16 @@ def test_a_refused_page_action_says_why_on_the_page(smollm2_model, dataset, sign
     assert "kept no checkpoint to resume from" in response.content.decode()
     response = signed_in.post(f"/extractions/{extraction.id}/export")
     assert response.status_code == 409 and "only a completed extraction can be exported" in response.content.decode()
+
+
+def test_every_page_has_its_own_title(smollm2_model, dataset, signed_in):
+    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], enqueue=False,
+                                             layers=[0], hook_types=["residual"], max_samples=8)  # fmt: skip
+    titles = {
+        "/": "Models · MechInterp Studio", "/datasets/": "Datasets · MechInterp Studio",
+        "/extractions/": "Extractions · MechInterp Studio",
+        f"/extractions/{extraction.id}": f"{extraction.id} (queued) · Extractions · MechInterp Studio",
+    }  # fmt: skip
+    for path, title in titles.items():
+        page = signed_in.get(path)
+        assert page.status_code == 200 and f"<title>{title}</title>" in page.content.decode(), path

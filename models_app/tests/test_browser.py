@@ -181,3 +181,22 @@ def test_the_extraction_dialog_estimates_starts_and_the_card_reaches_completed(s
     rows = page.locator(".statistics-table tbody tr")
     assert rows.count() == 4
     assert "layer_29_mlp.npy" in page.inner_text(".statistics-table")
+
+
+def test_the_datasets_page_after_an_upload_fits_the_window_and_a_reload_does_not_upload_again(stack, browser, user, tmp_path):
+    from activations_app.models import Dataset
+
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    sign_in(page, stack, user.username)
+    page.goto(f"{stack}/datasets/")
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("x" * 3000 + "\nsecond row\n")  # one 3,000-character word in the preview
+    page.set_input_files("#id_file", str(corpus))
+    page.click("form[action$='/datasets/upload'] button[type=submit]")
+    page.wait_for_url(f"{stack}/datasets/")  # redirected after the POST
+    page.wait_for_selector("[id^=dataset-]")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1440
+    page.reload()
+    page.wait_for_selector("[id^=dataset-]")
+    assert Dataset.objects.count() == 1  # F5 did not post the upload again
+    assert page.title() == "Datasets · MechInterp Studio"
