@@ -114,6 +114,13 @@ class Model(TransferRow):
         return [fmt for fmt in BYTES_PER_PARAM if fmt != self.quantization]
 
     @property
+    def quantize_default(self) -> str | None:
+        """What "Quantize to…" starts on: the next smaller format (the usual reason to quantize)."""
+        order = list(BYTES_PER_PARAM)
+        smaller = order[order.index(self.quantization) + 1 :] if self.quantization in order else []
+        return smaller[0] if smaller else None
+
+    @property
     def phase_label(self) -> str:
         return PHASE_LABELS.get(self.status, "")
 

@@ -91,7 +91,6 @@ class RunningStats:
     def update(self, values, valid=None) -> None:
         """`values`: a CPU tensor [batch, seq, hidden] in the storage dtype; `valid`: a bool
         tensor [batch, seq] marking real tokens, or None when all are real."""
-        import torch
 
         x = values.reshape(-1, values.shape[-1])
         if valid is not None:

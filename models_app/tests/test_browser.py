@@ -200,3 +200,43 @@ def test_the_datasets_page_after_an_upload_fits_the_window_and_a_reload_does_not
     page.wait_for_selector("[id^=dataset-]")
     assert Dataset.objects.count() == 1  # F5 did not post the upload again
     assert page.title() == "Datasets · MechInterp Studio"
+
+
+def test_the_architecture_viewer_by_keyboard_space_opens_focus_stays_inside_escape_gives_it_back(stack, browser, user, smollm2_folder):
+    import json
+
+    config = json.loads((smollm2_folder / "config.json").read_text())
+    model = Model.objects.create(name="SmolLM2-135M", status="ready", architecture="llama", architecture_config=config,
+                                 params_count=134_515_008, quantization="FP32")  # fmt: skip
+    page = browser.new_page()
+    sign_in(page, stack, user.username)
+    opener = f"#model-card-{model.id} .model-open"
+    page.focus(opener)
+    scroll = page.evaluate("window.scrollY")
+    page.keyboard.press(" ")
+    page.wait_for_selector("#architecture-modal", timeout=10_000)
+    assert page.evaluate("window.scrollY") == scroll  # Space opened it instead of scrolling
+    inside = "() => document.getElementById('architecture-modal').contains(document.activeElement)"
+    page.wait_for_function(inside, timeout=5_000)  # the dialog took focus
+    for _ in range(40):  # Tab past the last control comes back to the first: focus never leaves
+        page.keyboard.press("Tab")
+        assert page.evaluate(inside)
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate(inside)
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#architecture-modal", state="detached", timeout=5_000)
+    assert page.evaluate(f"document.activeElement === document.querySelector({opener!r})")  # focus given back
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#architecture-modal", timeout=10_000)
+
+
+def test_the_gated_estimate_refreshes_when_the_token_is_pasted(stack, browser, user):
+    page = browser.new_page()
+    sign_in(page, stack, user.username)
+    page.fill("#id_repo_id", "tiny/gated")
+    page.wait_for_selector("#format-estimates .format-estimates", timeout=10_000)
+    assert "gated" in page.inner_text("#format-estimates")
+    page.fill("#id_access_token", GATED_TOKEN)
+    page.wait_for_selector("#format-estimates .estimate", timeout=10_000)  # the figures replace the refusal
+    assert "gated" not in page.inner_text("#format-estimates")
+    assert GATED_TOKEN not in page.content()

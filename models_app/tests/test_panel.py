@@ -160,3 +160,14 @@ def test_a_new_model_reaches_open_pages_as_its_card_alone(user, redis_clean, dja
     html = message["html"]
     assert 'hx-swap-oob="afterbegin:#model-list"' in html and f'id="model-card-{model.id}"' in html
     assert html.count('id="model-card-') == 1 and len(html.encode()) < 10_000
+
+
+def test_quantize_to_starts_on_the_next_smaller_format(signed_in):
+    from models_app.models import Model
+
+    for current, expected in (("FP32", "FP16"), ("FP16", "Q8"), ("Q4", "Q2")):
+        model = Model.objects.create(name=f"m-{current}", status="ready", quantization=current, architecture="llama",
+                                     architecture_config={"model_type": "llama"})  # fmt: skip
+        html = model.card_html()
+        assert f'<option value="{expected}" selected>' in html, current
+        assert html.count(" selected>") == 1

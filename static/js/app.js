@@ -24,11 +24,50 @@
   document.addEventListener("htmx:afterSwap", syncDownloadButton);
   document.addEventListener("DOMContentLoaded", syncDownloadButton);
 
-  // Modals: close on the X, on Escape and on a click on the backdrop itself.
+  // Modals: take focus when they open, keep Tab inside, close on the X, on Escape and on a
+  // click on the backdrop itself, and give focus back to what opened them.
+  var opener = null;
+  var FOCUSABLE = "a[href], button:not([disabled]), input:not([disabled]):not([type=hidden]), select:not([disabled]), " +
+    "textarea:not([disabled]), summary, [tabindex]:not([tabindex='-1'])";
   function closeModal() {
     var modal = document.getElementById("modal");
-    if (modal) modal.innerHTML = "";
+    if (!modal || !modal.innerHTML) return;
+    modal.innerHTML = "";
+    if (opener && document.contains(opener)) opener.focus();
+    opener = null;
   }
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var target = event.detail && event.detail.target;
+    if (target && target.id === "modal") opener = event.detail.elt;
+  });
+  document.addEventListener("htmx:afterSwap", function (event) {
+    if (!event.detail || !event.detail.target || event.detail.target.id !== "modal") return;
+    var dialog = event.detail.target.querySelector("[role=dialog]") || event.detail.target;
+    var first = dialog.querySelector(FOCUSABLE);
+    if (first) first.focus();
+  });
+  document.addEventListener("keydown", function (event) {
+    if (event.key !== "Tab") return;
+    var modal = document.getElementById("modal");
+    if (!modal || !modal.innerHTML) return;
+    var items = Array.prototype.filter.call(modal.querySelectorAll(FOCUSABLE), function (el) { return el.offsetParent !== null; });
+    if (!items.length) return;
+    var first = items[0], last = items[items.length - 1];
+    if (!modal.contains(document.activeElement)) { event.preventDefault(); first.focus(); }
+    else if (event.shiftKey && document.activeElement === first) { event.preventDefault(); last.focus(); }
+    else if (!event.shiftKey && document.activeElement === last) { event.preventDefault(); first.focus(); }
+  });
+  // Elements that act as buttons without being one answer Enter and Space as a button does.
+  document.addEventListener("keydown", function (event) {
+    var el = event.target.closest && event.target.closest("[role=button]:not(button)");
+    if (!el) return;
+    if (event.key === " ") event.preventDefault();  // no page scroll
+    if (event.key === "Enter") { event.preventDefault(); el.click(); }
+  });
+  document.addEventListener("keyup", function (event) {
+    var el = event.target.closest && event.target.closest("[role=button]:not(button)");
+    if (el && event.key === " ") el.click();
+  });
   document.addEventListener("click", function (event) {
     if (event.target.closest(".modal-close") || (event.target.classList && event.target.classList.contains("modal-overlay"))) closeModal();
   });
