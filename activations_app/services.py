@@ -278,6 +278,34 @@ def delete_extraction(extraction_id: str, user) -> bool:
 
 
 ROUGH_FLOPS_PER_SECOND = {"cpu": 5e10, "cuda": 2e13}
+# How many tokens of a dataset the estimate reads to count the rows it yields: beyond
+# this, a dataset counts as large enough for any request (and the estimate says "at most").
+ESTIMATE_TOKEN_BUDGET = 1_000_000
+_AVAILABLE: dict[tuple, int | None] = {}
+
+
+def samples_available(model, dataset: Dataset, spec: ExtractionSpec) -> int | None:
+    """The rows this dataset yields at this sequence length, tokenization and BOS, with the
+    model's own tokenizer, when it yields fewer than ESTIMATE_TOKEN_BUDGET tokens' worth;
+    None when it holds more (or is streamed from the Hub, which is not read for an
+    estimate). Cached per dataset content, tokenizer and settings."""
+    from transformers import AutoTokenizer
+
+    from .ml.extract import tokenize
+
+    if dataset.storage == "stream" or not dataset.file_path:
+        return None
+    key = (dataset.id, str(dataset.source_fingerprint()), str(model.weights_dir), spec.seq_len, spec.tokenization,
+           spec.prepend_bos)  # fmt: skip
+    if key not in _AVAILABLE:
+        limit = max(1, ESTIMATE_TOKEN_BUDGET // spec.seq_len)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model.weights_dir)
+            rows = len(tokenize(dataset.texts(), tokenizer, spec.seq_len, spec.tokenization, limit + 1, spec.prepend_bos).ids)
+        except (JobError, InvalidInput, OSError, ValueError):
+            return None  # the start refuses it with the reason; the estimate stays rough
+        _AVAILABLE[key] = rows if rows <= limit else None
+    return _AVAILABLE[key]
 
 
 def estimate_extraction(model, spec: ExtractionSpec, dataset: Dataset | None = None) -> dict:
@@ -288,7 +316,10 @@ def estimate_extraction(model, spec: ExtractionSpec, dataset: Dataset | None = N
     hidden = model.hidden_size
     files = len(spec.layers) * len(spec.hook_types)
     samples, at_most = spec.max_samples, True
-    if spec.tokenization == "truncate" and dataset is not None and dataset.row_count:
+    available = samples_available(model, dataset, spec) if dataset is not None else None
+    if available is not None:  # counted with the model's tokenizer: exactly this many rows
+        samples, at_most = min(samples, available), False
+    elif spec.tokenization == "truncate" and dataset is not None and dataset.row_count:
         samples, at_most = min(samples, dataset.row_count), False
     storage = storage_bytes(samples, spec.seq_len, hidden, spec.dtype, files, spec.tokenization == "truncate")
     measured = (
