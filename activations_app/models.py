@@ -9,7 +9,7 @@ from mistudio import progress
 from mistudio.jobs import TrackedRow, TransferRow
 from mistudio.staging import staged_path
 
-from .ml.extract import ExtractionSpec
+from .ml.extract import ExtractionSpec, read_checkpoint
 
 
 def new_dataset_id() -> str:
@@ -216,17 +216,12 @@ class Extraction(TrackedRow):
         """The stopped run's files, when a checkpoint made some rows durable: a worker death,
         a timeout or a cancel that kept them leaves them for Resume."""
         staged = staged_path(self.final_dir)
-        return staged if (staged / "checkpoint.json").is_file() else None
+        return staged if read_checkpoint(staged) is not None else None
 
     @property
     def resumable_rows(self) -> int:
-        import json
-
-        path = self.resume_path
-        try:
-            return int(json.loads((path / "checkpoint.json").read_text())["rows"]) if path else 0
-        except (OSError, ValueError, KeyError):
-            return 0
+        checkpoint = read_checkpoint(staged_path(self.final_dir))
+        return checkpoint["rows"] if checkpoint else 0
 
     def event_group(self) -> str | None:
         return progress.model_group(self.model_id, "extraction") if self.model_id else None

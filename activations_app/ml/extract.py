@@ -208,6 +208,15 @@ CHECKPOINT = "checkpoint.json"
 CHECKPOINT_STATS = "checkpoint_stats.npz"
 
 
+def read_checkpoint(folder: Path) -> dict | None:
+    """A stopped run's marker in its staged folder ({"rows", "fingerprint"}), or None."""
+    try:
+        checkpoint = json.loads((folder / CHECKPOINT).read_text())
+        return {"rows": int(checkpoint["rows"]), "fingerprint": str(checkpoint["fingerprint"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class ActivationWriter:
     """Preallocated .npy files in a temporary folder, filled batch by batch with positional
     writes (os.pwrite: no mmap page faults), moved into place as a whole. Space is reserved
@@ -215,14 +224,15 @@ class ActivationWriter:
     that crashes later.
 
     Resumable: `checkpoint` makes every row written so far durable (fdatasync) and records
-    how many, with the running statistics; a later writer over the same folder and the same
-    request (`fingerprint`) reopens the files and goes on from there."""
+    how many, with the running statistics; a later writer over the same folder, the same
+    request (`fingerprint`) and the same `tokens` reopens the files and goes on from there."""
 
     def __init__(self, final_dir: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype],
-                 fingerprint: str = "") -> None:  # fmt: skip
+                 fingerprint: str = "", tokens: np.ndarray | None = None) -> None:  # fmt: skip
         self.final_dir = final_dir
         self.tmp_dir = staged_path(final_dir)
         self.fingerprint = fingerprint
+        self.tokens = tokens
         self.fds: dict[str, int] = {}
         self.offsets: dict[str, int] = {}
         self.row_bytes: dict[str, int] = {}
@@ -252,30 +262,30 @@ class ActivationWriter:
         self.row_bytes[stem] = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
 
     def _reopen(self, shapes, dtypes) -> bool:
-        """Go on from a checkpoint of the same request, when there is one."""
-        marker = self.tmp_dir / CHECKPOINT
-        if not self.fingerprint or not marker.is_file():
-            return False
-        try:
-            checkpoint = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            return False
-        if checkpoint.get("fingerprint") != self.fingerprint:
+        """Go on from a checkpoint of the same request over the same tokens, when there is
+        one (the data changed under the same request: start over)."""
+        checkpoint = read_checkpoint(self.tmp_dir) if self.fingerprint else None
+        if checkpoint is None or checkpoint["fingerprint"] != self.fingerprint:
             return False
         for stem, shape in shapes.items():
             path = self.tmp_dir / f"{stem}.npy"
             try:
                 array = np.load(path, mmap_mode="r")
             except (OSError, ValueError):
+                self._close()
                 return False
-            if array.shape != tuple(shape) or array.dtype != dtypes[stem]:
-                return False
+            same = array.shape == tuple(shape) and array.dtype == dtypes[stem]
+            if same and stem == "tokens" and self.tokens is not None:
+                same = np.array_equal(array, self.tokens)
             offset = array.offset
             del array
+            if not same:
+                self._close()
+                return False
             self._open(stem, path, offset, shape, dtypes[stem])
         with np.load(self.tmp_dir / CHECKPOINT_STATS, allow_pickle=False) as saved:
             self.resumed_stats = {key: saved[key] for key in saved.files}
-        self.resumed_rows = int(checkpoint["rows"])
+        self.resumed_rows = checkpoint["rows"]
         return True
 
     def write(self, stem: str, start: int, values: np.ndarray) -> None:
@@ -284,9 +294,6 @@ class ActivationWriter:
         while data:
             written = os.pwrite(fd, data, at)
             data, at = data[written:], at + written
-
-    def read(self, stem: str) -> np.ndarray:
-        return np.load(self.tmp_dir / f"{stem}.npy", mmap_mode="r")
 
     def checkpoint(self, rows: int, stats: dict[str, dict]) -> None:
         """Rows [0, rows) and the statistics over them, durable: data first, then the
@@ -402,12 +409,8 @@ def run_extraction(
     shapes["tokens"], dtypes["tokens"] = (n, seq_len), np.dtype(np.int64)
     if tokens.mask is not None:
         shapes["attention_mask"], dtypes["attention_mask"] = (n, seq_len), np.dtype(bool)
-    writer = ActivationWriter(final_dir, shapes, dtypes, fingerprint)
+    writer = ActivationWriter(final_dir, shapes, dtypes, fingerprint, tokens=tokens.ids)
     start = writer.resumed_rows
-    if start and not np.array_equal(writer.read("tokens"), tokens.ids):
-        writer.discard()  # the data changed under the same request: start over
-        writer = ActivationWriter(final_dir, shapes, dtypes, fingerprint="")
-        writer.fingerprint, start = fingerprint, 0
     if start:
         states = stats_from_checkpoint(writer.resumed_stats or {}, stems)
         stats = {stem: RunningStats.from_state(states[stem]) for stem in stems}
@@ -418,7 +421,6 @@ def run_extraction(
     torch_storage = torch.float16 if spec.dtype == "float16" else torch.float32
     started = time.perf_counter()
     batch_sizes: list[int] = []
-    stopped_resumable = False
     try:
         if not start:
             writer.write("tokens", 0, tokens.ids)
@@ -493,8 +495,7 @@ def run_extraction(
             on_saving()  # flushing the files to disk can take minutes for a large run
         output = writer.commit(metadata, {f"{stem}.stats.npz": stats[stem].dimension_arrays() for stem in stems})
     except BaseException as exc:
-        stopped_resumable = bool(fingerprint) and resumable_stop(exc) and (writer.tmp_dir / CHECKPOINT).is_file()
-        if stopped_resumable:
+        if fingerprint and resumable_stop(exc) and (writer.tmp_dir / CHECKPOINT).is_file():
             writer.close()
         else:
             writer.discard()

@@ -267,3 +267,33 @@ def test_statistics_over_batches_with_nan_inf_and_padding_match_numpy_on_the_who
     assert figures["std"] == pytest.approx(real[finite].std(), rel=1e-9)
     assert figures["mean_l2_norm"] == pytest.approx(np.linalg.norm(clean, axis=1).mean(), rel=1e-12)
     assert figures["sparsity_percent"] == pytest.approx(100 * (np.abs(values[mask]) < 0.01).sum() / real.size, rel=1e-12)
+
+
+class _Stop(Exception):
+    """A stop the run can go on from (as a job timeout is)."""
+
+
+def _stopped_run(model, ids, spec, out):
+    def stop_after_first(done, total, seconds):
+        if done >= 2:
+            raise _Stop()
+
+    with pytest.raises(_Stop):
+        run_extraction(model, "llama", Tokens(ids, None), spec, out, {}, stop_after_first, fingerprint="same request",
+                       checkpoint_seconds=0)  # fmt: skip
+
+
+def test_a_resume_over_changed_tokens_starts_over_instead_of_mixing_runs(tmp_path):
+    from mistudio.staging import staged_path
+
+    model = tiny_model("llama")
+    spec = ExtractionSpec(layers=[1], hook_types=["residual"], seq_len=8, batch_size=2, dtype="float32")
+    rng = np.random.default_rng(5)
+    first, second = (rng.integers(0, 300, size=(6, 8)).astype(np.int64) for _ in range(2))
+    out = tmp_path / "activations" / "extraction_1"
+    _stopped_run(model, first, spec, out)
+    assert extract.read_checkpoint(staged_path(out)) is not None  # a checkpoint was kept
+    result = run_extraction(model, "llama", Tokens(second, None), spec, out, {}, fingerprint="same request")
+    clean = run_extraction(model, "llama", Tokens(second, None), spec, tmp_path / "clean" / "extraction_2", {})
+    assert result.batch_sizes == [2, 2, 2]  # every row ran again
+    assert (result.output_dir / "layer_1_residual.npy").read_bytes() == (clean.output_dir / "layer_1_residual.npy").read_bytes()
