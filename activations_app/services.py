@@ -17,7 +17,6 @@ from mistudio import jobs
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
 from mistudio.queue import job_timeout, require_queue
-from mistudio.staging import staged_path
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
 from models_app.ml import check_architecture, compute_device
@@ -234,7 +233,7 @@ def retry_extraction(extraction_id: str, user) -> Extraction:
     extraction = Extraction.get_or_404(extraction_id)
     extraction.check_may_change(user, "retry")
     if extraction.status in (Extraction.FAILED, Extraction.CANCELLED):
-        shutil.rmtree(staged_path(extraction.final_dir), ignore_errors=True)
+        extraction.remove_job_files()  # the checkpoint a Resume would go on from
     return jobs.retry(Extraction, extraction_id, user)
 
 

@@ -139,19 +139,18 @@ class TrackedRow(models.Model):
 
     resume_path: Path | None = None  # a staged download a retry resumes from
 
-    def remove_job_files(self) -> None:
-        """Everything the job wrote (a cancel, a delete)."""
-        for path in self.job_paths():
-            shutil.rmtree(path, ignore_errors=True)
-
-    def remove_failed_files(self, error: JobError) -> None:
-        """What a failed job leaves: nothing, except that a download stopped by something a
-        retry can get past (`resumable`) keeps its partial bytes aside, never where the
-        finished files go, for the retry to resume from."""
-        kept = self.resume_path if resumable(error) else None
+    def remove_job_files(self, keep_resumable: bool = False) -> None:
+        """Everything the job wrote (a cancel, a delete); with `keep_resumable`, all but what
+        a retry or resume goes on from (`resume_path`), never where finished files go."""
+        kept = self.resume_path if keep_resumable else None
         for path in self.job_paths():
             if path != kept:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def remove_failed_files(self, error: JobError) -> None:
+        """What a failed job leaves: nothing, except that a job stopped by something a retry
+        can get past (`resumable`) keeps its partial work aside for the retry."""
+        self.remove_job_files(keep_resumable=resumable(error))
 
     def progress_event(self) -> dict:
         raise NotImplementedError
@@ -272,10 +271,7 @@ def cancel(row_class: type[TrackedRow], pk: str, user, keep: bool = False):
         raise refuse()
     if row.job_id:
         queue.stop_rq_job(row.job_id)
-    kept = row.resume_path if keep else None
-    for path in row.job_paths():
-        if path != kept:
-            shutil.rmtree(path, ignore_errors=True)
+    row.remove_job_files(keep_resumable=keep)
     row = row_class.rows().get(pk=pk)
     row.publish()
     return row
