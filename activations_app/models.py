@@ -200,13 +200,9 @@ class Extraction(TrackedRow):
 
     def job_queue(self) -> str:
         """A worker that can hold the model (a retry): else the shared queue, and the job says why."""
-        from mistudio.errors import ServiceError
-        from models_app.services import model_placement
+        from models_app.services import model_queue_or_shared
 
-        try:
-            return model_placement(self.model).queue
-        except ServiceError:
-            return "default"
+        return model_queue_or_shared(self.model)
 
     def job_paths(self) -> list:
         return [self.final_dir, staged_path(self.final_dir)]

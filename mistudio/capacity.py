@@ -76,13 +76,14 @@ def live_workers(connection) -> list[Capacity]:
     return sorted(found, key=lambda c: c.worker)
 
 
-def live_queues() -> set[str]:
+def reported_workers() -> list[Capacity]:
+    """The live workers' records; none when Redis does not answer (judged on this machine)."""
     from .queue import queue
 
     try:
-        return {worker.queue for worker in live_workers(queue().connection)}
+        return live_workers(queue().connection)
     except RedisError:
-        return set()
+        return []
 
 
 @dataclass(frozen=True)
@@ -106,16 +107,12 @@ class Placement:
         return f"{how} {self.capacity.label}"
 
 
-def place(judge: Callable[[Capacity], Verdict]) -> Placement:
+def place(judge: Callable[[Capacity], Verdict], workers: list[Capacity] | None = None) -> Placement:
     """The queue of a live worker that can hold the job: one that holds it as asked before
     one that must fall back, a GPU before a CPU, then the largest budget. Refused, naming
-    every worker and why, when none can."""
-    from .queue import queue
-
-    try:
-        workers = live_workers(queue().connection)
-    except RedisError:
-        workers = []
+    every worker and why, when none can. `workers`: the records already read (several
+    judgements at once), else read now."""
+    workers = reported_workers() if workers is None else workers
     if not workers:
         local = this_machine()
         verdict = judge(local)
@@ -132,3 +129,12 @@ def place(judge: Callable[[Capacity], Verdict]) -> Placement:
         )  # fmt: skip
     best, _ = max(fitting, key=lambda wv: (wv[1].exact, wv[0].device == "cuda", wv[0].budget_bytes))
     return Placement(best.queue, best, reported=True)
+
+
+def queue_or_shared(judge: Callable[[Capacity], Verdict]) -> str:
+    """Where a job goes when a refusal is the job's own to record (a retry): the placed
+    queue, else the shared one."""
+    try:
+        return place(judge).queue
+    except ServiceError:
+        return SHARED_QUEUE

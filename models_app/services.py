@@ -5,6 +5,7 @@ Views, the API and the management commands all come through here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -92,7 +93,7 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
         )
     if not source.raw_dir.is_dir():
         raise Conflict("snapshot_missing", f"The stored snapshot of {source.name} is gone; download it again.")
-    where = check_fits(source.architecture_config, fmt)
+    where = placement(source.architecture_config, fmt)
     if enqueue:
         require_queue()
     with transaction.atomic():
@@ -135,13 +136,14 @@ def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | Non
     """Parameters, memory and disk per format for a Hub repo, from its config and file
     sizes only (no weights fetched). Cached for ten minutes per repo and revision."""
     result, config = _repo_facts(repo_id, revision, token)
-    return {**result, "placement": {fmt: _placement_summary(config, fmt) for fmt in quantize.FORMATS_SMALLEST_LAST}}
+    workers = capacity.reported_workers()  # read once for the five formats
+    return {**result, "placement": {fmt: _placement_summary(config, fmt, workers) for fmt in quantize.FORMATS_SMALLEST_LAST}}
 
 
-def _placement_summary(config: dict, fmt: str) -> dict:
+def _placement_summary(config: dict, fmt: str, workers: list[capacity.Capacity]) -> dict:
     """Which worker a download of `fmt` would count on, or why none can hold it."""
     try:
-        where = placement(config, fmt)
+        where = capacity.place(_format_judge(config, fmt), workers)
     except ServiceError as exc:
         return {"fits": False, "queue": None, "note": exc.message}
     return {"fits": True, "queue": where.queue, "note": where.note}
@@ -197,31 +199,24 @@ def _download_queue(repo_id: str, revision: str | None, token: str | None, fmt: 
     the job); with several, the one whose budget holds the model, judged from the repo's
     config now (the dialog's estimate is cached). The Hub not answering leaves it to the
     shared queue, and the job says what went wrong."""
-    queues = capacity.live_queues()
+    workers = capacity.reported_workers()
+    queues = {worker.queue for worker in workers}
     if len(queues) <= 1:
         return next(iter(queues), capacity.SHARED_QUEUE)
     try:
         _, config = _repo_facts(repo_id, revision, token)
-    except ServiceError as exc:
-        if exc.code == "does_not_fit":
-            raise
+    except ServiceError:
         return capacity.SHARED_QUEUE
-    return placement(config, fmt).queue
+    return capacity.place(_format_judge(config, fmt), workers).queue
 
 
 def model_queue(config: dict | None, fmt: str) -> str:
     """A job's queue on a retry or an import, where a refusal is the job's to record."""
-    if not config:
-        return capacity.SHARED_QUEUE
-    try:
-        return placement(config, fmt).queue
-    except ServiceError:
-        return capacity.SHARED_QUEUE
+    return capacity.queue_or_shared(_format_judge(config, fmt)) if config else capacity.SHARED_QUEUE
 
 
-def placement(config: dict, fmt: str) -> capacity.Placement:
-    """The device-class queue of a live worker that can make and hold `fmt` (or fall back to
-    a smaller format on it); refused up front, naming every worker's budget, when none can."""
+def _format_judge(config: dict, fmt: str):
+    """Whether a worker can make and hold `fmt` of this config (or fall back to a smaller format on it)."""
 
     def judge(worker: capacity.Capacity) -> capacity.Verdict:
         try:
@@ -231,12 +226,13 @@ def placement(config: dict, fmt: str) -> capacity.Placement:
             return capacity.Verdict(exc.message)
         return capacity.Verdict(exact=made == fmt)
 
-    return capacity.place(judge)
+    return judge
 
 
-def check_fits(config: dict, fmt: str) -> capacity.Placement:
-    """Refuse up front when even the smallest format fits no worker's memory budget."""
-    return placement(config, fmt)
+def placement(config: dict, fmt: str) -> capacity.Placement:
+    """The device-class queue of a live worker that can make and hold `fmt`; refused up
+    front, naming every worker's budget, when none can (even the smallest format)."""
+    return capacity.place(_format_judge(config, fmt))
 
 
 def model_verdict(model: Model, worker: capacity.Capacity) -> capacity.Verdict:
@@ -253,11 +249,12 @@ def model_verdict(model: Model, worker: capacity.Capacity) -> capacity.Verdict:
 
 def model_placement(model: Model) -> capacity.Placement:
     """The queue of a live worker that can load the model (an extraction)."""
+    return capacity.place(functools.partial(model_verdict, model))
 
-    def judge(worker: capacity.Capacity) -> capacity.Verdict:
-        return model_verdict(model, worker)
 
-    return capacity.place(judge)
+def model_queue_or_shared(model: Model) -> str:
+    """An extraction's queue on a retry, where a refusal is the job's to record."""
+    return capacity.queue_or_shared(functools.partial(model_verdict, model))
 
 
 # --- lookup, cancel and delete ---------------------------------------------------------
