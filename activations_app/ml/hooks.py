@@ -35,7 +35,6 @@ class HookTargets:
     captures: list[tuple[int, str, object, float]]  # (layer, hook, module, scale) for every requested capture
     last_block: object  # the deepest requested block: the forward pass can stop after it
     paths: dict[str, str]  # "layer_{i}_{hook}" -> the module path whose output it is
-    layout: decoder.DecoderLayout
 
 
 def hook_targets(model, layers: list[int], hooks: list[str], probe=None) -> HookTargets:
@@ -48,12 +47,11 @@ def hook_targets(model, layers: list[int], hooks: list[str], probe=None) -> Hook
         raise JobError("invalid_layers" if not layers else "invalid_hooks", "Choose at least one layer and one hook type.")
     if len(set(layers)) != len(layers) or len(set(hooks)) != len(hooks):
         raise JobError("invalid_layers", "Each layer and each hook type may be chosen once.")
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    path, blocks = decoder.find_blocks(model, getattr(text, "num_hidden_layers", None))
+    path, blocks = decoder.model_blocks(model)
     bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
     if bad:
         raise JobError("invalid_layers", f"Layers {bad} are out of range: the model has layers 0–{len(blocks) - 1}.")
-    layout = decoder.discover(model, probe, upto=max(layers))
+    layout = decoder.discover(model, probe, upto=max(layers), blocks=(path, blocks))
     captures, paths = [], {}
     for layer in layers:
         parts = {hook: (module, scale) for hook, module, scale in decoder.parts_of(blocks[layer], layout.blocks[layer])}
@@ -62,7 +60,7 @@ def hook_targets(model, layers: list[int], hooks: list[str], probe=None) -> Hook
             captures.append((layer, hook, module, scale))
             part = None if hook == "residual" else layout.part(layer, hook)
             paths[f"layer_{layer}_{hook}"] = f"{path}.{layer}" + (f".{part.path}" if part else "")
-    return HookTargets(captures, blocks[max(layers)], paths, layout)
+    return HookTargets(captures, blocks[max(layers)], paths)
 
 
 @contextmanager

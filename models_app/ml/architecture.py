@@ -73,7 +73,7 @@ def describe(config: dict) -> dict:
     model = meta_model(config)
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     blocks_path, blocks = (layout.blocks_path, decoder.get_module(model, layout.blocks_path)) if layout else \
-        decoder.find_blocks(model, getattr(text, "num_hidden_layers", None))  # fmt: skip
+        decoder.model_blocks(model)  # fmt: skip
     hidden = int(_first(config, "hidden_size", "n_embd", default=getattr(text, "hidden_size", 0)))
     heads = int(_first(config, "num_attention_heads", "n_head", default=getattr(text, "num_attention_heads", 1)))
     kv_heads = int(_first(config, "num_key_value_heads", default=heads) or heads)
@@ -177,13 +177,3 @@ def _block_row(i, path, block, part, parallel, heads, head_dim, hidden, intermed
         "hooks": [{"name": "residual", "path": path, "description": HOOK_DESCRIPTIONS["residual"]}],
         "submodules": submodules,
     }
-
-
-def hook_module_paths(config: dict, layer: int) -> dict[str, str] | None:
-    """The full module path of each hook of one block (for metadata and the viewer)."""
-    layout = _layout(config)
-    if layout is None:
-        return None
-    part = layout.blocks[min(layer, len(layout.blocks) - 1)]
-    base = f"{layout.blocks_path}.{layer}"
-    return {"residual": base, "attention": f"{base}.{part.attention.path}", "mlp": f"{base}.{part.mlp.path}"}

@@ -17,8 +17,9 @@ and their multipliers, when the fit is exact to float rounding. A block with no 
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mistudio.errors import JobError
 
@@ -47,7 +48,6 @@ class DecoderLayout:
     blocks_path: str  # dotted path of the ModuleList of decoder blocks
     blocks: list[BlockLayout]
     parallel: bool | None = None  # the MLP reads the block's input, not the stream after attention
-    notes: list[str] = field(default_factory=list)
 
     def part(self, layer: int, hook: str) -> Part:
         return getattr(self.blocks[layer], hook)
@@ -240,12 +240,19 @@ def probe_ids(vocab_size: int, length: int = 12, rows: int = 2):
     return torch.randint(3, max(4, min(vocab_size, 1000)), (rows, length), generator=generator)
 
 
-def discover(model, ids=None, upto: int | None = None, tolerance: float | None = None) -> DecoderLayout:
-    """The layout of a loaded model, from one probe forward pass (blocks 0..upto)."""
+def model_blocks(model) -> tuple[str, object]:
+    """The dotted path and ModuleList of a loaded model's decoder blocks."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return find_blocks(model, getattr(config, "num_hidden_layers", None))
+
+
+def discover(model, ids=None, upto: int | None = None, tolerance: float | None = None, blocks=None) -> DecoderLayout:
+    """The layout of a loaded model, from one probe forward pass (blocks 0..upto).
+    `blocks`: model_blocks(model), when the caller found them already."""
     import torch
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    path, blocks = find_blocks(model, getattr(config, "num_hidden_layers", None))
+    path, blocks = blocks or model_blocks(model)
     last = len(blocks) - 1 if upto is None else upto
     if ids is None:
         ids = probe_ids(int(getattr(config, "vocab_size", 1000)))
@@ -341,7 +348,7 @@ def _cut_layers(fields: dict, depth: int) -> None:
     per-layer sizes…: a list as long as the model is deep) is cut to the same layers,
     layer-index lists and per-layer dicts are renumbered, and the depth follows."""
     per_layer = [k for k, v in fields.items() if isinstance(v, list) and len(v) == depth and depth > 1]
-    signature = [tuple(json_key(fields[k][i]) for k in per_layer) for i in range(depth)]
+    signature = [tuple(json.dumps(fields[k][i], sort_keys=True, default=str) for k in per_layer) for i in range(depth)]
     firsts = list(dict.fromkeys(signature))
     kept = [signature.index(kind) for kind in firsts]
     if len(kept) < 2:
@@ -361,12 +368,6 @@ def _cut_layers(fields: dict, depth: int) -> None:
     for key in _DEPTH_KEYS:
         if isinstance(fields.get(key), int):
             fields[key] = len(kept)
-
-
-def json_key(value):
-    import json
-
-    return json.dumps(value, sort_keys=True, default=str)
 
 
 def tiny_config(config: dict):
@@ -409,8 +410,7 @@ class NotBuildable(Exception):
 
 @dataclass(frozen=True)
 class ConfigVerdict:
-    layout: DecoderLayout
-    exact: bool  # both identities held on the tiny model built from the config
+    layout: DecoderLayout  # found on the tiny model built from the config, where both identities held
 
 
 _VERDICTS: dict[str, ConfigVerdict] = {}
@@ -419,8 +419,6 @@ _VERDICTS: dict[str, ConfigVerdict] = {}
 def judge_config(config: dict) -> ConfigVerdict:
     """Build the config's architecture tiny and random, find its parts, and check both
     identities; refused, with the reason, when it does not fit. Cached per config."""
-    import json
-
     key = json.dumps({k: v for k, v in config.items() if k != "_name_or_path"}, sort_keys=True, default=str)
     if key not in _VERDICTS:
         _VERDICTS[key] = _judge(config)
@@ -452,7 +450,7 @@ def _judge(config: dict) -> ConfigVerdict:
         raise
     except Exception as exc:  # noqa: BLE001 - the toy-size model does not run (a shrunk size it needs)
         raise NotBuildable(f"the tiny model does not run: {type(exc).__name__}: {exc}") from None
-    return ConfigVerdict(DecoderLayout(layout.blocks_path, layout.blocks, parallel), True)
+    return ConfigVerdict(DecoderLayout(layout.blocks_path, layout.blocks, parallel))
 
 
 def check_causal(model, layout: DecoderLayout, ids) -> None:
