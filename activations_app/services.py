@@ -16,6 +16,7 @@ from django.db import transaction
 from mistudio import jobs
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
+from mistudio.queue import enqueue as enqueue_job
 from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
@@ -259,8 +260,6 @@ def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: b
     target = extraction.final_dir / fmt
     if enqueue:
         require_queue()
-        from mistudio.queue import enqueue as enqueue_job
-
         enqueue_job("activations_app.jobs.export_job", extraction.id, f"export-{extraction.id}-{fmt}-{uuid.uuid4().hex[:8]}")
     return {"extraction_id": extraction.id, "format": fmt, "path": str(target), "status": "queued" if enqueue else "running"}
 
