@@ -204,16 +204,23 @@ def _npy_header_bytes(shape, dtype) -> int:
     return buffer.tell()
 
 
-CHECKPOINT = "checkpoint.json"
-CHECKPOINT_STATS = "checkpoint_stats.npz"
+# One file, replaced atomically: the rows made durable, the request they belong to and the
+# running statistics over exactly those rows (a marker and a statistics file apart could be
+# caught by a kill between their two renames, pairing one checkpoint's rows with the next's
+# statistics).
+CHECKPOINT = "checkpoint.npz"
 
 
-def read_checkpoint(folder: Path) -> dict | None:
-    """A stopped run's marker in its staged folder ({"rows", "fingerprint"}), or None."""
+def read_checkpoint(folder: Path, with_stats: bool = False) -> dict | None:
+    """A stopped run's marker in its staged folder ({"rows", "fingerprint"}, and "stats",
+    the saved statistics, when asked), or None."""
     try:
-        checkpoint = json.loads((folder / CHECKPOINT).read_text())
-        return {"rows": int(checkpoint["rows"]), "fingerprint": str(checkpoint["fingerprint"])}
-    except (OSError, ValueError, KeyError, TypeError):
+        with np.load(folder / CHECKPOINT, allow_pickle=False) as saved:
+            checkpoint = {"rows": int(saved["__rows__"]), "fingerprint": str(saved["__fingerprint__"])}
+            if with_stats:
+                checkpoint["stats"] = {key: saved[key] for key in saved.files if "/" in key}
+            return checkpoint
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
 
 
@@ -264,7 +271,7 @@ class ActivationWriter:
     def _reopen(self, shapes, dtypes) -> bool:
         """Go on from a checkpoint of the same request over the same tokens, when there is
         one (the data changed under the same request: start over)."""
-        checkpoint = read_checkpoint(self.tmp_dir) if self.fingerprint else None
+        checkpoint = read_checkpoint(self.tmp_dir, with_stats=True) if self.fingerprint else None
         if checkpoint is None or checkpoint["fingerprint"] != self.fingerprint:
             return False
         for stem, shape in shapes.items():
@@ -283,8 +290,7 @@ class ActivationWriter:
                 self._close()
                 return False
             self._open(stem, path, offset, shape, dtypes[stem])
-        with np.load(self.tmp_dir / CHECKPOINT_STATS, allow_pickle=False) as saved:
-            self.resumed_stats = {key: saved[key] for key in saved.files}
+        self.resumed_stats = checkpoint["stats"]
         self.resumed_rows = checkpoint["rows"]
         return True
 
@@ -296,21 +302,18 @@ class ActivationWriter:
             data, at = data[written:], at + written
 
     def checkpoint(self, rows: int, stats: dict[str, dict]) -> None:
-        """Rows [0, rows) and the statistics over them, durable: data first, then the
-        statistics, then the marker that points at both (each replaced atomically)."""
+        """Rows [0, rows) and the statistics over them, durable: the data first, then one
+        file naming both, replaced atomically."""
         for fd in self.fds.values():
             os.fdatasync(fd)
         flat = {f"{stem}/{key}": np.asarray(value) for stem, state in stats.items() for key, value in state.items()
                 if value is not None}  # fmt: skip
-        tmp = self.tmp_dir / f".{CHECKPOINT_STATS}"
+        tmp = self.tmp_dir / f".{CHECKPOINT}"
         with tmp.open("wb") as handle:
-            np.savez(handle, **flat)
+            np.savez(handle, __rows__=np.int64(rows), __fingerprint__=np.str_(self.fingerprint), **flat)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, self.tmp_dir / CHECKPOINT_STATS)
-        marker = self.tmp_dir / f".{CHECKPOINT}"
-        marker.write_text(json.dumps({"rows": rows, "fingerprint": self.fingerprint}))
-        os.replace(marker, self.tmp_dir / CHECKPOINT)
+        os.replace(tmp, self.tmp_dir / CHECKPOINT)
 
     def commit(self, metadata: dict, extra_files: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
         for fd in self.fds.values():
@@ -318,8 +321,7 @@ class ActivationWriter:
         self._close()
         for name, arrays in (extra_files or {}).items():
             np.savez(self.tmp_dir / name, **arrays)
-        for name in (CHECKPOINT, CHECKPOINT_STATS):
-            (self.tmp_dir / name).unlink(missing_ok=True)
+        (self.tmp_dir / CHECKPOINT).unlink(missing_ok=True)
         (self.tmp_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
         return promote(self.tmp_dir, self.final_dir)
 

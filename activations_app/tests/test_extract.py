@@ -292,7 +292,11 @@ def test_a_resume_over_changed_tokens_starts_over_instead_of_mixing_runs(tmp_pat
     first, second = (rng.integers(0, 300, size=(6, 8)).astype(np.int64) for _ in range(2))
     out = tmp_path / "activations" / "extraction_1"
     _stopped_run(model, first, spec, out)
-    assert extract.read_checkpoint(staged_path(out)) is not None  # a checkpoint was kept
+    kept = extract.read_checkpoint(staged_path(out), with_stats=True)
+    assert kept is not None and kept["rows"] >= 2  # a checkpoint was kept
+    # Its statistics count exactly the rows it names (one file holds both: no kill between two renames can pair them wrongly).
+    assert int(kept["stats"]["layer_1_residual/tokens"]) == kept["rows"] * 8
+    assert sorted(p.name for p in staged_path(out).iterdir() if "checkpoint" in p.name) == ["checkpoint.npz"]
     result = run_extraction(model, "llama", Tokens(second, None), spec, out, {}, fingerprint="same request")
     clean = run_extraction(model, "llama", Tokens(second, None), spec, tmp_path / "clean" / "extraction_2", {})
     assert result.batch_sizes == [2, 2, 2]  # every row ran again

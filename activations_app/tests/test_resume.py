@@ -159,7 +159,7 @@ def test_the_page_offers_resume_only_where_a_checkpoint_was_kept(smollm2_model, 
     assert "Retry from the start" in page and "Resume from sample" not in page
     staged = staged_path(extraction.final_dir)
     staged.mkdir(parents=True)
-    (staged / "checkpoint.json").write_text(json.dumps({"rows": 4, "fingerprint": "x"}))
+    np.savez(staged / "checkpoint.npz", __rows__=np.int64(4), __fingerprint__=np.str_("x"))
     page = signed_in.get(f"/extractions/{extraction.id}").content.decode()
     assert "Resume from sample 4" in page
     response = signed_in.post(f"/extractions/{extraction.id}/resume")
