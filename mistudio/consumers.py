@@ -16,6 +16,17 @@ ROW_ID = re.compile(r"[a-z]{1,3}_[0-9a-f]{1,32}")
 
 class SignedInConsumer(AsyncWebsocketConsumer):
     groups_to_join: list[str] = []
+    # Handlers that only forward what a job published and never touch the database.
+    # Channels' dispatch closes stale database connections before every handler, a hop to
+    # the sync thread per message and socket: with 500 sockets on one event, that hop was
+    # the fan-out's largest cost (scripts/bench, the WebSocket row).
+    FORWARDING = frozenset({"html.fragment", "json.event", "session.ended"})
+
+    async def dispatch(self, message):
+        if message["type"] in self.FORWARDING:
+            await getattr(self, message["type"].replace(".", "_"))(message)
+        else:
+            await super().dispatch(message)
 
     async def connect(self):
         user = self.scope.get("user")

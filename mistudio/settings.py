@@ -65,10 +65,11 @@ def connection_reuse() -> dict:
     The ASGI server (mistudio/asgi.py sets MISTUDIO_DB_POOL) runs each request's sync code
     in a thread of its own, so a per-thread persistent connection is left behind by every
     request: Django's psycopg pool bounds them instead (at most MISTUDIO_DB_POOL_SIZE per web
-    process). RQ workers, whose jobs fork from them, never pool (a pool's threads and shared
+    process; by default 32 shared out over the MISTUDIO_WEB_PROCESSES, at least 4 each). RQ workers, whose jobs fork from them, never pool (a pool's threads and shared
     sockets do not survive a fork); they and the commands keep one connection for a minute."""
     if env_bool("MISTUDIO_DB_POOL", False) and "rqworker" not in sys.argv:
-        pool = {"min_size": 2, "max_size": env_int("MISTUDIO_DB_POOL_SIZE", 20), "timeout": 10}
+        size = env_int("MISTUDIO_DB_POOL_SIZE", max(4, 32 // max(1, env_int("MISTUDIO_WEB_PROCESSES", 1))))
+        pool = {"min_size": 2, "max_size": size, "timeout": 10}
         return {"CONN_MAX_AGE": 0, "OPTIONS": {"pool": pool}}
     return {"CONN_MAX_AGE": 60, "CONN_HEALTH_CHECKS": True}
 

@@ -2,6 +2,12 @@
 Redis answers and none was configured, a private Redis), each restarted within seconds
 when it dies, so a killed worker never takes the web server down, nor the reverse.
 
+The web server is MISTUDIO_WEB_PROCESSES daphne processes (default: one per CPU, at most
+4) adopting one listening socket that this process binds and holds, so the kernel spreads
+connections over them, and one that dies or restarts never closes the port: a daphne runs
+Django's sync code under one GIL, and one process saturated at ~95 requests/s on this
+2-core machine (scripts/bench). WebSocket groups span processes (Redis pub/sub layer).
+
 Plain Python, no Django: it only starts processes, and each child loads the settings
 itself with the environment given here (REDIS_URL for a private Redis)."""
 
@@ -44,8 +50,10 @@ class Child:
     started: float = 0.0
     quick_deaths: int = field(default=0)
 
+    pass_fds: tuple[int, ...] = ()
+
     def start(self, env: dict) -> None:
-        self.process = subprocess.Popen(self.command, env=env)
+        self.process = subprocess.Popen(self.command, env=env, pass_fds=self.pass_fds)
         self.started = time.monotonic()
 
     def restart_delay(self) -> float:
@@ -57,16 +65,43 @@ class Child:
         return min(8.0, 0.5 * 2 ** max(0, self.quick_deaths - 1)) if self.quick_deaths else 0.5
 
 
+def web_processes() -> int:
+    return max(1, int(os.environ.get("MISTUDIO_WEB_PROCESSES") or min(4, os.cpu_count() or 1)))
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The web server's socket, bound here once for every daphne to adopt."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"Cannot listen on {host}:{port}: {exc.strerror}. Set MISTUDIO_PORT to a free port.") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
 class Supervisor:
-    def __init__(self, host: str, port: int, workers: int, data_dir: Path) -> None:
+    def __init__(self, host: str, port: int, workers: int, data_dir: Path, web: int | None = None) -> None:
         self.env = dict(os.environ)
         self.children: list[Child] = []
         self.stopping = False
+        self.socket: socket.socket | None = None
         python = sys.executable
         redis = self._redis(data_dir)
         if redis is not None:
             self.children.append(redis)
-        self.children.append(Child("web", [python, "-m", "daphne", "-b", host, "-p", str(port), "mistudio.asgi:application"]))
+        web = web_processes() if web is None else web
+        self.env.setdefault("MISTUDIO_WEB_PROCESSES", str(web))  # the pool's size per process follows it (settings)
+        if web:
+            self.socket = listen(host, port)
+            fd = self.socket.fileno()
+            for n in range(1, web + 1):
+                command = [python, "-m", "daphne", "--fd", str(fd), "mistudio.asgi:application"]
+                self.children.append(Child(f"web {n}", command, pass_fds=(fd,)))
         for n in range(1, workers + 1):
             name = f"mistudio-{socket.gethostname()}-{port}-{n}"
             self.children.append(Child(f"worker {n}", [python, "manage.py", "rqworker", "default", "--name", name,
@@ -133,6 +168,8 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 child.process.kill()  # its work horse dies with it (MistudioWorker)
                 child.process.wait()
+        if self.socket is not None:
+            self.socket.close()
 
 
 def _describe(code: int) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from models_app.tests.support import ROOT, free_port, subprocess_env, wait_for
+from models_app.tests.support import ROOT, child_pids, free_port, subprocess_env, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -63,27 +63,37 @@ def test_healthz_is_503_when_redis_is_gone(client, settings):
 def test_scripts_run_restarts_a_killed_worker_and_a_killed_web_server(redis_clean):
     port = free_port()
     worker_name = f"mistudio-{socket.gethostname()}-{port}-1"
-    env = subprocess_env(MISTUDIO_PORT=str(port), MISTUDIO_ADMIN_PASSWORD="correct horse battery")
+    env = subprocess_env(MISTUDIO_PORT=str(port), MISTUDIO_ADMIN_PASSWORD="correct horse battery", MISTUDIO_WEB_PROCESSES="2")
     run = subprocess.Popen(["scripts/run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)  # fmt: skip
     try:
         wait_for(lambda: (healthz(port) or {}).get("workers") and pids_with("rqworker", worker_name), timeout=120,
                  interval=0.3, message="scripts/run to serve with a worker")  # fmt: skip
         (worker,) = pids_with("rqworker", worker_name)
-        (web,) = pids_with("daphne", str(port))
+        wait_for(lambda: len(child_pids(run.pid, "daphne")) == 2, timeout=30, message="both web processes")
+        webs = sorted(child_pids(run.pid, "daphne"))
         os.kill(worker, signal.SIGKILL)
         killed = time.monotonic()
         wait_for(lambda: [p for p in pids_with("rqworker", worker_name) if p != worker], timeout=10, interval=0.1,
                  message="the worker to be restarted")  # fmt: skip
         assert time.monotonic() - killed < 10
-        assert healthz(port)["status"] == "ok" and pids_with("daphne", str(port)) == [web]
+        assert healthz(port)["status"] == "ok" and sorted(child_pids(run.pid, "daphne")) == webs
 
         (worker,) = pids_with("rqworker", worker_name)
-        os.kill(web, signal.SIGKILL)
+        os.kill(webs[0], signal.SIGKILL)  # the other goes on answering on the same socket meanwhile
+        killed = time.monotonic()
+        assert healthz(port)["status"] == "ok"
+        wait_for(lambda: len(set(child_pids(run.pid, "daphne")) - {webs[0]}) == 2, timeout=10, interval=0.1,
+                 message="the web process to be restarted")  # fmt: skip
+        assert time.monotonic() - killed < 10
+        webs = child_pids(run.pid, "daphne")
+        for pid in webs:  # and the whole web server
+            os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         wait_for(lambda: (healthz(port) or {}).get("status") == "ok", timeout=10, interval=0.1, message="the web server")
         assert time.monotonic() - killed < 10
         assert pids_with("rqworker", worker_name) == [worker]
+        webs = child_pids(run.pid, "daphne")
     finally:
         os.killpg(run.pid, signal.SIGTERM)
         try:
@@ -92,7 +102,7 @@ def test_scripts_run_restarts_a_killed_worker_and_a_killed_web_server(redis_clea
             os.killpg(run.pid, signal.SIGKILL)
             output, _ = run.communicate()
     assert "restarting" in output
-    assert not pids_with("rqworker", worker_name) and not pids_with("daphne", str(port))
+    assert not pids_with("rqworker", worker_name) and not [pid for pid in webs if Path(f"/proc/{pid}").exists()]
 
 
 def test_with_no_redis_anywhere_scripts_run_starts_a_private_one_in_the_data_dir(tmp_path, monkeypatch):

@@ -25,10 +25,11 @@ from mistudio import progress
 from mistudio.asgi import application
 from mistudio.jobs import TrackedJob
 from mistudio.models import ApiToken
+from mistudio.supervise import web_processes
 from models_app.ml import hub as hub_api
 from models_app.models import Model, ModelStatus
 from models_app.tests.hub_server import HubRepo, hub_in_subprocess, make_sha
-from models_app.tests.support import free_port, start_daphne
+from models_app.tests.support import free_port, start_daphne, start_web
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -248,27 +249,36 @@ def test_list_api_under_load_keeps_database_connections_bounded(user):
                params_count=134_515_008, architecture_config=config) for i in range(1000)]
     )  # fmt: skip
     _, token = ApiToken.issue(user)
-    port = free_port()
-    server = start_daphne(port)
-    monitor = monitor_connection()
-    try:
-        idle_before = database_connections(monitor)
-        figures = open_loop_load(f"http://127.0.0.1:{port}/api/models", {"Authorization": f"Bearer {token}"}, 100, 30, monitor)
-        time.sleep(2)
-        idle_after = database_connections(monitor)
-    finally:
-        server.kill()
-        server.wait(timeout=10)
-        monitor.close()
-    report(
-        "GET /api/models (1,000 records, 20 per page) at 100 requests/s for 30 s through daphne",
-        [
-            ("requests / errors", f"{figures['requests']} / {figures['errors']}"),
-            ("latency", f"p50 {figures['p50']:7.1f} ms   p95 {figures['p95']:7.1f} ms"),
-            ("database connections", f"peak {figures['peak_connections']} (before {idle_before}, 2 s after {idle_after})"),
-            ("target", "0 errors, p95 < 100 ms, at most 40 connections at any moment"),
-        ],
-    )
+    processes = web_processes()
+    rows = []
+    # The baseline is one daphne process; then the web server as scripts/run runs it.
+    for label, start in (("1 daphne process (baseline)", start_daphne),
+                         (f"scripts/run's web server: {processes} daphne processes, one socket",
+                          lambda port: start_web(port, processes))):  # fmt: skip
+        port = free_port()
+        server = start(port)
+        monitor = monitor_connection()
+        try:
+            idle_before = database_connections(monitor)
+            figures = open_loop_load(f"http://127.0.0.1:{port}/api/models", {"Authorization": f"Bearer {token}"}, 100, 30,
+                                     monitor)  # fmt: skip
+            time.sleep(2)
+            idle_after = database_connections(monitor)
+        finally:
+            server.terminate()
+            server.wait(timeout=20)
+            monitor.close()
+        rows += [
+            (label, ""),
+            ("  requests / errors", f"{figures['requests']} / {figures['errors']}"),
+            ("  latency", f"p50 {figures['p50']:7.1f} ms   p95 {figures['p95']:7.1f} ms"),
+            ("  database connections", f"peak {figures['peak_connections']} (before {idle_before}, 2 s after {idle_after})"),
+        ]
+        if label.startswith("1 "):
+            baseline = figures["p95"]
+    rows.append(("p95, baseline / scripts/run", f"{baseline / figures['p95']:.1f}x"))
+    rows.append(("target", "0 errors, p95 < 100 ms, at most 40 connections at any moment"))
+    report("GET /api/models (1,000 records, 20 per page) at 100 requests/s for 30 s", rows)
 
 
 async def test_progress_event_delay_to_a_websocket_client(user):
@@ -357,18 +367,25 @@ def test_websocket_burst_fan_out_and_list_sizes_with_1000_models(user, signed_in
     added_frame = len(render_to_string("models_app/_card_added.html", {"model": added}).encode())
     model = Model.objects.create(name="bench", status=ModelStatus.DOWNLOADING)
     _, token = ApiToken.issue(user)
-    port = free_port()
-    server = start_daphne(port)
-    try:
-        figures = asyncio.run(websocket_burst(port, token, model.id, clients=500, events=20))
-    finally:
-        server.kill()
-        server.wait(timeout=10)
+    processes = web_processes()
+    rows = []
+    for label, start in (("1 daphne process (baseline)", start_daphne),
+                         (f"scripts/run's web server: {processes} daphne processes", lambda port: start_web(port, processes))):
+        port = free_port()
+        server = start(port)
+        try:
+            figures = asyncio.run(websocket_burst(port, token, model.id, clients=500, events=20))
+        finally:
+            server.terminate()
+            server.wait(timeout=20)
+        rows += [
+            (label, ""),
+            ("  connected / failed", f"{figures['connected']} / {len(figures['failures'])} {sorted(set(figures['failures']))}"),
+            ("  delivery, publish -> every client", f"p50 {figures['p50']:7.1f} ms   p95 {figures['p95']:7.1f} ms"),
+        ]
     report(
-        "WebSockets through daphne: 500 /ws/models/{id}/progress clients opened at once, then 20 events to all",
-        [
-            ("connected / failed", f"{figures['connected']} / {len(figures['failures'])} {sorted(set(figures['failures']))}"),
-            ("delivery, publish -> every client", f"p50 {figures['p50']:7.1f} ms   p95 {figures['p95']:7.1f} ms"),
+        "WebSockets: 500 /ws/models/{id}/progress clients opened at once, then 20 events to all",
+        rows + [
             ("Models page HTML, 1,000 models", f"{panel / 1000:7.1f} KB"),
             ("first /ws/models/ frame", f"{first_frame / 1000:7.1f} KB"),
             ("frame for one added card", f"{added_frame / 1000:7.1f} KB"),

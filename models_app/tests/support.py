@@ -127,6 +127,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_web(port: int, processes: int) -> subprocess.Popen:
+    """The web server exactly as `scripts/run` runs it (mistudio.supervise: `processes`
+    daphnes on one socket), with no workers, against the test database."""
+    import tempfile
+    import urllib.request
+
+    log = tempfile.NamedTemporaryFile(prefix=f"web-{port}-", suffix=".log", delete=False)
+    env = subprocess_env(MISTUDIO_PORT=str(port), MISTUDIO_WORKERS="0", MISTUDIO_WEB_PROCESSES=str(processes))
+    process = subprocess.Popen([sys.executable, "-m", "mistudio.supervise"], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process.log_path = log.name
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=5)
+            return True
+        except OSError:
+            return process.poll() is not None
+
+    wait_for(answers, timeout=60, interval=0.2, message="the web server to answer")
+    assert process.poll() is None, Path(log.name).read_text()
+    # Every process up (each loads Django on its own), not only the first to answer.
+    wait_for(lambda: len(child_pids(process.pid)) >= processes, timeout=30, message="every web process")
+    time.sleep(2)
+    return process
+
+
+def child_pids(parent: int, *parts: str) -> list[int]:
+    """The live children of `parent` whose command line holds every one of `parts`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(status.split("PPid:")[1].split()[0])
+        if ppid == parent and all(part in command for part in parts) and "State:\tZ" not in status:
+            found.append(int(entry.name))
+    return found
+
+
 def start_daphne(port: int) -> subprocess.Popen:
     """The real ASGI server the run command uses, against the test database. Its output
     (an access-log line per request) goes to a file: an unread pipe would fill up and
