@@ -1,11 +1,14 @@
 """/ws/models/{id}/extraction (extraction_progress / extraction_completed events of the
-model's extractions, first the latest one's state) and /ws/datasets/ (card HTML)."""
+model's extractions, first the latest one's state), /ws/datasets/ and /ws/extractions/
+(card HTML)."""
+
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 
-from mistudio.consumers import HtmlFragmentsConsumer, RowEventsConsumer
+from mistudio.consumers import ROW_ID, HtmlFragmentsConsumer, RowEventsConsumer
 from mistudio.errors import NotFound
-from mistudio.progress import DATASETS_GROUP, model_group
+from mistudio.progress import DATASETS_GROUP, EXTRACTIONS_GROUP, model_group
 from models_app.services import get_model
 
 from .models import Dataset, Extraction
@@ -37,3 +40,24 @@ class DatasetsConsumer(HtmlFragmentsConsumer):
 
     async def initial_message(self) -> str:
         return await database_sync_to_async(Dataset.list_html)(oob=True)
+
+
+def _extractions_state(query: dict) -> str | None:
+    """What the page shows now: one extraction's detail body, or the (one model's) list."""
+    extraction_id = (query.get("extraction") or [""])[0]
+    if extraction_id:
+        extraction = Extraction.rows().filter(pk=extraction_id).first() if ROW_ID.fullmatch(extraction_id) else None
+        return extraction.detail_html(oob=True) if extraction else None
+    model_id = (query.get("model_id") or [""])[0]
+    return Extraction.list_html(model_id if ROW_ID.fullmatch(model_id) else None, oob=True)
+
+
+class ExtractionsConsumer(HtmlFragmentsConsumer):
+    """/ws/extractions/ (?model_id= for one model's list, ?extraction= for a detail page):
+    cards as they change, new ones first in the list, a detail page's whole body."""
+
+    group = EXTRACTIONS_GROUP
+
+    async def initial_message(self) -> str | None:
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        return await database_sync_to_async(_extractions_state)(query)

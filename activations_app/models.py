@@ -1,3 +1,4 @@
+import os
 import secrets
 from pathlib import Path
 
@@ -156,6 +157,7 @@ class Extraction(TrackedRow):
     RUNNING = EXTRACTION_RUNNING
     TIMEOUT_HINT = "use fewer samples or raise the limit"
     card_template = "activations_app/_extraction_card.html"
+    html_group = progress.EXTRACTIONS_GROUP
 
     id = models.CharField(primary_key=True, max_length=16, default=new_extraction_id, editable=False)
     # Deleting a model or dataset keeps finished extractions (hours of compute, described by
@@ -221,6 +223,53 @@ class Extraction(TrackedRow):
 
     def event_group(self) -> str | None:
         return progress.model_group(self.model_id, "extraction") if self.model_id else None
+
+    def detail_html(self, oob: bool = False, action_error: str | None = None) -> str:
+        """The detail page's body: card, actions, charts and the numbers table."""
+        from .charts import file_histograms, layer_charts
+
+        thresholds = {s.get("sparsity_threshold") for s in self.statistics.values()}
+        return render_to_string("activations_app/_extraction_detail.html", {
+            "extraction": self, "oob": oob, "action_error": action_error,
+            "sparsity_threshold": ", ".join(str(t) for t in sorted(thresholds)),
+            "charts": layer_charts(self.statistics, self.layers, self.hook_types),
+            "histograms": file_histograms(self.statistics),
+        })  # fmt: skip
+
+    def live_html(self) -> str:
+        """The card for the lists, and the whole body for its own detail page, which then
+        finishes live (statistics in, Cancel gone); a page without the target skips it."""
+        return self.card_html(oob=True) + self.detail_html(oob=True)
+
+    def publish_added(self) -> None:
+        """The new card first in every open list (of all extractions, or of its model's)."""
+        progress.publish_html(render_to_string("activations_app/_extraction_added.html", {"extraction": self}), self.html_group)
+
+    def publish_removed(self) -> None:
+        progress.publish_html(f'<div id="extraction-card-{self.id}" hx-swap-oob="delete"></div>', self.html_group)
+
+    @classmethod
+    def list_html(cls, model_id: str | None = None, oob: bool = False) -> str:
+        rows = cls.rows().filter(model_id=model_id) if model_id else cls.rows()
+        return render_to_string("activations_app/_extraction_list.html",
+                                {"extractions": rows[: cls.LIST_SIZE], "model_id": model_id or "", "oob": oob})  # fmt: skip
+
+    LIST_SIZE = 200
+
+    @property
+    def duration_seconds(self) -> float | None:
+        """From the request to the end, for a run that ended."""
+        if self.is_running or not self.created_at or not self.updated_at:
+            return None
+        return max(0.0, (self.updated_at - self.created_at).total_seconds())
+
+    @property
+    def size_bytes(self) -> int | None:
+        """What its finished files take on disk."""
+        try:
+            return sum(entry.stat().st_size for entry in os.scandir(self.final_dir) if entry.is_file())
+        except OSError:
+            return None
 
     def progress_event(self) -> dict:
         if self.status == ExtractionStatus.COMPLETED:

@@ -16,6 +16,7 @@ urlpatterns = [
     path("extractions/<str:extraction_id>/cancel", views.extraction_cancel, name="extraction-cancel"),
     path("extractions/<str:extraction_id>/resume", views.extraction_resume, name="extraction-resume"),
     path("extractions/<str:extraction_id>/retry", views.extraction_retry, name="extraction-retry"),
+    path("extractions/<str:extraction_id>/delete", views.extraction_delete, name="extraction-delete"),
     path("models/<str:model_id>/extract", views.extraction_dialog, name="dialog"),
     path("models/<str:model_id>/extract/estimate", views.extraction_estimate, name="estimate"),
     path("models/<str:model_id>/extract/start", views.extraction_start, name="start"),

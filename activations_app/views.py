@@ -2,17 +2,18 @@
 
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from mistudio.consumers import ROW_ID
 from mistudio.errors import NotFound, ServiceError
 from models_app.services import get_model
 
 from . import services
+from .charts import HOOK_LABELS
 from .forms import ExtractionForm
 from .ml.hooks import HOOK_TYPES
 from .models import Dataset, Extraction
-
-HOOK_LABELS = {"residual": "Residual Stream", "mlp": "MLP Output", "attention": "Attention Output"}
 
 
 def _datasets_page(request, status: int = 200, **context):
@@ -86,11 +87,10 @@ def dataset_delete(request, dataset_id):
 @require_GET
 def extractions_page(request):
     """Every extraction, or one model's history with ?model_id=."""
-    extractions = Extraction.rows()
-    model_id = request.GET.get("model_id")
-    if model_id:
-        extractions = extractions.filter(model_id=model_id)
-    return render(request, "activations_app/extractions.html", {"extractions": extractions[:200], "model_id": model_id})
+    model_id = request.GET.get("model_id", "")
+    if model_id and not ROW_ID.fullmatch(model_id):
+        model_id = ""
+    return render(request, "activations_app/extractions.html", {"list_html": Extraction.list_html(model_id), "model_id": model_id})
 
 
 @require_GET
@@ -100,11 +100,8 @@ def extraction_detail(request, extraction_id):
 
 def _detail_page(request, extraction_id, action_error: str | None = None, status: int = 200):
     extraction = get_object_or_404(Extraction.rows(), pk=extraction_id)
-    thresholds = {s.get("sparsity_threshold") for s in extraction.statistics.values()}
     return render(request, "activations_app/extraction_detail.html", {
-        "extraction": extraction, "sparsity_threshold": ", ".join(str(t) for t in sorted(thresholds)),
-        "action_error": action_error,
-    }, status=status)  # fmt: skip
+        "extraction": extraction, "body": extraction.detail_html(action_error=action_error)}, status=status)  # fmt: skip
 
 
 @require_GET
@@ -163,6 +160,26 @@ def extraction_resume(request, extraction_id):
 @require_POST
 def extraction_export(request, extraction_id):
     return _act_on_extraction(request, extraction_id, lambda: services.export_extraction(extraction_id, request.user, "saelens"))
+
+
+@require_POST
+def extraction_delete(request, extraction_id):
+    """From a card (htmx): the card goes, or shows why not; from the detail page: back to
+    the list. Without JavaScript: the list, or the detail page with the refusal."""
+    htmx = request.headers.get("HX-Request") == "true"
+    try:
+        services.delete_extraction(extraction_id, request.user)
+    except ServiceError as exc:
+        if not htmx:
+            return _detail_page(request, extraction_id, action_error=exc.message, status=exc.status)
+        extraction = get_object_or_404(Extraction.rows(), pk=extraction_id)
+        return HttpResponse(extraction.card_html(card_error=exc.message), status=exc.status)
+    if not htmx:
+        return redirect("activations:extractions")
+    response = HttpResponse("")
+    if request.POST.get("from") == "detail":
+        response["HX-Redirect"] = reverse("activations:extractions")
+    return response
 
 
 @require_POST

@@ -162,9 +162,13 @@ class TrackedRow(models.Model):
     def card_html(self, oob: bool = False, **context) -> str:
         return render_to_string(self.card_template, {self.KIND: self, "oob": oob, **context})
 
+    def live_html(self) -> str:
+        """What pages showing the row swap in (out-of-band by id) when it changes."""
+        return self.card_html(oob=True)
+
     def publish(self) -> None:
         """The card to every page that shows it (out-of-band by id), the event to its clients."""
-        progress.publish_html(self.card_html(oob=True), self.html_group)
+        progress.publish_html(self.live_html(), self.html_group)
         group = self.event_group()
         if group:
             progress.publish_event_to(group, self.progress_event())

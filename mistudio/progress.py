@@ -45,6 +45,7 @@ _layer_loop = _LayerLoop()
 
 MODELS_GROUP = "models"
 DATASETS_GROUP = "datasets"
+EXTRACTIONS_GROUP = "extractions"
 
 
 def model_group(model_id: str, channel: str = "progress") -> str:

@@ -4,6 +4,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import models
 from django.template.loader import render_to_string
+from django.utils.functional import cached_property
 
 from mistudio import progress
 from mistudio.errors import JobError
@@ -142,6 +143,45 @@ class Model(TransferRow):
         if self.perplexity is None or not self.perplexity_baseline:
             return None
         return 100.0 * (self.perplexity - self.perplexity_baseline) / self.perplexity_baseline
+
+    @property
+    def overall_progress(self) -> float:
+        """The whole job's progress, which never moves back across phases (each phase's
+        own `progress` starts again at 0): fetching or copying the weights takes the first
+        80 % when a quantization follows (95 % when not), loading ends there, quantizing
+        and measuring take the rest."""
+        quantizes = self.requested_quantization not in ("", "FP32")
+        fetched = 80.0 if quantizes else 95.0
+        if self.status == ModelStatus.READY:
+            return 100.0
+        if self.status in (ModelStatus.DOWNLOADING, ModelStatus.LOADING):
+            return self.progress * fetched / 100
+        if self.status == ModelStatus.QUANTIZING:
+            return fetched + self.progress * (100 - fetched) / 100
+        return 0.0
+
+    @property
+    def quality_band(self) -> str | None:
+        """Perplexity against FP32: fine within 5 %, caution within 25 %, else unusable."""
+        change = self.quality_change_percent
+        if change is None:
+            return None
+        return "fine" if change <= 5 else "caution" if change <= 25 else "unusable"
+
+    @property
+    def quality_text(self) -> str:
+        """"+3.1 % vs FP32", or "×120,000 vs FP32" once it is many times worse."""
+        change = self.quality_change_percent
+        if change is None:
+            return ""
+        if change >= 100:
+            return f"×{self.perplexity / self.perplexity_baseline:,.0f} vs FP32"
+        return f"{'+' if change >= 0 else '−'}{abs(change):.1f} % vs FP32"
+
+    @cached_property
+    def source_model(self):
+        """The model whose snapshot this variant was made from, while it exists."""
+        return Model.objects.filter(pk=self.snapshot_of).only("id", "name", "quantization").first() if self.snapshot_of else None
 
     def quantized_dir(self, fmt: str) -> Path:
         return settings.DATA_DIR / "models" / "quantized" / f"{self.id}_{fmt}"

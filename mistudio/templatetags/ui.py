@@ -1,5 +1,7 @@
 """Icons (lucide, inline SVG) and the number formats the cards use."""
 
+import math
+
 from django import template
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
@@ -25,6 +27,7 @@ LUCIDE = {
     '<path d="M8 6V4c0-1 1-2 2-2h4c1 0 2 1 2 2v2"/><line x1="10" x2="10" y1="11" y2="17"/>'
     '<line x1="14" x2="14" y1="11" y2="17"/>',
     "play": '<polygon points="6 3 20 12 6 21 6 3"/>',
+    "chevron-right": '<path d="m9 18 6-6-6-6"/>',
     "database": '<ellipse cx="12" cy="5" rx="9" ry="3"/><path d="M3 5V19A9 3 0 0 0 21 19V5"/>'
     '<path d="M3 12A9 3 0 0 0 21 12"/>',
 }
@@ -89,3 +92,29 @@ def signed_percent(value) -> str:
 @register.filter
 def get_item(mapping, key):
     return mapping.get(key) if mapping else None
+
+
+@register.filter
+def thousands(value) -> str:
+    """12,105,137: integers with thousands separators."""
+    if value in (None, ""):
+        return "–"
+    return f"{int(round(float(value))):,}"
+
+
+@register.filter
+def figure(value, digits: int = 3) -> str:
+    """A measured float for a table: `digits` significant figures, thousands separated,
+    scientific only beyond 10^7 or below 10^-3 (1,234.5, 0.0123, 3.1e+09)."""
+    if value in (None, ""):
+        return "–"
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 1e7 or magnitude < 1e-3:
+        return f"{value:.{max(0, int(digits) - 1)}e}"
+    decimals = max(0, int(digits) - 1 - math.floor(math.log10(magnitude)))
+    return f"{value:,.{decimals}f}"

@@ -36,10 +36,25 @@ def test_a_downloading_card_shows_bytes_speed_eta_and_a_bar_of_that_width(signed
     )
     html = card_html(signed_in, model)
     assert "Download Progress" in html and "45.2%" in html
-    assert "width: 45.2%" in html
+    assert "width: 42.9%" in html and "42.9% overall" in html  # the download is 95 % of an FP32 job
     assert "243MB / 538MB" in html and "12.5 MB/s" in html and "ETA 24s" in html
     assert "animate-spin" in html and f'hx-post="/models/{model.id}/cancel"' in html
     assert "/delete" not in html
+
+
+def test_the_bar_never_moves_back_from_download_to_loading_to_quantizing(signed_in):
+    """Each phase's own progress starts again at 0; the bar shows the whole job's."""
+    model = make_model(status="downloading", progress=0.0, requested_quantization="Q4", bytes_total=542_000_000, bytes_done=0)
+    widths = []
+    for status, progress in (("downloading", 0.0), ("downloading", 50.0), ("downloading", 100.0), ("loading", 100.0),
+                             ("quantizing", 0.0), ("quantizing", 60.0), ("quantizing", 100.0)):  # fmt: skip
+        Model.objects.filter(pk=model.pk).update(status=status, progress=progress, bytes_done=int(542_000_000 * min(progress, 100) / 100))
+        html = card_html(signed_in, Model.objects.get(pk=model.pk))
+        widths.append(float(html.split('class="progress-bar')[1].split("width: ")[1].split("%")[0]))
+        if status == "quantizing":
+            assert "Quantizing" in html and f"{progress:.1f}%" in html
+            assert "transfer-stats" not in html  # no "542MB / 542MB 0.0 MB/s" beside the quantizing phase
+    assert widths == sorted(widths) and widths[0] == 0.0 and widths[3] == 80.0 and widths[-1] == 100.0, widths
 
 
 def test_an_error_card_says_what_to_do(signed_in):
@@ -171,3 +186,18 @@ def test_quantize_to_starts_on_the_next_smaller_format(signed_in):
         html = model.card_html()
         assert f'<option value="{expected}" selected>' in html, current
         assert html.count(" selected>") == 1
+
+
+@pytest.mark.parametrize(
+    ("perplexity", "band", "shown"),
+    [(21.5, "close to FP32", "+2.4 % vs FP32"), (25.0, "caution: quality loss", "+19.0 % vs FP32"),
+     (2_541_300.0, "unusable for analysis", "×121,014 vs FP32")],
+)  # fmt: skip
+def test_a_quantized_card_shows_its_format_badge_and_its_perplexity_band_against_fp32(signed_in, perplexity, band, shown):
+    source = make_model(status="ready", quantization="FP32", name="SmolLM2-135M")
+    model = make_model(status="ready", quantization="Q2", perplexity=perplexity, perplexity_baseline=21.0, snapshot_of=source.id)
+    html = card_html(signed_in, model)
+    assert re.search(r'class="format-badge[^"]*">Q2</span>', html)
+    assert band in html and shown in html
+    assert "12105137" not in html and "+12" not in html.split("quality")[1][:40]
+    assert f'href="#model-card-{source.id}"' in html and "variant of SmolLM2-135M FP32" in html

@@ -1,5 +1,23 @@
 // Connection indicator for the page's WebSocket, and the download button's enabled state.
 (function () {
+  // Socket messages swap cards out-of-band by id. A page applies only what it shows: a
+  // card it does not list, or an added card for a list filtered to another model, is
+  // skipped instead of raising htmx:oobErrorNoTarget.
+  if (window.htmx) htmx.defineExtension("present", {
+    transformResponse: function (text, xhr) {
+      if (xhr) return text;  // an ordinary htmx response: swapped as asked
+      var template = document.createElement("template");
+      template.innerHTML = text;
+      Array.prototype.slice.call(template.content.children).forEach(function (el) {
+        var spec = el.getAttribute("hx-swap-oob") || "true";
+        var colon = spec.indexOf(":");
+        var target = colon >= 0 ? document.querySelector(spec.slice(colon + 1)) : (el.id ? document.getElementById(el.id) : null);
+        var filter = target && target.getAttribute("data-model-filter");
+        if (!target || (filter && el.getAttribute("data-list-model") !== filter)) el.remove();
+      });
+      return template.innerHTML;
+    }
+  });
   function setConnected(connected) {
     var dot = document.getElementById("connection-dot");
     var label = document.getElementById("connection-label");
@@ -9,6 +27,11 @@
     label.textContent = connected ? "Connected" : "Reconnecting…";
     box.dataset.state = connected ? "connected" : "disconnected";
   }
+  // Only pages with a socket show the indicator; until it opens it says so, in grey.
+  document.addEventListener("DOMContentLoaded", function () {
+    var box = document.getElementById("connection-status");
+    if (box && !document.querySelector("[ws-connect]")) box.hidden = true;
+  });
   document.addEventListener("htmx:wsOpen", function () { setConnected(true); });
   document.addEventListener("htmx:wsClose", function () { setConnected(false); });
   document.addEventListener("htmx:wsError", function () { setConnected(false); });
