@@ -129,11 +129,13 @@ def extraction_start(request, model_id):
         extraction = services.request_extraction(
             model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), data=request.POST, user=request.user
         )
-    except ServiceError as exc:
-        return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message}, status=exc.status)
-    response = HttpResponse(status=204)
-    response["HX-Redirect"] = f"/extractions/{extraction.id}"
-    return response
+    except ServiceError as exc:  # shown above Start until the request changes
+        # A model or dataset deleted since the dialog opened is a conflict with what it shows
+        # (a 404 would not be swapped in).
+        status = 409 if isinstance(exc, NotFound) else exc.status
+        return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message, "start": True}, status=status)
+    # The dialog follows the run until its first progress, then opens its page.
+    return render(request, "activations_app/_extract_started.html", {"extraction": extraction})
 
 
 def _act_on_extraction(request, extraction_id, action):

@@ -214,8 +214,8 @@ def test_the_dialog_the_api_and_the_command_share_one_validation_and_one_set_of_
     from_command = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     posted = signed_in.post(f"/models/{smollm2_model.id}/extract/start",
                             {"dataset_id": text_dataset.id, "layers": ["2", "0"], "hook_types": ["mlp", "residual"]})  # fmt: skip
-    assert posted.status_code == 204
     from_dialog = Extraction.objects.order_by("-created_at").first()
+    assert posted.status_code == 200 and f'ws-connect="/ws/extractions/?extraction={from_dialog.id}"' in posted.content.decode()
     expected = ExtractionSpec(layers=[0, 2], hook_types=["residual", "mlp"]).request()
     assert {k: from_api[k] for k in expected} == expected
     assert {k: from_command[k] for k in expected} == expected

@@ -158,8 +158,16 @@ def test_the_extraction_dialog_estimates_starts_and_the_card_reaches_completed(s
     (data_dir / "imports" / "river.txt").write_text("\n".join(f"Line {i} about the river and the city." for i in range(50)))
     dataset = import_dataset(path=str(data_dir / "imports" / "river.txt"))
 
-    page = browser.new_context().new_page()
+    context = browser.new_context()
+    page = context.new_page()
     sign_in(page, stack, user.username)
+    listing = context.new_page()  # a second tab on the Extractions list, never reloaded
+    listing.goto(f"{stack}/extractions/")
+    listing.wait_for_selector("#connection-status[data-state=connected]", timeout=15_000)
+    assert listing.is_visible("#no-extractions")
+    problems: list[str] = []
+    for tab in (page, listing):
+        tab.on("console", lambda message: message.type == "error" and problems.append(message.text))
     page.click(f"#model-card-{model.id} .extract-open")
     page.wait_for_selector("#extract-modal")
     assert page.locator(".layer-toggle").count() == 30
@@ -174,13 +182,24 @@ def test_the_extraction_dialog_estimates_starts_and_the_card_reaches_completed(s
     expected = bytes_short(storage_bytes(4, 16, 576, "float16", 4))
     page.wait_for_function(f"document.querySelector('.estimate-storage') && document.querySelector('.estimate-storage').textContent === '{expected}'", timeout=15_000)
     assert page.is_enabled("#start-extraction")
+    page.evaluate("window.__noReload = true")
     page.click("#start-extraction")
     page.wait_for_url("**/extractions/ext_*", timeout=15_000)
-    page.wait_for_selector("[id^=extraction-card-][data-status=completed]", timeout=120_000)
-    page.reload()
+    page.evaluate("window.__noReload = true")  # the detail page, from here on without a reload
+    # The list tab shows the new run without a reload, the empty state gone.
+    listing.wait_for_selector("[id^=extraction-card-]", timeout=15_000)
+    assert not listing.is_visible("#no-extractions")
+    # The detail page finishes live: badge, statistics, charts; Cancel gone.
+    page.wait_for_selector("[id^=extraction-detail-][data-status=completed] .statistics-table", timeout=120_000)
+    assert page.evaluate("window.__noReload") is True
+    assert page.locator(".cancel-button").count() == 0
     rows = page.locator(".statistics-table tbody tr")
     assert rows.count() == 4
     assert "layer_29_mlp.npy" in page.inner_text(".statistics-table")
+    assert page.locator(".layer-charts figure").count() == 2  # residual and mlp, across L0 and L29
+    assert page.locator(".norm-histograms figure svg rect").count() > 0
+    listing.wait_for_selector("[id^=extraction-card-][data-status=completed]", timeout=15_000)
+    assert not problems, problems
 
 
 def test_the_datasets_page_after_an_upload_fits_the_window_and_a_reload_does_not_upload_again(stack, browser, user, tmp_path):
@@ -240,3 +259,27 @@ def test_the_gated_estimate_refreshes_when_the_token_is_pasted(stack, browser, u
     page.wait_for_selector("#format-estimates .estimate", timeout=10_000)  # the figures replace the refusal
     assert "gated" not in page.inner_text("#format-estimates")
     assert GATED_TOKEN not in page.content()
+
+
+def test_a_start_the_server_refuses_stays_in_the_dialog_until_the_request_changes(stack, browser, user, smollm2_model, data_dir):
+    from activations_app.models import Dataset
+    from activations_app.services import import_dataset
+
+    (data_dir / "imports" / "river.txt").write_text("\n".join(f"Line {i} about the river." for i in range(20)))
+    dataset = import_dataset(path=str(data_dir / "imports" / "river.txt"))
+    page = browser.new_page()
+    sign_in(page, stack, user.username)
+    page.click(f"#model-card-{smollm2_model.id} .extract-open")
+    page.wait_for_selector("#extract-modal")
+    page.select_option("#id_dataset", dataset.id)
+    page.click(".layer-toggle:has-text('L3')")
+    page.wait_for_selector(".estimate-storage", timeout=15_000)
+    Dataset.objects.filter(pk=dataset.id).delete()  # gone between the estimate and Start
+    page.fill("#id_seq_len", "32")  # its change fires as Start takes the focus: an estimate refresh follows
+    page.click("#start-extraction")
+    page.wait_for_selector("#start-status .start-refusal", timeout=10_000)
+    page.wait_for_timeout(1_500)  # well past the estimate refresh
+    assert page.is_visible("#start-status .start-refusal")
+    assert "Not started" in page.inner_text("#start-status")
+    page.fill("#id_seq_len", "64")  # the request changed: the refusal no longer applies to it
+    page.wait_for_selector("#start-status .start-refusal", state="detached", timeout=5_000)

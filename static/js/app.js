@@ -32,9 +32,33 @@
     var box = document.getElementById("connection-status");
     if (box && !document.querySelector("[ws-connect]")) box.hidden = true;
   });
-  document.addEventListener("htmx:wsOpen", function () { setConnected(true); });
-  document.addEventListener("htmx:wsClose", function () { setConnected(false); });
-  document.addEventListener("htmx:wsError", function () { setConnected(false); });
+  // The indicator follows the page's own socket, not one a dialog opens for a while.
+  function pageSocket(event) { return event.target === document.querySelector("[ws-connect]"); }
+  document.addEventListener("htmx:wsOpen", function (event) { if (pageSocket(event)) setConnected(true); });
+  document.addEventListener("htmx:wsClose", function (event) { if (pageSocket(event)) setConnected(false); });
+  document.addEventListener("htmx:wsError", function (event) { if (pageSocket(event)) setConnected(false); });
+
+  // A started extraction: the dialog shows it until it leaves the queue, then opens its page.
+  document.addEventListener("htmx:wsAfterMessage", function () {
+    var started = document.querySelector("#start-status .extract-started");
+    var row = started && started.querySelector("[id^=extraction-detail-]");
+    if (row && row.dataset.status !== "queued" && !started.dataset.leaving) {
+      started.dataset.leaving = "1";
+      setTimeout(function () { window.location.assign(started.querySelector(".start-open").href); }, 600);
+    }
+  });
+  // Start's refusal stays until the request changes (not only until the next estimate).
+  var refusalShown = 0;
+  document.addEventListener("htmx:afterSwap", function (event) {
+    if (event.detail && event.detail.target && event.detail.target.id === "start-status") refusalShown = Date.now();
+  });
+  function clearRefusal(event) {
+    var status = document.getElementById("start-status");
+    if (!status || !status.querySelector(".start-refusal") || !event.target.closest || !event.target.closest("#extract-form")) return;
+    if (Date.now() - refusalShown > 100) status.innerHTML = "";
+  }
+  document.addEventListener("input", clearRefusal);
+  document.addEventListener("change", clearRefusal);
 
   function syncDownloadButton() {
     var input = document.getElementById("id_repo_id");
