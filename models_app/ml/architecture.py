@@ -45,12 +45,15 @@ def _experts(module) -> int | None:
 
 def _kind(name: str, type_name: str, role: str | None, attention_path: str, mlp_path: str) -> str:
     lowered = f"{name} {type_name}".lower()
+    if "dropout" in lowered:
+        return "Dropout"
     if "norm" in lowered:
+        norm = "RMSNorm" if "rmsnorm" in type_name.lower() else "LayerNorm" if "layernorm" in type_name.lower() else "Norm"
         if role == "attention":
-            return "Post-attention norm"
+            return f"Post-attention {norm}"
         if role == "mlp":
-            return "Post-MLP norm"
-        return "Norm"
+            return f"Post-MLP {norm}"
+        return norm
     if name == attention_path.split(".")[0] or "attn" in lowered or "attention" in lowered:
         return "Attention"
     if name == mlp_path.split(".")[0] or "mlp" in lowered or "moe" in lowered or "feed_forward" in lowered:
@@ -106,8 +109,10 @@ def describe(config: dict) -> dict:
             {"index": len(layers), "name": "Output", "detail": f"Shape: {hidden} × {vocab:,}", "path": _name_of(model, head),
              "tied": head.weight is embedding.weight}
         )  # fmt: skip
+    first_block = next((layer for layer in layers if "block" in layer), None)
     return {
         "architecture": model_type,
+        "diagram": block_diagram(first_block, parallel) if first_block else None,
         "tiles": {"layers": len(blocks), "hidden": hidden, "heads": heads, "parameters": sum(p.numel() for p in model.parameters())},
         "kv_heads": kv_heads,
         "head_dim": head_dim,
@@ -122,6 +127,43 @@ def describe(config: dict) -> dict:
                       "sequential" if parallel is False else "unknown until loaded",
         },
     }  # fmt: skip
+
+
+def block_diagram(row: dict, parallel: bool | None) -> dict:
+    """What the viewer draws for this family's block: each branch's modules in the order they
+    run (input norm, the sublayer, any post-norm and residual multiplier) and where the three
+    hooks read: each branch's hook is what it adds to the stream, after its post-norm."""
+    branches: dict[str, list[str]] = {"attention": [], "mlp": []}
+    current = None
+    scales = {}
+    for sub in row["submodules"]:
+        hooks = [h["name"] for h in sub["hooks"]]
+        kind = sub["kind"]
+        if kind.startswith("Post-attention"):
+            branches["attention"].append(kind.replace("Post-attention ", ""))
+            continue
+        if kind.startswith("Post-MLP"):
+            branches["mlp"].append(kind.replace("Post-MLP ", ""))
+            continue
+        if kind in ("Dropout", "Module"):
+            continue
+        if "attention" in hooks or kind == "Attention":
+            current = "attention"
+        elif "mlp" in hooks or kind.startswith("MLP"):
+            current = "mlp"
+        elif "Norm" in kind:  # an input norm: it opens the next branch
+            target = "attention" if not branches["attention"] else "mlp"
+            branches[target].append(kind)
+            continue
+        if current:
+            label = "Attention" if current == "attention" else kind
+            branches[current].append(label)
+            for h in sub["hooks"]:
+                if "×" in h["description"]:
+                    scales[current] = h["description"].rsplit("× ", 1)[1].split(" ")[0]
+    for name, scale in scales.items():
+        branches[name].append(f"× {scale}")
+    return {"parallel": bool(parallel), "attention": " → ".join(branches["attention"]), "mlp": " → ".join(branches["mlp"])}
 
 
 def _block_layout(layout, block, i: int):
@@ -169,6 +211,7 @@ def _block_row(i, path, block, part, parallel, heads, head_dim, hidden, intermed
     arrangement = " | parallel block" if parallel else ""
     return {
         "index": i + 1,
+        "label": f"L{i}",  # as the extraction dialog names it
         "block": i,
         "name": f"TransformerBlock_{i}",
         "detail": f"Attention: {heads} heads × {head_dim} dims | MLP: {hidden} → {intermediate} → {hidden}{arrangement}",

@@ -52,17 +52,22 @@ def test_the_viewer_shows_the_real_structure_of_each_supported_architecture(sign
 
 
 @pytest.mark.parametrize(
-    ("model_type", "attention_hook", "mlp_hook", "shown"),
+    ("model_type", "attention_hook", "mlp_hook", "shown", "diagram"),
     [
-        ("gemma2", "post_attention_layernorm", "post_feedforward_layernorm", "Post-attention norm"),
-        ("olmo2", "post_attention_layernorm", "post_feedforward_layernorm", "Post-MLP norm"),
-        ("mixtral", "self_attn", "mlp", "MLP (4 experts)"),
-        ("gpt_neox", "attention", "mlp", "parallel block"),
-        ("granite", "self_attn", "mlp", "× 0.22"),
+        ("gemma2", "post_attention_layernorm", "post_feedforward_layernorm", "Post-attention RMSNorm",
+         {"parallel": False, "attention": "RMSNorm → Attention → RMSNorm", "mlp": "RMSNorm → MLP → RMSNorm"}),
+        ("olmo2", "post_attention_layernorm", "post_feedforward_layernorm", "Post-MLP RMSNorm",
+         {"parallel": False, "attention": "Attention → RMSNorm", "mlp": "MLP → RMSNorm"}),
+        ("mixtral", "self_attn", "mlp", "MLP (4 experts)",
+         {"parallel": False, "attention": "RMSNorm → Attention", "mlp": "RMSNorm → MLP (4 experts)"}),
+        ("gpt_neox", "attention", "mlp", "parallel block",
+         {"parallel": True, "attention": "LayerNorm → Attention", "mlp": "LayerNorm → MLP"}),
+        ("granite", "self_attn", "mlp", "× 0.22",
+         {"parallel": False, "attention": "RMSNorm → Attention → × 0.22", "mlp": "RMSNorm → MLP → × 0.22"}),
     ],
-)
+)  # fmt: skip
 def test_the_viewer_shows_post_norms_experts_parallel_blocks_and_multipliers(signed_in, model_type, attention_hook,
-                                                                             mlp_hook, shown):  # fmt: skip
+                                                                             mlp_hook, shown, diagram):  # fmt: skip
     from transformers import AutoConfig
 
     from models_app.ml.decoder import tiny_config
@@ -78,6 +83,10 @@ def test_the_viewer_shows_post_norms_experts_parallel_blocks_and_multipliers(sig
     assert hooked == {"attention": attention_hook, "mlp": mlp_hook}
     html = signed_in.get(f"/models/{model.id}/architecture", HTTP_HX_REQUEST="true").content.decode()
     assert shown in html
+    # The block diagram: each branch as it runs, the hooks where the family really reads them.
+    assert view["diagram"] == diagram
+    assert f'data-parallel="{str(diagram["parallel"]).lower()}"' in html and diagram["mlp"] in html
+    assert '<span class="text-slate-300 font-mono text-sm w-10 shrink-0 layer-label">L0</span>' in html
 
 
 def test_the_viewer_shows_parameter_shapes_of_smollm2_blocks(signed_in, smollm2_folder):
