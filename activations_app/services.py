@@ -282,6 +282,31 @@ ESTIMATE_TOKEN_BUDGET = 1_000_000
 _AVAILABLE: dict[tuple, int | None] = {}
 
 
+def dataset_tokenization(dataset_id: str, model_id: str) -> dict:
+    """How a ready model's tokenizer reads the dataset's preview rows: tokens per row, the
+    first row's pieces, and whether the tokenizer itself puts a BOS first."""
+    from transformers import AutoTokenizer
+
+    dataset = Dataset.get_or_404(dataset_id)
+    model = get_ready_model(model_id, "read a dataset with its tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.weights_dir)
+    except (OSError, ValueError) as exc:
+        raise ServiceError("tokenizer_unreadable", f"{model.name} has no readable tokenizer ({type(exc).__name__}).") from None
+    rows = [str(text) for text in dataset.preview]
+    encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in rows]
+    plain = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rows]
+    first = encoded[0] if encoded else []
+    chars = sum(len(text) for text in rows)
+    tokens = sum(len(ids) for ids in plain)
+    return {
+        "model": model, "rows": [{"text": text, "tokens": len(ids)} for text, ids in zip(rows, plain)],
+        "pieces": tokenizer.convert_ids_to_tokens(first[:64]), "more_pieces": max(0, len(first) - 64),
+        "adds_bos": bool(first and tokenizer.bos_token_id is not None and first[0] == tokenizer.bos_token_id),
+        "bos_token": tokenizer.bos_token, "chars_per_token": chars / tokens if tokens else None,
+    }  # fmt: skip
+
+
 def samples_available(model, dataset: Dataset, spec: ExtractionSpec) -> int | None:
     """The rows this dataset yields at this sequence length, tokenization and BOS, with the
     model's own tokenizer, when it yields fewer than ESTIMATE_TOKEN_BUDGET tokens' worth;

@@ -7,6 +7,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from mistudio.consumers import ROW_ID
 from mistudio.errors import NotFound, ServiceError
+from models_app.models import Model, ModelStatus
 from models_app.services import get_model
 
 from . import services
@@ -77,6 +78,26 @@ def dataset_cancel(request, dataset_id):
 def dataset_retry(request, dataset_id):
     token = request.POST.get("access_token") or None
     return _dataset_action(request, lambda pk, user: services.retry_dataset(pk, user, token), dataset_id)
+
+
+@require_GET
+def dataset_detail(request, dataset_id):
+    """The dataset's modal: Overview, Samples, Tokenization, Statistics."""
+    dataset = get_object_or_404(Dataset, pk=dataset_id)
+    lengths = [len(str(row)) for row in dataset.preview]
+    return render(request, "activations_app/_dataset_modal.html", {
+        "dataset": dataset, "models": Model.objects.filter(status=ModelStatus.READY)[:200],
+        "lengths": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)} if lengths else None,
+    })  # fmt: skip
+
+
+@require_GET
+def dataset_tokens(request, dataset_id):
+    try:
+        result = services.dataset_tokenization(dataset_id, request.GET.get("model_id", ""))
+    except ServiceError as exc:
+        return render(request, "activations_app/_dataset_tokens.html", {"refusal": exc.message})
+    return render(request, "activations_app/_dataset_tokens.html", result)
 
 
 @require_POST

@@ -111,6 +111,22 @@ def test_every_page_and_modal_fits_every_width_passes_axe_and_logs_no_error(stac
             check(page, name, width, problems, width in (390, 1440), tmp_path)
             page.keyboard.press("Escape")
             page.wait_for_selector(modal, state="detached", timeout=5_000)
+        page.goto(f"{stack}/datasets/")
+        settle(page)
+        page.click(f"#dataset-{records['dataset'].id} .dataset-open")
+        page.wait_for_selector("#dataset-modal", timeout=10_000)
+        check(page, "dataset modal", width, problems, width in (390, 1440), tmp_path)
+        if width == 1440:  # its tabs, by keyboard: the Tokenization tab reads with a ready model's tokenizer
+            page.focus("#tab-overview")
+            page.keyboard.press("ArrowRight")
+            assert page.is_visible("#panel-samples") and not page.is_visible("#panel-overview")
+            page.keyboard.press("ArrowRight")
+            page.select_option("#tokenizer-model", model.id)
+            page.wait_for_selector("#dataset-tokens .token-pieces span", timeout=15_000)
+            assert page.locator(".dataset-token-counts tbody tr").count() == len(records["dataset"].preview)
+            check(page, "dataset modal, tokenization", width, problems, True, tmp_path)
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#dataset-modal", state="detached", timeout=5_000)
     page.goto(f"{stack}/login/")  # signed-in users see it too; and the error page
     page.goto(f"{stack}/extractions/ext_0000")
     problems += [p for p in watch.problems if "/extractions/ext_0000" not in p]  # that 404 is the point of the visit

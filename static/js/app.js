@@ -141,5 +141,30 @@
     syncStartButton();
   });
   document.addEventListener("change", syncStartButton);
+
+  // Tabs (role=tab): a click or Enter shows its panel; arrow keys move between tabs.
+  function selectTab(tab) {
+    var list = tab.closest("[role=tablist]");
+    list.querySelectorAll("[role=tab]").forEach(function (other) {
+      var on = other === tab;
+      other.setAttribute("aria-selected", on ? "true" : "false");
+      other.tabIndex = on ? 0 : -1;
+      var panel = document.getElementById(other.getAttribute("aria-controls"));
+      if (panel) panel.hidden = !on;
+    });
+    tab.focus();
+  }
+  document.addEventListener("click", function (event) {
+    var tab = event.target.closest && event.target.closest("[role=tab]");
+    if (tab) selectTab(tab);
+  });
+  document.addEventListener("keydown", function (event) {
+    var tab = event.target.closest && event.target.closest("[role=tab]");
+    if (!tab || (event.key !== "ArrowRight" && event.key !== "ArrowLeft")) return;
+    var tabs = Array.prototype.slice.call(tab.closest("[role=tablist]").querySelectorAll("[role=tab]"));
+    var next = tabs[(tabs.indexOf(tab) + (event.key === "ArrowRight" ? 1 : tabs.length - 1)) % tabs.length];
+    event.preventDefault();
+    selectTab(next);
+  });
   document.addEventListener("htmx:afterSwap", syncStartButton);
 })();
