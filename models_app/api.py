@@ -58,6 +58,7 @@ def download(request):
         quantization=str(body.get("quantization") or "FP32"),
         token=text_field(body, "access_token"),
         revision=text_field(body, "revision"),
+        allow_duplicate=body.get("allow_duplicate") is True,
     )
     return JsonResponse(model.as_dict(), status=202)
 

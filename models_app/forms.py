@@ -27,6 +27,7 @@ class DownloadForm(forms.Form):
     quantization = forms.ChoiceField(choices=QUANTIZATION_CHOICES, initial="Q4")
     access_token = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False))
     revision = forms.CharField(required=False, strip=False)
+    allow_duplicate = forms.BooleanField(required=False)
 
     def clean_repo_id(self):
         return _checked(validate_repo_id, self.cleaned_data["repo_id"])

@@ -23,20 +23,30 @@ from mistudio.validation import resolve_import_path, validate_hub_source
 from .ml import architecture as architecture_view
 from .ml import hub, loading, quantize
 from .ml.formats import validate_format
-from .models import Model
+from .models import Model, ModelStatus
 
 log = logging.getLogger(__name__)
 
 
 def request_download(
-    *, user, repo_id: str, quantization: str, token: str | None = None, revision: str | None = None, enqueue=True
+    *, user, repo_id: str, quantization: str, token: str | None = None, revision: str | None = None, enqueue=True,
+    allow_duplicate: bool = False,
 ) -> Model:
-    """Validate, create the row and (unless the caller runs it inline) queue the download."""
+    """Validate, create the row and (unless the caller runs it inline) queue the download.
+    The same repo, revision and format already here (and not failed) is refused with a 409
+    that names it, unless asked for again (`allow_duplicate`)."""
     try:
         repo_id, revision, token = validate_hub_source(repo_id, revision, token)
         fmt = validate_format(quantization)
     except InvalidInput as exc:
         raise ServiceError.from_invalid(exc) from None
+    if not allow_duplicate:
+        same = (Model.objects.filter(repo_id=repo_id, requested_revision=revision, requested_quantization=fmt)
+                .exclude(status__in=(ModelStatus.ERROR, ModelStatus.CANCELLED)).first())  # fmt: skip
+        if same is not None:
+            raise Conflict("duplicate_download", f"{repo_id} {fmt}{f' at {revision}' if revision else ''} is already here "
+                                                 f"({same.id}, {same.status}). Download it again anyway?",
+                           details={"existing_id": same.id})  # fmt: skip
     if enqueue:
         require_queue()
     with transaction.atomic():

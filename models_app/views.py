@@ -35,6 +35,7 @@ def download(request):
                 quantization=form.cleaned_data["quantization"],
                 token=form.cleaned_data["access_token"],
                 revision=form.cleaned_data["revision"],
+                allow_duplicate=form.cleaned_data["allow_duplicate"],
             )
         except ServiceError as exc:
             error = exc

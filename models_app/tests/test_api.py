@@ -117,3 +117,28 @@ def test_a_token_given_to_the_api_is_never_echoed_or_stored_in_clear(
     assert token not in signed_in.get("/").content.decode()
     job_keys = redis_clean.keys("rq:job:*")
     assert job_keys and all(token.encode() not in b"".join(redis_clean.hgetall(k).values()) for k in job_keys)
+
+
+def test_a_duplicate_download_asks_first_in_the_api_the_page_and_the_command(signed_in, redis_clean):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    first = signed_in.post("/api/models/download", {"repo_id": "tiny/llama", "quantization": "FP16"}, content_type="application/json")
+    assert first.status_code == 202
+    again = signed_in.post("/api/models/download", {"repo_id": "tiny/llama", "quantization": "FP16"}, content_type="application/json")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "duplicate_download"
+    assert again.json()["error"]["details"]["existing_id"] == first.json()["id"]
+    assert Model.objects.count() == 1  # nothing made
+    other_format = signed_in.post("/api/models/download", {"repo_id": "tiny/llama", "quantization": "FP32"}, content_type="application/json")
+    assert other_format.status_code == 202  # another format is not a duplicate
+    page = signed_in.post("/models/download", {"repo_id": "tiny/llama", "quantization": "FP16"}, HTTP_HX_REQUEST="true")
+    html = page.content.decode()
+    assert page.status_code == 409 and "is already here" in html and 'name="allow_duplicate"' in html
+    assert 'value="tiny/llama"' in html  # the repo id is kept in the form
+    anyway = signed_in.post("/models/download", {"repo_id": "tiny/llama", "quantization": "FP16", "allow_duplicate": "on"},
+                            HTTP_HX_REQUEST="true")  # fmt: skip
+    assert anyway.status_code == 200 and Model.objects.filter(repo_id="tiny/llama", requested_quantization="FP16").count() == 2
+    with pytest.raises(CommandError, match="already here"):
+        call_command("download_model", "tiny/llama", "--quantization", "FP16")
+    call_command("download_model", "tiny/llama", "--quantization", "FP16", "--allow-duplicate")
+    assert Model.objects.filter(repo_id="tiny/llama", requested_quantization="FP16").count() == 3

@@ -255,9 +255,12 @@ def test_the_gated_estimate_refreshes_when_the_token_is_pasted(stack, browser, u
     page.fill("#id_repo_id", "tiny/gated")
     page.wait_for_selector("#format-estimates .format-estimates", timeout=10_000)
     assert "gated" in page.inner_text("#format-estimates")
+    assert page.is_disabled("#download-button")  # the refusal the estimate knows blocks Download
+    assert page.input_value("#id_repo_id") == "tiny/gated"
     page.fill("#id_access_token", GATED_TOKEN)
     page.wait_for_selector("#format-estimates .estimate", timeout=10_000)  # the figures replace the refusal
     assert "gated" not in page.inner_text("#format-estimates")
+    assert page.is_enabled("#download-button")
     assert GATED_TOKEN not in page.content()
 
 

@@ -63,7 +63,10 @@
   function syncDownloadButton() {
     var input = document.getElementById("id_repo_id");
     var button = document.getElementById("download-button");
-    if (input && button) button.disabled = input.value.trim() === "";
+    // A refusal the estimate already knows (gated without a token, encoder-only, not
+    // found) blocks Download until the repo id or the token changes it.
+    var blocked = document.querySelector("#format-estimates [data-blocks-download]");
+    if (input && button) button.disabled = input.value.trim() === "" || !!blocked;
   }
   document.addEventListener("input", function (event) {
     if (event.target && event.target.id === "id_repo_id") syncDownloadButton();

@@ -16,6 +16,8 @@ class Command(ModelCommand):
             metavar="VAR",
             help="Name of an environment variable holding the Hub token (the token itself is never an argument).",
         )
+        parser.add_argument("--allow-duplicate", action="store_true",
+                            help="Download again when the same repo, revision and format is already here.")  # fmt: skip
         self.add_job_arguments(parser)
 
     def handle(self, *args, **options):
@@ -28,5 +30,6 @@ class Command(ModelCommand):
             token=token,
             revision=options["revision"],
             enqueue=not options["sync"],
+            allow_duplicate=options["allow_duplicate"],
         )
         self.run_job(model, jobs.run_download, options)
