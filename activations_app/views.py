@@ -7,8 +7,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from mistudio.consumers import ROW_ID
 from mistudio.errors import NotFound, ServiceError
-from models_app.models import Model, ModelStatus
-from models_app.services import get_model
+from models_app.services import get_model, ready_models
 
 from . import services
 from .charts import HOOK_LABELS
@@ -86,7 +85,7 @@ def dataset_detail(request, dataset_id):
     dataset = get_object_or_404(Dataset, pk=dataset_id)
     lengths = [len(str(row)) for row in dataset.preview]
     return render(request, "activations_app/_dataset_modal.html", {
-        "dataset": dataset, "models": Model.objects.filter(status=ModelStatus.READY)[:200],
+        "dataset": dataset, "models": ready_models(),
         "lengths": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)} if lengths else None,
     })  # fmt: skip
 

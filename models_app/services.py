@@ -275,6 +275,11 @@ def get_model(model_id: str) -> Model:
     return Model.get_or_404(model_id)
 
 
+def ready_models(limit: int = 200) -> list[Model]:
+    """The models that can be used now, newest first (a chooser's options)."""
+    return list(Model.objects.filter(status=ModelStatus.READY)[:limit])
+
+
 def get_ready_model(model_id: str, purpose: str) -> Model:
     """A model that can be used now, or a 409 that says why not."""
     return Model.get_ready_or_409(model_id, purpose)

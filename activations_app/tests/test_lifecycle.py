@@ -138,7 +138,7 @@ def test_a_hub_dataset_is_imported_by_a_worker_through_queued_downloading_and_re
     assert dataset.revision == make_sha(repo_id)
     assert not staged_path(dataset.folder).exists()
     page = signed_in.get("/datasets/").content.decode()
-    assert f'id="dataset-{dataset.id}"' in page and "2000</span> rows" in page
+    assert f'id="dataset-{dataset.id}"' in page and "2,000</span> rows" in page
 
 
 def test_a_wrong_split_or_repo_is_refused_before_any_row_exists(signed_in, hub, tmp_path):

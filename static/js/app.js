@@ -145,6 +145,23 @@
   });
   document.addEventListener("change", syncStartButton);
 
+  // After a swap replaced the focused control (a submitted form, a card's button), focus
+  // stays in place: the control of the same id again, else the first one in what came in.
+  var focusedId = null;
+  document.addEventListener("htmx:beforeRequest", function () {
+    focusedId = document.activeElement && document.activeElement !== document.body ? document.activeElement.id || null : null;
+  });
+  document.addEventListener("htmx:afterSettle", function (event) {
+    // Only the answer to a request the user made; a live update never moves focus.
+    if (!event.detail || !event.detail.xhr) return;
+    if (document.activeElement && document.activeElement !== document.body) return;
+    var again = focusedId && document.getElementById(focusedId);
+    var target = event.detail && event.detail.target;
+    var container = target && (document.contains(target) ? target : target.id && document.getElementById(target.id));
+    var first = again && !again.disabled ? again : container && container.querySelector && container.querySelector(FOCUSABLE);
+    if (first) first.focus();
+  });
+
   // Tabs (role=tab): a click or Enter shows its panel; arrow keys move between tabs.
   function selectTab(tab) {
     var list = tab.closest("[role=tablist]");
