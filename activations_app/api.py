@@ -116,3 +116,34 @@ def extraction_resume(request, extraction_id):
 @api_endpoint({"POST"})
 def extraction_retry(request, extraction_id):
     return JsonResponse(services.retry_extraction(extraction_id, request.user).as_dict(), status=202)
+
+
+@api_endpoint({"GET"})
+def templates(request):
+    """The caller's extraction templates, favourites first."""
+    return JsonResponse({"data": [t.as_dict() for t in services.list_templates(request.user)]})
+
+
+@api_endpoint({"POST"})
+def template_save(request, model_id):
+    """`{name, layers, hook_types, ...settings, favourite?}`, validated against this model →
+    201; a name the caller already has is replaced."""
+    body = json_body(request)
+    data = {name: body[name] for name in ExtractionSpec.request_fields() if name in body}
+    favourite = _flag(body, "favourite") if "favourite" in body else None
+    template = services.save_template(model_id=model_id, name=body.get("name"), data=data, user=request.user, favourite=favourite)
+    return JsonResponse(template.as_dict(), status=201)
+
+
+@api_endpoint({"GET", "DELETE"})
+def template_detail(request, template_id):
+    if request.method == "DELETE":
+        return JsonResponse({"deleted": services.delete_template(template_id, request.user), "id": template_id})
+    return JsonResponse(services.get_template(template_id, request.user).as_dict())
+
+
+@api_endpoint({"POST"})
+def template_favourite(request, template_id):
+    """`{"favourite": true|false}`."""
+    body = json_body(request)
+    return JsonResponse(services.favourite_template(template_id, request.user, _flag(body, "favourite")).as_dict())

@@ -298,3 +298,35 @@ class Extraction(TrackedRow):
     def exports(self) -> dict:
         """Finished exports by format (a folder exists only once it is whole)."""
         return {fmt: str(self.final_dir / fmt) for fmt in ("saelens",) if (self.final_dir / fmt / "export.json").is_file()}
+
+
+def new_template_id() -> str:
+    return f"tpl_{secrets.token_hex(6)}"
+
+
+class ExtractionTemplate(models.Model):
+    """A saved extraction request (layers, hooks and settings) its owner can load into the
+    dialog again, by name; favourites come first. Layers a smaller model lacks are left out
+    when it is loaded there."""
+
+    id = models.CharField(primary_key=True, max_length=16, default=new_template_id, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                              related_name="+")  # fmt: skip
+    name = models.CharField(max_length=100)
+    request = models.JSONField(help_text="The validated request: layers, hook_types and the dialog's settings.")
+    favourite = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-favourite", "name"]
+        # Saving under a name one already has replaces it (services.save_template).
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="one_template_name_per_owner")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})"
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "name": self.name, "favourite": self.favourite, **self.request,
+                "created_at": self.created_at.isoformat() if self.created_at else None,
+                "updated_at": self.updated_at.isoformat() if self.updated_at else None}  # fmt: skip

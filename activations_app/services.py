@@ -11,11 +11,11 @@ import uuid
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
+from django.db import models, transaction
 
 from mistudio import jobs
 from mistudio.crypto import encrypt_secret
-from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
+from mistudio.errors import Conflict, InvalidInput, JobError, NotFound, ServiceError
 from mistudio.queue import enqueue as enqueue_job
 from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
@@ -28,7 +28,7 @@ from .ml import datasets as dataset_files
 from .ml.export import FORMATS as EXPORT_FORMATS
 from .ml.extract import ExtractionSpec, storage_bytes
 from .ml.hub_datasets import plan_dataset
-from .models import Dataset, DatasetStatus, Extraction, ExtractionStatus
+from .models import Dataset, DatasetStatus, Extraction, ExtractionStatus, ExtractionTemplate
 
 MAX_SPLIT_LENGTH = 100
 
@@ -377,3 +377,68 @@ def estimate_extraction(model, spec: ExtractionSpec, dataset: Dataset | None = N
         "samples": samples, "samples_at_most": at_most, "memory_bytes": weights + batch_bytes, "disk_free_bytes": free, "fits_on_disk": storage < free,
         "warnings": warnings,
     }  # fmt: skip
+
+
+# Extraction templates: a request saved by name, loaded into the dialog again.
+TEMPLATE_NAME_MAX = 100
+
+
+def _owner_filter(user) -> dict:
+    return {"owner": user if user is not None and user.is_authenticated else None}
+
+
+def list_templates(user) -> list[ExtractionTemplate]:
+    """The acting user's templates, favourites first (the operator at the shell: the ones
+    made there)."""
+    return list(ExtractionTemplate.objects.filter(**_owner_filter(user)))
+
+
+def get_template(template_id: str, user) -> ExtractionTemplate:
+    """One of the acting user's templates, by id or by name."""
+    if not isinstance(template_id, str) or not template_id or not storable(template_id):
+        raise NotFound("template_not_found", "Choose one of your extraction templates.")
+    found = ExtractionTemplate.objects.filter(**_owner_filter(user)).filter(
+        models.Q(pk=template_id) | models.Q(name=template_id)).first()  # fmt: skip
+    if found is None:
+        raise NotFound("template_not_found", f"No extraction template {template_id!r} of yours.")
+    return found
+
+
+def save_template(*, model_id: str, name: str, data, user, favourite: bool | None = None) -> ExtractionTemplate:
+    """The request as the dialog would start it (validated against this model), under a
+    name; saving under a name one already has replaces that template."""
+    name = (name or "").strip() if isinstance(name, str) else ""
+    if not name or len(name) > TEMPLATE_NAME_MAX or not storable(name):
+        raise ServiceError("invalid_input", f"A template needs a name of 1 to {TEMPLATE_NAME_MAX} characters. "
+                                            f"{UNSTORABLE if name and not storable(name) else ''}".strip(),
+                           details={"field": "name"})  # fmt: skip
+    model = get_ready_model(model_id, "an extraction template")
+    request = validate_extraction(model, data).request()
+    with transaction.atomic():
+        template, created = ExtractionTemplate.objects.select_for_update().get_or_create(
+            **_owner_filter(user), name=name, defaults={"request": request, "favourite": bool(favourite)})
+        if not created:
+            template.request = request
+            if favourite is not None:
+                template.favourite = favourite
+            template.save()
+    return template
+
+
+def favourite_template(template_id: str, user, favourite: bool) -> ExtractionTemplate:
+    template = get_template(template_id, user)
+    template.favourite = favourite
+    template.save(update_fields=["favourite", "updated_at"])
+    return template
+
+
+def delete_template(template_id: str, user) -> bool:
+    get_template(template_id, user).delete()
+    return True
+
+
+def template_for_model(template: ExtractionTemplate, model) -> tuple[dict, list[int]]:
+    """The template's request for this model's dialog, and the layers it lacks (left out)."""
+    layers = [layer for layer in template.request.get("layers", []) if layer < model.num_layers]
+    dropped = [layer for layer in template.request.get("layers", []) if layer >= model.num_layers]
+    return {**template.request, "layers": layers}, dropped

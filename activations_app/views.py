@@ -126,11 +126,70 @@ def _detail_page(request, extraction_id, action_error: str | None = None, status
 
 @require_GET
 def extraction_dialog(request, model_id):
+    """The Extract dialog; `?template=` fills it from a saved template (`dataset_id` kept)."""
     model = get_model(model_id)
+    request_fields, notice = {"hook_types": ["residual"]}, None
+    template_id = request.GET.get("template", "")
+    if template_id:
+        try:
+            template = services.get_template(template_id, request.user)
+        except ServiceError as exc:
+            notice = exc.message
+        else:
+            request_fields, dropped = services.template_for_model(template, model)
+            notice = f"Loaded “{template.name}”." + (f" Layers {dropped} are beyond this model's {model.num_layers} and were left out." if dropped else "")
+    settings = {name: request_fields[name] for name in ExtractionForm.SETTINGS if name in request_fields}
     return render(request, "activations_app/_extract_dialog.html", {
-        "model": model, "form": ExtractionForm(model=model), "datasets": Dataset.objects.filter(status="ready"),
+        "model": model, "form": ExtractionForm(model=model, initial=settings), "datasets": Dataset.objects.filter(status="ready"),
         "layer_range": range(model.num_layers), "hooks": [(h, HOOK_LABELS[h]) for h in HOOK_TYPES],
+        "checked_layers": set(request_fields.get("layers", [])), "checked_hooks": set(request_fields.get("hook_types", [])),
+        "dataset_id": request.GET.get("dataset_id", ""), **_template_bar(request, template_id, notice),
     })  # fmt: skip
+
+
+def _template_bar(request, selected: str = "", notice: str | None = None, refusal: str | None = None) -> dict:
+    return {"templates": services.list_templates(request.user), "selected_template": selected, "template_notice": notice,
+            "template_refusal": refusal}  # fmt: skip
+
+
+def _render_template_bar(request, model, selected="", notice=None, refusal=None, status=200):
+    return render(request, "activations_app/_template_bar.html", {"model": model, **_template_bar(request, selected, notice, refusal)},
+                  status=status)  # fmt: skip
+
+
+@require_POST
+def template_save(request, model_id):
+    model = get_model(model_id)
+    try:
+        template = services.save_template(model_id=model_id, name=request.POST.get("template_name", ""), data=request.POST,
+                                          user=request.user)  # fmt: skip
+    except ServiceError as exc:
+        return _render_template_bar(request, model, refusal=exc.message, status=exc.status if exc.status != 404 else 409)
+    return _render_template_bar(request, model, template.id, notice=f"Saved “{template.name}”.")
+
+
+@require_POST
+def template_favourite(request, model_id):
+    model = get_model(model_id)
+    template_id = request.POST.get("template", "")
+    try:
+        template = services.get_template(template_id, request.user)
+        template = services.favourite_template(template.id, request.user, not template.favourite)
+    except ServiceError as exc:
+        return _render_template_bar(request, model, refusal=exc.message, status=409)
+    return _render_template_bar(request, model, template.id,
+                                notice=f"“{template.name}” {'is a favourite' if template.favourite else 'is no longer a favourite'}.")  # fmt: skip
+
+
+@require_POST
+def template_delete(request, model_id):
+    model = get_model(model_id)
+    try:
+        template = services.get_template(request.POST.get("template", ""), request.user)
+        services.delete_template(template.id, request.user)
+    except ServiceError as exc:
+        return _render_template_bar(request, model, refusal=exc.message, status=409)
+    return _render_template_bar(request, model, notice=f"Deleted “{template.name}”.")
 
 
 @require_POST

@@ -278,3 +278,50 @@ def test_a_whole_worker_killed_mid_extraction_is_found_by_rq_maintenance(smollm2
     extraction.refresh_from_db()
     assert (extraction.status, extraction.error_code) == ("failed", "worker_died")
     assert not any((data_dir / "activations").iterdir())
+
+
+def test_extraction_templates_save_load_favourite_and_delete_through_api_command_and_dialog(signed_in, smollm2_model, user, capsys):
+    from django.core.management import call_command
+
+    from activations_app.models import ExtractionTemplate
+
+    body = {"name": "late residuals", "layers": [29, 20, 40], "hook_types": ["residual"], "seq_len": 64}
+    refused = signed_in.post(f"/api/models/{smollm2_model.id}/extraction-templates", body, content_type="application/json")
+    assert refused.status_code == 400 and refused.json()["error"]["details"] == {"field": "layers"}  # 40 > 29: validated
+    assert not ExtractionTemplate.objects.exists()
+    body["layers"] = [29, 20]
+    saved = signed_in.post(f"/api/models/{smollm2_model.id}/extraction-templates", body, content_type="application/json")
+    assert saved.status_code == 201
+    template = saved.json()
+    assert (template["layers"], template["hook_types"], template["seq_len"], template["favourite"]) == ([20, 29], ["residual"], 64, False)
+    nameless = signed_in.post(f"/api/models/{smollm2_model.id}/extraction-templates", {**body, "name": "\u0000"},
+                              content_type="application/json")  # fmt: skip
+    assert nameless.status_code == 400 and nameless.json()["error"]["details"] == {"field": "name"}
+    # The same name again replaces it: one template.
+    again = signed_in.post(f"/api/models/{smollm2_model.id}/extraction-templates", {**body, "seq_len": 128}, content_type="application/json")
+    assert again.json()["id"] == template["id"] and again.json()["seq_len"] == 128 and ExtractionTemplate.objects.count() == 1
+    # The command saves one as the operator; favourites come first in the list.
+    call_command("extract_activations", smollm2_model.id, "--layers", "0,1", "--hooks", "mlp", "--save-template", "early mlp",
+                 "--user", user.username)  # fmt: skip
+    starred = signed_in.post(f"/api/extraction-templates/{template['id']}/favourite", {"favourite": True}, content_type="application/json")
+    assert starred.json()["favourite"] is True
+    listed = [t["name"] for t in signed_in.get("/api/extraction-templates").json()["data"]]
+    assert listed == ["late residuals", "early mlp"]
+    capsys.readouterr()
+    call_command("extraction_templates", "--user", user.username)
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"★ {template['id']}  late residuals  layers 20,29  residual")
+    # The dialog loads it: its layers and hooks checked, its settings filled in.
+    dialog = signed_in.get(f"/models/{smollm2_model.id}/extract", {"template": template["id"]}).content.decode()
+    assert "Loaded “late residuals”." in dialog
+    assert 'value="20" class="sr-only" checked' in dialog and 'value="29" class="sr-only" checked' in dialog
+    assert 'value="0" class="sr-only" checked' not in dialog and 'name="seq_len" value="128"' in dialog
+    # A template is its owner's: another user neither sees nor deletes it.
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    other = Client()
+    other.force_login(get_user_model().objects.create_user("other", password="x"))
+    assert other.get("/api/extraction-templates").json()["data"] == []
+    assert other.delete(f"/api/extraction-templates/{template['id']}").status_code == 404
+    assert signed_in.delete(f"/api/extraction-templates/{template['id']}").json()["deleted"] is True
+    assert [t.name for t in ExtractionTemplate.objects.all()] == ["early mlp"]

@@ -288,3 +288,43 @@ def test_a_start_the_server_refuses_stays_in_the_dialog_until_the_request_change
     assert "Not started" in page.inner_text("#start-status")
     page.fill("#id_seq_len", "64")  # the request changed: the refusal no longer applies to it
     page.wait_for_selector("#start-status .start-refusal", state="detached", timeout=5_000)
+
+
+def test_the_extract_dialog_saves_a_template_and_loads_it_again(stack, browser, user, smollm2_model, data_dir):
+    from activations_app.services import import_dataset
+
+    (data_dir / "imports" / "river.txt").write_text("\n".join(f"Line {i} about the river." for i in range(20)))
+    dataset = import_dataset(path=str(data_dir / "imports" / "river.txt"))
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+    sign_in(page, stack, user.username)
+    page.click(f"#model-card-{smollm2_model.id} .extract-open")
+    page.wait_for_selector("#extract-modal")
+    page.select_option("#id_dataset", dataset.id)
+    page.click(".layer-toggle:has-text('L7')")
+    page.click(".layer-toggle:has-text('L12')")
+    page.check("input[name=hook_types][value=attention]")
+    page.fill("#id_seq_len", "96")
+    page.fill("#id_template_name", "mid layers")
+    page.click(".template-save")
+    page.wait_for_selector(".template-notice:has-text('Saved')", timeout=10_000)
+    page.click(".template-favourite")
+    page.wait_for_selector(".template-notice:has-text('favourite')", timeout=10_000)
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#extract-modal", state="detached")
+    # A fresh dialog: load the template, and everything it saved is back (the dataset kept).
+    page.click(f"#model-card-{smollm2_model.id} .extract-open")
+    page.wait_for_selector("#extract-modal")
+    page.select_option("#id_dataset", dataset.id)
+    option = page.locator("#id_template option", has_text="mid layers")
+    assert option.inner_text().startswith("★")
+    page.select_option("#id_template", option.get_attribute("value"))
+    page.wait_for_selector(".template-notice:has-text('Loaded')", timeout=10_000)
+    checked = page.eval_on_selector_all("#extract-form [name=layers]:checked", "els => els.map(e => e.value)")
+    hooks = page.eval_on_selector_all("#extract-form [name=hook_types]:checked", "els => els.map(e => e.value)")
+    assert checked == ["7", "12"] and hooks == ["residual", "attention"]
+    assert page.input_value("#id_seq_len") == "96" and page.input_value("#id_dataset") == dataset.id
+    page.wait_for_selector(".estimate-storage", timeout=15_000)  # the estimate runs for the loaded request
+    assert page.is_enabled("#start-extraction")
+    assert not problems, problems

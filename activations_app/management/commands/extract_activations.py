@@ -1,9 +1,12 @@
+import json
+
 from django.core.management.base import CommandError
 
 from activations_app import jobs, services
 from activations_app.forms import ExtractionForm
 from activations_app.models import ExtractionStatus
 from mistudio.commands import JobCommand, acting_user, eta_text, service_call
+from models_app.services import get_model
 
 
 def int_list(value: str) -> list:
@@ -22,6 +25,10 @@ class Command(JobCommand):
         parser.add_argument("--dataset")
         parser.add_argument("--layers", help="e.g. 0,5,11")
         parser.add_argument("--hooks", help="residual,mlp,attention")
+        parser.add_argument("--template", metavar="NAME_OR_ID",
+                            help="start from a saved extraction template (options given here override it)")  # fmt: skip
+        parser.add_argument("--save-template", metavar="NAME",
+                            help="save these layers, hooks and settings as a template (no dataset, nothing runs)")  # fmt: skip
         parser.add_argument("--resume", metavar="EXT_ID",
                             help="go on with a stopped extraction from its last durable batch (no other arguments)")  # fmt: skip
         # The dialog's settings, with its defaults and the same validation (ExtractionForm).
@@ -37,14 +44,32 @@ class Command(JobCommand):
                                       enqueue=not options["sync"])  # fmt: skip
             self.run_job(extraction, jobs.run_extraction_job, options)
             return
-        missing = [f"--{name}" for name in ("dataset", "layers", "hooks") if options[name] is None]
+        user = acting_user(options)
+        data = {}
+        if options["template"]:
+            template = service_call(services.get_template, options["template"], user)
+            data, dropped = services.template_for_model(template, service_call(get_model, options["model_id"] or ""))
+            if dropped:
+                self.stderr.write(f"Layers {dropped} of template {template.name!r} are beyond this model and were left out.")
+        data |= {name: options[name] for name in ExtractionForm.SETTINGS if options[name] is not None}
+        if options["layers"] is not None:
+            data["layers"] = int_list(options["layers"])
+        if options["hooks"] is not None:
+            data["hook_types"] = [h for h in options["hooks"].split(",") if h]
+        if options["save_template"] is not None:
+            if not options["model_id"] or "layers" not in data or "hook_types" not in data:
+                raise CommandError("Give MODEL_ID, --layers and --hooks (or --template) to save a template.")
+            template = service_call(services.save_template, model_id=options["model_id"], name=options["save_template"],
+                                    data=data, user=user)  # fmt: skip
+            self.stdout.write(json.dumps(template.as_dict()) if options.get("json") else f"{template.id}  {template.name}  saved")
+            return
+        missing = [f"--{name}" for name, key in (("dataset", "dataset"), ("layers", "layers"), ("hooks", "hook_types"))
+                   if (options[name] if name == "dataset" else data.get(key)) is None]  # fmt: skip
         if not options["model_id"] or missing:
-            raise CommandError("Give MODEL_ID, --dataset, --layers and --hooks (or --resume EXT_ID).")
-        data = {name: options[name] for name in ExtractionForm.SETTINGS if options[name] is not None}
-        data |= {"layers": int_list(options["layers"]), "hook_types": [h for h in options["hooks"].split(",") if h]}
+            raise CommandError("Give MODEL_ID, --dataset, --layers and --hooks (or --template NAME, or --resume EXT_ID).")
         extraction = service_call(
             services.request_extraction, model_id=options["model_id"], dataset_id=options["dataset"],
-            enqueue=not options["sync"], data=data, user=acting_user(options),
+            enqueue=not options["sync"], data=data, user=user,
         )  # fmt: skip
         self.run_job(extraction, jobs.run_extraction_job, options)
 
