@@ -141,3 +141,12 @@ def signed_in(client, user):
 
 
 __all__ = ["GATED_TOKEN", "VALID_UNGATED_TOKEN"]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item, for fixtures that act on a failure (the
+    browser fixture's screenshots)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

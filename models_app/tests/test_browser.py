@@ -3,6 +3,7 @@ the loopback Hub and the test database: what a researcher sees, without reloads.
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -39,8 +40,13 @@ def stack(hub):
         print(output)  # shown by pytest when the test fails
 
 
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
+
+
 @pytest.fixture
-def browser(monkeypatch):
+def browser(monkeypatch, request):
+    """Debian's headless Chromium. When the test fails, every page it opened is saved as a
+    full-page screenshot under test-output/screenshots/ (named after the test)."""
     from playwright.sync_api import sync_playwright
 
     # Playwright's sync API keeps an event loop in this thread; the ORM calls the test makes
@@ -55,6 +61,17 @@ def browser(monkeypatch):
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"],
         )  # fmt: skip
         yield browser
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            pages = [page for context in browser.contexts for page in context.pages]
+            for n, page in enumerate(pages):
+                path = SCREENSHOTS / f"{request.node.name[:120]}-{n}.png"
+                try:
+                    page.screenshot(path=str(path), full_page=True, timeout=10_000)
+                    print(f"screenshot of {page.url}: {path}")
+                except Exception as exc:  # noqa: BLE001 - the failure itself is what matters
+                    print(f"no screenshot of {page.url}: {exc}")
         browser.close()
 
 
