@@ -196,8 +196,8 @@ def template_delete(request, model_id):
 def extraction_estimate(request, model_id):
     try:
         estimate = services.estimate_request(model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), data=request.POST)
-    except ServiceError as exc:  # shown in the dialog; a model gone meanwhile is a 404
-        status = exc.status if isinstance(exc, NotFound) else 200
+    except ServiceError as exc:  # shown in the dialog; only the model itself gone is a 404
+        status = exc.status if isinstance(exc, NotFound) and exc.code == "model_not_found" else 200
         return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message}, status=status)
     return render(request, "activations_app/_extract_estimate.html", {"estimate": estimate})
 

@@ -2,6 +2,7 @@
 the loopback Hub and the test database: what a researcher sees, without reloads."""
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,52 @@ def stack(hub):
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
 
 
+class WatchedBrowser:
+    """The browser as tests use it, watching every page they open for what a user's console
+    would show: uncaught exceptions, console errors, 404s (favicon included) and server
+    errors. A refusal the server answers on purpose (400, 403, 409, 422 to a form or htmx
+    request) is the product working; `allow(url_part)` excuses a visit meant to fail."""
+
+    EXPECTED = re.compile(r"status of (400|403|409|422)\b")
+
+    def __init__(self, browser) -> None:
+        self._browser = browser
+        self.problems: list[str] = []
+        self.allowed: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._browser, name)
+
+    def allow(self, url_part: str) -> None:
+        self.allowed.append(url_part)
+
+    def _excused(self, url: str) -> bool:
+        return any(part in url for part in self.allowed)
+
+    def _console(self, message) -> None:
+        url = (message.location or {}).get("url", "")
+        if message.type == "error" and not self.EXPECTED.search(message.text) and not self._excused(url):
+            self.problems.append(f"console error: {message.text} ({url})")
+
+    def _response(self, response) -> None:
+        if (response.status == 404 or response.status >= 500) and not self._excused(response.url):
+            self.problems.append(f"{response.status} {response.url}")
+
+    def watch(self, page):
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.problems.append(f"uncaught: {error}"))
+        page.on("response", self._response)
+        return page
+
+    def new_context(self, **options):
+        context = self._browser.new_context(**options)
+        context.on("page", self.watch)
+        return context
+
+    def new_page(self, **options):
+        return self.watch(self._browser.new_page(**options))
+
+
 @pytest.fixture
 def browser(monkeypatch, request):
     """Debian's headless Chromium. When the test fails, every page it opened is saved as a
@@ -60,7 +107,8 @@ def browser(monkeypatch, request):
             args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"],
         )  # fmt: skip
-        yield browser
+        watched = WatchedBrowser(browser)
+        yield watched
         report = getattr(request.node, "report_call", None)
         if report is not None and report.failed:
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -73,6 +121,8 @@ def browser(monkeypatch, request):
                 except Exception as exc:  # noqa: BLE001 - the failure itself is what matters
                     print(f"no screenshot of {page.url}: {exc}")
         browser.close()
+        if report is not None and report.passed:
+            assert not watched.problems, "the pages logged:\n" + "\n".join(watched.problems)
 
 
 def sign_in(page, base_url, username):
