@@ -88,11 +88,11 @@ def test_prepend_bos_modes_on_packed_windows(smollm2_folder, mode, first_is_bos)
 
 
 def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run(smollm2_model, dataset, data_dir, signed_in):
-    request = dict(layers=[2, 29], hook_types=["residual", "attention"], max_samples=160, batch_size=4, seq_len=48)
+    request = dict(layers=[2, 29], hook_types=["residual", "attention"], max_samples=96, batch_size=4, seq_len=48)
     extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], **request)
     worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0")
     try:
-        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 40, timeout=180, message="part way")
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 32, timeout=180, message="part way")
         subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)  # the work horse, as the OOM killer would
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.FAILED, timeout=60,
                  message="the row failed")  # fmt: skip
@@ -100,7 +100,7 @@ def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run
         assert stopped.error_code == "worker_died"
         kept = stopped.resumable_rows
         # Durable lags the progress shown by the batch in flight on the background thread.
-        assert 20 <= kept < 160 and kept % 4 == 0, kept
+        assert 12 <= kept < 96 and kept % 4 == 0, kept
         assert not stopped.final_dir.exists()  # nothing where the finished files go
 
         response = signed_in.post(f"/api/extractions/{extraction.id}/resume")
@@ -126,7 +126,7 @@ def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run
 
 
 def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cannot(smollm2_model, dataset, signed_in):
-    request = dict(layers=[29], hook_types=["residual"], max_samples=200, batch_size=4, seq_len=48)
+    request = dict(layers=[29], hook_types=["residual"], max_samples=80, batch_size=4, seq_len=48)
     extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], **request)
     worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0")
     try:
