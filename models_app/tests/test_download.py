@@ -276,6 +276,8 @@ def test_a_retry_after_the_worker_died_at_half_way_fetches_only_the_rest(signed_
     fetches = [r for r in hub.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
     assert fetches and all(r.range for r in fetches), fetches
     start = int(fetches[0].range.removeprefix("bytes=").split("-")[0])
+    print(f"weights {weights:,} B; kept at the worker's death {partial:,} B; the retry asked for bytes {start:,}- "
+          f"({weights - start:,} B, {100 * (weights - start) / weights:.0f} % of the file)")
     assert start >= partial - (1 << 20) and start > weights * 0.4, (start, partial, weights)
     assert (model.raw_dir / "model.safetensors").read_bytes() == (tiny_repo_folder / "model.safetensors").read_bytes()
     assert not staged_path(model.raw_dir).exists()
