@@ -138,7 +138,8 @@ def template_save(request, model_id):
 @api_endpoint({"GET", "DELETE"})
 def template_detail(request, template_id):
     if request.method == "DELETE":
-        return JsonResponse({"deleted": services.delete_template(template_id, request.user), "id": template_id})
+        services.delete_template(template_id, request.user)
+        return JsonResponse({"deleted": True, "id": template_id})
     return JsonResponse(services.get_template(template_id, request.user).as_dict())
 
 

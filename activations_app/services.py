@@ -294,9 +294,8 @@ def dataset_tokenization(dataset_id: str, model_id: str) -> dict:
     except (OSError, ValueError) as exc:
         raise ServiceError("tokenizer_unreadable", f"{model.name} has no readable tokenizer ({type(exc).__name__}).") from None
     rows = [str(text) for text in dataset.preview]
-    encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in rows]
     plain = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rows]
-    first = encoded[0] if encoded else []
+    first = tokenizer(rows[0], add_special_tokens=True)["input_ids"] if rows else []  # as an extraction's row starts
     chars = sum(len(text) for text in rows)
     tokens = sum(len(ids) for ids in plain)
     return {
@@ -425,16 +424,19 @@ def save_template(*, model_id: str, name: str, data, user, favourite: bool | Non
     return template
 
 
-def favourite_template(template_id: str, user, favourite: bool) -> ExtractionTemplate:
+def favourite_template(template_id: str, user, favourite: bool | None) -> ExtractionTemplate:
+    """Mark it a favourite or not; None turns it over (the dialog's star)."""
     template = get_template(template_id, user)
-    template.favourite = favourite
+    template.favourite = not template.favourite if favourite is None else favourite
     template.save(update_fields=["favourite", "updated_at"])
     return template
 
 
-def delete_template(template_id: str, user) -> bool:
-    get_template(template_id, user).delete()
-    return True
+def delete_template(template_id: str, user) -> ExtractionTemplate:
+    """Delete one of the acting user's templates (by id or name); the deleted template."""
+    template = get_template(template_id, user)
+    template.delete()
+    return template
 
 
 def template_for_model(template: ExtractionTemplate, model) -> tuple[dict, list[int]]:

@@ -171,10 +171,8 @@ def template_save(request, model_id):
 @require_POST
 def template_favourite(request, model_id):
     model = get_model(model_id)
-    template_id = request.POST.get("template", "")
     try:
-        template = services.get_template(template_id, request.user)
-        template = services.favourite_template(template.id, request.user, not template.favourite)
+        template = services.favourite_template(request.POST.get("template", ""), request.user, None)
     except ServiceError as exc:
         return _render_template_bar(request, model, refusal=exc.message, status=409)
     return _render_template_bar(request, model, template.id,
@@ -185,8 +183,7 @@ def template_favourite(request, model_id):
 def template_delete(request, model_id):
     model = get_model(model_id)
     try:
-        template = services.get_template(request.POST.get("template", ""), request.user)
-        services.delete_template(template.id, request.user)
+        template = services.delete_template(request.POST.get("template", ""), request.user)
     except ServiceError as exc:
         return _render_template_bar(request, model, refusal=exc.message, status=409)
     return _render_template_bar(request, model, notice=f"Deleted “{template.name}”.")

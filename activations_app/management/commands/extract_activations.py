@@ -63,9 +63,7 @@ class Command(JobCommand):
                                     data=data, user=user)  # fmt: skip
             self.stdout.write(json.dumps(template.as_dict()) if options.get("json") else f"{template.id}  {template.name}  saved")
             return
-        missing = [f"--{name}" for name, key in (("dataset", "dataset"), ("layers", "layers"), ("hooks", "hook_types"))
-                   if (options[name] if name == "dataset" else data.get(key)) is None]  # fmt: skip
-        if not options["model_id"] or missing:
+        if not options["model_id"] or options["dataset"] is None or "layers" not in data or "hook_types" not in data:
             raise CommandError("Give MODEL_ID, --dataset, --layers and --hooks (or --template NAME, or --resume EXT_ID).")
         extraction = service_call(
             services.request_extraction, model_id=options["model_id"], dataset_id=options["dataset"],

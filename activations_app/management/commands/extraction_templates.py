@@ -21,8 +21,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         user = acting_user(options)
         if options["delete"]:
-            template = service_call(services.get_template, options["delete"], user)
-            service_call(services.delete_template, template.id, user)
+            template = service_call(services.delete_template, options["delete"], user)
             self.stdout.write(f"{template.id}  {template.name}  deleted")
             return
         for flag, on in (("favourite", True), ("unfavourite", False)):
