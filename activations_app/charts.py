@@ -14,6 +14,11 @@ HOOK_LABELS = {"residual": "Residual Stream", "mlp": "MLP Output", "attention": 
 WIDTH, PANEL, GAP, LEFT, BOTTOM = 320, 64, 28, 44, 18
 
 
+def _x(layer: int, first: int, last: int) -> float:
+    """Where a layer sits across the plot (a single layer: in the middle)."""
+    return LEFT + (0.5 if first == last else (layer - first) / (last - first)) * (WIDTH - LEFT - 8)
+
+
 def _scale(values: list[float], low: float, high: float, top: float, height: float) -> list[float]:
     span = (high - low) or 1.0
     return [top + height - (v - low) / span * height for v in values]
@@ -26,9 +31,7 @@ def _panel(label: str, unit: str, layers: list[int], values: list[float | None],
     low, high = min(v for _, v in known), max(v for _, v in known)
     if low == high:
         low, high = low - (abs(low) * 0.1 or 1.0), high + (abs(high) * 0.1 or 1.0)
-    width = WIDTH - LEFT - 8
-    first, last = layers[0], layers[-1]
-    xs = [LEFT + (0.5 if first == last else (layer - first) / (last - first)) * width for layer, _ in known]
+    xs = [_x(layer, layers[0], layers[-1]) for layer, _ in known]
     ys = _scale([v for _, v in known], low, high, top, PANEL)
     return {
         "label": label, "unit": unit, "top": top, "bottom": top + PANEL, "low": low, "high": high,
@@ -52,13 +55,10 @@ def layer_charts(statistics: dict, layers: list[int], hooks: list[str]) -> list[
             continue
         height = 8 + 2 * PANEL + GAP + BOTTOM
         ticks = layers if len(layers) <= 8 else [layers[int(round(i * (len(layers) - 1) / 5))] for i in range(6)]
-        first, last = layers[0], layers[-1]
-        width = WIDTH - LEFT - 8
         charts.append({
             "hook": hook, "title": HOOK_LABELS.get(hook, hook), "width": WIDTH, "height": height, "left": LEFT,
             "right": WIDTH - 8, "panels": panels,
-            "ticks": [{"x": round(LEFT + (0.5 if first == last else (layer - first) / (last - first)) * width, 1),
-                       "label": f"L{layer}"} for layer in dict.fromkeys(ticks)],
+            "ticks": [{"x": round(_x(layer, layers[0], layers[-1]), 1), "label": f"L{layer}"} for layer in dict.fromkeys(ticks)],
             "axis_y": height - 4,
             "summary": "; ".join(f"L{layer}: L2 {f.get('mean_l2_norm', 0) or 0:.3g}, sparsity {f.get('sparsity_percent', 0) or 0:.3g}%"
                                  for layer, f in zip(layers, figures)),
