@@ -179,6 +179,12 @@ class Model(TransferRow):
         return f"{'+' if change >= 0 else '−'}{abs(change):.1f} % vs FP32"
 
     @cached_property
+    def extraction_ids(self) -> list[str]:
+        """Its extractions' ids, newest first, read once per card (its history link and the
+        delete confirm, which names those that remain)."""
+        return list(self.extractions.values_list("id", flat=True))
+
+    @cached_property
     def source_model(self):
         """The model whose snapshot this variant was made from, while it exists."""
         return Model.objects.filter(pk=self.snapshot_of).only("id", "name", "quantization").first() if self.snapshot_of else None

@@ -201,3 +201,15 @@ def test_a_quantized_card_shows_its_format_badge_and_its_perplexity_band_against
     assert band in html and shown in html
     assert "12105137" not in html and "+12" not in html.split("quality")[1][:40]
     assert f'href="#model-card-{source.id}"' in html and "variant of SmolLM2-135M FP32" in html
+
+
+def test_the_delete_confirm_names_the_extractions_that_will_remain(signed_in):
+    from activations_app.models import Extraction
+
+    model = make_model(status="ready", quantization="FP32")
+    runs = [Extraction.objects.create(model=model, layers=[0], hook_types=["residual"], batch_size=1, max_samples=1, seq_len=8)
+            for _ in range(2)]  # fmt: skip
+    html = card_html(signed_in, model)
+    newest_first = ", ".join(run.id for run in reversed(runs))
+    assert f"Its 2 extractions stay: {newest_first}." in html
+    assert f'href="/extractions/?model_id={model.id}" class="underline extraction-history">2 extractions</a>' in html
