@@ -330,17 +330,24 @@ def test_the_gated_estimate_refreshes_when_the_token_is_pasted(stack, browser, u
     assert GATED_TOKEN not in page.content()
 
 
-def test_a_start_the_server_refuses_stays_in_the_dialog_until_the_request_changes(stack, browser, user, smollm2_model, data_dir):
-    from activations_app.models import Dataset
+def signed_in_extract_dialog(browser, stack, user, model, data_dir):
+    """A 20-row dataset, and the model's Extract dialog open on it: the page and the dataset."""
     from activations_app.services import import_dataset
 
     (data_dir / "imports" / "river.txt").write_text("\n".join(f"Line {i} about the river." for i in range(20)))
     dataset = import_dataset(path=str(data_dir / "imports" / "river.txt"))
     page = browser.new_page()
     sign_in(page, stack, user.username)
-    page.click(f"#model-card-{smollm2_model.id} .extract-open")
+    page.click(f"#model-card-{model.id} .extract-open")
     page.wait_for_selector("#extract-modal")
     page.select_option("#id_dataset", dataset.id)
+    return page, dataset
+
+
+def test_a_start_the_server_refuses_stays_in_the_dialog_until_the_request_changes(stack, browser, user, smollm2_model, data_dir):
+    from activations_app.models import Dataset
+
+    page, dataset = signed_in_extract_dialog(browser, stack, user, smollm2_model, data_dir)
     page.click(".layer-toggle:has-text('L3')")
     page.wait_for_selector(".estimate-storage", timeout=15_000)
     Dataset.objects.filter(pk=dataset.id).delete()  # gone between the estimate and Start
@@ -355,15 +362,7 @@ def test_a_start_the_server_refuses_stays_in_the_dialog_until_the_request_change
 
 
 def test_the_extract_dialog_saves_a_template_and_loads_it_again(stack, browser, user, smollm2_model, data_dir):
-    from activations_app.services import import_dataset
-
-    (data_dir / "imports" / "river.txt").write_text("\n".join(f"Line {i} about the river." for i in range(20)))
-    dataset = import_dataset(path=str(data_dir / "imports" / "river.txt"))
-    page = browser.new_page()
-    sign_in(page, stack, user.username)
-    page.click(f"#model-card-{smollm2_model.id} .extract-open")
-    page.wait_for_selector("#extract-modal")
-    page.select_option("#id_dataset", dataset.id)
+    page, dataset = signed_in_extract_dialog(browser, stack, user, smollm2_model, data_dir)
     page.click(".layer-toggle:has-text('L7')")
     page.click(".layer-toggle:has-text('L12')")
     page.check("input[name=hook_types][value=attention]")
