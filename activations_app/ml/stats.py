@@ -17,9 +17,9 @@ class RunningStats:
     """mean |x|, mean per-token L2 norm, max |x|, min, max, std, share of |x| < threshold,
     NaN and Inf counts, over the values exactly as stored.
 
-    Sums accumulate in float64. float16 values are widened to float32, where their squares
-    are still exact (11-bit mantissas), so the figures match numpy in float64 on the
-    loaded array while the work runs in torch's multithreaded float32 kernels."""
+    Everything accumulates in float64 over the values exactly as stored (float16 widened
+    exactly), in one compiled pass per batch (stats_kernel), so the figures match numpy in
+    float64 on the loaded array."""
 
     def __init__(self, sparsity_threshold: float = 0.01) -> None:
         self.threshold = sparsity_threshold
@@ -62,9 +62,6 @@ class RunningStats:
             stats.dim_mean = stats.dim_m2 = None
         return stats
 
-    def _update_dimensions(self, wide, norms) -> None:
-        self._merge_dimensions(wide.shape[0], wide.sum(dim=0).numpy(), (wide * wide).sum(dim=0).numpy(), norms)
-
     def _merge_dimensions(self, n: int, per_dim, per_dim_sq, norms) -> None:
         """One batch's per-dimension sums into the running mean and squared deviations (Chan
         et al.): the batch's own M2 from its sums, then the merge, all in float64."""
@@ -78,7 +75,7 @@ class RunningStats:
             self.dim_mean = self.dim_mean + delta * (n / total)
             self.dim_m2 = self.dim_m2 + batch_m2 + delta * delta * (self.dim_count * n / total)
             self.dim_count = total
-        self.norm_hist += np.bincount(np.searchsorted(NORM_BIN_EDGES, norms.numpy(), side="right"),
+        self.norm_hist += np.bincount(np.searchsorted(NORM_BIN_EDGES, norms, side="right"),
                                       minlength=len(self.norm_hist))[: len(self.norm_hist)]  # fmt: skip
 
     def dimension_arrays(self) -> dict[str, np.ndarray]:
@@ -88,66 +85,50 @@ class RunningStats:
             return {"mean": np.zeros(0), "var": np.zeros(0), "count": np.int64(0)}
         return {"mean": self.dim_mean, "var": self.dim_m2 / self.dim_count, "count": np.int64(self.dim_count)}
 
-    def update(self, values, valid=None) -> None:
-        """`values`: a CPU tensor [batch, seq, hidden] in the storage dtype; `valid`: a bool
-        tensor [batch, seq] marking real tokens, or None when all are real."""
+    def update(self, values: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """`values`: [batch, seq, hidden] (or [tokens, hidden]) in the storage dtype, float16
+        or float32, as written to the file; `valid`: bool [batch, seq] marking the tokens
+        that count, or None when all do."""
+        from .stats_kernel import summarize
 
         x = values.reshape(-1, values.shape[-1])
-        if valid is not None:
-            x = x[valid.reshape(-1)]
-        # In blocks of rows whose float64 copies stay in the CPU's cache: 3x faster than one
-        # pass over the whole batch, measured on 1,024 x 576 (the sums are float64 either way).
-        for start in range(0, x.shape[0], self.BLOCK_ROWS):
-            self._update_rows(x[start : start + self.BLOCK_ROWS])
-
-    BLOCK_ROWS = 256
-
-    def _update_rows(self, x) -> None:
-        import torch
-
-        if x.numel() == 0:
+        keep = np.ones(x.shape[0], dtype=bool) if valid is None else np.ascontiguousarray(valid).reshape(-1)
+        source = x.view(np.uint16) if x.dtype == np.float16 else x.astype(np.float32, copy=False)
+        hidden = x.shape[1]
+        dim_sum, dim_sq = np.zeros(hidden), np.zeros(hidden)
+        dim_lo, dim_hi = np.full(hidden, np.inf), np.full(hidden, -np.inf)
+        norms = np.empty(x.shape[0])
+        kept, sum_abs, below, finite = summarize(source, keep, self.threshold, dim_sum, dim_sq, dim_lo, dim_hi, norms)
+        if not kept:
             return
-        if x.dtype == torch.float16:
-            x = x.float()
-        magnitude = x.abs()
-        # A float32 sum is finite only when every element is: one cheap pass instead of an
-        # isfinite mask. (An overflowing sum of finite float32 values takes the careful path too.)
-        if not bool(torch.isfinite(magnitude.sum())):
-            self._update_nonfinite(x.double())
+        if not finite:
+            self._update_nonfinite(x[keep].astype(np.float64))
             return
-        wide = x.double()
-        square = wide * wide  # one pass, read three ways: per token, per dimension, in total
-        per_dim_sq = square.sum(dim=0)
-        norms = square.sum(dim=1).sqrt_()  # per-token L2 norms, in float64
-        per_dim = wide.sum(dim=0)
-        low, high = torch.aminmax(x)
-        self.elements += x.numel()
-        self.finite += x.numel()
-        self.sum += float(per_dim.sum())
-        self.sum_abs += float(magnitude.sum(dtype=torch.float64))
-        self.sum_sq += float(per_dim_sq.sum())
-        # numpy's vectorized compare and count: several times faster than torch's bool kernels here
-        self.below += int(np.count_nonzero(magnitude.numpy() < self.threshold))
-        self.min = min(self.min, float(low))
-        self.max = max(self.max, float(high))
+        self.elements += kept * hidden
+        self.finite += kept * hidden
+        self.sum += float(dim_sum.sum())
+        self.sum_abs += sum_abs
+        self.sum_sq += float(dim_sq.sum())
+        self.below += int(below)
+        self.min = min(self.min, float(dim_lo.min()))
+        self.max = max(self.max, float(dim_hi.max()))
         self.max_abs = max(self.max_abs, -self.min, self.max)
-        self.norm_sum += float(norms.sum())
-        self.tokens += x.shape[0]
-        self._merge_dimensions(x.shape[0], per_dim.numpy(), per_dim_sq.numpy(), norms)
+        self.norm_sum += float(norms[:kept].sum())
+        self.tokens += kept
+        self._merge_dimensions(kept, dim_sum, dim_sq, norms[:kept])
 
-    def _update_nonfinite(self, x) -> None:
-        """The same figures when some values are NaN or Inf: those are counted, and left out
-        of every other figure (they count as elements, not as finite values)."""
-        import torch
-
-        finite = torch.isfinite(x)
-        self.nan += int(torch.isnan(x).sum())
-        self.inf += int(torch.isinf(x).sum())
-        x = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
-        magnitude = x.abs()
+    def _update_nonfinite(self, x: np.ndarray) -> None:
+        """The same figures when some values are NaN or Inf (`x`: the counted tokens, float64):
+        those are counted, and left out of every other figure (they count as elements, not
+        as finite values)."""
+        finite = np.isfinite(x)
+        self.nan += int(np.isnan(x).sum())
+        self.inf += int(np.isinf(x).sum())
+        x = np.where(finite, x, 0.0)
+        magnitude = np.abs(x)
         square = x * x
         count = int(finite.sum())
-        self.elements += x.numel()
+        self.elements += x.size
         self.finite += count
         self.sum += float(x.sum())
         self.sum_abs += float(magnitude.sum())
@@ -155,16 +136,15 @@ class RunningStats:
         self.below += int(((magnitude < self.threshold) & finite).sum())
         if count:
             finite_values = x[finite]
-            self.max_abs = max(self.max_abs, float(finite_values.abs().max()))
+            self.max_abs = max(self.max_abs, float(np.abs(finite_values).max()))
             self.min = min(self.min, float(finite_values.min()))
             self.max = max(self.max, float(finite_values.max()))
-        self.norm_sum += float(square.sum(dim=1).sqrt().sum())
+        self.norm_sum += float(np.sqrt(square.sum(axis=1)).sum())
         self.tokens += x.shape[0]
         # Per-dimension figures and the norm histogram: over the tokens with no NaN or Inf.
-        whole = finite.all(dim=1)
-        if bool(whole.any()):
-            kept = x[whole]
-            self._update_dimensions(kept, torch.linalg.vector_norm(kept, dim=1))
+        kept = x[finite.all(axis=1)]
+        if len(kept):
+            self._merge_dimensions(len(kept), kept.sum(axis=0), (kept * kept).sum(axis=0), np.sqrt((kept * kept).sum(axis=1)))
 
     def result(self) -> dict:
         n = self.finite

@@ -3,6 +3,7 @@ hooked modules, captured independently, down to float32 precision (float16 round
 
 import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -158,6 +159,58 @@ def test_smollm2_residuals_match_its_hidden_states(smollm2_folder, tmp_path):
                                        captured[(layer, hook)].numpy(), atol=1e-5, rtol=1e-6)  # fmt: skip
 
 
+def test_whole_block_batches_are_written_directly_and_a_ragged_tail_through_the_page_cache(tmp_path, monkeypatch):
+    """Direct I/O takes a write only when its file offset, length and memory are 4 KiB
+    aligned: the .npy data starts at 4,096 (a padded header numpy reads as usual), a batch of
+    2 rows x 16 tokens x 64 float16 values is exactly 4,096 bytes, the last batch of 1 row
+    is not. Either way the file holds the model's values, and numpy loads it."""
+    import fcntl
+
+    writes = []
+    real_pwrite = extract.os.pwrite
+
+    def pwrite(fd, data, offset):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        writes.append((name, offset, len(data), bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(extract.os, "pwrite", pwrite)
+    model = tiny_model("llama")
+    ids = np.random.default_rng(2).integers(0, 300, size=(5, 16)).astype(np.int64)
+    spec = ExtractionSpec(layers=[1], hook_types=["residual"], seq_len=16, batch_size=2, dtype="float16")
+    result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
+    assert [w for w in writes if w[0] == "layer_1_residual.npy"] == [
+        ("layer_1_residual.npy", 4096, 4096, True), ("layer_1_residual.npy", 8192, 4096, True),
+        ("layer_1_residual.npy", 12288, 2048, False)]  # fmt: skip
+    assert [w[3] for w in writes if w[0] == "tokens.npy"] == [False]  # 5 x 16 int64: not whole blocks
+    stored = np.load(result.output_dir / "layer_1_residual.npy")
+    assert np.load(result.output_dir / "layer_1_residual.npy", mmap_mode="r").offset == 4096
+    hidden_states, _ = reference(model, "llama", ids)
+    np.testing.assert_array_equal(stored, hidden_states[2].numpy().astype(np.float16))
+    np.testing.assert_array_equal(np.load(result.output_dir / "tokens.npy"), ids)
+
+
+def test_a_filesystem_that_opens_for_direct_io_but_refuses_the_writes_gets_page_cache_writes(tmp_path, monkeypatch):
+    """Some filesystems (FUSE, older tmpfs) take O_DIRECT at open and answer the write with
+    EINVAL; none here does, so that answer is simulated. The run goes on, correctly."""
+    import fcntl
+
+    real_pwrite = extract.os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(extract.os, "pwrite", pwrite)
+    model = tiny_model("llama")
+    ids = np.random.default_rng(2).integers(0, 300, size=(4, 16)).astype(np.int64)
+    spec = ExtractionSpec(layers=[1], hook_types=["residual"], seq_len=16, batch_size=2, dtype="float16")
+    result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
+    hidden_states, _ = reference(model, "llama", ids)
+    np.testing.assert_array_equal(np.load(result.output_dir / "layer_1_residual.npy"), hidden_states[2].numpy().astype(np.float16))
+
+
 def test_a_full_disk_fails_before_the_first_batch_and_leaves_no_files(tmp_path, monkeypatch):
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -248,12 +301,14 @@ def test_statistics_over_batches_with_nan_inf_and_padding_match_numpy_on_the_who
     values = (rng.standard_normal((6, 10, 32)) * 3).astype(dtype)
     values[1, 2, 3], values[4, 0, 0], values[4, 9, 31] = np.nan, np.inf, -np.inf
     values[0, 0, :4] = [0.005, -0.005, 0.02, 0.0]  # around the sparsity threshold
+    values[2, 3, :3] = [6e-8, -3e-5, 2.0**-20]  # float16 subnormals (decoded from their bits)
+    values[3, 3, 0] = -6000.0  # the minimum, exactly (padding aside)
     mask = np.ones((6, 10), dtype=bool)
     mask[5, 6:] = False
     values[5, 6:] = 1e4  # padding: large, and must not show up anywhere
     stats = RunningStats(sparsity_threshold=0.01)
     for start in range(0, 6, 2):
-        stats.update(torch.from_numpy(values[start : start + 2]), torch.from_numpy(mask[start : start + 2]))
+        stats.update(values[start : start + 2], mask[start : start + 2])
     figures = stats.result()
 
     real = values[mask].astype(np.float64)  # [tokens, hidden]
