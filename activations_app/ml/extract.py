@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -346,7 +347,7 @@ class ActivationWriter:
     def checkpoint(self, rows: int, stats: dict[str, dict]) -> None:
         """Rows [0, rows) and the statistics over them, durable: the data first, then one
         file naming both, replaced atomically."""
-        for fd in self._all_fds():
+        for fd in self.fds.values():  # one descriptor per file: a sync is of the file, whichever opened it
             os.fdatasync(fd)
         flat = {f"{stem}/{key}": np.asarray(value) for stem, state in stats.items() for key, value in state.items()
                 if value is not None}  # fmt: skip
@@ -358,7 +359,7 @@ class ActivationWriter:
         os.replace(tmp, self.tmp_dir / CHECKPOINT)
 
     def commit(self, metadata: dict, extra_files: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
-        for fd in self._all_fds():
+        for fd in self.fds.values():
             os.fsync(fd)
         self._close()
         for name, arrays in (extra_files or {}).items():
@@ -431,6 +432,7 @@ def run_extraction(
     targets: HookTargets | None = None,
     fingerprint: str = "",
     checkpoint_seconds: float = 30.0,
+    overlap_statistics: bool | None = None,
 ) -> ExtractionResult:
     """Forward every batch once, capturing the requested hooks, writing and summarizing as
     it goes. A CUDA out-of-memory halves the batch and retries the same rows. `targets`,
@@ -441,7 +443,8 @@ def run_extraction(
     and a run with the same fingerprint over a folder left by a stopped one goes on from
     its last checkpoint. On the CPU the finished files are byte-identical to an
     uninterrupted run (the same batches, in the same order). Files that the run stopped
-    with are kept for that; any other failure removes them."""
+    with are kept for that; any other failure removes them. `overlap_statistics` chooses
+    where the statistics run (see below; the default follows the device)."""
     import torch
 
     if len(tokens.ids) == 0:
@@ -475,8 +478,8 @@ def run_extraction(
             if tokens.mask is not None:
                 writer.write("attention_mask", 0, tokens.mask)
         # Two sets of capture buffers, reused batch after batch: batch k fills set k % 2
-        # while the background thread writes and summarizes the other (it is done with it
-        # before batch k+1's store is handed over). Copying into freshly allocated tensors
+        # while the background thread writes the other (it is done with it before batch
+        # k+1's store is handed over). Copying into freshly allocated tensors
         # instead cost 4-6x as much, in page faults on new memory (measured: 72-87 ms vs
         # 13-20 ms a batch of 90 files of 1,024 x 576).
         buffer_sets: list[dict] = []
@@ -488,9 +491,28 @@ def run_extraction(
             target = filling[file_stem(layer, hook)][:rows]
             target.copy_(tensor.detach().reshape(target.shape))
 
+        # Where the statistics run. On the CPU the forward pass keeps every core busy, so
+        # they run between batches, one file per core (the compiled pass releases the GIL):
+        # on a background thread they would take a core from one of the forward's OpenMP
+        # threads and stall the other at every barrier (measured on SmolLM2, 2 cores: 0.06 s
+        # of CPU a batch cost the forward 0.16-0.25 s). On a GPU the cores are free while it
+        # runs, and the statistics overlap with the next batch on the background thread.
+        overlap = device.type != "cpu" if overlap_statistics is None else overlap_statistics
+
+        def summarize_batch(captured: dict, rows: int, valid) -> None:
+            def one(stem: str) -> None:
+                stats[stem].update(captured[stem][:rows].numpy(), valid)
+
+            if overlap:
+                for stem in stems:
+                    one(stem)
+            else:
+                list(cores.map(one, stems))
+
         batch = spec.batch_size
         last_checkpoint = time.monotonic()
-        with capture_activations(targets, on_capture), torch.no_grad(), _Background() as background:
+        with capture_activations(targets, on_capture), torch.no_grad(), _Background() as background, \
+                ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="extraction-stats") as cores:  # fmt: skip
             while start < n:
                 end = min(n, start + batch)
                 rows = end - start
@@ -516,18 +538,21 @@ def run_extraction(
                 if due:
                     last_checkpoint = time.monotonic()
 
-                def store(start=start, end=end, captured=filling, valid=valid, due=due) -> None:
-                    for stem in stems:
-                        values = captured[stem][: end - start].numpy()
-                        writer.write(stem, start, values)
-                        stats[stem].update(values, valid)
-                    if due:  # rows [0, end) and the statistics over exactly them
-                        writer.checkpoint(end, {stem: s.state() for stem, s in stats.items()})
+                if not overlap:
+                    summarize_batch(filling, rows, valid)
+                snapshot = {stem: s.state() for stem, s in stats.items()} if due and not overlap else None
 
-                # Batch k is written, summarized (and checkpointed when due) on one background
-                # thread while batch k+1's forward runs (the compiled statistics and pwrite
-                # release the GIL, and neither starts threads of its own); in batch order, so
-                # files and statistics are exactly those of doing it inline.
+                def store(start=start, rows=rows, captured=filling, valid=valid, due=due, snapshot=snapshot) -> None:
+                    for stem in stems:
+                        writer.write(stem, start, captured[stem][:rows].numpy())
+                    if overlap:
+                        summarize_batch(captured, rows, valid)
+                    if due:  # rows [0, start + rows) and the statistics over exactly them
+                        writer.checkpoint(start + rows, snapshot or {stem: s.state() for stem, s in stats.items()})
+
+                # Batch k is written (and checkpointed when due) on one background thread while
+                # batch k+1's forward runs (pwrite releases the GIL and barely uses the CPU); in
+                # batch order, so files and statistics are exactly those of doing it inline.
                 background.submit(store)
                 batch_sizes.append(end - start)
                 start = end
@@ -568,8 +593,6 @@ class _Background:
     raises its error here), so at most one batch's captures wait in memory."""
 
     def __enter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extraction-store")
         self.pending = None
         return self

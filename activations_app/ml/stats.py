@@ -47,8 +47,9 @@ class RunningStats:
              "inf", "tokens", "norm_sum", "dim_count", "dim_mean", "dim_m2", "norm_hist")  # fmt: skip
 
     def state(self) -> dict:
-        """Everything needed to go on after a restart (a resumed extraction)."""
-        return {name: getattr(self, name) for name in self.STATE}
+        """Everything needed to go on after a restart (a resumed extraction): a copy, which
+        later updates leave as it is."""
+        return {name: np.copy(value) if isinstance(value := getattr(self, name), np.ndarray) else value for name in self.STATE}
 
     @classmethod
     def from_state(cls, state: dict) -> RunningStats:

@@ -211,6 +211,19 @@ def test_a_filesystem_that_opens_for_direct_io_but_refuses_the_writes_gets_page_
     np.testing.assert_array_equal(np.load(result.output_dir / "layer_1_residual.npy"), hidden_states[2].numpy().astype(np.float16))
 
 
+def test_statistics_between_batches_and_overlapped_on_the_background_thread_are_the_same(tmp_path):
+    """The CPU runs them between batches on every core, a GPU run overlaps them with the next
+    batch on the background thread: the same figures and files, byte for byte."""
+    model = tiny_model("llama")
+    ids = np.random.default_rng(6).integers(0, 300, size=(7, 16)).astype(np.int64)
+    spec = ExtractionSpec(layers=[0, 2], hook_types=list(HOOK_TYPES), seq_len=16, batch_size=3, dtype="float16")
+    runs = [run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / name / "extraction_1", {}, overlap_statistics=overlap)
+            for name, overlap in (("between", False), ("overlapped", True))]  # fmt: skip
+    assert runs[0].statistics == runs[1].statistics and runs[0].statistics["layer_2_mlp"]["tokens"] == 7 * 16
+    files = [{p.name: p.read_bytes() for p in run.output_dir.iterdir() if p.suffix in (".npy", ".npz")} for run in runs]
+    assert files[0] == files[1] and len(files[0]) == 6 * 2 + 1
+
+
 def test_a_full_disk_fails_before_the_first_batch_and_leaves_no_files(tmp_path, monkeypatch):
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
