@@ -159,56 +159,59 @@ def test_smollm2_residuals_match_its_hidden_states(smollm2_folder, tmp_path):
                                        captured[(layer, hook)].numpy(), atol=1e-5, rtol=1e-6)  # fmt: skip
 
 
+def _residual_run_with_pwrite(tmp_path, monkeypatch, rows: int, pwrite):
+    """Layer 1's residual over `rows` rows of 16 tokens, batches of 2, with `pwrite(real,
+    fd, data, offset)` in place of os.pwrite; the file must hold the model's values."""
+    real = extract.os.pwrite
+    monkeypatch.setattr(extract.os, "pwrite", lambda fd, data, offset: pwrite(real, fd, data, offset))
+    model = tiny_model("llama")
+    ids = np.random.default_rng(2).integers(0, 300, size=(rows, 16)).astype(np.int64)
+    spec = ExtractionSpec(layers=[1], hook_types=["residual"], seq_len=16, batch_size=2, dtype="float16")
+    result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
+    hidden_states, _ = reference(model, "llama", ids)
+    np.testing.assert_array_equal(np.load(result.output_dir / "layer_1_residual.npy"), hidden_states[2].numpy().astype(np.float16))
+    np.testing.assert_array_equal(np.load(result.output_dir / "tokens.npy"), ids)
+    return result
+
+
+def _is_direct(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
 def test_whole_block_batches_are_written_directly_and_a_ragged_tail_through_the_page_cache(tmp_path, monkeypatch):
     """Direct I/O takes a write only when its file offset, length and memory are 4 KiB
     aligned: the .npy data starts at 4,096 (a padded header numpy reads as usual), a batch of
     2 rows x 16 tokens x 64 float16 values is exactly 4,096 bytes, the last batch of 1 row
     is not. Either way the file holds the model's values, and numpy loads it."""
-    import fcntl
-
     writes = []
-    real_pwrite = extract.os.pwrite
 
-    def pwrite(fd, data, offset):
-        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        writes.append((name, offset, len(data), bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
-        return real_pwrite(fd, data, offset)
+    def pwrite(real, fd, data, offset):
+        writes.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, len(data), _is_direct(fd)))
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(extract.os, "pwrite", pwrite)
-    model = tiny_model("llama")
-    ids = np.random.default_rng(2).integers(0, 300, size=(5, 16)).astype(np.int64)
-    spec = ExtractionSpec(layers=[1], hook_types=["residual"], seq_len=16, batch_size=2, dtype="float16")
-    result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
+    result = _residual_run_with_pwrite(tmp_path, monkeypatch, 5, pwrite)
     assert [w for w in writes if w[0] == "layer_1_residual.npy"] == [
         ("layer_1_residual.npy", 4096, 4096, True), ("layer_1_residual.npy", 8192, 4096, True),
         ("layer_1_residual.npy", 12288, 2048, False)]  # fmt: skip
     assert [w[3] for w in writes if w[0] == "tokens.npy"] == [False]  # 5 x 16 int64: not whole blocks
-    stored = np.load(result.output_dir / "layer_1_residual.npy")
     assert np.load(result.output_dir / "layer_1_residual.npy", mmap_mode="r").offset == 4096
-    hidden_states, _ = reference(model, "llama", ids)
-    np.testing.assert_array_equal(stored, hidden_states[2].numpy().astype(np.float16))
-    np.testing.assert_array_equal(np.load(result.output_dir / "tokens.npy"), ids)
 
 
 def test_a_filesystem_that_opens_for_direct_io_but_refuses_the_writes_gets_page_cache_writes(tmp_path, monkeypatch):
     """Some filesystems (FUSE, older tmpfs) take O_DIRECT at open and answer the write with
     EINVAL; none here does, so that answer is simulated. The run goes on, correctly."""
-    import fcntl
+    refused = []
 
-    real_pwrite = extract.os.pwrite
-
-    def pwrite(fd, data, offset):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+    def pwrite(real, fd, data, offset):
+        if _is_direct(fd):
+            refused.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(extract.os, "pwrite", pwrite)
-    model = tiny_model("llama")
-    ids = np.random.default_rng(2).integers(0, 300, size=(4, 16)).astype(np.int64)
-    spec = ExtractionSpec(layers=[1], hook_types=["residual"], seq_len=16, batch_size=2, dtype="float16")
-    result = run_extraction(model, "llama", Tokens(ids, None), spec, tmp_path / "activations" / "extraction_1", {})
-    hidden_states, _ = reference(model, "llama", ids)
-    np.testing.assert_array_equal(np.load(result.output_dir / "layer_1_residual.npy"), hidden_states[2].numpy().astype(np.float16))
+    _residual_run_with_pwrite(tmp_path, monkeypatch, 4, pwrite)
+    assert len(refused) == 1  # asked once; that file's writes went through the page cache from then on
 
 
 def test_statistics_between_batches_and_overlapped_on_the_background_thread_are_the_same(tmp_path):
