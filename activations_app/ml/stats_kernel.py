@@ -3,57 +3,99 @@ sums, sums of squares, minima and maxima, per-token L2 norms, the sum of magnitu
 count below the sparsity threshold, all in float64.
 
 Why compiled: the same figures as a dozen numpy/torch passes cost 150–220 ms per batch of
-90 files (1,024 × 576) on one core, and torch's kernels, called from the background thread
-that does this work, start their own OpenMP team beside the forward pass's (measured: 0.9 s
-of CPU per batch). This pass takes about 30 ms on one core, holds the GIL for none of it,
-and starts no threads. float16 values are decoded from their bits exactly (numba has no
-float16 type); the loops vectorize. Imported only by the code that runs an extraction
-(numba's import and its on-disk cache of the compiled pass stay out of the web process)."""
+90 files (1,024 × 576) on one core, and torch's kernels, called from a second thread, start
+their own OpenMP team beside the forward pass's (measured: 0.9 s of CPU per batch). This
+pass takes about 25 ms on one core, holds the GIL for none of it and starts no threads.
+numba has no float16 type: float16 values come in as their bits and are widened exactly,
+with the CPU's conversion instruction where it has one (x86's F16C, every AArch64), else
+from the bits with integer arithmetic (a third slower). Imported only by the code that runs
+an extraction: numba's import and its on-disk cache of the compiled pass stay out of the
+web process."""
 
 from __future__ import annotations
 
 import math
+import platform
 
 import numba
 import numpy as np
+from llvmlite import binding, ir
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 # reassoc lets the row's sums vectorize; NaN and Inf keep their meaning (no nnan/ninf): a
 # non-finite value makes the batch's total non-finite, and the caller takes the careful path.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
-def _widen(source, bits, row):
-    """One stored row into float64 `row` (whose memory `bits` is)."""
+def _has_half_instruction() -> bool:
+    """Whether LLVM widens float16 with an instruction on this CPU; without one it would
+    call a runtime-library routine that numba's JIT does not link."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        return bool(binding.get_host_cpu_features().get("f16c"))
+    except RuntimeError:
+        return False
 
 
-@overload(_widen, fastmath=_FASTMATH)
-def _widen_impl(source, bits, row):
-    if source.dtype == types.uint16:  # float16, as its bits
+HALF_INSTRUCTION = _has_half_instruction()
 
-        def widen_half(source, bits, row):
-            # Normal numbers: the exponent rebased from 15 to 1023, the mantissa shifted up;
-            # Inf/NaN (exponent 31) to exponent 2047; the sign bit moved to bit 63.
-            for j in range(source.shape[0]):
-                h = np.uint64(source[j])
-                magnitude = h & np.uint64(0x7FFF)
-                wide = (magnitude << np.uint64(42)) + np.uint64(1008 << 52)
-                if magnitude >= np.uint64(0x7C00):
-                    wide += np.uint64(1008 << 52)
-                bits[j] = wide | ((h & np.uint64(0x8000)) << np.uint64(48))
-            # Subnormals (exponent 0) came out as 2^-15 · (1 + m/1024): the value is m · 2^-24.
-            for j in range(source.shape[0]):
-                if (source[j] & 0x7C00) == 0:
-                    row[j] = (row[j] - math.copysign(2.0**-15, row[j])) * 2.0
 
-        return widen_half
+@intrinsic
+def _fpext_half(typingctx, bits):
+    """float16 bits to float64: LLVM's own conversion (vcvtph2ps with F16C, vectorized)."""
+    if bits != types.uint16:
+        return None
 
-    def widen_float(source, bits, row):
-        for j in range(source.shape[0]):
-            row[j] = source[j]
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
 
-    return widen_float
+    return types.float64(types.uint16), codegen
+
+
+@intrinsic
+def _as_double(typingctx, bits):
+    """The float64 whose bits these are."""
+    if bits != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.uint64), codegen
+
+
+@numba.njit(inline="always")
+def half_by_instruction(bits):
+    return _fpext_half(bits)
+
+
+@numba.njit(inline="always")
+def half_by_arithmetic(bits):
+    """Normal numbers: the exponent rebased from 15 to 1023 and the mantissa shifted up;
+    Inf/NaN (exponent 31) to exponent 2047; subnormals (exponent 0) are m · 2^-24."""
+    h = np.uint64(bits)
+    magnitude = h & np.uint64(0x7FFF)
+    wide = (magnitude << np.uint64(42)) + np.uint64(1008 << 52)
+    if magnitude >= np.uint64(0x7C00):
+        wide += np.uint64(1008 << 52)
+    value = _as_double(wide | ((h & np.uint64(0x8000)) << np.uint64(48)))
+    if magnitude < np.uint64(0x400):
+        value = np.float64(np.int64(magnitude)) * 2.0**-24 * (1.0 - 2.0 * np.float64(h >> np.uint64(15)))
+    return value
+
+
+def _widen(value):
+    """One stored value (float16 as its bits, or float32) as float64."""
+
+
+@overload(_widen, inline="always")
+def _widen_impl(value):
+    if value == types.uint16:
+        widen_half = half_by_instruction if HALF_INSTRUCTION else half_by_arithmetic
+        return lambda value: widen_half(value)
+    return lambda value: np.float64(value)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
@@ -63,8 +105,6 @@ def summarize(x, keep, threshold, dim_sum, dim_sq, dim_lo, dim_hi, norms):
     row's L2 norm into `norms` in order. Returns (kept rows, sum of |x|, count of |x| <
     threshold, whether every kept value was finite; when not, the other figures are void)."""
     hidden = x.shape[1]
-    bits = np.empty(hidden, np.uint64)
-    row = bits.view(np.float64)
     sum_abs = 0.0
     below = 0
     kept = 0
@@ -72,10 +112,9 @@ def summarize(x, keep, threshold, dim_sum, dim_sq, dim_lo, dim_hi, norms):
     for i in range(x.shape[0]):
         if not keep[i]:
             continue
-        _widen(x[i], bits, row)
         squares = 0.0
         for j in range(hidden):
-            v = row[j]
+            v = _widen(x[i, j])
             s = v * v
             dim_sum[j] += v
             dim_sq[j] += s

@@ -340,6 +340,33 @@ def test_statistics_over_batches_with_nan_inf_and_padding_match_numpy_on_the_who
     assert figures["sparsity_percent"] == pytest.approx(100 * (np.abs(values[mask]) < 0.01).sum() / real.size, rel=1e-12)
 
 
+def test_both_float16_widenings_are_exact_over_every_bit_pattern():
+    """The statistics read float16 as bits: by the CPU's instruction where it has one (this
+    machine does), else by integer arithmetic. Each of the 65,536 patterns comes out as
+    numpy's own float16 -> float64, sign, subnormals, Inf and NaN included."""
+    import numba
+
+    from activations_app.ml import stats_kernel
+
+    def widen_all_with(widen):
+        @numba.njit
+        def widen_all(codes):
+            out = np.empty(codes.shape[0])
+            for i in range(codes.shape[0]):
+                out[i] = widen(codes[i])
+            return out
+
+        return widen_all
+
+    assert stats_kernel.HALF_INSTRUCTION  # F16C here: both ways are checked
+    codes = np.arange(65536, dtype=np.uint16)
+    want = codes.view(np.float16).astype(np.float64)
+    for widen in (stats_kernel.half_by_instruction, stats_kernel.half_by_arithmetic):
+        got = widen_all_with(widen)(codes)
+        np.testing.assert_array_equal(got, want)
+        assert (np.signbit(got) == np.signbit(want)).all()
+
+
 class _Stop(Exception):
     """A stop the run can go on from (as a job timeout is)."""
 
