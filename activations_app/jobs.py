@@ -38,6 +38,9 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
         raise JobError("does_not_fit", f"This worker ({here.label}) cannot load it: {refusal}.")
     model = load_saved(model_row.weights_dir)
     targets = hook_targets(model, spec.layers, spec.hook_types)
+    from .ml import stats_kernel  # numba: imported by the work horse only, never by the web process
+
+    stats_kernel.warm()
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(
         dataset.texts(),

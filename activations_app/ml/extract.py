@@ -218,14 +218,20 @@ def npy_header(shape, dtype) -> bytes:
 
 
 def aligned_buffer(shape: tuple[int, ...], dtype):
-    """An uninitialized CPU tensor whose memory starts on an ALIGN boundary (what a direct
-    write needs of its source)."""
+    """An uninitialized CPU tensor on its own anonymous mapping: page-aligned (what a direct
+    write needs of its source) and, where the kernel offers them, in huge pages (one fault
+    per 2 MiB where there would be 512)."""
+    import mmap
+
     import torch
 
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
-    skip = -raw.ctypes.data % ALIGN
-    return torch.from_numpy(raw[skip : skip + nbytes]).view(dtype).view(shape)
+    memory = mmap.mmap(-1, math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return torch.frombuffer(memory, dtype=dtype).view(shape)
 
 
 # One file, replaced atomically: the rows made durable, the request they belong to and the
@@ -538,22 +544,21 @@ def run_extraction(
                 if due:
                     last_checkpoint = time.monotonic()
 
-                if not overlap:
-                    summarize_batch(filling, rows, valid)
-                snapshot = {stem: s.state() for stem, s in stats.items()} if due and not overlap else None
-
-                def store(start=start, rows=rows, captured=filling, valid=valid, due=due, snapshot=snapshot) -> None:
+                def store(start=start, rows=rows, captured=filling, valid=valid) -> None:
                     for stem in stems:
                         writer.write(stem, start, captured[stem][:rows].numpy())
                     if overlap:
                         summarize_batch(captured, rows, valid)
-                    if due:  # rows [0, start + rows) and the statistics over exactly them
-                        writer.checkpoint(start + rows, snapshot or {stem: s.state() for stem, s in stats.items()})
 
-                # Batch k is written (and checkpointed when due) on one background thread while
-                # batch k+1's forward runs (pwrite releases the GIL and barely uses the CPU); in
-                # batch order, so files and statistics are exactly those of doing it inline.
+                # Batch k is written on one background thread (pwrite releases the GIL and,
+                # direct, barely uses the CPU) while its statistics run here on the CPU, and
+                # while batch k+1's forward runs; in batch order, so files and statistics are
+                # exactly those of doing it all inline.
                 background.submit(store)
+                if not overlap:
+                    summarize_batch(filling, rows, valid)
+                if due:  # rows [0, end) and the statistics over exactly them, once both are done
+                    background.submit(lambda end=end: writer.checkpoint(end, {stem: s.state() for stem, s in stats.items()}))
                 batch_sizes.append(end - start)
                 start = end
                 if on_progress:
