@@ -23,6 +23,7 @@ from .ml.export import export_saelens
 from .ml.extract import run_extraction, tokenize
 from .ml.hooks import hook_targets
 from .ml.hub_datasets import download_dataset, plan_dataset, stream_summary
+from .ml.stats import warm as warm_statistics
 from .models import Dataset, DatasetStatus, Extraction, ExtractionStatus
 
 
@@ -38,9 +39,7 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
         raise JobError("does_not_fit", f"This worker ({here.label}) cannot load it: {refusal}.")
     model = load_saved(model_row.weights_dir)
     targets = hook_targets(model, spec.layers, spec.hook_types)
-    from .ml import stats_kernel  # numba: imported by the work horse only, never by the web process
-
-    stats_kernel.warm()
+    warm_statistics()  # numba is imported here, by the work horse only, never by the web process
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(
         dataset.texts(),

@@ -256,9 +256,9 @@ def read_checkpoint(folder: Path, with_stats: bool = False) -> dict | None:
 
 class ActivationWriter:
     """Preallocated .npy files in a temporary folder, filled batch by batch with positional
-    writes (os.pwrite: no mmap page faults; direct I/O where aligned), moved into place as a whole. Space is reserved
-    up front, so a full disk fails before the first batch instead of leaving a sparse file
-    that crashes later.
+    writes (os.pwrite: no mmap page faults; direct I/O where aligned), moved into place as a
+    whole. Space is reserved up front, so a full disk fails before the first batch instead
+    of leaving a sparse file that crashes later.
 
     Resumable: `checkpoint` makes every row written so far durable (fdatasync) and records
     how many, with the running statistics; a later writer over the same folder, the same

@@ -129,12 +129,3 @@ def summarize(x, keep, threshold, dim_sum, dim_sq, dim_lo, dim_hi, norms):
         kept += 1
     return kept, sum_abs, below, math.isfinite(total)
 
-
-def warm() -> None:
-    """Load (or compile, once per machine and CPU) the pass for both storage dtypes now:
-    about 0.4 s with numba's import, better spent in a job's loading phase than at its first
-    batch, where it would stall the progress and the ETA."""
-    for dtype in (np.uint16, np.float32):
-        hidden = np.zeros(1)
-        summarize(np.zeros((1, 1), dtype), np.ones(1, dtype=np.bool_), 0.0, hidden.copy(), hidden.copy(),
-                  np.full(1, np.inf), np.full(1, -np.inf), np.empty(1))  # fmt: skip

@@ -140,6 +140,8 @@ def reference_rows(model, folder, ids: np.ndarray) -> list[tuple[str, str]]:
 @contextmanager
 def timed_checkpoints():
     """The seconds each ActivationWriter.checkpoint took, in a list filled as they run."""
+    from unittest import mock
+
     from activations_app.ml.extract import ActivationWriter
 
     spent, real = [], ActivationWriter.checkpoint
@@ -149,11 +151,8 @@ def timed_checkpoints():
         real(self, rows, stats)
         spent.append(time.perf_counter() - started)
 
-    ActivationWriter.checkpoint = checkpoint
-    try:
+    with mock.patch.object(ActivationWriter, "checkpoint", checkpoint):
         yield spent
-    finally:
-        ActivationWriter.checkpoint = real
 
 
 def cost_breakdown(model, ids: Tokens, tmp_path) -> list[tuple[str, str]]:
@@ -185,9 +184,9 @@ def test_extraction_table(smollm2_folder, tmp_path):
     model = load(smollm2_folder)
     ids = tokens(SAMPLES)
     bare_forward(model, ids.ids[:BATCH])  # warm-up
-    from activations_app.ml import stats_kernel
+    from activations_app.ml.stats import warm
 
-    stats_kernel.warm()  # as the job does in its loading phase
+    warm()  # as the job does in its loading phase
     # Interleaved rounds, so a slow spell on this shared machine hits all three alike.
     times: dict[str, list[float]] = {key: [] for key in ("bare", "truncated", "full", "discovery", "early", "early_discovery",
                                                          "every_batch", "checkpoint")}  # fmt: skip
