@@ -42,6 +42,7 @@ class RunningStats:
         self.dim_mean: np.ndarray | None = None
         self.dim_m2: np.ndarray | None = None
         self.norm_hist = np.zeros(len(NORM_BIN_EDGES) + 1, dtype=np.int64)  # [below, 64 bins…, above]
+        self._scratch: tuple | None = None  # the compiled pass's per-batch arrays, reused (not state)
 
     STATE = ("threshold", "elements", "finite", "sum", "sum_abs", "sum_sq", "below", "max_abs", "min", "max", "nan",
              "inf", "tokens", "norm_sum", "dim_count", "dim_mean", "dim_m2", "norm_hist")  # fmt: skip
@@ -60,45 +61,39 @@ class RunningStats:
             setattr(stats, name, value)
         if stats.dim_mean is not None and np.ndim(stats.dim_mean) == 0:
             stats.dim_mean = stats.dim_m2 = None
+        if stats.dim_mean is not None:  # updated in place from here on: own, writable, contiguous copies
+            stats.dim_mean, stats.dim_m2 = (np.array(a, dtype=np.float64, order="C") for a in (stats.dim_mean, stats.dim_m2))
+        stats.norm_hist = np.array(stats.norm_hist, dtype=np.int64, order="C")
         return stats
 
-    def _merge_dimensions(self, n: int, per_dim, per_dim_sq, norms) -> None:
-        """One batch's per-dimension sums into the running mean and squared deviations (Chan
-        et al.): the batch's own M2 from its sums, then the merge, all in float64."""
-        batch_mean = per_dim / n
-        batch_m2 = np.maximum(per_dim_sq - per_dim * batch_mean, 0.0)
+    def _dimensions(self, hidden: int) -> None:
+        """The running per-dimension arrays, zeros before the first counted token."""
         if self.dim_mean is None:
-            self.dim_count, self.dim_mean, self.dim_m2 = n, batch_mean, batch_m2
-        else:
-            total = self.dim_count + n
-            delta = batch_mean - self.dim_mean
-            self.dim_mean = self.dim_mean + delta * (n / total)
-            self.dim_m2 = self.dim_m2 + batch_m2 + delta * delta * (self.dim_count * n / total)
-            self.dim_count = total
-        self.norm_hist += np.bincount(np.searchsorted(NORM_BIN_EDGES, norms, side="right"),
-                                      minlength=len(self.norm_hist))[: len(self.norm_hist)]  # fmt: skip
+            self.dim_count, self.dim_mean, self.dim_m2 = 0, np.zeros(hidden), np.zeros(hidden)
 
     def dimension_arrays(self) -> dict[str, np.ndarray]:
         """What `layer_{i}_{hook}.stats.npz` holds: per-dimension mean and (population)
         variance over the counted tokens, float64, and that count."""
-        if self.dim_mean is None:
+        if not self.dim_count:
             return {"mean": np.zeros(0), "var": np.zeros(0), "count": np.int64(0)}
         return {"mean": self.dim_mean, "var": self.dim_m2 / self.dim_count, "count": np.int64(self.dim_count)}
 
     def update(self, values: np.ndarray, valid: np.ndarray | None = None) -> None:
         """`values`: [batch, seq, hidden] (or [tokens, hidden]) in the storage dtype, float16
         or float32, as written to the file; `valid`: bool [batch, seq] marking the tokens
-        that count, or None when all do."""
-        from .stats_kernel import summarize
+        that count, or None when all do. The per-dimension arrays are updated in place."""
+        from . import stats_kernel
 
         x = values.reshape(-1, values.shape[-1])
         keep = np.ones(x.shape[0], dtype=bool) if valid is None else np.ascontiguousarray(valid).reshape(-1)
         source = x.view(np.uint16) if x.dtype == np.float16 else x.astype(np.float32, copy=False)
         hidden = x.shape[1]
-        dim_sum, dim_sq = np.zeros(hidden), np.zeros(hidden)
-        dim_lo, dim_hi = np.full(hidden, np.inf), np.full(hidden, -np.inf)
-        norms = np.empty(x.shape[0])
-        kept, sum_abs, below, finite = summarize(source, keep, self.threshold, dim_sum, dim_sq, dim_lo, dim_hi, norms)
+        self._dimensions(hidden)
+        if self._scratch is None or len(self._scratch[0]) != hidden or len(self._scratch[4]) < x.shape[0]:
+            self._scratch = (*(np.empty(hidden) for _ in range(4)), np.empty(x.shape[0]))
+        kept, sum_abs, below, finite, total, squares, low, high, norms, self.dim_count = stats_kernel.update(
+            source, keep, self.threshold, *self._scratch, self.dim_count, self.dim_mean, self.dim_m2, self.norm_hist,
+            NORM_BIN_EDGES)  # fmt: skip
         if not kept:
             return
         if not finite:
@@ -106,16 +101,15 @@ class RunningStats:
             return
         self.elements += kept * hidden
         self.finite += kept * hidden
-        self.sum += float(dim_sum.sum())
+        self.sum += total
         self.sum_abs += sum_abs
-        self.sum_sq += float(dim_sq.sum())
-        self.below += int(below)
-        self.min = min(self.min, float(dim_lo.min()))
-        self.max = max(self.max, float(dim_hi.max()))
+        self.sum_sq += squares
+        self.below += below
+        self.min = min(self.min, low)
+        self.max = max(self.max, high)
         self.max_abs = max(self.max_abs, -self.min, self.max)
-        self.norm_sum += float(norms[:kept].sum())
+        self.norm_sum += norms
         self.tokens += kept
-        self._merge_dimensions(kept, dim_sum, dim_sq, norms[:kept])
 
     def _update_nonfinite(self, x: np.ndarray) -> None:
         """The same figures when some values are NaN or Inf (`x`: the counted tokens, float64):
@@ -144,8 +138,12 @@ class RunningStats:
         # Per-dimension figures and the norm histogram: over the tokens with no NaN or Inf.
         kept = finite.all(axis=1)
         if kept.any():
+            from .stats_kernel import merge_dimensions
+
             whole = square[kept]
-            self._merge_dimensions(int(kept.sum()), x[kept].sum(axis=0), whole.sum(axis=0), np.sqrt(whole.sum(axis=1)))
+            self._dimensions(x.shape[1])
+            self.dim_count = merge_dimensions(int(kept.sum()), x[kept].sum(axis=0), whole.sum(axis=0), np.sqrt(whole.sum(axis=1)),
+                                              self.dim_count, self.dim_mean, self.dim_m2, self.norm_hist, NORM_BIN_EDGES)  # fmt: skip
 
     def result(self) -> dict:
         n = self.finite
