@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -483,18 +484,26 @@ def run_extraction(
             writer.write("tokens", 0, tokens.ids)
             if tokens.mask is not None:
                 writer.write("attention_mask", 0, tokens.mask)
-        # Two sets of capture buffers, reused batch after batch: batch k fills set k % 2
-        # while the background thread writes the other (it is done with it before batch
-        # k+1's store is handed over). Copying into freshly allocated tensors
-        # instead cost 4-6x as much, in page faults on new memory (measured: 72-87 ms vs
-        # 13-20 ms a batch of 90 files of 1,024 x 576).
-        buffer_sets: list[dict] = []
-        filling: dict = {}
+        # One set of capture buffers, reused batch after batch (copying into freshly
+        # allocated tensors instead cost 4-6x as much, in page faults on new memory:
+        # 72-87 ms vs 13-20 ms a batch of 90 files of 1,024 x 576). While batch k+1 runs,
+        # the background thread writes batch k from the same buffers, file by file in
+        # the order the forward pass fills them; a capture waits for its file's write
+        # (`written`), which is long done by then: the first block's files are written
+        # first and the pass takes seconds. A second set, as before, held one more batch
+        # in memory (106 MB here, gigabytes for a 7B model) and cost 0.08 s to fault in
+        # and 0.1 s to unmap a run on this VM.
+        buffers: dict = {}
+        written = {stem: threading.Event() for stem in stems}
+        for event in written.values():
+            event.set()
         rows = 0
 
         def on_capture(layer: int, hook: str, tensor) -> None:
             # A copy, always: some blocks add into their sublayer's output in place (Falcon).
-            target = filling[file_stem(layer, hook)][:rows]
+            stem = file_stem(layer, hook)
+            written[stem].wait()
+            target = buffers[stem][:rows]
             target.copy_(tensor.detach().reshape(target.shape))
 
         # Where the statistics run. On the CPU the forward pass keeps every core busy, so
@@ -505,15 +514,8 @@ def run_extraction(
         # runs, and the statistics overlap with the next batch on the background thread.
         overlap = device.type != "cpu" if overlap_statistics is None else overlap_statistics
 
-        def summarize_batch(captured: dict, rows: int, valid) -> None:
-            def one(stem: str) -> None:
-                stats[stem].update(captured[stem][:rows].numpy(), valid)
-
-            if overlap:
-                for stem in stems:
-                    one(stem)
-            else:
-                list(cores.map(one, stems))
+        def summarize_batch(rows: int, valid) -> None:
+            list(cores.map(lambda stem: stats[stem].update(buffers[stem][:rows].numpy(), valid), stems))
 
         batch = spec.batch_size
         last_checkpoint = time.monotonic()
@@ -522,9 +524,8 @@ def run_extraction(
             while start < n:
                 end = min(n, start + batch)
                 rows = end - start
-                if len(buffer_sets) <= len(batch_sizes) % 2:
-                    buffer_sets.append({stem: aligned_buffer((batch, seq_len, hidden), torch_storage) for stem in stems})
-                filling = buffer_sets[len(batch_sizes) % 2]
+                if not buffers:
+                    buffers = {stem: aligned_buffer((batch, seq_len, hidden), torch_storage) for stem in stems}
                 ids = torch.from_numpy(tokens.ids[start:end]).to(device)
                 mask = None if tokens.mask is None else torch.from_numpy(tokens.mask[start:end]).to(device)
                 try:
@@ -544,19 +545,27 @@ def run_extraction(
                 if due:
                     last_checkpoint = time.monotonic()
 
-                def store(start=start, rows=rows, captured=filling, valid=valid) -> None:
-                    for stem in stems:
-                        writer.write(stem, start, captured[stem][:rows].numpy())
-                    if overlap:
-                        summarize_batch(captured, rows, valid)
+                def store(start=start, rows=rows, valid=valid) -> None:
+                    try:
+                        for stem in stems:
+                            writer.write(stem, start, buffers[stem][:rows].numpy())
+                            if overlap:
+                                stats[stem].update(buffers[stem][:rows].numpy(), valid)
+                            written[stem].set()
+                    finally:  # a failed write surfaces at the next submit; no capture waits forever
+                        for event in written.values():
+                            event.set()
 
                 # Batch k is written on one background thread (pwrite releases the GIL and,
                 # direct, barely uses the CPU) while its statistics run here on the CPU, and
                 # while batch k+1's forward runs; in batch order, so files and statistics are
                 # exactly those of doing it all inline.
+                background.wait()  # batch k-1's writes and checkpoint are done: the files can be marked pending
+                for event in written.values():
+                    event.clear()
                 background.submit(store)
                 if not overlap:
-                    summarize_batch(filling, rows, valid)
+                    summarize_batch(rows, valid)
                 if due:  # rows [0, end) and the statistics over exactly them, once both are done
                     background.submit(lambda end=end: writer.checkpoint(end, {stem: s.state() for stem, s in stats.items()}))
                 batch_sizes.append(end - start)

@@ -214,6 +214,20 @@ def test_a_filesystem_that_opens_for_direct_io_but_refuses_the_writes_gets_page_
     assert len(refused) == 1  # asked once; that file's writes went through the page cache from then on
 
 
+def test_a_slow_disk_delays_the_next_batch_instead_of_losing_its_rows(tmp_path, monkeypatch):
+    """One set of capture buffers serves every batch: while batch k is written, batch k+1's
+    forward pass must not copy into a file's buffer before that file's write is done. With
+    writes far slower than this tiny model's forward pass, a capture that did not wait would
+    put batch k+1's values into batch k's rows."""
+    import time
+
+    def slow(real, fd, data, offset):
+        time.sleep(0.2)
+        return real(fd, data, offset)
+
+    _residual_run_with_pwrite(tmp_path, monkeypatch, 5, slow)
+
+
 def test_statistics_between_batches_and_overlapped_on_the_background_thread_are_the_same(tmp_path):
     """The CPU runs them between batches on every core, a GPU run overlaps them with the next
     batch on the background thread: the same figures and files, byte for byte."""
