@@ -548,9 +548,10 @@ def run_extraction(
                 def store(start=start, rows=rows, valid=valid) -> None:
                     try:
                         for stem in stems:
-                            writer.write(stem, start, buffers[stem][:rows].numpy())
+                            values = buffers[stem][:rows].numpy()
+                            writer.write(stem, start, values)
                             if overlap:
-                                stats[stem].update(buffers[stem][:rows].numpy(), valid)
+                                stats[stem].update(values, valid)
                             written[stem].set()
                     finally:  # a failed write surfaces at the next submit; no capture waits forever
                         for event in written.values():

@@ -48,7 +48,8 @@ class RunningStats:
              "inf", "tokens", "norm_sum", "dim_count", "dim_mean", "dim_m2", "norm_hist")  # fmt: skip
 
     def state(self) -> dict:
-        """Everything needed to go on after a restart (a resumed extraction)."""
+        """Everything needed to go on after a restart (a resumed extraction). The arrays are
+        the live ones, which the next update changes in place: read (or save) them before it."""
         return {name: getattr(self, name) for name in self.STATE}
 
     @classmethod
