@@ -19,7 +19,7 @@ from models_app.ml import load_saved
 from models_app.services import model_verdict
 
 from .ml import datasets as dataset_files
-from .ml.export import export_saelens
+from .ml.export import default_out_dir, export_saelens
 from .ml.extract import run_extraction, tokenize
 from .ml.hooks import hook_targets
 from .ml.hub_datasets import download_dataset, plan_dataset, stream_summary
@@ -137,7 +137,7 @@ def extraction_job(extraction_id: str) -> None:
 def run_export(extraction_id: str, fmt: str = "saelens", out: Path | None = None, on_progress=None) -> list[Path]:
     """The export itself (a worker's job, or a command run here with a progress bar)."""
     extraction = Extraction.objects.get(pk=extraction_id)
-    return export_saelens(extraction.final_dir, out or extraction.final_dir / fmt, on_progress)
+    return export_saelens(extraction.final_dir, out or default_out_dir(extraction.final_dir, fmt), on_progress)
 
 
 def export_job(extraction_id: str) -> None:

@@ -26,6 +26,7 @@ from models_app.services import get_ready_model, model_placement
 from .forms import ExtractionForm
 from .ml import datasets as dataset_files
 from .ml.export import FORMATS as EXPORT_FORMATS
+from .ml.export import check_out_dir, default_out_dir
 from .ml.extract import ExtractionSpec, storage_bytes
 from .ml.hub_datasets import plan_dataset
 from .models import Dataset, DatasetStatus, Extraction, ExtractionStatus, ExtractionTemplate
@@ -248,7 +249,7 @@ def resume_extraction(extraction_id: str, user, enqueue: bool = True) -> Extract
     return jobs.retry(Extraction, extraction_id, user, enqueue=enqueue)
 
 
-def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: bool = True) -> dict:
+def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: bool = True, out: Path | None = None) -> dict:
     """Write a finished extraction in a trainer's format (SAELens: `datasets` per hook) into
     its own folder, `extraction_{id}/{format}/`: queued for a worker, or (`enqueue=False`)
     left for the caller to run. Anyone may export: it reads the extraction, writes beside it."""
@@ -257,7 +258,10 @@ def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: b
         raise ServiceError("invalid_input", f"format must be one of {', '.join(EXPORT_FORMATS)}.", details={"field": "format"})
     if extraction.status != ExtractionStatus.COMPLETED or not extraction.final_dir.is_dir():
         raise Conflict("not_completed", f"{extraction.label} is {extraction.status}; only a completed extraction can be exported.")
-    target = extraction.final_dir / fmt
+    try:
+        target = check_out_dir(extraction.final_dir, out or default_out_dir(extraction.final_dir, fmt), fmt)
+    except InvalidInput as exc:
+        raise ServiceError.from_invalid(exc) from None
     if enqueue:
         require_queue()
         enqueue_job("activations_app.jobs.export_job", extraction.id, f"export-{extraction.id}-{fmt}-{uuid.uuid4().hex[:8]}")

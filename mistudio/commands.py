@@ -10,7 +10,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from .errors import ServiceError
+from .errors import InvalidInput, JobError, ServiceError
 
 
 def eta_text(seconds: float | None) -> str:
@@ -136,7 +136,8 @@ def token_from_env(variable: str | None) -> str | None:
 
 
 def service_call(func, *args, **kwargs):
+    """A service's (or a job's) refusal as a one-line command error with its code."""
     try:
         return func(*args, **kwargs)
-    except ServiceError as exc:
+    except (ServiceError, JobError, InvalidInput) as exc:
         raise CommandError(f"[{exc.code}] {exc.message}") from None

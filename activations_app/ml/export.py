@@ -10,6 +10,7 @@ files (never a whole file in memory), into a staged folder moved into place when
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -17,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mistudio.errors import JobError
-from mistudio.staging import promote, staged_path
+from mistudio.errors import InvalidInput, JobError
 
 TRANSFORMERLENS_HOOKS = {"residual": "hook_resid_post", "mlp": "hook_mlp_out", "attention": "hook_attn_out"}
 FORMATS = ("saelens",)
@@ -29,18 +29,77 @@ def hook_name(layer: int, hook: str) -> str:
     return f"blocks.{layer}.{TRANSFORMERLENS_HOOKS[hook]}"
 
 
+def default_out_dir(extraction_dir: Path, fmt: str) -> Path:
+    """Where an export goes when no folder is named: the extraction's own `{format}/`."""
+    return extraction_dir / fmt
+
+
+def check_out_dir(extraction_dir: Path, out_dir: Path, fmt: str) -> Path:
+    """The folder an export may be written to, resolved; refuses anything else before a byte
+    is written. A folder the user names must be new or empty and lie outside the
+    extraction's folder: an export never replaces, and so never deletes, what it did not
+    make. Only the default folder (the app's own, inside the extraction) is replaced by a
+    newer export."""
+    extraction_dir, out_dir = Path(extraction_dir).resolve(), Path(out_dir).resolve()
+    if out_dir == default_out_dir(extraction_dir, fmt):
+        return out_dir
+    if out_dir == extraction_dir or extraction_dir in out_dir.parents:
+        raise InvalidInput("out", "The export folder must lie outside the extraction's own folder; leave --out out to "
+                                  f"write into its {fmt}/ folder.", code="invalid_out_dir")  # fmt: skip
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise InvalidInput("out", f"{out_dir.name} exists and is not a folder; name a new or empty folder.", code="invalid_out_dir")
+        try:
+            empty = next(out_dir.iterdir(), None) is None
+        except OSError:
+            raise InvalidInput("out", f"{out_dir.name} cannot be read; name a new or empty folder.", code="invalid_out_dir") from None
+        if not empty:
+            raise InvalidInput("out", f"{out_dir.name} is not empty; an export is written only into a new or empty folder, "
+                                      "so nothing already there is replaced.", code="out_dir_not_empty")  # fmt: skip
+    return out_dir
+
+
+def _new_staging_dir(out_dir: Path) -> Path:
+    """A sibling folder that this run creates and so alone may remove: two exports at once
+    never share (or delete) each other's staging."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
+    return tmp
+
+
+def _move_into_place(tmp: Path, out_dir: Path, replaceable: bool) -> None:
+    """rename(2) puts the finished folder in place and replaces at most an *empty* folder
+    (a non-empty one fails the call, whatever appeared there meanwhile). The default folder
+    holds an older export of ours: it is set aside by rename first and removed once the new
+    one is in place."""
+    old = None
+    if replaceable and out_dir.is_dir() and next(out_dir.iterdir(), None) is not None:
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise JobError("out_dir_not_empty", f"{out_dir.name} is no longer empty; the export was not moved into it and "
+                                            "nothing there was touched.") from None  # fmt: skip
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[int, int], None] | None = None) -> list[Path]:
     """One dataset per layer/hook under `out_dir/{hook name}/`; the folders' paths."""
     import datasets
 
     metadata = _metadata(extraction_dir)
+    out_dir = check_out_dir(extraction_dir, out_dir, "saelens")
+    replaceable = out_dir == default_out_dir(Path(extraction_dir).resolve(), "saelens")
     layers, hooks = metadata["config"]["layers"], metadata["config"]["hook_types"]
     tokens = np.load(extraction_dir / "tokens.npy", mmap_mode="r")
     n, seq_len = tokens.shape
     total, done = n * len(layers) * len(hooks), 0
-    tmp = staged_path(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _new_staging_dir(out_dir)
     written = []
     try:
         for layer in layers:
@@ -77,7 +136,7 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
             "hooks": [hook_name(layer, hook) for layer in layers for hook in hooks],
             "prepend_bos": metadata.get("prepend_bos"), "model": metadata.get("model"),
         }, indent=2))  # fmt: skip
-        promote(tmp, out_dir)
+        _move_into_place(tmp, out_dir, replaceable)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,19 +14,20 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("extraction_id")
         parser.add_argument("--format", choices=FORMATS, default="saelens")
-        parser.add_argument("--out", help="folder to write (default: the extraction's own saelens/ folder)")
+        parser.add_argument("--out", help="a new or empty folder to write, outside the extraction's folder "
+                                          "(default: the extraction's own saelens/ folder)")
 
     def handle(self, *args, **options):
         from pathlib import Path
 
-        service_call(services.export_extraction, options["extraction_id"], None, options["format"], enqueue=False)
+        out = Path(options["out"]).resolve() if options["out"] else None
+        service_call(services.export_extraction, options["extraction_id"], None, options["format"], enqueue=False, out=out)
 
         def progress(done: int, total: int) -> None:
             sys.stderr.write(f"\rexporting [{'#' * int(30 * done / total):<30}] {100 * done / total:5.1f}%  {done}/{total} rows")
             sys.stderr.flush()
 
-        out = Path(options["out"]).resolve() if options["out"] else None
-        paths = jobs.run_export(options["extraction_id"], options["format"], out, progress)
+        paths = service_call(jobs.run_export, options["extraction_id"], options["format"], out, progress)
         sys.stderr.write("\n")
         for path in paths:
             self.stdout.write(str(path))
