@@ -7,19 +7,13 @@ from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
-from mistudio.errors import ServiceError
+from mistudio.errors import InvalidInput, ServiceError
+from mistudio.validation import bounded_int
 
 from .ml.extract import PREPEND_BOS, STORAGE_DTYPES, TOKENIZATIONS, ExtractionSpec
 from .ml.hooks import HOOK_TYPES
 
 INPUT_CSS = "w-full px-4 py-2 bg-slate-900 border border-slate-700 rounded-lg text-sm"
-
-
-def whole_number(value):
-    """An ASCII decimal string as an int ("²" and "１" are not); anything else unchanged."""
-    if isinstance(value, str) and value.strip().isascii() and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return value
 
 
 def _as_list(value) -> list:
@@ -43,16 +37,11 @@ class WholeNumberField(forms.Field):
         return self.maximum or getattr(settings, self.maximum_setting)
 
     def clean(self, value):
-        name = self.name
-        value = whole_number(value)
-        if value in (None, ""):
-            return ExtractionSpec.default(name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValidationError(f"{name} must be a whole number.", code="invalid_input")
-        maximum = self.bound()
-        if not 1 <= value <= maximum:
-            raise ValidationError(f"{name} must be between 1 and {maximum:,}.", code="invalid_input")
-        return value
+        try:
+            value = bounded_int(value, self.name, 1, self.bound())
+        except InvalidInput as exc:
+            raise ValidationError(exc.message, code="invalid_input") from None
+        return ExtractionSpec.default(self.name) if value is None else value
 
 
 class ExtractionForm(forms.Form):
@@ -97,16 +86,21 @@ class ExtractionForm(forms.Form):
         return [self[name] for name in self.SETTINGS]
 
     def clean_layers(self) -> list[int]:
-        layers = [whole_number(x) for x in _as_list(self.cleaned_data["layers"])]
-        if not layers:
+        raw = _as_list(self.cleaned_data["layers"])
+        if not raw:
             raise ValidationError("Choose at least one layer.", code="invalid_layers")
-        if any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
-            raise ValidationError("Layers must be whole numbers.", code="invalid_layers")
+        last = self.num_layers - 1
+        layers = []
+        for value in raw:
+            try:
+                layers.append(bounded_int(value, "layers", 0, last))
+            except InvalidInput as exc:
+                if "whole number" in exc.message or value is None or value == "":
+                    raise ValidationError("Layers must be whole numbers.", code="invalid_layers") from None
+                shown = value if len(str(value)) <= 20 else f"{str(value)[:12]}…"
+                raise ValidationError(f"Layer {shown} is out of range 0–{last}.", code="invalid_layers") from None
         if len(set(layers)) != len(layers):
             raise ValidationError("Each layer may be chosen once.", code="invalid_layers")
-        bad = [x for x in layers if not 0 <= x < self.num_layers]
-        if bad:
-            raise ValidationError(f"Layers {bad} are out of range 0–{self.num_layers - 1}.", code="invalid_layers")
         return sorted(layers)
 
     def clean_hook_types(self) -> list[str]:

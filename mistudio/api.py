@@ -8,8 +8,9 @@ import json
 
 from django.http import JsonResponse
 
-from .errors import ServiceError
+from .errors import InvalidInput, ServiceError
 from .text import UNSTORABLE, storable
+from .validation import bounded_int
 
 
 def error_response(status: int, code: str, message: str, details: dict | None = None, retryable: bool = False):
@@ -71,9 +72,8 @@ def text_field(body: dict, name: str) -> str | None:
 
 
 def int_param(request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.GET.get(name, "")
-    if raw == "":
-        return default
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        raise ServiceError("invalid_parameter", f"{name} must be an integer from {low} to {high}.", details={"field": name})
-    return int(raw)
+    try:
+        value = bounded_int(request.GET.get(name, ""), name, low, high)
+    except InvalidInput as exc:
+        raise ServiceError("invalid_parameter", exc.message, details={"field": name}) from None
+    return default if value is None else value

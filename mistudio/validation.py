@@ -15,6 +15,30 @@ MAX_REPO_ID_LENGTH = 96 * 2 + 1
 GGUF_MAGIC = b"GGUF"
 
 
+def bounded_int(value, field: str, low: int, high: int, *, label: str | None = None) -> int | None:
+    """The one parser of bounded integers from users: an int (not a bool) or ASCII decimal
+    digits with an optional "-" ("²", "１", "2.5", "1e3" are not), within low..high. A digit
+    string longer than the bound's own is out of range before `int()` is asked (which
+    refuses more than 4,300 digits with a ValueError). None or "" is None: the caller's
+    default. Refusals are InvalidInput naming the field."""
+    name = label or field
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text[1:] if text.startswith("-") else text
+        if not (digits.isascii() and digits.isdigit()):
+            raise InvalidInput(field, f"{name} must be a whole number.")
+        if len(digits.lstrip("0")) > len(str(max(abs(low), abs(high)))):
+            raise InvalidInput(field, f"{name} must be between {low:,} and {high:,}.")
+        value = int(text)
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(field, f"{name} must be a whole number.")
+    if not low <= value <= high:
+        raise InvalidInput(field, f"{name} must be between {low:,} and {high:,}.")
+    return value
+
+
 def validate_repo_id(value: str) -> str:
     def bad(reason: str) -> InvalidInput:
         return InvalidInput("repo_id", f"Invalid repository id: {reason}.", code="invalid_repo_id")
