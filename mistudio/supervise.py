@@ -100,7 +100,7 @@ class Supervisor:
             self.socket = listen(host, port)
             fd = self.socket.fileno()
             for n in range(1, web + 1):
-                command = [python, "-m", "daphne", "--fd", str(fd), "mistudio.asgi:application"]
+                command = [python, "-m", "mistudio.webserver", "--fd", str(fd), "mistudio.asgi:application"]
                 self.children.append(Child(f"web {n}", command, pass_fds=(fd,)))
         for n in range(1, workers + 1):
             name = f"mistudio-{socket.gethostname()}-{port}-{n}"

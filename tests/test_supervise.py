@@ -70,30 +70,30 @@ def test_scripts_run_restarts_a_killed_worker_and_a_killed_web_server(redis_clea
         wait_for(lambda: (healthz(port) or {}).get("workers") and pids_with("rqworker", worker_name), timeout=120,
                  interval=0.3, message="scripts/run to serve with a worker")  # fmt: skip
         (worker,) = pids_with("rqworker", worker_name)
-        wait_for(lambda: len(child_pids(run.pid, "daphne")) == 2, timeout=30, message="both web processes")
-        webs = sorted(child_pids(run.pid, "daphne"))
+        wait_for(lambda: len(child_pids(run.pid, "mistudio.webserver")) == 2, timeout=30, message="both web processes")
+        webs = sorted(child_pids(run.pid, "mistudio.webserver"))
         os.kill(worker, signal.SIGKILL)
         killed = time.monotonic()
         wait_for(lambda: [p for p in pids_with("rqworker", worker_name) if p != worker], timeout=10, interval=0.1,
                  message="the worker to be restarted")  # fmt: skip
         assert time.monotonic() - killed < 10
-        assert healthz(port)["status"] == "ok" and sorted(child_pids(run.pid, "daphne")) == webs
+        assert healthz(port)["status"] == "ok" and sorted(child_pids(run.pid, "mistudio.webserver")) == webs
 
         (worker,) = pids_with("rqworker", worker_name)
         os.kill(webs[0], signal.SIGKILL)  # the other goes on answering on the same socket meanwhile
         killed = time.monotonic()
         assert healthz(port)["status"] == "ok"
-        wait_for(lambda: len(set(child_pids(run.pid, "daphne")) - {webs[0]}) == 2, timeout=10, interval=0.1,
+        wait_for(lambda: len(set(child_pids(run.pid, "mistudio.webserver")) - {webs[0]}) == 2, timeout=10, interval=0.1,
                  message="the web process to be restarted")  # fmt: skip
         assert time.monotonic() - killed < 10
-        webs = child_pids(run.pid, "daphne")
+        webs = child_pids(run.pid, "mistudio.webserver")
         for pid in webs:  # and the whole web server
             os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         wait_for(lambda: (healthz(port) or {}).get("status") == "ok", timeout=10, interval=0.1, message="the web server")
         assert time.monotonic() - killed < 10
         assert pids_with("rqworker", worker_name) == [worker]
-        webs = child_pids(run.pid, "daphne")
+        webs = child_pids(run.pid, "mistudio.webserver")
     finally:
         os.killpg(run.pid, signal.SIGTERM)
         try:

@@ -180,7 +180,7 @@ def start_daphne(port: int) -> subprocess.Popen:
 
     log = tempfile.NamedTemporaryFile(prefix=f"daphne-{port}-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "mistudio.asgi:application"],
+        [sys.executable, "-m", "mistudio.webserver", "-b", "127.0.0.1", "-p", str(port), "mistudio.asgi:application"],
         cwd=ROOT,
         env=subprocess_env(),
         stdout=log,
