@@ -7,6 +7,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mistudio.errors import InvalidInput
@@ -81,8 +82,9 @@ def _rows(open_binary, path: Path, text_column: str, scan_bytes: int | None) -> 
                     continue
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise InvalidInput("file", f"{path.name} line {number} is not JSON.") from None
+                except (ValueError, RecursionError) as exc:  # not JSON, an integer too long to parse, nested too deep
+                    why = " (nested too deep)" if isinstance(exc, RecursionError) else ""
+                    raise InvalidInput("file", f"{path.name} line {number} is not JSON{why}.") from None
                 text = _column(row, text_column, path, number)
                 if text.strip():
                     yield text
@@ -101,7 +103,7 @@ def _rows(open_binary, path: Path, text_column: str, scan_bytes: int | None) -> 
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        with open_binary() as raw:
+        with open_binary() as raw, _damaged_parquet(path):
             parquet = pq.ParquetFile(raw)
             if text_column not in parquet.schema_arrow.names:
                 raise InvalidInput("text_column", f"{path.name} has no column {text_column!r} (columns: {parquet.schema_arrow.names}).")
@@ -117,6 +119,19 @@ def _rows(open_binary, path: Path, text_column: str, scan_bytes: int | None) -> 
                             yield value
     else:
         raise InvalidInput("file", f"{path.name}: use one of {', '.join(FORMATS)}.")
+
+
+@contextmanager
+def _damaged_parquet(path: Path) -> Iterator[None]:
+    """pyarrow reports a damaged footer or page as a plain OSError ("Couldn't deserialize
+    thrift"); a refusal that says so. Its subclasses (a network error while a Hub file is
+    streamed) are not the file's fault and pass through."""
+    try:
+        yield
+    except OSError as exc:
+        if type(exc) is not OSError:
+            raise
+        raise InvalidInput("file", f"{path.name} cannot be read as .parquet: its metadata or data is damaged.") from None
 
 
 def _txt(open_binary, scan_bytes: int | None = None) -> Iterator[str]:
