@@ -5,9 +5,14 @@ page view becomes its own status, and every error on /api/ answers in the API's 
 
 from __future__ import annotations
 
+import base64
+import json
+
+from django.conf import settings
 from django.http import HttpResponse
 from django.shortcuts import render
 from django.utils.deprecation import MiddlewareMixin
+from redis.exceptions import RedisError
 
 from .api import error_response
 from .errors import ServiceError
@@ -23,6 +28,24 @@ def refusal(request, status: int, code: str, message: str, details: dict | None 
     if is_api(request):
         return error_response(status, code, message, details)
     return render(request, "error.html", {"status": status, "message": message}, status=status)
+
+
+class RefuseOversizedBody(MiddlewareMixin):
+    """A body longer than the largest any route accepts (a dataset upload at its limit, plus
+    the form around it) is refused from its Content-Length, before anything reads it to
+    disk. Django's own DATA_UPLOAD_MAX_MEMORY_SIZE bounds everything else that is not a file."""
+
+    FORM_MARGIN_BYTES = 1 << 20
+
+    def process_request(self, request):
+        raw = request.META.get("CONTENT_LENGTH") or "0"
+        limit = settings.DATASET_UPLOAD_LIMIT_BYTES + self.FORM_MARGIN_BYTES
+        if not (raw.isascii() and raw.isdigit()):
+            return refusal(request, 400, "bad_request", "The Content-Length header is not a number.")
+        if len(raw) > len(str(limit)) or int(raw) > limit:
+            return refusal(request, 413, "request_too_large", f"The request is larger than the {limit / 1e6:,.0f} MB "
+                                                              "accepted (MISTUDIO_DATASET_UPLOAD_LIMIT for a dataset upload).")  # fmt: skip
+        return None
 
 
 class RefuseUnstorableText(MiddlewareMixin):
@@ -68,3 +91,82 @@ def server_error(request):
 
 def csrf_failure(request, reason=""):
     return refusal(request, 403, "csrf_failed", "The CSRF token is missing or wrong: reload the page, or use an API token.")
+
+
+class AnswerOnce:
+    """A POST sent twice with the same Idempotency-Key (a header, or the page's hidden
+    `idempotency_key` field) is carried out once: the first claims the key in Redis, a
+    second while the first runs gets 409 duplicate_request, and one after it gets the first
+    one's answer again. Only answers below 400 are kept (ten minutes); a refusal frees the
+    key, so the corrected request can be sent with it. The page's forms send a fresh key per
+    submit (static/js/app.js); an API client may send its own. Without Redis it steps aside."""
+
+    TTL_SECONDS = 600
+    MAX_KEY_LENGTH = 100
+    FORM_FIELD = "idempotency_key"
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def key_of(self, request) -> str | None:
+        key = request.headers.get("Idempotency-Key")
+        if key is None and request.content_type == "application/x-www-form-urlencoded":
+            key = request.POST.get(self.FORM_FIELD)
+        return key or None
+
+    def __call__(self, request):
+        user = getattr(request, "user", None)
+        key = self.key_of(request) if request.method == "POST" and user and user.is_authenticated else None
+        if key is None:
+            return self.get_response(request)
+        if len(key) > self.MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
+            return refusal(request, 400, "invalid_idempotency_key",
+                           f"The Idempotency-Key must be 1 to {self.MAX_KEY_LENGTH} printable ASCII characters.")  # fmt: skip
+        slot = f"mistudio:answer-once:{user.pk}:{request.path}:{key}"
+        try:
+            from .queue import queue
+
+            redis = queue().connection
+            claimed = redis.set(slot, b"", nx=True, ex=self.TTL_SECONDS)
+            kept = None if claimed else redis.get(slot)
+        except RedisError:
+            return self.get_response(request)
+        if not claimed:
+            if not kept:
+                return refusal(request, 409, "duplicate_request", "The same request is already being carried out "
+                                                                  "(it was sent twice); its result shows when it is done.")  # fmt: skip
+            return self.replay(json.loads(kept))
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            self.forget(redis, slot)
+            raise
+        if response.status_code < 400 and not response.streaming:
+            try:
+                redis.set(slot, json.dumps(self.keep(response)), ex=self.TTL_SECONDS)
+            except RedisError:
+                pass
+        else:
+            self.forget(redis, slot)
+        return response
+
+    HEADERS = ("Content-Type", "Location", "HX-Redirect", "HX-Trigger", "HX-Retarget", "HX-Reswap")
+
+    @classmethod
+    def keep(cls, response) -> dict:
+        return {"status": response.status_code, "body": base64.b64encode(response.content).decode(),
+                "headers": {name: response[name] for name in cls.HEADERS if response.has_header(name)}}  # fmt: skip
+
+    @staticmethod
+    def replay(kept: dict) -> HttpResponse:
+        response = HttpResponse(base64.b64decode(kept["body"]), status=kept["status"])
+        for name, value in kept["headers"].items():
+            response[name] = value
+        return response
+
+    @staticmethod
+    def forget(redis, slot: str) -> None:
+        try:
+            redis.delete(slot)
+        except RedisError:
+            pass

@@ -324,16 +324,18 @@ def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None, 
             raise refuse()
         row = row_class.rows().get(pk=pk)
         if enqueue:  # else the caller runs it inline (a command's --sync)
-            enqueue_after_commit(row, row.job_function)
+            enqueue_after_commit(row, row.job_function, new=False)
     row.publish()
     return row
 
 
-def enqueue_after_commit(row: TrackedRow, func: str, queue_name: str | None = None) -> None:
+def enqueue_after_commit(row: TrackedRow, func: str, queue_name: str | None = None, new: bool = True) -> None:
     """Queue `func(row.pk)` once the row's transaction commits. The job id is on the row
     before the job exists: a cancel or a dead worker in between still finds the job to stop
     or the row to fail. Redis refusing the job fails the row, with that reason. The queue is
-    the device class the caller placed it on, else the row's own choice (`job_queue`)."""
+    the device class the caller placed it on, else the row's own choice (`job_queue`). A
+    `new` row's card is added to every open list; a retried one is already there and is
+    updated in place (by its publish), never added a second time."""
     job_id = str(uuid.uuid4())
     queue_name = queue_name or row.job_queue()
     type(row).objects.filter(pk=row.pk).update(job_id=job_id)
@@ -344,11 +346,12 @@ def enqueue_after_commit(row: TrackedRow, func: str, queue_name: str | None = No
             queue.enqueue(func, row.pk, job_id, queue_name)
         except RedisError:
             error = JobError("queue_unavailable", "The job queue (Redis) was not reachable; the job was not started.")
-            failed = fail(type(row), row.pk, error, publish=False)
-            if failed is not None:
+            failed = fail(type(row), row.pk, error, publish=not new)
+            if failed is not None and new:
                 failed.publish_added()
             return
-        row.publish_added()
+        if new:
+            row.publish_added()
 
     transaction.on_commit(enqueue)
 

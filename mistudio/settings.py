@@ -115,12 +115,14 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "mistudio.hardening.RefuseOversizedBody",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "mistudio.hardening.RefuseUnstorableText",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "mistudio.auth.ApiTokenMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
+    "mistudio.hardening.AnswerOnce",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",

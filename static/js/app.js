@@ -13,7 +13,11 @@
         var colon = spec.indexOf(":");
         var target = colon >= 0 ? document.querySelector(spec.slice(colon + 1)) : (el.id ? document.getElementById(el.id) : null);
         var filter = target && target.getAttribute("data-model-filter");
-        if (!target || (filter && el.getAttribute("data-list-model") !== filter)) el.remove();
+        // An added card this page already lists (it loaded after the row was made) is not
+        // added twice: the row's own updates keep the one it has.
+        var card = spec.indexOf("afterbegin:") === 0 && el.firstElementChild;
+        var listed = card && card.id && document.getElementById(card.id);
+        if (!target || listed || (filter && el.getAttribute("data-list-model") !== filter)) el.remove();
       });
       return template.innerHTML;
     }
@@ -187,4 +191,75 @@
     selectTab(next);
   });
   document.addEventListener("htmx:afterSwap", syncStartButton);
+
+  // Every POST is sent once and with the CSRF token. Cards and the detail page are rendered
+  // once for every open page, without a request, so their own token field is empty: the
+  // page's token is put in at submit. A second click while the first is in flight is
+  // dropped, and each submit carries an Idempotency-Key the server answers once
+  // (mistudio.hardening.AnswerOnce), for the clicks that get through anyway.
+  function csrfToken() {
+    var meta = document.querySelector("meta[name=csrf-token]");
+    return meta ? meta.content : "";
+  }
+  function newKey() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    return Date.now().toString(16) + "-" + Math.random().toString(16).slice(2);
+  }
+  function hiddenField(form, name) {
+    var field = form.querySelector("input[name=" + name + "]");
+    if (!field) {
+      field = document.createElement("input");
+      field.type = "hidden";
+      field.name = name;
+      form.appendChild(field);
+    }
+    return field;
+  }
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if ((form.getAttribute("method") || "").toLowerCase() !== "post" || form.hasAttribute("hx-post")) return;
+    if (form.dataset.submitting) { event.preventDefault(); return; }
+    var token = hiddenField(form, "csrfmiddlewaretoken");
+    if (!token.value) token.value = csrfToken();
+    hiddenField(form, "idempotency_key").value = newKey();
+    form.dataset.submitting = "1";
+    form.setAttribute("aria-busy", "true");
+  }, true);
+  window.addEventListener("pageshow", function () {  // back to a page kept in the cache
+    document.querySelectorAll("form[data-submitting]").forEach(function (form) {
+      delete form.dataset.submitting;
+      form.removeAttribute("aria-busy");
+    });
+  });
+  function userAction(event) {
+    var trigger = event.detail && event.detail.requestConfig && event.detail.requestConfig.triggeringEvent;
+    return trigger && (trigger.type === "submit" || trigger.type === "click");
+  }
+  function actionOf(elt) { return (elt.closest && elt.closest("form")) || elt; }
+  document.addEventListener("htmx:configRequest", function (event) {
+    if (event.detail.verb !== "post") return;
+    event.detail.headers["X-CSRFToken"] = csrfToken();
+    if (!event.detail.triggeringEvent || ["submit", "click"].indexOf(event.detail.triggeringEvent.type) < 0) return;
+    var owner = actionOf(event.detail.elt);
+    if (!owner.dataset.idempotencyKey) owner.dataset.idempotencyKey = newKey();
+    event.detail.headers["Idempotency-Key"] = owner.dataset.idempotencyKey;
+  });
+  // htmx queues a click made while the element's request is in flight and sends it when
+  // that one ends: a click older than the last answer is such a leftover, and is dropped.
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    if (!userAction(event)) return;
+    var owner = actionOf(event.detail.elt);
+    var clickedAt = event.detail.requestConfig.triggeringEvent.timeStamp;
+    if (owner.dataset.inFlight || clickedAt <= Number(owner.dataset.answeredAt || -1)) { event.preventDefault(); return; }
+    owner.dataset.inFlight = "1";
+    owner.setAttribute("aria-busy", "true");
+  });
+  document.addEventListener("htmx:afterRequest", function (event) {
+    var owner = event.detail && event.detail.elt && actionOf(event.detail.elt);
+    if (!owner || !owner.dataset || !owner.dataset.inFlight) return;
+    delete owner.dataset.inFlight;
+    delete owner.dataset.idempotencyKey;
+    owner.dataset.answeredAt = String(performance.now());
+    owner.removeAttribute("aria-busy");
+  });
 })();
