@@ -78,6 +78,8 @@ class Model(TransferRow):
     perplexity = models.FloatField(null=True, blank=True, help_text="On the shipped reference text.")
     perplexity_baseline = models.FloatField(null=True, blank=True, help_text="FP32 weights, same text.")
     format_notes = models.TextField(blank=True, help_text="Why the produced format differs from the requested one.")
+    token_given = models.BooleanField(default=False, help_text="The download was given a Hub token (the token itself "
+                                                               "is dropped when the job stops), so a retry asks for one.")
 
 
     class Meta:
@@ -217,7 +219,13 @@ class Model(TransferRow):
         return fields
 
     def retry_fields(self, token: str | None) -> dict:
-        return {**super().retry_fields(token), "suggested_format": ""}
+        return {**super().retry_fields(token), "suggested_format": "", **({"token_given": True} if token else {})}
+
+    @property
+    def retry_asks_for_token(self) -> bool:
+        """A retry's form has a token field: the Hub refused without one, or the download had
+        one (dropped when it stopped: a cancelled gated download is retried with it again)."""
+        return self.token_given or self.error_code.startswith("gated") or self.error_code in ("invalid_token", "token_unreadable")
 
     @property
     def job_function(self) -> str:

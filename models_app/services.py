@@ -58,6 +58,7 @@ def request_download(
             quantization=fmt,
             requested_quantization=fmt,
             encrypted_token=encrypt_secret(token) if token else None,
+            token_given=bool(token),
             owner=jobs.owner_of(user),
         )
         if enqueue:
@@ -246,11 +247,9 @@ def placement(config: dict, fmt: str) -> capacity.Placement:
 
 
 def model_verdict(model: Model, worker: capacity.Capacity) -> capacity.Verdict:
-    """Whether `worker` can load the ready model as it is (its format's estimate on that
-    worker's device; bitsandbytes formats only on a CUDA worker)."""
+    """Whether `worker` can load the ready model as it is: its format's estimate on that
+    worker's device (bitsandbytes' Q8/Q4 load and run on a CPU worker too)."""
     fmt = model.quantization
-    if fmt in ("Q8", "Q4") and worker.device != "cuda":
-        return capacity.Verdict(f"a {fmt} (bitsandbytes) model runs only on a CUDA GPU")
     need = quantize.memory_estimate(model.architecture_config, worker.device)[fmt]
     if need > worker.budget_bytes:
         return capacity.Verdict(f"{model.name} {fmt} needs {format_bytes(need)}, more than its {format_bytes(worker.budget_bytes)} budget")
