@@ -123,6 +123,32 @@ def smollm2_model(smollm2_folder, data_dir):
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_smollm2_folder() -> Path:
+    return support.tiny_smollm2_folder()
+
+
+@pytest.fixture
+def tiny_model(tiny_smollm2_folder, data_dir):
+    """A ready FP32 record of SmolLM2's family at a tiny size (random weights, the real
+    tokenizer): for tests where the code path matters and the values do not."""
+    return ready_model_record(tiny_smollm2_folder, "SmolLM2-tiny")
+
+
+def ready_model_record(folder: Path, name: str):
+    import json
+
+    from models_app.models import Model
+    from models_app.ml.loading import count_parameters
+
+    config = json.loads((folder / "config.json").read_text())
+    model = Model.objects.create(name=name, status="ready", architecture=config["model_type"], architecture_config=config,
+                                 params_count=count_parameters(config), quantization="FP32")  # fmt: skip
+    model.raw_dir.parent.mkdir(parents=True, exist_ok=True)
+    model.raw_dir.symlink_to(folder)
+    return model
+
+
 @pytest.fixture
 def user(django_user_model):
     return django_user_model.objects.create_user("researcher", password="correct horse battery")
@@ -150,3 +176,22 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"report_{report.when}", report)
     return report
+
+
+# What `scripts/test --quick` leaves out: a test that drives the browser, starts a worker or
+# web server subprocess, or loads real weights (the SmolLM2 fixtures), found from the
+# fixtures it asks for and the helpers its code calls, not from a list of names.
+HEAVY_FIXTURES = {"stack", "browser", "smollm2_model", "smollm2_folder", "hub_with_smollm2"}
+HEAVY_CALLS = ("start_worker(", "run_burst_worker(", "start_web(", "start_daphne(", "smollm2", "subprocess.")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError, AttributeError):
+            source = ""
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or any(call in source for call in HEAVY_CALLS):
+            item.add_marker(pytest.mark.heavy)

@@ -248,16 +248,25 @@ def load_saved(folder: Path, device: str | None = None):
         # a Hub snapshot stored in bfloat16 (most are) as bfloat16 for an "FP32" model.
         dtype = {"FP32": torch.float32, "FP16": torch.float16}.get(fmt, base_dtype(device))
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device, trust_remote_code=False)
+    from accelerate import init_empty_weights
     from optimum.quanto import requantize
     from safetensors.torch import load_file
 
     config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
+    # Parameters on the meta device (the file fills them), buffers built for real: a buffer
+    # the file does not hold (RoPE's inv_freq is not persistent) would otherwise be left as
+    # uninitialised memory by requantize, and every reload would compute something else.
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=base_dtype(device))
     state = load_file(str(folder / "model.safetensors"), device="cpu")
     qmap = json.loads((folder / QUANTO_MAP_FILE).read_text())
     requantize(model, state, qmap, device=torch.device(device))
     model.tie_weights()
+    tied = model.config.tie_word_embeddings
+    left = [name for name in model.state_dict() if name not in state and not (tied and name.startswith("lm_head."))]
+    if left:
+        raise JobError("weights_incomplete", f"{folder.name} does not hold every weight of its model (missing {left[0]}); "
+                                             "make the Q2 format again.")  # fmt: skip
     model.eval()
     return model
 

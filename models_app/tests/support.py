@@ -39,6 +39,42 @@ def smollm2_folder() -> Path:
     return target
 
 
+TINY_SMOLLM2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16)  # fmt: skip
+
+
+def tiny_smollm2_folder() -> Path:
+    """SmolLM2's family, config and tokenizer at a tiny size with random weights (4 layers,
+    hidden 64; 3.3 M parameters, nearly all the 49,152-token embedding): built once per
+    machine beside the real one, for every test where the code path matters and the values
+    do not (extraction files, resume, the lifecycle, the page)."""
+    import filelock
+
+    real = smollm2_folder()
+    target = CACHE / "smollm2-tiny"
+    with filelock.FileLock(str(CACHE / "smollm2.lock")):
+        if not (target / "model.safetensors").is_file():
+            config = {**json.loads((real / "config.json").read_text()), **TINY_SMOLLM2}
+            staging = CACHE / "smollm2-tiny.partial"
+            write_model_from_config(staging, config, seed=0)
+            for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+                if (real / name).is_file():
+                    (staging / name).write_bytes((real / name).read_bytes())
+            staging.rename(target)
+    return target
+
+
+def write_model_from_config(folder: Path, config: dict, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def write_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
     """A small random causal LM saved like a Hub repo (config.json + model.safetensors)."""
     import torch
