@@ -136,7 +136,8 @@
     var button = document.getElementById("start-extraction");
     if (!form || !button) return;
     var dataset = form.querySelector("[name=dataset_id]");
-    button.disabled = !(dataset && dataset.value) ||
+    // A run started from this dialog is followed here until its page opens: not a second.
+    button.disabled = !!document.querySelector("#start-status .extract-started") || !(dataset && dataset.value) ||
       !form.querySelector("[name=layers]:checked") || !form.querySelector("[name=hook_types]:checked");
   }
   document.addEventListener("click", function (event) {
