@@ -28,6 +28,16 @@ def dataset(data_dir, capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.fixture
+def long_dataset(data_dir, capsys):
+    """Enough text for 1,600 windows of 48 tokens: a run of SmolLM2's tiny sibling that lasts
+    long enough (a few seconds) to be stopped part way."""
+    path = data_dir / "imports" / "long-river.txt"
+    path.write_text("\n".join([TEXT] * 8))
+    call_command("import_dataset", str(path), "--json")
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
 def output_files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".npy", ".npz")}
 
@@ -87,12 +97,13 @@ def test_prepend_bos_modes_on_packed_windows(smollm2_folder, mode, first_is_bos)
     assert tokens.ids[:, 16 - body :].reshape(-1).tolist() == stream[: 10 * body]
 
 
-def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run(smollm2_model, dataset, data_dir, signed_in):
-    request = dict(layers=[2, 29], hook_types=["residual", "attention"], max_samples=96, batch_size=4, seq_len=48)
-    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], **request)
+def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run(tiny_model, long_dataset, data_dir, signed_in):
+    # The code path, not the weights, is under test: SmolLM2's family at a tiny size.
+    request = dict(layers=[1, 3], hook_types=["residual", "attention"], max_samples=1600, batch_size=8, seq_len=48)
+    extraction = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], **request)
     worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0")
     try:
-        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 32, timeout=180, message="part way")
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 400, timeout=180, message="part way")
         subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)  # the work horse, as the OOM killer would
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.FAILED, timeout=60,
                  message="the row failed")  # fmt: skip
@@ -100,7 +111,7 @@ def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run
         assert stopped.error_code == "worker_died"
         kept = stopped.resumable_rows
         # Durable lags the progress shown by the batch in flight on the background thread.
-        assert 12 <= kept < 96 and kept % 4 == 0, kept
+        assert 24 <= kept < 1600 and kept % 8 == 0, kept
         assert not stopped.final_dir.exists()  # nothing where the finished files go
 
         response = signed_in.post(f"/api/extractions/{extraction.id}/resume")
@@ -113,24 +124,24 @@ def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run
     resumed = Extraction.objects.get(pk=extraction.id)
     assert resumed.status == ExtractionStatus.COMPLETED, resumed.error_message
 
-    clean = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], enqueue=False, **request)
+    clean = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], enqueue=False, **request)
     jobs.run_extraction_job(clean.id)
     clean.refresh_from_db()
     assert clean.status == ExtractionStatus.COMPLETED
     first, second = output_files(resumed.final_dir), output_files(clean.final_dir)
-    assert sorted(first) == sorted(second) and "layer_29_attention.stats.npz" in first
+    assert sorted(first) == sorted(second) and "layer_3_attention.stats.npz" in first
     for name in first:
         assert first[name] == second[name], f"{name} differs from an uninterrupted run"
     assert resumed.statistics == clean.statistics
     assert not list(resumed.final_dir.glob("checkpoint*"))
 
 
-def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cannot(smollm2_model, dataset, signed_in):
-    request = dict(layers=[29], hook_types=["residual"], max_samples=80, batch_size=4, seq_len=48)
-    extraction = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], **request)
+def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cannot(tiny_model, long_dataset, signed_in):
+    request = dict(layers=[3], hook_types=["residual"], max_samples=1600, batch_size=8, seq_len=48)
+    extraction = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], **request)
     worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0")
     try:
-        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 20, timeout=180, message="part way")
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 400, timeout=180, message="part way")
         response = signed_in.post(f"/api/extractions/{extraction.id}/cancel", {"keep": True}, content_type="application/json")
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
         assert Extraction.objects.get(pk=extraction.id).resumable_rows >= 12  # durable lags by the batch in flight
@@ -138,8 +149,8 @@ def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cann
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.COMPLETED, timeout=240,
                  message="the resumed run ends")  # fmt: skip
 
-        other = services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset["id"], **request)
-        wait_for(lambda: Extraction.objects.get(pk=other.id).samples_done >= 20, timeout=180, message="part way")
+        other = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], **request)
+        wait_for(lambda: Extraction.objects.get(pk=other.id).samples_done >= 400, timeout=180, message="part way")
         assert signed_in.post(f"/api/extractions/{other.id}/cancel").status_code == 200
         refused = signed_in.post(f"/api/extractions/{other.id}/resume")
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_resumable"
