@@ -7,6 +7,7 @@ from django.db import models
 from django.template.loader import render_to_string
 
 from mistudio import progress
+from mistudio.errors import Conflict, ServiceError
 from mistudio.jobs import TrackedRow, TransferRow
 from mistudio.staging import staged_path
 
@@ -199,6 +200,26 @@ class Extraction(TrackedRow):
         return settings.DATA_DIR / "activations" / f"extraction_{self.id}"
 
     job_function = "activations_app.jobs.extraction_job"
+
+    def missing_inputs(self) -> list[str]:
+        from models_app.services import get_model
+
+        missing = []
+        try:
+            model = get_model(self.model_id) if self.model_id else None
+        except ServiceError:
+            model = None
+        if model is None:
+            missing.append("its model")
+        if self.dataset_id is None or not Dataset.objects.filter(pk=self.dataset_id).exists():
+            missing.append("its dataset")
+        return missing
+
+    def before_retry(self, resume: bool) -> None:
+        if not resume:
+            self.remove_job_files()  # a retry starts over: the checkpoint a Resume would go on from goes
+        elif self.resume_path is None:
+            raise Conflict("not_resumable", f"{self.label} kept no checkpoint to resume from; retry it from the start.")
 
     def job_queue(self) -> str:
         """A worker that can hold the model (a retry): else the shared queue, and the job says why."""

@@ -232,21 +232,13 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
 
 def retry_extraction(extraction_id: str, user) -> Extraction:
     """A failed or cancelled extraction run again from the start, with the same request."""
-    extraction = Extraction.get_or_404(extraction_id)
-    extraction.check_may_change(user, "retry")
-    if extraction.status in (Extraction.FAILED, Extraction.CANCELLED):
-        extraction.remove_job_files()  # the checkpoint a Resume would go on from
     return jobs.retry(Extraction, extraction_id, user)
 
 
 def resume_extraction(extraction_id: str, user, enqueue: bool = True) -> Extraction:
     """A stopped extraction (worker killed, time limit, a cancel that kept its files) goes on
     from its last durable batch; the finished files are those of an uninterrupted run."""
-    extraction = Extraction.get_or_404(extraction_id)
-    extraction.check_may_change(user, "resume")
-    if extraction.status in (Extraction.FAILED, Extraction.CANCELLED) and extraction.resume_path is None:
-        raise Conflict("not_resumable", f"{extraction.label} kept no checkpoint to resume from; retry it from the start.")
-    return jobs.retry(Extraction, extraction_id, user, enqueue=enqueue)
+    return jobs.resume(Extraction, extraction_id, user, enqueue=enqueue)
 
 
 def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: bool = True, out: Path | None = None) -> dict:

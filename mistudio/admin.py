@@ -22,7 +22,7 @@ class TrackedRowAdmin(admin.ModelAdmin):
     cancels, retries and deletes them through the same services, with the same checks."""
 
     delete_service = None  # the app's delete: (pk, user) -> bool, which also removes the files
-    actions = ["cancel_selected", "retry_selected", "delete_selected_with_files"]
+    actions = ["cancel_selected", "retry_selected", "resume_selected", "delete_selected_with_files"]
 
     def has_add_permission(self, request):
         return False
@@ -45,9 +45,13 @@ class TrackedRowAdmin(admin.ModelAdmin):
     def cancel_selected(self, request, queryset):
         self._each(request, queryset, lambda row: jobs.cancel(type(row), row.pk, request.user), "cancelled")
 
-    @admin.action(description="Retry the selected failed or cancelled jobs")
+    @admin.action(description="Retry the selected failed or cancelled jobs (from the start)")
     def retry_selected(self, request, queryset):
         self._each(request, queryset, lambda row: jobs.retry(type(row), row.pk, request.user), "queued again")
+
+    @admin.action(description="Resume the selected stopped jobs from what they kept")
+    def resume_selected(self, request, queryset):
+        self._each(request, queryset, lambda row: jobs.resume(type(row), row.pk, request.user), "resumed")
 
     @admin.action(description="Delete the selected records and their files")
     def delete_selected_with_files(self, request, queryset):

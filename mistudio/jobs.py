@@ -123,6 +123,19 @@ class TrackedRow(models.Model):
         """Fields a retry writes besides the reset status, progress and error."""
         return {}
 
+    def missing_inputs(self) -> list[str]:
+        """What the job reads that is gone now (another row deleted since): a retry or resume
+        is refused naming it, and nothing of this row's is touched."""
+        return []
+
+    def before_retry(self, resume: bool) -> None:
+        """Called once a retry (or, `resume`, a resume) is allowed, before the row is queued:
+        a kind that starts over on a retry drops what a resume would go on from, and one that
+        can resume refuses when it kept nothing to go on from. A download keeps its partial
+        bytes either way (its retry resumes them)."""
+        if resume:
+            raise Conflict("not_resumable", f"{self.label} cannot be resumed; retry it.")
+
     @property
     def job_function(self) -> str:
         """The dotted path of the RQ job that runs this row."""
@@ -298,9 +311,11 @@ def delete(row_class: type[TrackedRow], pk: str, user) -> bool:
     return True
 
 
-def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None, enqueue: bool = True):
-    """A failed or cancelled job queued again on the same row (owner or staff only). A
-    download picks up the bytes its earlier attempt left on disk."""
+def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None, enqueue: bool = True, resume: bool = False):
+    """A failed or cancelled job queued again on the same row (owner or staff only): the one
+    retry (and, `resume`, the one resume) the page, the API, the commands and the admin all
+    use. A download picks up the bytes its earlier attempt left on disk; an extraction starts
+    over on a retry and goes on from its checkpoint on a resume (the row's before_retry)."""
     row = row_class.get_or_404(pk)
     row.check_may_change(user, "retry")
     try:
@@ -313,8 +328,14 @@ def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None, 
 
     if row.status not in (row_class.FAILED, row_class.CANCELLED):
         raise refuse()
+    missing = row.missing_inputs()
+    if missing:
+        raise Conflict("inputs_missing", f"{row.label} cannot run again: {' and '.join(missing)} "
+                                         f"{'was' if len(missing) == 1 else 'were'} deleted. Nothing of it was changed.",
+                       details={"missing": missing})  # fmt: skip
     if enqueue:
         queue.require_queue()
+    row.before_retry(resume)
     with transaction.atomic():
         updated = row_class.objects.filter(pk=pk, status__in=(row_class.FAILED, row_class.CANCELLED)).update(
             status=row_class.QUEUED, progress=0.0, error_code="", error_message="", updated_at=timezone.now(),
@@ -327,6 +348,11 @@ def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None, 
             enqueue_after_commit(row, row.job_function, new=False)
     row.publish()
     return row
+
+
+def resume(row_class: type[TrackedRow], pk: str, user, enqueue: bool = True):
+    """A stopped run goes on from what it kept (see retry)."""
+    return retry(row_class, pk, user, enqueue=enqueue, resume=True)
 
 
 def enqueue_after_commit(row: TrackedRow, func: str, queue_name: str | None = None, new: bool = True) -> None:

@@ -253,3 +253,44 @@ def test_the_estimate_counts_the_rows_the_dataset_really_yields(smollm2_model, d
         extraction.refresh_from_db()
         assert extraction.status == ExtractionStatus.COMPLETED, extraction.error_message
         assert extraction.samples_total == estimate["samples"], mode  # what was estimated is what ran
+
+
+def stopped_with_checkpoint(model_id, dataset_id, code="worker_died"):
+    from mistudio.staging import staged_path
+
+    extraction = services.request_extraction(model_id=model_id, dataset_id=dataset_id, enqueue=False,
+                                             layers=[0], hook_types=["residual"], max_samples=8)  # fmt: skip
+    Extraction.objects.filter(pk=extraction.id).update(status=ExtractionStatus.FAILED, error_code=code)
+    staged = staged_path(extraction.final_dir)
+    staged.mkdir(parents=True)
+    np.savez(staged / "checkpoint.npz", __rows__=np.int64(4), __fingerprint__=np.str_("x"))
+    return extraction, staged
+
+
+def test_retry_and_resume_refuse_with_409_and_keep_the_checkpoint_when_the_model_or_dataset_is_gone(tiny_model, dataset, signed_in, redis_clean):
+    from activations_app.models import Dataset
+    from models_app.models import Model
+
+    extraction, staged = stopped_with_checkpoint(tiny_model.id, dataset["id"])
+    Dataset.objects.filter(pk=dataset["id"]).delete()
+    for action in ("resume", "retry"):
+        response = signed_in.post(f"/api/extractions/{extraction.id}/{action}")
+        assert response.status_code == 409 and response.json()["error"]["code"] == "inputs_missing", response.content
+        assert "its dataset was deleted" in response.json()["error"]["message"]
+        assert (staged / "checkpoint.npz").is_file()  # nothing of it was changed
+    Model.objects.filter(pk=tiny_model.id).delete()
+    page = signed_in.post(f"/extractions/{extraction.id}/retry")
+    assert page.status_code == 409 and "its model and its dataset were deleted" in page.content.decode()
+    assert Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.FAILED and (staged / "checkpoint.npz").is_file()
+
+
+def test_the_admins_retry_starts_over_like_the_page_and_its_resume_goes_on(tiny_model, dataset, client, django_user_model, redis_clean):
+    """One retry and one resume: the admin's Retry of a timed-out run drops the checkpoint
+    (it used to resume), exactly as the page's and the API's do."""
+    staff = django_user_model.objects.create_superuser("staff", password="pw-for-admin-tests")
+    client.force_login(staff)
+    extraction, staged = stopped_with_checkpoint(tiny_model.id, dataset["id"], code="timeout")
+    response = client.post("/admin/activations_app/extraction/", {"action": "retry_selected", "_selected_action": [extraction.id]})
+    assert response.status_code == 302
+    assert Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.QUEUED
+    assert not staged.exists()  # started over, as Retry says
