@@ -1,6 +1,7 @@
 """Hostile input on every route: a clear 4xx in the shape the route speaks (JSON on /api/,
 a page elsewhere), never a 500, and nothing written."""
 
+import html
 import subprocess
 
 import pytest
@@ -93,32 +94,77 @@ async def test_an_unknown_websocket_path_is_closed_not_a_server_error(user):
     assert (connected, code) == (False, 4404)
 
 
+def parquet_bytes(table) -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def damaged_footer() -> bytes:
+    import pyarrow as pa
+
+    data = bytearray(parquet_bytes(pa.table({"text": ["a line"] * 50})))
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[-8 - footer : -8] = b"\xab" * footer  # the metadata, garbled; the magic bytes kept
+    return bytes(data)
+
+
+def no_text_column() -> bytes:
+    import pyarrow as pa
+
+    return parquet_bytes(pa.table({"body": ["a line"] * 5}))
+
+
+# The uploads corpus: (file name, content, form fields, what the refusal says).
 BAD_UPLOADS = [
+    ("empty.txt", b"", {}, "is empty"),
+    ("notes.pdf", b"%PDF-1.7 not a dataset", {}, "Upload a"),
+    ("garbage.txt", bytes(range(256)) * 64, {}, "looks binary"),
     ("rows.jsonl", b'{"text": "fine"}\nnot json\n', {}, "line 2 is not JSON"),
+    ("deep.jsonl", b'{"text": "fine"}\n' + b"[" * 200_000 + b"]" * 200_000 + b"\n", {}, "line 2 is not JSON (nested too deep)"),
     ("rows.jsonl", b'{"text": "nul \\u0000 inside"}\n', {}, "NUL character or an unpaired surrogate"),
     ("rows.jsonl", b'{"text": "half \\ud800 pair"}\n', {}, "NUL character or an unpaired surrogate"),
     ("late.txt", b"fine line\n" * 1000 + b"\xff\xfe broken\n", {}, "is not UTF-8"),
+    ("mixed.txt", "caf\u00e9 in UTF-8\n".encode() * 900 + "caf\u00e9 in Latin-1\n".encode("latin-1"), {}, "is not UTF-8"),
     ("late.txt", b"fine line\n" * 1000 + b"nul \x00 here\n", {}, "NUL character"),
     ("late.csv", b"text\n" + b"fine line\n" * 1000 + b"nul \x00 here\n", {}, "NUL character"),
     ("random.parquet", bytes(range(256)) * 40, {}, "cannot be read as .parquet"),
+    ("footer.parquet", None, {}, "its metadata or data is damaged"),
+    ("columns.parquet", None, {}, "has no column 'text'"),
     ("notes.txt", b"one\ntwo\n", {"name": "bad\x00name"}, "NUL"),
     ("notes.txt", b"one\ntwo\n", {"text_column": "c" * 101}, "1 to 100 characters"),
 ]
+MADE = {"footer.parquet": damaged_footer, "columns.parquet": no_text_column}
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("name, content, fields, message", BAD_UPLOADS)
-def test_bad_uploads_are_refused_with_the_reason_and_leave_nothing(signed_in, data_dir, name, content, fields, message):
+def test_the_uploads_corpus_is_refused_with_the_reason_and_leaves_nothing(signed_in, data_dir):
+    """Each bad file through the API and the page: a 400 that says why, no row, no folder."""
     from activations_app.models import Dataset
 
-    response = signed_in.post("/api/datasets", {"file": SimpleUploadedFile(name, content), **fields})
-    error = api_error(response, 400)
-    assert message in error["message"]
-    page = signed_in.post("/datasets/upload", {"file": SimpleUploadedFile(name, content), **fields})
-    assert page.status_code == 400
-    assert Dataset.objects.count() == 0
-    left = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*"))
-    assert left in (["imports"], ["datasets", "imports"]), left
+    for name, content, fields, message in BAD_UPLOADS:
+        content = MADE[name]() if content is None else content
+        response = signed_in.post("/api/datasets", {"file": SimpleUploadedFile(name, content), **fields})
+        error = api_error(response, 400)
+        assert message in error["message"], (name, error["message"])
+        page = signed_in.post("/datasets/upload", {"file": SimpleUploadedFile(name, content), **fields})
+        assert page.status_code == 400 and message in html.unescape(page.content.decode()), name
+        assert Dataset.objects.count() == 0, name
+        left = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*"))
+        assert left in (["imports"], ["datasets", "imports"]), (name, left)
+    print(f"\nuploads corpus: {len(BAD_UPLOADS)} files, each through the API and the page")
+
+
+def test_an_upload_that_claims_2_gb_is_refused_before_it_is_read(signed_in, settings, data_dir):
+    """A 2 GB sparse file: refused from its Content-Length (413) before any byte is read."""
+    response = signed_in.post("/api/datasets", b"--x--", content_type="multipart/form-data; boundary=x",
+                              CONTENT_LENGTH=str(2 * 1024**3))  # fmt: skip
+    assert api_error(response, 413, "request_too_large")
+    assert not (data_dir / "datasets").exists()
 
 
 @pytest.fixture
