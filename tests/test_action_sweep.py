@@ -140,7 +140,7 @@ def session_cookie(user, base_url: str) -> dict:
 
 class Quiet:
     """Waits until the page has had no request in flight for a moment (a plain POST's
-    redirect and the page after it, an htmx swap): networkidle's 500 ms, at 150 ms."""
+    redirect and the page after it, an htmx swap): networkidle's 500 ms, at 120 ms."""
 
     def __init__(self, page):
         self.page, self.pending, self.answers = page, set(), []
@@ -152,7 +152,7 @@ class Quiet:
     def _done(self, request):
         self.pending.discard(request)
 
-    def wait(self, quiet_ms: int = 150, limit_ms: int = 10_000) -> None:
+    def wait(self, quiet_ms: int = 120, limit_ms: int = 10_000) -> None:
         waited = still = 0
         while waited < limit_ms:
             self.page.wait_for_timeout(50)
@@ -162,10 +162,15 @@ class Quiet:
                 return
 
 
-def open_page(context, url: str, opener: int | None):
-    page = context.new_page()
-    page.on("dialog", lambda dialog: dialog.accept())
-    quiet = Quiet(page)
+def open_page(context, url: str, opener: int | None, reuse=None):
+    """The page at `url` (in a new tab, or in `reuse`, a (page, quiet) pair), its dialog
+    opened by the `opener`-th opener when given."""
+    if reuse is None:
+        page = context.new_page()
+        page.on("dialog", lambda dialog: dialog.accept())
+        quiet = Quiet(page)
+    else:
+        page, quiet = reuse
     page.goto(url, wait_until="load")
     quiet.wait()
     if opener is not None:
@@ -234,18 +239,18 @@ def test_every_button_in_every_state_works_and_carries_its_csrf_token(every_stat
                 collect(url, opener, page.locator(f"#modal :is({ACTIONS})"))
                 page.close()
         problems, clicked, disabled, refused_by_browser = [], 0, 0, 0
+        tab = open_page(context, base + "/", None)  # one tab for every click, each on a fresh load
         for url, opener, n, label in targets:
             records.restore(redis_clean)
             context.clear_cookies()
             context.add_cookies([session_cookie(user, base)])
-            page, quiet = open_page(context, base + url, opener)
+            page, quiet = open_page(context, base + url, opener, reuse=tab)
             scope = "#modal " if opener is not None else ""
             button = page.locator(f"{scope}:is({ACTIONS})").nth(n)
             if button.count() and choose_everything(button):
                 quiet.wait()
             if not button.count() or button.is_disabled():
                 disabled += 1
-                page.close()
                 continue
             # A form the browser itself refuses (a required field left empty) says so in place.
             browser_refuses = button.evaluate("b => !!b.form && !b.form.checkValidity()")
@@ -263,7 +268,6 @@ def test_every_button_in_every_state_works_and_carries_its_csrf_token(every_stat
                 problems.append(f"{where}: nothing visible happened")
             refused_by_browser += browser_refuses
             clicked += 1
-            page.close()
         print(f"\naction sweep: {len(tracked_classes())} row kinds in {every_state['count']} rows (every status), "
               f"{len(urls)} pages and their dialogs, {len(targets)} actions: {clicked} clicked ({refused_by_browser} stopped by "
               f"the browser's own form check), {disabled} disabled")  # fmt: skip

@@ -48,18 +48,20 @@ def test_smollm2_in_q4_and_q8_from_one_download_is_real_reloadable_and_still_kno
     assert len([r for r in hub_with_smollm2.requests if r.method == "GET"]) == downloads_before  # no new download
     assert q8["perplexity_baseline"] == q4["perplexity_baseline"]
 
+    # Q4 reloads as stored (4-bit layers, no quantizer run) and still knows Paris.
+    tokenizer = AutoTokenizer.from_pretrained(q8["quantized_path"])
+    q4_reloaded = quantize.load_saved(folder, "cpu")
+    assert type(q4_reloaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert "Paris" in greedy(q4_reloaded, tokenizer)
+    del q4_reloaded
+
     call_command("delete_model", q4["id"])
     assert not folder.exists()
     assert (data_dir / "models" / "raw" / q4["id"]).is_dir()  # the snapshot Q8 was made from stays
-    tokenizer = AutoTokenizer.from_pretrained(q8["quantized_path"])
     reloaded = quantize.load_saved(Model.objects.get(pk=q8["id"]).weights_dir, "cpu")
     linear = reloaded.model.layers[0].mlp.down_proj
     assert type(linear).__name__ == "Linear8bitLt" and linear.weight.dtype == torch.int8
     assert "Paris" in greedy(reloaded, tokenizer)
-
-    q4_again = quantize.load_in_format(data_dir / "models" / "raw" / q4["id"], "Q4", "cpu")
-    assert type(q4_again.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
-    assert "Paris" in greedy(q4_again, tokenizer)
 
 
 def test_q2_stores_real_two_bit_weights_and_reloads_them_without_requantizing(hub, data_dir, capsys):
