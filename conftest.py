@@ -185,13 +185,20 @@ HEAVY_FIXTURES = {"stack", "browser", "smollm2_model", "smollm2_folder", "hub_wi
 HEAVY_CALLS = ("start_worker(", "run_burst_worker(", "start_web(", "start_daphne(", "smollm2", "subprocess.")
 
 
-def pytest_collection_modifyitems(config, items):
+def _source(func) -> str:
     import inspect
 
+    try:
+        return inspect.getsource(func)
+    except (OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config, items):
     for item in items:
-        try:
-            source = inspect.getsource(item.function)
-        except (OSError, TypeError, AttributeError):
-            source = ""
-        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or any(call in source for call in HEAVY_CALLS):
+        names = set(getattr(item, "fixturenames", ()))
+        info = getattr(item, "_fixtureinfo", None)
+        fixtures = [d.func for defs in (info.name2fixturedefs.values() if info else ()) for d in defs]
+        sources = [_source(getattr(item, "function", None))] + [_source(func) for func in fixtures]
+        if HEAVY_FIXTURES & names or any(call in source for source in sources for call in HEAVY_CALLS):
             item.add_marker(pytest.mark.heavy)
