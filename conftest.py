@@ -18,11 +18,25 @@ from models_app.tests.hub_server import VALID_UNGATED_TOKEN, HubRepo, HubServer,
 GATED_TOKEN = "hf_granted_token_for_tests"
 
 
+@pytest.fixture(scope="session")
+def stack_data_root(tmp_path_factory) -> Path:
+    """The data dir of the web server and worker a browser test module shares (`stack`)."""
+    return tmp_path_factory.mktemp("stack-data")
+
+
 @pytest.fixture(autouse=True)
-def data_dir(settings, tmp_path) -> Path:
-    """Every test gets its own data dir and import root."""
-    root = tmp_path / "data"
-    (root / "imports").mkdir(parents=True)
+def data_dir(settings, tmp_path, request) -> Path:
+    """Every test gets its own data dir and import root; a test on the shared server and
+    worker gets theirs, emptied first."""
+    import shutil
+
+    if "stack" in request.fixturenames:
+        root = request.getfixturevalue("stack_data_root")
+        for child in root.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    else:
+        root = tmp_path / "data"
+    (root / "imports").mkdir(parents=True, exist_ok=True)
     settings.DATA_DIR = root
     settings.IMPORT_ROOTS = [(root / "imports").resolve()]
     return root

@@ -133,16 +133,24 @@ def run_burst_worker(timeout: float = 240, **extra_env: str) -> subprocess.Compl
     )
 
 
-def start_worker(burst: bool = True, **extra_env: str) -> subprocess.Popen:
-    return subprocess.Popen(
+def start_worker(burst: bool = True, log_file: bool = False, **extra_env: str) -> subprocess.Popen:
+    """A real RQ worker. Its output is piped for the test to read, or (`log_file`, for one
+    that outlives a test: an unread pipe fills up and stalls it) written to a file whose
+    path is the process's `log_path`."""
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", delete=False) if log_file else None
+    process = subprocess.Popen(
         [sys.executable, "manage.py", "rqworker", "default", "--worker-class", "mistudio.worker.MistudioWorker"]
         + (["--burst"] if burst else []),
         cwd=ROOT,
         env=subprocess_env(**extra_env),
-        stdout=subprocess.PIPE,
+        stdout=log or subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    process.log_path = log.name if log else None
+    return process
 
 
 def wait_for(predicate, timeout: float = 60, interval: float = 0.1, message: str = "condition"):
@@ -207,7 +215,7 @@ def child_pids(parent: int, *parts: str) -> list[int]:
     return found
 
 
-def start_daphne(port: int) -> subprocess.Popen:
+def start_daphne(port: int, **extra_env: str) -> subprocess.Popen:
     """The real ASGI server the run command uses, against the test database. Its output
     (an access-log line per request) goes to a file: an unread pipe would fill up and
     stall the server mid-test."""
@@ -218,7 +226,7 @@ def start_daphne(port: int) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "mistudio.webserver", "-b", "127.0.0.1", "-p", str(port), "mistudio.asgi:application"],
         cwd=ROOT,
-        env=subprocess_env(),
+        env=subprocess_env(**extra_env),
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,

@@ -4,6 +4,7 @@ the loopback Hub and the test database: what a researcher sees, without reloads.
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,22 +24,27 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture
-def stack(hub):
-    """daphne + one RQ worker, as the run command starts them."""
+@pytest.fixture(scope="module")
+def stack(hub_server, stack_data_root, django_db_setup):
+    """daphne + one RQ worker, as the run command starts them, shared by a module's browser
+    tests (starting them costs 4-5 s of CPU each time): the shared data dir is emptied
+    before each test (conftest's data_dir), the database flushed after it, and a job left
+    queued by an earlier test finds no row and ends."""
     port = free_port()
-    server = start_daphne(port)
-    worker = start_worker(burst=False)
+    env = {"MISTUDIO_DATA_DIR": str(stack_data_root), "MISTUDIO_IMPORT_ROOTS": str((stack_data_root / "imports").resolve()),
+           "HF_ENDPOINT": hub_server.endpoint}  # fmt: skip
+    server = start_daphne(port, **env)
+    worker = start_worker(burst=False, log_file=True, **env)
     yield f"http://127.0.0.1:{port}"
     for process in (worker, server):
         process.terminate()
     for process in (worker, server):
         try:
-            output, _ = process.communicate(timeout=10)
-        except Exception:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             process.kill()
-            output, _ = process.communicate()
-        print(output)  # shown by pytest when the test fails
+            process.wait()
+        print(Path(process.log_path).read_text()[-5000:])  # shown by pytest when a test fails
 
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
