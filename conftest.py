@@ -216,3 +216,6 @@ def pytest_collection_modifyitems(config, items):
         sources = [_source(getattr(item, "function", None))] + [_source(func) for func in fixtures]
         if HEAVY_FIXTURES & names or any(call in source for source in sources for call in HEAVY_CALLS):
             item.add_marker(pytest.mark.heavy)
+    # The long tests first (a stable sort: a module's tests stay together): the quick ones
+    # then fill both xdist workers to the end instead of one long test running alone.
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
