@@ -33,6 +33,22 @@ class JobError(Exception):
         self.suggested_format = suggested_format
 
 
+# Stops a run can go on from, kept for a retry or resume: its worker went away, the time
+# limit, an interrupt, the network, or memory another job may have been holding. Not a fault
+# in the request or its data. One list: the lifecycle (mistudio.jobs) and the extraction's
+# checkpoint (activations_app.ml.extract) both read it.
+RESUMABLE_CODES = frozenset({"worker_died", "timeout", "interrupted", "network_error", "out_of_memory"})
+
+
+def resumable(exc: BaseException) -> bool:
+    """Whether a run stopped by `exc` can go on from what it kept: a JobError whose code is
+    one of those (or that says it is retryable), a cancel, the time limit or an interrupt;
+    not an error in the code or the input (ValueError and its kind)."""
+    if isinstance(exc, JobError):
+        return exc.retryable or exc.code in RESUMABLE_CODES
+    return not isinstance(exc, ValueError | TypeError | KeyError | IndexError | AttributeError)
+
+
 class JobCancelled(Exception):
     """Raised inside a job when its row was cancelled, to unwind and clean up."""
 

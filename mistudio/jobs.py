@@ -27,7 +27,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.timeouts import JobTimeoutException
 
-from . import progress, queue
+from . import errors, progress, queue
 from .crypto import encrypt_secret
 from .errors import Conflict, Forbidden, InvalidInput, JobCancelled, JobError, NotFound, ServiceError
 from .progress import MODELS_GROUP, LatestStateWriter
@@ -228,12 +228,9 @@ class TransferRow(TrackedRow):
         return {"encrypted_token": encrypt_secret(token) if token else None, "bytes_done": 0}
 
 
-# Failures a retry can get past, where the bytes already fetched are worth keeping.
-RESUMABLE = {"worker_died", "timeout", "interrupted", "network_error"}
-
-
 def resumable(error: JobError) -> bool:
-    return error.retryable or error.code in RESUMABLE
+    """A failure a retry can get past, where what was fetched or computed is worth keeping."""
+    return errors.resumable(error)
 
 
 def owner_of(user):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mistudio.errors import JobError
+from mistudio.errors import JobError, resumable
 from mistudio.staging import promote, staged_path
 
 from .hooks import HookTargets, StopForward, capture_activations, hook_targets
@@ -600,7 +600,7 @@ def run_extraction(
         output = writer.commit(metadata, {f"{stem}.stats.npz": stats[stem].dimension_arrays() for stem in stems})
         released.join()
     except BaseException as exc:
-        if fingerprint and resumable_stop(exc) and (writer.tmp_dir / CHECKPOINT).is_file():
+        if fingerprint and resumable(exc) and (writer.tmp_dir / CHECKPOINT).is_file():
             writer.close()
         else:
             writer.discard()
@@ -636,9 +636,4 @@ class _Background:
             self.executor.shutdown(wait=True)
 
 
-def resumable_stop(exc: BaseException) -> bool:
-    """A stop the run can go on from (a timeout, a stop request, an interrupt), not a fault
-    in the request or the data."""
-    if isinstance(exc, JobError):
-        return exc.code in ("job_timeout", "cancelled", "out_of_memory")
-    return not isinstance(exc, ValueError | TypeError | KeyError | IndexError | AttributeError)
+
