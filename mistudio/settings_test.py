@@ -5,14 +5,21 @@ Subprocesses started by tests (RQ workers, daphne) inherit these through the env
 import os
 import tempfile
 
+# Under pytest-xdist each worker (gw0, gw1, …) gets its own Redis DB (15, 14, …) and channel
+# prefix; pytest-django gives each its own test database (test_…_gw0).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+WORKER_INDEX = int(WORKER[2:]) if WORKER.startswith("gw") and WORKER[2:].isdigit() else 0
+
 for name, value in {
     "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/postgres",
-    "REDIS_URL": "redis://127.0.0.1:6379/15",
-    "MISTUDIO_CHANNEL_PREFIX": "mistudio-test",
+    "REDIS_URL": f"redis://127.0.0.1:6379/{15 - WORKER_INDEX}",
+    "MISTUDIO_CHANNEL_PREFIX": f"mistudio-test{WORKER and '-' + WORKER}",
     "SECRET_KEY": "insecure-test-only-key-0123456789abcdefghijklmnopqrstuvwxyz",
     "MISTUDIO_HUB_RETRY_BACKOFF": "0.05",
     "MISTUDIO_DISK_RESERVE_BYTES": "0",
 }.items():
+    if WORKER and name in ("REDIS_URL", "MISTUDIO_CHANNEL_PREFIX"):
+        os.environ[name] = value  # a shared one would let the workers flush each other's queues
     os.environ.setdefault(name, value)
 os.environ.setdefault("MISTUDIO_DATA_DIR", tempfile.mkdtemp(prefix="mistudio-test-"))
 
