@@ -35,8 +35,8 @@ class JobError(Exception):
 
 # Stops a run can go on from, kept for a retry or resume: its worker went away, the time
 # limit, an interrupt, the network, or memory another job may have been holding. Not a fault
-# in the request or its data. One list: the lifecycle (mistudio.jobs) and the extraction's
-# checkpoint (activations_app.ml.extract) both read it.
+# in the request or its data. One list: the lifecycle (mistudio.jobs) and a job that keeps a
+# checkpoint of its own (an extraction) both read it.
 RESUMABLE_CODES = frozenset({"worker_died", "timeout", "interrupted", "network_error", "out_of_memory"})
 
 
