@@ -214,14 +214,16 @@ def choose_everything(button) -> bool:
     )
 
 
-def test_every_button_in_every_state_works_and_carries_its_csrf_token(every_state, browser, user, data_dir, tmp_path, redis_clean):  # noqa: F811
+@pytest.mark.parametrize("part", [0, 1])  # the pages in two halves, which two test workers sweep side by side
+def test_every_button_in_every_state_works_and_carries_its_csrf_token(part, every_state, browser, user, data_dir, tmp_path, redis_clean):  # noqa: F811
     port = free_port()
     server = start_daphne(port)
     base = f"http://127.0.0.1:{port}"
     try:
         client = Client()
         client.force_login(user)
-        urls = pages(base, client)
+        everything = pages(base, client)
+        urls = everything[part::2]
         records = Records(data_dir, tmp_path)
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         context.add_cookies([session_cookie(user, base)])
@@ -274,9 +276,9 @@ def test_every_button_in_every_state_works_and_carries_its_csrf_token(every_stat
             refused_by_browser += browser_refuses
             clicked += 1
         print(f"\naction sweep: {len(tracked_classes())} row kinds in {every_state['count']} rows (every kind of state), "
-              f"{len(urls)} pages and their dialogs, {len(targets)} actions: {clicked} clicked ({refused_by_browser} stopped by "
+              f"{len(urls)} of {len(everything)} pages and their dialogs, {len(targets)} actions: {clicked} clicked ({refused_by_browser} stopped by "
               f"the browser's own form check), {disabled} disabled")  # fmt: skip
-        assert clicked >= 30, targets
+        assert clicked >= 10, targets
         assert not problems, "\n".join(problems)
     finally:
         for context in browser.contexts:
