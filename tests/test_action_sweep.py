@@ -147,14 +147,26 @@ class Quiet:
     redirect and the page after it, an htmx swap): networkidle's 500 ms, at 120 ms."""
 
     def __init__(self, page):
-        self.page, self.pending, self.answers = page, set(), []
-        page.on("request", lambda request: self.pending.add(request))
+        self.page, self.pending, self.answers, self.sent = page, set(), [], 0
+        page.on("request", self._sent)
         page.on("requestfinished", self._done)
         page.on("requestfailed", self._done)
         page.on("response", lambda response: self.answers.append((response.status, response.request.method, response.url)))
 
+    def _sent(self, request):
+        self.pending.add(request)
+        self.sent += 1
+
     def _done(self, request):
         self.pending.discard(request)
+
+    def wait_for_a_request(self, since: int, limit_ms: int = 5_000) -> None:
+        """After a click: until it has sent something (a confirmation and a busy machine
+        can delay it past the quiet window), or `limit_ms` (a button that sends nothing)."""
+        waited = 0
+        while self.sent == since and waited < limit_ms:
+            self.page.wait_for_timeout(25)
+            waited += 25
 
     def wait(self, quiet_ms: int = 120, limit_ms: int = 10_000) -> None:
         waited = still = 0
@@ -264,7 +276,10 @@ def test_every_button_in_every_state_works_and_carries_its_csrf_token(part, ever
             html = button.evaluate("b => b.outerHTML.slice(0, 160)")
             quiet.answers.clear()
             before = (page.url, page.content())
+            sent = quiet.sent
             button.click()
+            if not browser_refuses:
+                quiet.wait_for_a_request(sent)
             quiet.wait()
             where = f"{label.strip()[:40]!r} on {url}" + (f" (dialog {opener})" if opener is not None else "")
             where += f" [{html}]"
