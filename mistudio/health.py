@@ -18,7 +18,9 @@ from .queue import queue
 @require_GET
 def healthz(request):
     """200 when the database and Redis answer (the web server can serve and queue), else
-    503; the live workers, each with its queues and last heartbeat, either way."""
+    503. A probe (no sign-in) gets only the status; staff (signed in, or an API token) also
+    get what was checked and the live workers, each with its queues, heartbeat, device and
+    budget: host names, ports and memory are not for anyone who can reach the port."""
     checks: dict = {}
     try:
         with connection.cursor() as cursor:
@@ -45,5 +47,8 @@ def healthz(request):
     except RedisError as exc:
         checks["redis"] = f"unreachable ({type(exc).__name__})"
     healthy = checks["database"] == "ok" and checks["redis"] == "ok"
-    body = {"status": "ok" if healthy else "unavailable", **checks, "workers": workers}
+    body = {"status": "ok" if healthy else "unavailable"}
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated and user.is_staff:
+        body |= {**checks, "workers": workers}
     return JsonResponse(body, status=200 if healthy else 503)

@@ -17,12 +17,22 @@ from models_app.tests.support import ROOT, child_pids, free_port, subprocess_env
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def healthz(port: int) -> dict | None:
+def healthz(port: int, token: str | None = None) -> dict | None:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})  # fmt: skip
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())
     except OSError:
         return None
+
+
+@pytest.fixture
+def staff_token(django_user_model):
+    from mistudio.models import ApiToken
+
+    staff = django_user_model.objects.create_user("operator", password="pw-for-health-checks", is_staff=True)
+    return ApiToken.issue(staff)[1]
 
 
 def pids_with(*parts: str) -> list[int]:
@@ -39,35 +49,41 @@ def pids_with(*parts: str) -> list[int]:
     return found
 
 
-def test_healthz_reports_the_database_redis_and_live_workers(client, redis_clean):
+def test_healthz_reports_the_database_redis_and_live_workers(client, admin_client, user, redis_clean):
     from models_app.tests.support import start_worker
 
-    body = client.get("/healthz").json()  # no sign-in: a probe has none
+    assert client.get("/healthz").json() == {"status": "ok"}  # a probe (no sign-in) learns only that
+    client.force_login(user)
+    assert client.get("/healthz").json() == {"status": "ok"}  # nor does a user who is not staff
+    body = admin_client.get("/healthz").json()
     assert (body["status"], body["database"], body["redis"]) == ("ok", "ok", "ok")
     worker = start_worker(burst=False)
     try:
-        wait_for(lambda: client.get("/healthz").json()["workers"], timeout=60, message="the worker to register")
-        (live,) = client.get("/healthz").json()["workers"]
+        wait_for(lambda: admin_client.get("/healthz").json()["workers"], timeout=60, message="the worker to register")
+        assert client.get("/healthz").json() == {"status": "ok"}
+        (live,) = admin_client.get("/healthz").json()["workers"]
         assert live["queues"] == ["cpu", "default"] and live["device"] == "cpu" and live["budget_bytes"] > 0 and live["seconds_since_heartbeat"] < 60
     finally:
         worker.terminate()
         worker.communicate(timeout=30)
 
 
-def test_healthz_is_503_when_redis_is_gone(client, settings):
+def test_healthz_is_503_when_redis_is_gone(client, admin_client, settings):
     settings.RQ_QUEUES = {"default": {"URL": "redis://127.0.0.1:1/0", "DEFAULT_TIMEOUT": 60}}
     response = client.get("/healthz")
+    assert response.status_code == 503 and response.json() == {"status": "unavailable"}
+    response = admin_client.get("/healthz")
     assert response.status_code == 503 and response.json()["redis"].startswith("unreachable")
 
 
-def test_scripts_run_restarts_a_killed_worker_and_a_killed_web_server(redis_clean):
+def test_scripts_run_restarts_a_killed_worker_and_a_killed_web_server(redis_clean, staff_token):
     port = free_port()
     worker_name = f"mistudio-{socket.gethostname()}-{port}-1"
     env = subprocess_env(MISTUDIO_PORT=str(port), MISTUDIO_ADMIN_PASSWORD="correct horse battery", MISTUDIO_WEB_PROCESSES="2")
     run = subprocess.Popen(["scripts/run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)  # fmt: skip
     try:
-        wait_for(lambda: (healthz(port) or {}).get("workers") and pids_with("rqworker", worker_name), timeout=120,
+        wait_for(lambda: (healthz(port, staff_token) or {}).get("workers") and pids_with("rqworker", worker_name), timeout=120,
                  interval=0.3, message="scripts/run to serve with a worker")  # fmt: skip
         (worker,) = pids_with("rqworker", worker_name)
         wait_for(lambda: len(child_pids(run.pid, "mistudio.webserver")) == 2, timeout=30, message="both web processes")

@@ -58,8 +58,11 @@ def test_a_model_too_large_for_one_worker_runs_on_the_other_and_is_refused_when_
     assert (small.budget_bytes, big.budget_bytes) == (SMALL_BUDGET, BIG_BUDGET)
     assert small.device == big.device == "cpu" and small.host == big.host
 
-    # /healthz shows each worker's device and budget.
+    # /healthz shows staff each worker's device and budget.
     client.force_login(user)
+    assert client.get("/healthz").json() == {"status": "ok"}  # not to others
+    user.is_staff = True
+    user.save(update_fields=["is_staff"])
     health = client.get("/healthz").json()
     assert {w["name"]: w["budget_bytes"] for w in health["workers"]} == {small.worker: SMALL_BUDGET, big.worker: BIG_BUDGET}
 
