@@ -265,6 +265,9 @@ def fail(row_class: type[TrackedRow], pk: str, error: JobError, publish: bool = 
     return row
 
 
+STOPPED_KEPT = "stopped_kept"
+
+
 def cancel(row_class: type[TrackedRow], pk: str, user, keep: bool = False):
     """Flip the row to cancelled (what an inline job sees), stop its worker process, remove
     its files (with `keep`, all but what a resume goes on from), and tell every page and
@@ -277,9 +280,12 @@ def cancel(row_class: type[TrackedRow], pk: str, user, keep: bool = False):
 
     if not row.is_running:
         raise refuse()
+    # With `keep`, the row says so (error_code "stopped_kept"): the job, if it sees the cancel
+    # before its process is stopped, then leaves what a resume goes on from.
     updated = row_class.objects.filter(pk=pk, status__in=row_class.RUNNING).update(
-        status=row_class.CANCELLED, updated_at=timezone.now(), **row_class.IDLE_FIELDS, **row.stop_fields(None)
-    )
+        status=row_class.CANCELLED, updated_at=timezone.now(), **row_class.IDLE_FIELDS, **row.stop_fields(None),
+        **({"error_code": STOPPED_KEPT} if keep else {}),
+    )  # fmt: skip
     if not updated:  # the job finished (or failed) since the row was read: its files are the result
         row.refresh_from_db()
         raise refuse()
@@ -474,7 +480,8 @@ def run_tracked(row_class: type[TrackedRow], pk: str, work: Callable[[TrackedRow
             job.flush(raise_error=False)
         job.check()
     except JobCancelled:
-        row_class.rows().get(pk=pk).remove_job_files()
+        stopped = row_class.rows().get(pk=pk)
+        stopped.remove_job_files(keep_resumable=stopped.error_code == STOPPED_KEPT)
         log.info("%s %s cancelled; files removed", row_class.KIND, pk)
     except BaseException as exc:
         if not isinstance(exc, (JobError, JobTimeoutException, KeyboardInterrupt, SystemExit)):
