@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from mistudio.errors import InvalidInput, ServiceError
-from mistudio.validation import bounded_int
+from mistudio.validation import OUT_OF_RANGE, bounded_int
 
 from .ml.extract import PREPEND_BOS, STORAGE_DTYPES, TOKENIZATIONS, ExtractionSpec
 from .ml.hooks import HOOK_TYPES
@@ -93,12 +93,15 @@ class ExtractionForm(forms.Form):
         layers = []
         for value in raw:
             try:
-                layers.append(bounded_int(value, "layers", 0, last))
+                layer = bounded_int(value, "layers", 0, last)
             except InvalidInput as exc:
-                if "whole number" in exc.message or value is None or value == "":
+                if exc.code != OUT_OF_RANGE:
                     raise ValidationError("Layers must be whole numbers.", code="invalid_layers") from None
                 shown = value if len(str(value)) <= 20 else f"{str(value)[:12]}…"
                 raise ValidationError(f"Layer {shown} is out of range 0–{last}.", code="invalid_layers") from None
+            if layer is None:  # an empty entry in the list ("", null)
+                raise ValidationError("Layers must be whole numbers.", code="invalid_layers")
+            layers.append(layer)
         if len(set(layers)) != len(layers):
             raise ValidationError("Each layer may be chosen once.", code="invalid_layers")
         return sorted(layers)

@@ -15,6 +15,9 @@ MAX_REPO_ID_LENGTH = 96 * 2 + 1
 GGUF_MAGIC = b"GGUF"
 
 
+NOT_WHOLE, OUT_OF_RANGE = "not_whole_number", "out_of_range"  # bounded_int's two refusals, as codes
+
+
 def bounded_int(value, field: str, low: int, high: int, *, label: str | None = None) -> int | None:
     """The one parser of bounded integers from users: an int (not a bool) or ASCII decimal
     digits with an optional "-" ("²", "１", "2.5", "1e3" are not), within low..high. A digit
@@ -28,15 +31,16 @@ def bounded_int(value, field: str, low: int, high: int, *, label: str | None = N
         text = value.strip()
         digits = text[1:] if text.startswith("-") else text
         if not (digits.isascii() and digits.isdigit()):
-            raise InvalidInput(field, f"{name} must be a whole number.")
+            raise InvalidInput(field, f"{name} must be a whole number.", code=NOT_WHOLE)
         if len(digits.lstrip("0")) > len(str(max(abs(low), abs(high)))):
-            raise InvalidInput(field, f"{name} must be between {low:,} and {high:,}.")
+            raise InvalidInput(field, f"{name} must be between {low:,} and {high:,}.", code=OUT_OF_RANGE)
         value = int(text)
     elif isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(field, f"{name} must be a whole number.")
+        raise InvalidInput(field, f"{name} must be a whole number.", code=NOT_WHOLE)
     if not low <= value <= high:
-        raise InvalidInput(field, f"{name} must be between {low:,} and {high:,}.")
+        raise InvalidInput(field, f"{name} must be between {low:,} and {high:,}.", code=OUT_OF_RANGE)
     return value
+
 
 
 def validate_repo_id(value: str) -> str:

@@ -224,7 +224,8 @@ def test_the_dialog_estimate_counts_truncate_rows_from_the_dataset_and_refuses_o
     # truncate: one row per document, so 30 rows, not the 1,000 asked for
     assert "30 samples" in page and bytes_short(storage_bytes(30, 16, 576, "float16", 2, with_mask=True)) in page
     for field, value, message in [("batch_size", "²", "batch_size must be a whole number"),
-                                  ("layers", ["0", "x"], "Layers must be whole numbers")]:  # fmt: skip
+                                  ("layers", ["0", "x"], "Layers must be whole numbers"),
+                                  ("layers", ["", "1"], "Layers must be whole numbers")]:  # fmt: skip
         response = signed_in.post(f"/models/{smollm2_model.id}/extract/estimate", {**form, field: value})
         assert response.status_code == 200 and message in html.unescape(response.content.decode()), field
     assert Extraction.objects.count() == 0
