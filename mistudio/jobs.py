@@ -27,9 +27,9 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 from rq.timeouts import JobTimeoutException
 
-from . import errors, progress, queue
+from . import progress, queue
 from .crypto import encrypt_secret
-from .errors import Conflict, Forbidden, InvalidInput, JobCancelled, JobError, NotFound, ServiceError
+from .errors import Conflict, Forbidden, InvalidInput, JobCancelled, JobError, NotFound, ServiceError, resumable
 from .progress import MODELS_GROUP, LatestStateWriter
 from .staging import staged_path
 from .throttle import ProgressThrottle, TransferRate
@@ -226,11 +226,6 @@ class TransferRow(TrackedRow):
 
     def retry_fields(self, token: str | None) -> dict:
         return {"encrypted_token": encrypt_secret(token) if token else None, "bytes_done": 0}
-
-
-def resumable(error: JobError) -> bool:
-    """A failure a retry can get past, where what was fetched or computed is worth keeping."""
-    return errors.resumable(error)
 
 
 def owner_of(user):
