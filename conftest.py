@@ -125,16 +125,7 @@ def hub_with_smollm2(hub, smollm2_folder):
 def smollm2_model(smollm2_folder, data_dir):
     """A ready FP32 SmolLM2 record whose snapshot is the machine's cached build (linked,
     not downloaded again: the download path has tests of its own)."""
-    import json
-
-    from models_app.models import Model
-
-    config = json.loads((smollm2_folder / "config.json").read_text())
-    model = Model.objects.create(name="SmolLM2-135M", status="ready", architecture="llama", architecture_config=config,
-                                 params_count=134_515_008, quantization="FP32")  # fmt: skip
-    model.raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    model.raw_dir.symlink_to(smollm2_folder)
-    return model
+    return ready_model_record(smollm2_folder, "SmolLM2-135M")
 
 
 @pytest.fixture(scope="session")

@@ -77,20 +77,15 @@ def write_model_from_config(folder: Path, config: dict, seed: int = 0) -> Path:
 
 def write_tiny_model(folder: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
     """A small random causal LM saved like a Hub repo (config.json + model.safetensors)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     configs = {
         "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=2048, max_position_embeddings=256),
         "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256),
     }  # fmt: skip
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**configs[model_type], **overrides})
-    model = AutoModelForCausalLM.from_config(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    config = AutoConfig.for_model(model_type, **{**configs[model_type], **overrides}).to_dict()
+    return write_model_from_config(folder, config, seed)
 
 
 def write_encoder_only_repo(folder: Path) -> Path:
