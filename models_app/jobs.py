@@ -94,7 +94,7 @@ def _perplexity(model: Model, loaded, tokenizer, field: str) -> dict:
     if tokenizer is None:
         return {}
     try:
-        return {field: quality.perplexity(loaded, tokenizer)}
+        return {field: quality.perplexity(loaded, tokenizer, max_tokens=settings.PERPLEXITY_MAX_TOKENS)}
     except Exception:  # noqa: BLE001 - logged; the model itself is good
         log.exception("model %s: no %s figure; the model is ready without it", model.id, field)
         return {}

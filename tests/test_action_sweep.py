@@ -248,18 +248,24 @@ def test_every_button_in_every_state_works_and_carries_its_csrf_token(part, ever
                     seen.add(identity)
                     targets.append((url, opener, n, identity))
 
+        # One load of each page; its dialogs opened one after another on it (each opener's
+        # answer replaces the dialog), clicked from script: an open dialog covers the rest.
+        tab = open_page(context, base + "/", None)
         for url in urls:
-            page, _ = open_page(context, base + url, None)
+            page, quiet = open_page(context, base + url, None, reuse=tab)
             collect(url, None, page.locator(ACTIONS))
-            openers = page.locator(OPENERS).count()
-            page.close()
-            for opener in range(openers):
-                page, _ = open_page(context, base + url, opener)
+            for opener in range(page.locator(OPENERS).count()):
+                page.evaluate("() => { document.querySelector('#modal').innerHTML = ''; }")  # the last dialog's buttons go
+                sent = quiet.sent
+                page.locator(OPENERS).nth(opener).evaluate("el => el.click()")
+                quiet.wait_for_a_request(sent)
+                quiet.wait()
+                page.wait_for_selector("#modal > *", timeout=10_000)
                 collect(url, opener, page.locator(f"#modal :is({ACTIONS})"))
-                page.close()
         problems, clicked, disabled, refused_by_browser = [], 0, 0, 0
-        tab = open_page(context, base + "/", None)  # one tab for every click, each on a fresh load
+        # The same tab for every click, each on a fresh load.
         for url, opener, n, label in targets:
+            tab[0].goto("about:blank")  # no page of the last click reconnects while its rows are put back
             records.restore(redis_clean)
             context.clear_cookies()
             context.add_cookies([session_cookie(user, base)])

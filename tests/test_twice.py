@@ -42,8 +42,8 @@ def start_twice(user, path: str, body: dict, key: str | None) -> list[int]:
     return sorted(statuses)
 
 
-def test_an_api_request_sent_twice_with_one_key_starts_one_run_and_without_one_two(smollm2_model, dataset, user, redis_clean):
-    path = f"/api/models/{smollm2_model.id}/extract"
+def test_an_api_request_sent_twice_with_one_key_starts_one_run_and_without_one_two(tiny_model, dataset, user, redis_clean):
+    path = f"/api/models/{tiny_model.id}/extract"
     body = {"dataset_id": dataset.id, "layers": [0], "hook_types": ["residual"], "max_samples": 4}
     statuses = start_twice(user, path, body, "double-click-1")
     assert Extraction.objects.count() == 1
@@ -64,8 +64,8 @@ def test_an_api_request_sent_twice_with_one_key_starts_one_run_and_without_one_t
 
 
 @pytest.mark.browser
-def test_a_double_clicked_start_starts_one_run_and_start_stays_off(stack, browser, user, smollm2_model, data_dir):  # noqa: F811
-    page, _dataset = signed_in_extract_dialog(browser, stack, user, smollm2_model, data_dir)
+def test_a_double_clicked_start_starts_one_run_and_start_stays_off(stack, browser, user, tiny_model, data_dir):  # noqa: F811
+    page, _dataset = signed_in_extract_dialog(browser, stack, user, tiny_model, data_dir)
     page.click(".layer-toggle:has-text('L3')")
     page.fill("#id_max_samples", "4")
     page.wait_for_selector(".estimate-storage", timeout=15_000)
@@ -74,14 +74,14 @@ def test_a_double_clicked_start_starts_one_run_and_start_stays_off(stack, browse
     page.wait_for_selector("#start-status .extract-started", timeout=15_000)
     assert page.is_disabled("#start-extraction")
     page.wait_for_timeout(1_000)  # time for a second request, had one gone out
-    assert Extraction.objects.filter(model_id=smollm2_model.id).count() == 1
+    assert Extraction.objects.filter(model_id=tiny_model.id).count() == 1
 
 
 @pytest.mark.browser
-def test_retry_in_one_tab_leaves_one_card_in_every_tab(stack, browser, user, smollm2_model, dataset):  # noqa: F811
+def test_retry_in_one_tab_leaves_one_card_in_every_tab(stack, browser, user, tiny_model, dataset):  # noqa: F811
     from tests.test_action_sweep import session_cookie
 
-    failed = extraction_services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset.id, enqueue=False, user=user,
+    failed = extraction_services.request_extraction(model_id=tiny_model.id, dataset_id=dataset.id, enqueue=False, user=user,
                                                     layers=[0], hook_types=["residual"], max_samples=4, seq_len=8)  # fmt: skip
     Extraction.objects.filter(pk=failed.pk).update(status=ExtractionStatus.FAILED, error_code="worker_died")
     context = browser.new_context()

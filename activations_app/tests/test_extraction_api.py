@@ -62,14 +62,14 @@ def test_uploads_of_each_format_count_rows_and_preview_them(signed_in):
     assert {d["name"] for d in listing} == {name for name, *_ in cases}
 
 
-def test_the_api_starts_an_extraction_that_a_worker_runs_and_reports(signed_in, smollm2_model, data_dir, redis_clean):
+def test_the_api_starts_an_extraction_that_a_worker_runs_and_reports(signed_in, tiny_model, data_dir, redis_clean):
     (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i} of text about bread." for i in range(30)))
     dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
     body = {"dataset_id": dataset.id, "layers": [3], "hook_types": ["attention"], "max_samples": 4, "batch_size": 2, "seq_len": 16}
-    response = signed_in.post(f"/api/models/{smollm2_model.id}/extract", body, content_type="application/json")
+    response = signed_in.post(f"/api/models/{tiny_model.id}/extract", body, content_type="application/json")
     assert response.status_code == 202, response.content
     created = response.json()
-    assert signed_in.delete(f"/api/models/{smollm2_model.id}").status_code == 409  # an extraction of it is queued
+    assert signed_in.delete(f"/api/models/{tiny_model.id}").status_code == 409  # an extraction of it is queued
     assert signed_in.delete(f"/api/datasets/{dataset.id}").status_code == 409
     worker = start_worker()
     assert worker.wait(timeout=180) == 0, worker.stdout.read()

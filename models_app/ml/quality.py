@@ -10,13 +10,17 @@ REFERENCE_TEXT = Path(__file__).with_name("data") / "perplexity_text.txt"
 WINDOW_TOKENS = 512
 
 
-def perplexity(model, tokenizer, text: str | None = None, window: int = WINDOW_TOKENS) -> float:
+def perplexity(model, tokenizer, text: str | None = None, window: int = WINDOW_TOKENS, max_tokens: int | None = None) -> float:
     """exp(mean negative log-likelihood) over every token after the first of each window,
-    in non-overlapping windows (each scored with no context from the previous one)."""
+    in non-overlapping windows (each scored with no context from the previous one); over
+    the text's first `max_tokens` tokens when given (MISTUDIO_PERPLEXITY_TOKENS: the test
+    suite scores one window, a fifth of the work; every figure of one run uses the same)."""
     import torch
 
     text = REFERENCE_TEXT.read_text() if text is None else text
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if max_tokens:
+        ids = ids[:max_tokens]
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     model.eval()
