@@ -70,6 +70,7 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
         model, model_row.architecture, tokens, spec, extraction.final_dir, metadata, on_progress,
         on_saving=lambda: job.phase(ExtractionStatus.SAVING), targets=targets,
         fingerprint=_fingerprint(extraction, tokenizer), checkpoint_seconds=settings.EXTRACTION_CHECKPOINT_SECONDS,
+        on_notice=lambda text: job.write(notice=text),
     )  # fmt: skip
     job.write(
         status=ExtractionStatus.COMPLETED, progress=100.0, output_path=str(result.output_dir),

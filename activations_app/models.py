@@ -131,7 +131,7 @@ class Dataset(TransferRow):
             "repo_id": self.repo_id or None, "split": self.split or None, "revision": self.revision or None,
             "config": self.config or None, "storage": self.storage, "files": self.files,
             "progress": round(self.progress, 2), "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
-            "error_code": self.error_code or None, "error_message": self.error_message or None,
+            "error_code": self.error_code or None, "error_message": self.error_message or None, "notice": self.notice or None,
             "created_at": self.created_at.isoformat() if self.created_at else None,
         }  # fmt: skip
 
@@ -310,7 +310,7 @@ class Extraction(TrackedRow):
             "progress": round(self.progress, 2), "samples_processed": self.samples_done,
             "samples_total": self.samples_total, "samples_per_second": round(self.samples_per_second, 3),
             "eta_seconds": self.eta_seconds, "output_path": self.output_path or None, "statistics": self.statistics,
-            "error_code": self.error_code or None, "error_message": self.error_message or None,
+            "error_code": self.error_code or None, "error_message": self.error_message or None, "notice": self.notice or None,
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "exports": self.exports, "resumable_from": self.resumable_rows or None,
         }  # fmt: skip

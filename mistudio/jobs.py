@@ -54,6 +54,9 @@ class TrackedRow(models.Model):
     eta_seconds = models.FloatField(null=True, blank=True)
     error_code = models.CharField(max_length=40, blank=True)
     error_message = models.TextField(blank=True)
+    # What the card says about how this run came about, besides its status: resumed by
+    # itself after its worker stopped, or started over because its checkpoint was not trusted.
+    notice = models.CharField(max_length=300, blank=True)
     job_id = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -336,7 +339,7 @@ def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None, 
     row.before_retry(resume)
     with transaction.atomic():
         updated = row_class.objects.filter(pk=pk, status__in=(row_class.FAILED, row_class.CANCELLED)).update(
-            status=row_class.QUEUED, progress=0.0, error_code="", error_message="", updated_at=timezone.now(),
+            status=row_class.QUEUED, progress=0.0, error_code="", error_message="", notice="", updated_at=timezone.now(),
             **row_class.IDLE_FIELDS, **row.retry_fields(token),
         )  # fmt: skip
         if not updated:

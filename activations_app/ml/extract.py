@@ -25,7 +25,7 @@ from mistudio.errors import JobError, resumable
 from mistudio.staging import promote, staged_path
 
 from .hooks import HookTargets, StopForward, capture_activations, hook_targets
-from .stats import RunningStats
+from .stats import NORM_BIN_EDGES, RunningStats
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 TOKENIZATIONS = {"packed": "packed (EOS-joined windows)", "truncate": "truncate (one row per document, padded)"}
@@ -277,6 +277,7 @@ class ActivationWriter:
         self.row_bytes: dict[str, int] = {}
         self.resumed_rows = 0
         self.resumed_stats: dict | None = None
+        self.restart_reason = ""  # why a checkpoint found here was not gone on from
         try:
             if not self._reopen(shapes, dtypes):
                 self._create(shapes, dtypes)
@@ -306,28 +307,44 @@ class ActivationWriter:
     def _reopen(self, shapes, dtypes) -> bool:
         """Go on from a checkpoint of the same request over the same tokens, when there is
         one (the data changed under the same request: start over)."""
-        checkpoint = read_checkpoint(self.tmp_dir, with_stats=True) if self.fingerprint else None
-        if checkpoint is None or checkpoint["fingerprint"] != self.fingerprint:
+        if not self.fingerprint or not (self.tmp_dir / CHECKPOINT).exists():
             return False
+        checkpoint = read_checkpoint(self.tmp_dir, with_stats=True)
+        if checkpoint is None:
+            return self._refuse("it cannot be read")
+        if checkpoint["fingerprint"] != self.fingerprint:
+            return self._refuse("it belongs to another request, model or dataset file")
         for stem, shape in shapes.items():
             path = self.tmp_dir / f"{stem}.npy"
             try:
                 array = np.load(path, mmap_mode="r")
+                size = path.stat().st_size
             except (OSError, ValueError):
-                self._close()
-                return False
-            same = array.shape == tuple(shape) and array.dtype == dtypes[stem]
+                return self._refuse(f"{stem}.npy cannot be read")
+            expected = array.offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtypes[stem]).itemsize
+            same = array.shape == tuple(shape) and array.dtype == dtypes[stem] and size == expected
             if same and stem == "tokens" and self.tokens is not None:
                 same = np.array_equal(array, self.tokens)
             offset = array.offset
             del array
             if not same:
-                self._close()
-                return False
+                return self._refuse(f"{stem}.npy does not match the request" + (" (its tokens differ)" if stem == "tokens" else ""))
             self._open(stem, path, offset, shape, dtypes[stem])
         self.resumed_stats = checkpoint["stats"]
         self.resumed_rows = checkpoint["rows"]
         return True
+
+    def _refuse(self, reason: str) -> bool:
+        self._close()
+        self.restart_reason = reason
+        return False
+
+    def start_over(self, shapes, dtypes, reason: str) -> None:
+        """A checkpoint that reopened but does not hold what its rows must (see
+        checkpoint_problem): its files go and the run starts from row 0."""
+        self._close()
+        self.resumed_rows, self.resumed_stats, self.restart_reason = 0, None, reason
+        self._create(shapes, dtypes)
 
     def write(self, stem: str, start: int, values: np.ndarray) -> None:
         """Rows `values` at row `start`. Written directly (O_DIRECT) where offset, length and
@@ -393,6 +410,39 @@ class ActivationWriter:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
+def checkpoint_problem(rows: int, n: int, saved: dict | None, stems: list[str], hidden: int, tokens_counted: int) -> str:
+    """Why a checkpoint's row count and statistics cannot be what a run of `n` rows wrote
+    over its first `rows` ("" when they can): rows within the request, every file's
+    statistics complete, counting exactly the tokens those rows hold (`tokens_counted`),
+    their parts adding up and their arrays the model's width. A checkpoint that fails is not
+    gone on from: trusting it gave rows of zeros and statistics over rows never written."""
+    if not 0 < rows <= n:
+        return f"it names {rows:,} rows of a run of {n:,}"
+    states = stats_from_checkpoint(saved or {}, stems)
+    for stem in stems:
+        state = states[stem]
+        missing = [name for name in RunningStats.STATE if name not in state]
+        if missing:
+            return f"its statistics of {stem} lack {', '.join(missing)}"
+        try:
+            counts = {name: int(np.asarray(state[name]).item()) for name in ("tokens", "elements", "finite", "dim_count")}
+            sums = [float(np.asarray(state[name]).item()) for name in ("sum", "sum_abs", "sum_sq", "norm_sum")]
+            hist = np.asarray(state["norm_hist"], dtype=np.int64)
+            arrays = [np.asarray(state[name], dtype=np.float64) for name in ("dim_mean", "dim_m2") if state[name] is not None]
+        except (TypeError, ValueError):
+            return f"its statistics of {stem} are not numbers"
+        if counts["tokens"] != tokens_counted:
+            return f"its statistics of {stem} count {counts['tokens']:,} tokens where its {rows:,} rows hold {tokens_counted:,}"
+        whole = (counts["elements"] == counts["tokens"] * hidden and 0 <= counts["finite"] <= counts["elements"]
+                 and 0 <= counts["dim_count"] <= counts["tokens"] and hist.shape == (len(NORM_BIN_EDGES) + 1,)
+                 and (hist >= 0).all() and int(hist.sum()) == counts["dim_count"] and all(np.isfinite(sums)))  # fmt: skip
+        if whole and counts["dim_count"]:
+            whole = len(arrays) == 2 and all(a.shape == (hidden,) and np.isfinite(a).all() for a in arrays)
+        if not whole:
+            return f"its statistics of {stem} do not add up"
+    return ""
+
+
 def stats_from_checkpoint(saved: dict[str, np.ndarray], stems: list[str]) -> dict[str, dict]:
     states: dict[str, dict] = {stem: {} for stem in stems}
     for key, value in saved.items():
@@ -440,6 +490,7 @@ def run_extraction(
     fingerprint: str = "",
     checkpoint_seconds: float = 30.0,
     overlap_statistics: bool | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> ExtractionResult:
     """Forward every batch once, capturing the requested hooks, writing and summarizing as
     it goes. A CUDA out-of-memory halves the batch and retries the same rows. `targets`,
@@ -448,7 +499,8 @@ def run_extraction(
     With a `fingerprint` (the request, model and data it names), the run is resumable: every
     `checkpoint_seconds` the rows so far are made durable with the statistics over them,
     and a run with the same fingerprint over a folder left by a stopped one goes on from
-    its last checkpoint. On the CPU the finished files are byte-identical to an
+    its last checkpoint, once the checkpoint is found to hold what its rows must (else the
+    run starts over and `on_notice` is told why). On the CPU the finished files are byte-identical to an
     uninterrupted run (the same batches, in the same order). Files that the run stopped
     with are kept for that; any other failure removes them. `overlap_statistics` chooses
     where the statistics run (see below; the default follows the device)."""
@@ -468,13 +520,25 @@ def run_extraction(
     if tokens.mask is not None:
         shapes["attention_mask"], dtypes["attention_mask"] = (n, seq_len), np.dtype(bool)
     writer = ActivationWriter(final_dir, shapes, dtypes, fingerprint, tokens=tokens.ids)
+    counted = tokens.statistics_mask()
     start = writer.resumed_rows
+    if start:
+        problem = checkpoint_problem(start, n, writer.resumed_stats, stems, hidden,
+                                     start * seq_len if counted is None else int(counted[:start].sum()))  # fmt: skip
+        if problem:
+            try:
+                writer.start_over(shapes, dtypes, problem)
+            except BaseException:
+                writer.discard()
+                raise
+            start = 0
+    if writer.restart_reason and on_notice:
+        on_notice(f"Started over: its checkpoint was not trusted ({writer.restart_reason}).")
     if start:
         states = stats_from_checkpoint(writer.resumed_stats or {}, stems)
         stats = {stem: RunningStats.from_state(states[stem]) for stem in stems}
     else:
         stats = {stem: RunningStats(spec.sparsity_threshold) for stem in stems}
-    counted = tokens.statistics_mask()
     device = next(model.parameters()).device
     torch_storage = torch.float16 if spec.dtype == "float16" else torch.float32
     started = time.perf_counter()

@@ -1,0 +1,98 @@
+"""A checkpoint is validated before it is trusted (issue 17, item 8): a stopped run's
+checkpoint whose row count, statistics or files do not match what its rows must hold is
+not gone on from; the run starts over, says why on its row, and ends with the same files
+as an uninterrupted run."""
+
+import threading
+
+import numpy as np
+import pytest
+from django.db import connection
+
+from activations_app import jobs, services
+from activations_app.models import Extraction, ExtractionStatus
+from activations_app.tests.test_resume import long_dataset, output_files  # noqa: F401 - fixture
+from mistudio.staging import staged_path
+from models_app.tests.support import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+REQUEST = dict(layers=[1, 3], hook_types=["residual", "mlp"], max_samples=480, batch_size=8, seq_len=48)
+
+
+def stopped_part_way(model_id, dataset_id):
+    """A real run of the tiny model, stopped (keep for Resume) once its checkpoint holds rows."""
+    extraction = services.request_extraction(model_id=model_id, dataset_id=dataset_id, enqueue=False, **REQUEST)
+
+    def run():
+        try:
+            jobs.run_extraction_job(extraction.id)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: Extraction.objects.get(pk=extraction.id).resumable_rows >= 16, timeout=120, message="a checkpoint")
+    services.cancel_extraction(extraction.id, None, keep=True)
+    thread.join(timeout=60)
+    stopped = Extraction.objects.get(pk=extraction.id)
+    assert stopped.status == ExtractionStatus.CANCELLED and stopped.resumable_rows >= 16
+    return stopped
+
+
+def tamper(extraction, change) -> None:
+    path = staged_path(extraction.final_dir) / "checkpoint.npz"
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    change(arrays)
+    with path.open("wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def first_stats_key(arrays, name):
+    return next(key for key in arrays if key.endswith("/" + name))
+
+
+TAMPERINGS = {
+    "rows 10^9": (lambda a: a.update(__rows__=np.int64(10**9)), "names 1,000,000,000 rows"),
+    "rows -5": (lambda a: a.update(__rows__=np.int64(-5)), "names -5 rows"),
+    "token count": (lambda a: a.update({first_stats_key(a, "tokens"): np.int64(3)}), "count 3 tokens"),
+    "garbage statistics": (lambda a: a.update({first_stats_key(a, "dim_mean"): np.array(["garbage"])}), "statistics of"),
+    "statistics missing": (lambda a: a.pop(first_stats_key(a, "norm_hist")), "lack norm_hist"),
+}
+
+
+def test_a_genuine_checkpoint_is_gone_on_from_and_a_tampered_one_is_not(tiny_model, long_dataset, settings, signed_in, redis_clean):  # noqa: F811
+    settings.EXTRACTION_CHECKPOINT_SECONDS = 0.0
+    clean = output_files(run_to_end(tiny_model.id, long_dataset["id"]))
+    stopped = stopped_part_way(tiny_model.id, long_dataset["id"])
+    kept = stopped.resumable_rows
+    # Untouched: resumed from its rows, no word of a restart, the same files as the clean run.
+    resumed = resume_inline(stopped)
+    assert resumed.status == ExtractionStatus.COMPLETED and resumed.notice == "", resumed.notice
+    assert resumed.samples_done == REQUEST["max_samples"] and kept > 0
+    assert output_files(resumed.final_dir) == clean
+    for name, (change, reason) in TAMPERINGS.items():
+        stopped = stopped_part_way(tiny_model.id, long_dataset["id"])
+        tamper(stopped, change)
+        finished = resume_inline(stopped)
+        assert finished.status == ExtractionStatus.COMPLETED, (name, finished.error_message)
+        assert finished.notice.startswith("Started over: its checkpoint was not trusted"), (name, finished.notice)
+        assert reason in finished.notice, (name, finished.notice)
+        assert output_files(finished.final_dir) == clean, name  # no row of zeros, no wrong statistics
+        page = signed_in.get(f"/extractions/{finished.id}").content.decode()
+        assert "Started over" in page, name
+
+
+def run_to_end(model_id, dataset_id):
+    done = services.request_extraction(model_id=model_id, dataset_id=dataset_id, enqueue=False, **REQUEST)
+    jobs.run_extraction_job(done.id)
+    return Extraction.objects.get(pk=done.id).final_dir
+
+
+def resume_inline(extraction):
+    from mistudio import jobs as tracked
+
+    tracked.resume(Extraction, extraction.id, None, enqueue=False)
+    jobs.run_extraction_job(extraction.id)
+    return Extraction.objects.get(pk=extraction.id)
