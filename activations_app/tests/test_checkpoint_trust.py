@@ -17,7 +17,7 @@ from models_app.tests.support import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-REQUEST = dict(layers=[1, 3], hook_types=["residual", "mlp"], max_samples=480, batch_size=8, seq_len=48)
+REQUEST = dict(layers=[1, 3], hook_types=["residual", "mlp"], max_samples=400, batch_size=8, seq_len=48)
 
 
 def stopped_part_way(model_id, dataset_id):
@@ -63,25 +63,33 @@ TAMPERINGS = {
 
 
 def test_a_genuine_checkpoint_is_gone_on_from_and_a_tampered_one_is_not(tiny_model, long_dataset, settings, signed_in, redis_clean):  # noqa: F811
+    import shutil
+
     settings.EXTRACTION_CHECKPOINT_SECONDS = 0.0
     clean = output_files(run_to_end(tiny_model.id, long_dataset["id"]))
     stopped = stopped_part_way(tiny_model.id, long_dataset["id"])
-    kept = stopped.resumable_rows
+    staged, kept = staged_path(stopped.final_dir), stopped.resumable_rows
+    pristine = staged.with_name("pristine-checkpoint")
+    shutil.copytree(staged, pristine)
     # Untouched: resumed from its rows, no word of a restart, the same files as the clean run.
     resumed = resume_inline(stopped)
     assert resumed.status == ExtractionStatus.COMPLETED and resumed.notice == "", resumed.notice
     assert resumed.samples_done == REQUEST["max_samples"] and kept > 0
     assert output_files(resumed.final_dir) == clean
     for name, (change, reason) in TAMPERINGS.items():
-        stopped = stopped_part_way(tiny_model.id, long_dataset["id"])
+        # The same stopped run again, its checkpoint changed.
+        shutil.rmtree(stopped.final_dir, ignore_errors=True)
+        shutil.copytree(pristine, staged)
+        Extraction.objects.filter(pk=stopped.pk).update(status=ExtractionStatus.CANCELLED, error_code="stopped_kept", notice="")
         tamper(stopped, change)
         finished = resume_inline(stopped)
         assert finished.status == ExtractionStatus.COMPLETED, (name, finished.error_message)
         assert finished.notice.startswith("Started over: its checkpoint was not trusted"), (name, finished.notice)
         assert reason in finished.notice, (name, finished.notice)
         assert output_files(finished.final_dir) == clean, name  # no row of zeros, no wrong statistics
-        page = signed_in.get(f"/extractions/{finished.id}").content.decode()
-        assert "Started over" in page, name
+        assert "Started over" in signed_in.get(f"/extractions/{finished.id}").content.decode(), name
+        assert signed_in.get(f"/api/extractions/{finished.id}").json()["notice"] == finished.notice
+    shutil.rmtree(pristine)
 
 
 def run_to_end(model_id, dataset_id):
