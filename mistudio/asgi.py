@@ -12,7 +12,7 @@ from django.apps import apps  # noqa: E402
 from django.urls import re_path  # noqa: E402
 from django.utils.module_loading import module_has_submodule  # noqa: E402
 
-from mistudio.consumers import NoSuchSocket  # noqa: E402
+from mistudio.consumers import ChannelLayerGuard, NoSuchSocket  # noqa: E402
 from mistudio.ws_auth import WebsocketAuth  # noqa: E402
 
 
@@ -29,6 +29,6 @@ def websocket_urlpatterns() -> list:
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": WebsocketAuth(URLRouter([*websocket_urlpatterns(), re_path(r"", NoSuchSocket.as_asgi())])),
+        "websocket": ChannelLayerGuard(WebsocketAuth(URLRouter([*websocket_urlpatterns(), re_path(r"", NoSuchSocket.as_asgi())]))),
     }
 )

@@ -2,12 +2,16 @@
 ws_auth), the current state sent on every (re)connect, then whatever the jobs publish."""
 
 import json
+import logging
 import re
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from .progress import session_group
 
+log = logging.getLogger(__name__)
+
+CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455: the server is overloaded or a service it needs is down; htmx's ws reconnects
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
 # Every record id the server generates: a short prefix and hex (m_…, ds_…, ext_…).
@@ -112,3 +116,37 @@ class RowEventsConsumer(SignedInConsumer):
 
     async def json_event(self, message):
         await self.send(text_data=json.dumps(message["event"]))
+
+
+class ChannelLayerGuard:
+    """ASGI middleware for sockets: when the channel layer (Redis) cannot be reached, a
+    socket gets a close code (1013, try again later) instead of the HTTP 500 that an
+    exception in the handshake gives. A consumer subscribes its channel before it connects,
+    so an outage fails there; the page's htmx ws reconnects with backoff on 1013, and the
+    first connect after the outage sends the current state again."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        from redis.exceptions import RedisError
+
+        state = {"accepted": False, "closed": False}
+
+        async def tracked_send(message):
+            if message["type"] == "websocket.accept":
+                state["accepted"] = True
+            elif message["type"] == "websocket.close":
+                state["closed"] = True
+            await send(message)
+
+        try:
+            return await self.inner(scope, receive, tracked_send)
+        except (RedisError, OSError) as exc:
+            log.warning("socket %s: the channel layer is unreachable (%s); closed with %d", scope.get("path"),
+                        type(exc).__name__, CLOSE_TRY_AGAIN_LATER)  # fmt: skip
+            if state["closed"]:
+                return None
+            if not state["accepted"]:  # a close before the accept would be a 403 to the handshake
+                await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN_LATER})

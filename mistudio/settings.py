@@ -240,6 +240,8 @@ EXTRACTION_MAX_SAMPLES = env_int("MISTUDIO_MAX_SAMPLES", 1_000_000)
 EXTRACTION_CHECKPOINT_SECONDS = float(env_str("MISTUDIO_CHECKPOINT_SECONDS", "30"))
 # Free space a download must leave on the data dir's filesystem.
 DISK_RESERVE_BYTES = env_int("MISTUDIO_DISK_RESERVE_BYTES", 1 << 30)
+# How often a worker running a job beats its heartbeat (and checks on the job), in seconds.
+JOB_MONITORING_SECONDS = env_int("MISTUDIO_JOB_MONITORING_SECONDS", 15)
 # The perplexity figure over the reference text's first N tokens (0: all of it, ~2,300).
 PERPLEXITY_MAX_TOKENS = env_int("MISTUDIO_PERPLEXITY_TOKENS", 0) or None
 

@@ -21,8 +21,10 @@ for name, value in {
     # the same comparisons (Q4 above FP32, Q8 near it) at a fifth of the forward passes.
     "MISTUDIO_PERPLEXITY_TOKENS": "512",
 }.items():
-    if WORKER and name in ("REDIS_URL", "MISTUDIO_CHANNEL_PREFIX"):
-        os.environ[name] = value  # a shared one would let the workers flush each other's queues
+    if WORKER and name in ("REDIS_URL", "MISTUDIO_CHANNEL_PREFIX") and not os.environ.get("MISTUDIO_TEST_OWN_REDIS"):
+        # A shared one would let the workers flush each other's queues. A subprocess that a test
+        # points at a Redis of its own (MISTUDIO_TEST_OWN_REDIS, the outage test) keeps it.
+        os.environ[name] = value
     os.environ.setdefault(name, value)
 os.environ.setdefault("MISTUDIO_DATA_DIR", tempfile.mkdtemp(prefix="mistudio-test-"))
 

@@ -11,9 +11,12 @@ import os
 import signal
 import time
 
+from django.conf import settings
 from django.db import connections
 from django.utils.module_loading import autodiscover_modules
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.exceptions import AbandonedJobError
 from rq.queue import Queue
 from rq.worker import Worker
@@ -54,7 +57,7 @@ def die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 # A dead worker's job is found once its heartbeat lapses (job_monitoring_interval + 60 s)
 # by the registry check, which every live worker runs this often: together, under 2 minutes.
-JOB_MONITORING_SECONDS = 15
+JOB_MONITORING_SECONDS = 15  # MISTUDIO_JOB_MONITORING_SECONDS may shorten it (the outage test does)
 MAINTENANCE_SECONDS = 30
 # An idle worker heartbeats every WORKER_TTL - 15 s (RQ's dequeue timeout), a busy one every
 # JOB_MONITORING_SECONDS; its capacity record lapses after three missed beats.
@@ -76,13 +79,27 @@ class MistudioWorker(Worker):
             queues.insert(0, type(first)(own, connection=connection) if isinstance(first, Queue) else own)
         super().__init__(queues, *args, **kwargs)
         self.push_exc_handler(abandoned_job_handler)
-        self.job_monitoring_interval = min(self.job_monitoring_interval, JOB_MONITORING_SECONDS)
+        self.job_monitoring_interval = min(self.job_monitoring_interval, settings.JOB_MONITORING_SECONDS or JOB_MONITORING_SECONDS)
         self.maintenance_interval = min(self.maintenance_interval, MAINTENANCE_SECONDS)
         self._idle_capacity: capacity.Capacity | None = None
 
     def heartbeat(self, timeout=None, pipeline=None):
         super().heartbeat(timeout, pipeline)
         self.report_capacity()
+
+    def maintain_heartbeats(self, job, execution):
+        """While a job runs, a lost Redis must not end the worker: RQ's own monitor lets the
+        heartbeat's ConnectionError out, and the worker process exited ~12 s into an outage,
+        taking the running job with it. The job needs no Redis to go on (its row and progress
+        are in PostgreSQL; a progress event that cannot be published is dropped), so the
+        beat is skipped and tried again at the next interval. Once Redis is back, the beats
+        resume; an outage longer than the job's heartbeat TTL (JOB_MONITORING_SECONDS + 60 s)
+        lets another worker's maintenance find the job abandoned, as for a dead worker."""
+        try:
+            super().maintain_heartbeats(job, execution)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self.log.warning("Worker %s: Redis unreachable (%s); job %s goes on, heartbeat skipped", self.name,
+                             type(exc).__name__, job.id)  # fmt: skip
 
     def report_capacity(self) -> None:
         """While a job runs, its own memory is in use: the budget reported is the one measured
