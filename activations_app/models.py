@@ -132,6 +132,7 @@ class Dataset(TransferRow):
             "config": self.config or None, "storage": self.storage, "files": self.files,
             "progress": round(self.progress, 2), "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
             "error_code": self.error_code or None, "error_message": self.error_message or None, "notice": self.notice or None,
+            "attempt": self.attempt,
             "created_at": self.created_at.isoformat() if self.created_at else None,
         }  # fmt: skip
 
@@ -311,6 +312,7 @@ class Extraction(TrackedRow):
             "samples_total": self.samples_total, "samples_per_second": round(self.samples_per_second, 3),
             "eta_seconds": self.eta_seconds, "output_path": self.output_path or None, "statistics": self.statistics,
             "error_code": self.error_code or None, "error_message": self.error_message or None, "notice": self.notice or None,
+            "attempt": self.attempt,
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "exports": self.exports, "resumable_from": self.resumable_rows or None,
         }  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,9 @@ class TrackedRow(models.Model):
     # What the card says about how this run came about, besides its status: resumed by
     # itself after its worker stopped, or started over because its checkpoint was not trusted.
     notice = models.CharField(max_length=300, blank=True)
+    # Which run of the row this is: 1, then one more each time it resumes by itself after its
+    # worker stopped or its time ran out (at most settings.JOB_ATTEMPTS); a retry starts at 1.
+    attempt = models.PositiveSmallIntegerField(default=1)
     job_id = models.CharField(max_length=64, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -339,7 +343,7 @@ def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None, 
     row.before_retry(resume)
     with transaction.atomic():
         updated = row_class.objects.filter(pk=pk, status__in=(row_class.FAILED, row_class.CANCELLED)).update(
-            status=row_class.QUEUED, progress=0.0, error_code="", error_message="", notice="", updated_at=timezone.now(),
+            status=row_class.QUEUED, progress=0.0, error_code="", error_message="", notice="", attempt=1, updated_at=timezone.now(),
             **row_class.IDLE_FIELDS, **row.retry_fields(token),
         )  # fmt: skip
         if not updated:
@@ -461,15 +465,38 @@ class TrackedJob:
         self._writer.flush(raise_error)
 
 
+DATABASE_WAITS = (1, 2, 4, 8, 15, 15, 15)  # seconds: a job waits a minute for the database before it gives up
+
+
+def _read_queued_row(row_class: type[TrackedRow], pk: str):
+    """The job's row, waiting with backoff while the database refuses connections (its
+    connection limit reached, a restart): a job forked in that minute used to fail before
+    any error handling, leaving its row queued with no job. One that still cannot connect
+    raises; the row stays queued and the workers' maintenance queues it again (reap_stranded)."""
+    from django.db import InterfaceError, OperationalError, connections
+
+    for wait in DATABASE_WAITS:
+        try:
+            return row_class.rows().filter(pk=pk).first()
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("%s %s: the database refused the job (%s); trying again in %d s", row_class.KIND, pk,
+                        type(exc).__name__, wait)  # fmt: skip
+            connections.close_all()
+            time.sleep(wait)
+    return row_class.rows().filter(pk=pk).first()
+
+
 def run_tracked(row_class: type[TrackedRow], pk: str, work: Callable[[TrackedRow, TrackedJob], None],
                 listener: Listener | None = None):  # fmt: skip
     """Run `work(row, job)` for a queued row, and record how it ended: cancelled → files
     removed; failed (down to a Ctrl-C in a --sync command or a job timeout) → the row in
     error with its reason, files removed, the exception re-raised so RQ records it too."""
-    row = row_class.rows().filter(pk=pk).first()
+    row = _read_queued_row(row_class, pk)
     if row is None or row.status != row_class.QUEUED:
         log.info("%s %s is gone or no longer queued; nothing to do", row_class.KIND, pk)
         return None
+    if row.attempt > 1:
+        time.sleep(backoff_seconds(row.attempt))
     job = TrackedJob(row, listener)
     try:
         try:
@@ -484,7 +511,8 @@ def run_tracked(row_class: type[TrackedRow], pk: str, work: Callable[[TrackedRow
     except BaseException as exc:
         if not isinstance(exc, (JobError, JobTimeoutException, KeyboardInterrupt, SystemExit)):
             log.exception("%s %s failed unexpectedly", row_class.KIND, pk)
-        fail(row_class, pk, error_for(exc, row_class))
+        if not (isinstance(exc, JobTimeoutException) and resume_by_itself(row_class, pk, "its time ran out")):
+            fail(row_class, pk, error_for(exc, row_class))
         raise
     row = row_class.rows().get(pk=pk)
     if listener:
@@ -494,8 +522,65 @@ def run_tracked(row_class: type[TrackedRow], pk: str, work: Callable[[TrackedRow
 
 def mark_worker_died(job_id: str, reason: str) -> None:
     """The worker process running a job died (killed, out of memory, a reboot): whatever
-    kind of row it was running must not stay running."""
+    kind of row it was running must not stay running. It resumes by itself while it has
+    attempts left (resume_by_itself); else it fails, keeping what a retry goes on from."""
     error = JobError("worker_died", f"The worker process stopped unexpectedly ({reason}); retry.")
     for row_class in _KINDS:
         for pk in row_class.objects.filter(job_id=job_id, status__in=row_class.RUNNING).values_list("pk", flat=True):
-            fail(row_class, pk, error)
+            if not resume_by_itself(row_class, pk, "its worker stopped"):
+                fail(row_class, pk, error)
+
+
+def resume_by_itself(row_class: type[TrackedRow], pk: str, why: str) -> bool:
+    """A run stopped by something that was not its own fault (its worker died, its time ran
+    out, its job was lost before it started) is queued again by itself, going on from what
+    it kept (a download's partial bytes, an extraction's checkpoint, checked before it is
+    trusted), while it has attempts left (settings.JOB_ATTEMPTS, counting the first run) and
+    its inputs still exist. Its card says so. False: the caller fails it as before."""
+    row = row_class.rows().filter(pk=pk).first()
+    if row is None or row.attempt >= settings.JOB_ATTEMPTS or row.missing_inputs():
+        return False
+    attempt = row.attempt + 1
+    notice = f"Resumed automatically after {why} (attempt {attempt} of {settings.JOB_ATTEMPTS})."
+    with transaction.atomic():
+        updated = row_class.objects.filter(pk=pk, status__in=row_class.RUNNING).update(
+            status=row_class.QUEUED, progress=0.0, attempt=attempt, notice=notice, updated_at=timezone.now(),
+            **row_class.IDLE_FIELDS,
+        )  # fmt: skip
+        if not updated:  # it ended (or was cancelled) meanwhile
+            return False
+        row = row_class.rows().get(pk=pk)
+        row.remove_job_files(keep_resumable=True)
+        enqueue_after_commit(row, row.job_function, new=False)
+    log.warning("%s %s: %s; resumed by itself (attempt %d of %d)", row_class.KIND, pk, why, attempt, settings.JOB_ATTEMPTS)
+    row.publish()
+    return True
+
+
+def backoff_seconds(attempt: int) -> float:
+    """How long a run that resumed by itself waits before it starts: JOB_RETRY_BACKOFF_SECONDS,
+    doubled for every further attempt, at most a minute."""
+    return 0.0 if attempt <= 1 else min(60.0, settings.JOB_RETRY_BACKOFF_SECONDS * 2 ** (attempt - 2))
+
+
+# A queued row whose job is gone for this long is stranded: its job failed before it could
+# reach the database, or Redis lost it. The workers' maintenance (every 30 s) finds it.
+STRANDED_AFTER_SECONDS = 60
+
+
+def reap_stranded() -> int:
+    """Queued rows with no job waiting or running for them (a job that could not reach the
+    database ended before it read its row; a Redis that lost its data): queued again by
+    themselves while they have attempts left, else failed with a reason. How many."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=STRANDED_AFTER_SECONDS)
+    error = JobError("job_lost", "Its job was lost before it started (the worker could not reach the database, "
+                                 "or the queue lost it); retry.")  # fmt: skip
+    reaped = 0
+    for row_class in _KINDS:
+        for pk, job_id in row_class.objects.filter(status=row_class.QUEUED, updated_at__lt=cutoff).values_list("pk", "job_id"):
+            if job_id and queue.job_is_pending(job_id):
+                continue
+            if not resume_by_itself(row_class, pk, "its job was lost before it started"):
+                fail(row_class, pk, error)
+            reaped += 1
+    return reaped

@@ -46,6 +46,18 @@ def enqueue(func: str, row_id: str, job_id: str, queue_name: str = "default") ->
     target.enqueue(func, row_id, job_id=job_id, job_timeout=job_timeout())
 
 
+def job_is_pending(job_id: str) -> bool:
+    """Whether RQ still holds the job as waiting or running (queued, deferred, scheduled or
+    started). A Redis that cannot be reached counts as pending: nothing is reaped blind."""
+    try:
+        job = Job.fetch(job_id, connection=queue().connection)
+        return job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED)
+    except NoSuchJobError:
+        return False
+    except RedisError:
+        return True
+
+
 def stop_rq_job(job_id: str, wait_seconds: float = 15.0) -> None:
     """Stop the job's worker process (not just the row) and wait until it is gone, so no
     file is written after we clean up."""

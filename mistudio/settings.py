@@ -240,6 +240,11 @@ EXTRACTION_MAX_SAMPLES = env_int("MISTUDIO_MAX_SAMPLES", 1_000_000)
 EXTRACTION_CHECKPOINT_SECONDS = float(env_str("MISTUDIO_CHECKPOINT_SECONDS", "30"))
 # Free space a download must leave on the data dir's filesystem.
 DISK_RESERVE_BYTES = env_int("MISTUDIO_DISK_RESERVE_BYTES", 1 << 30)
+# Runs a row gets by itself: after the first, a worker death, a job timeout or a job lost
+# before it started queues it again (going on from what it kept), this many runs in all.
+JOB_ATTEMPTS = max(1, env_int("MISTUDIO_JOB_ATTEMPTS", 3))
+# The wait before such a run starts, doubled for each further attempt (at most a minute).
+JOB_RETRY_BACKOFF_SECONDS = float(env_str("MISTUDIO_JOB_RETRY_BACKOFF", "5"))
 # How often a worker running a job beats its heartbeat (and checks on the job), in seconds.
 JOB_MONITORING_SECONDS = env_int("MISTUDIO_JOB_MONITORING_SECONDS", 15)
 # The perplexity figure over the reference text's first N tokens (0: all of it, ~2,300).

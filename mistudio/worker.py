@@ -12,7 +12,7 @@ import signal
 import time
 
 from django.conf import settings
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.utils.module_loading import autodiscover_modules
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -113,6 +113,19 @@ class MistudioWorker(Worker):
             capacity.publish(self.connection, record, CAPACITY_TTL)
         except RedisError:
             pass  # the next heartbeat tries again; RQ itself reports the lost connection
+
+    def run_maintenance_tasks(self):
+        """RQ's registry clean-up (which finds the jobs of dead workers), then ours: queued
+        rows whose job is gone are queued again or failed (jobs.reap_stranded)."""
+        super().run_maintenance_tasks()
+        try:
+            reaped = jobs.reap_stranded()
+            if reaped:
+                self.log.warning("Worker %s: %d queued row(s) had lost their job; queued again or failed", self.name, reaped)
+        except DatabaseError as exc:
+            self.log.warning("Worker %s: stranded rows not checked (%s)", self.name, type(exc).__name__)
+        finally:
+            connections.close_all()  # the next job forks from this process
 
     def register_death(self, *args, **kwargs):
         try:

@@ -319,6 +319,7 @@ class Model(TransferRow):
             "error_code": self.error_code or None,
             "error_message": self.error_message or None,
             "notice": self.notice or None,
+            "attempt": self.attempt,
             "suggested_format": self.suggested_format or None,
             "file_path": self.file_path or None,
             "quantized_path": self.quantized_path or None,

@@ -83,12 +83,12 @@ def test_the_api_starts_an_extraction_that_a_worker_runs_and_reports(signed_in, 
 
 def long_extraction_running_in_a_worker(model, data_dir):
     """A 200-sample extraction over all 30 layers, queued, with a real worker on it that
-    has written its first samples."""
+    has written its first samples (and resumes nothing by itself: a death is under test)."""
     (data_dir / "imports" / "t.txt").write_text("\n".join(f"Row {i} about the market and the river." for i in range(400)))
     dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
     extraction = services.request_extraction(model_id=model.id, dataset_id=dataset.id, layers=list(range(30)),
                                              hook_types=["residual"], max_samples=200, batch_size=1, seq_len=64)  # fmt: skip
-    worker = start_worker()
+    worker = start_worker(MISTUDIO_JOB_ATTEMPTS="1")
     wait_for(lambda: Extraction.objects.get(pk=extraction.pk).samples_done >= 2, timeout=120, message="extraction start")
     return extraction, dataset, worker
 
@@ -250,7 +250,7 @@ def test_ctrl_c_in_a_sync_extraction_leaves_the_row_failed_not_extracting(smollm
     assert not (data_dir / "activations").exists() or not any((data_dir / "activations").iterdir())
 
 
-def test_a_whole_worker_killed_mid_extraction_is_found_by_rq_maintenance(smollm2_model, data_dir, redis_clean):
+def test_a_whole_worker_killed_mid_extraction_is_found_by_rq_maintenance(smollm2_model, data_dir, redis_clean, settings):
     """SIGKILL to the worker and its work horse together (a container kill): no process is
     left to record anything. RQ's registry maintenance, in any worker, finds the job's
     heartbeat lapsed and our handler ends the row failed and removes its partial folder."""
@@ -261,6 +261,7 @@ def test_a_whole_worker_killed_mid_extraction_is_found_by_rq_maintenance(smollm2
 
     from mistudio.worker import MistudioWorker, abandoned_job_handler
 
+    settings.JOB_ATTEMPTS = 1  # the failure is under test, not the automatic resume
     queue = django_rq.get_queue("default")
     assert abandoned_job_handler in MistudioWorker([queue], connection=queue.connection)._exc_handlers
     extraction, _, worker = long_extraction_running_in_a_worker(smollm2_model, data_dir)

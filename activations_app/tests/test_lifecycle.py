@@ -82,7 +82,8 @@ def test_a_refused_enqueue_fails_an_extraction_row_exactly_as_it_fails_a_model_r
     assert model.encrypted_token is None and dataset.encrypted_token is None
 
 
-def test_a_dead_worker_fails_every_kind_of_row_the_same_way_and_removes_its_files(smollm2_model, text_dataset, data_dir):
+def test_a_dead_worker_fails_every_kind_of_row_the_same_way_and_removes_its_files(smollm2_model, text_dataset, data_dir, settings):
+    settings.JOB_ATTEMPTS = 1  # no automatic resume (test_auto_resume.py has those)
     model = Model.objects.create(name="m", status="downloading", job_id="job-1")
     extraction = Extraction.objects.create(model=smollm2_model, dataset=text_dataset, status="extracting", job_id="job-1",
                                            **ExtractionSpec(layers=[0], hook_types=["mlp"]).request())  # fmt: skip

@@ -97,25 +97,24 @@ def test_prepend_bos_modes_on_packed_windows(smollm2_folder, mode, first_is_bos)
     assert tokens.ids[:, 16 - body :].reshape(-1).tolist() == stream[: 10 * body]
 
 
-def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run(tiny_model, long_dataset, data_dir, signed_in):
+def test_a_worker_killed_part_way_resumes_by_itself_and_ends_byte_identical_to_a_clean_run(tiny_model, long_dataset, data_dir, signed_in):
     # The code path, not the weights, is under test: SmolLM2's family at a tiny size.
     request = dict(layers=[1, 3], hook_types=["residual", "attention"], max_samples=1600, batch_size=8, seq_len=48)
     extraction = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], **request)
-    worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0")
+    worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0", MISTUDIO_JOB_RETRY_BACKOFF="0.5")
     try:
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 400, timeout=180, message="part way")
         subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)  # the work horse, as the OOM killer would
-        wait_for(lambda: Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.FAILED, timeout=60,
-                 message="the row failed")  # fmt: skip
+        # Nobody presses Resume: the worker queues it again by itself, from its checkpoint.
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).attempt == 2, timeout=60, message="resumed by itself")
         stopped = Extraction.objects.get(pk=extraction.id)
-        assert stopped.error_code == "worker_died"
+        assert stopped.notice == "Resumed automatically after its worker stopped (attempt 2 of 3).", stopped.notice
+        assert stopped.status != ExtractionStatus.FAILED and stopped.error_code == ""
         kept = stopped.resumable_rows
         # Durable lags the progress shown by the batch in flight on the background thread.
         assert 24 <= kept < 1600 and kept % 8 == 0, kept
         assert not stopped.final_dir.exists()  # nothing where the finished files go
-
-        response = signed_in.post(f"/api/extractions/{extraction.id}/resume")
-        assert response.status_code == 202, response.content
+        assert "attempt 2 of 3" in signed_in.get(f"/extractions/{extraction.id}").content.decode()
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).status in (ExtractionStatus.COMPLETED, ExtractionStatus.FAILED),
                  timeout=240, message="the resumed run ends")  # fmt: skip
     finally:
@@ -123,6 +122,7 @@ def test_a_worker_killed_part_way_resumes_and_ends_byte_identical_to_a_clean_run
         worker.communicate(timeout=60)
     resumed = Extraction.objects.get(pk=extraction.id)
     assert resumed.status == ExtractionStatus.COMPLETED, resumed.error_message
+    assert resumed.notice.startswith("Resumed automatically") and resumed.attempt == 2  # its checkpoint was trusted
 
     clean = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], enqueue=False, **request)
     jobs.run_extraction_job(clean.id)

@@ -231,7 +231,7 @@ def test_a_worker_killed_mid_download_leaves_the_row_failed_not_running(signed_i
 
     hub.bytes_per_second = 200_000
     created = api_download(signed_in, repo_id="tiny/llama", quantization="FP32")
-    worker = start_worker()
+    worker = start_worker(MISTUDIO_JOB_ATTEMPTS="1")  # no automatic resume: the failure is under test
     try:
         wait_for(lambda: Model.objects.get(pk=created["id"]).bytes_done > 0, timeout=60, message="download start")
         # The work horse is the worker's child process; SIGKILL it as the OOM killer would.
@@ -253,7 +253,7 @@ def test_a_retry_after_the_worker_died_at_half_way_fetches_only_the_rest(signed_
     weights = (tiny_repo_folder / "model.safetensors").stat().st_size
     hub.bytes_per_second = 200_000  # the ~1.4 MB weights take ~7 s
     created = api_download(signed_in, repo_id="tiny/llama", quantization="FP32")
-    worker = start_worker()
+    worker = start_worker(MISTUDIO_JOB_ATTEMPTS="1")  # no automatic resume: the failure is under test
     try:
         wait_for(lambda: Model.objects.get(pk=created["id"]).bytes_done > weights // 2, timeout=60, message="half way")
         subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)
