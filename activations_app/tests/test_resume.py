@@ -99,11 +99,11 @@ def test_prepend_bos_modes_on_packed_windows(smollm2_folder, mode, first_is_bos)
 
 def test_a_worker_killed_part_way_resumes_by_itself_and_ends_byte_identical_to_a_clean_run(tiny_model, long_dataset, data_dir, signed_in):
     # The code path, not the weights, is under test: SmolLM2's family at a tiny size.
-    request = dict(layers=[1, 3], hook_types=["residual", "attention"], max_samples=1600, batch_size=8, seq_len=48)
+    request = dict(layers=[1, 3], hook_types=["residual", "attention"], max_samples=800, batch_size=8, seq_len=48)
     extraction = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], **request)
     worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0", MISTUDIO_JOB_RETRY_BACKOFF="0.5")
     try:
-        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 400, timeout=180, message="part way")
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 200, timeout=180, message="part way")
         subprocess.run(["pkill", "-KILL", "-P", str(worker.pid)], check=True)  # the work horse, as the OOM killer would
         # Nobody presses Resume: the worker queues it again by itself, from its checkpoint.
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).attempt == 2, timeout=60, message="resumed by itself")
@@ -112,7 +112,7 @@ def test_a_worker_killed_part_way_resumes_by_itself_and_ends_byte_identical_to_a
         assert stopped.status != ExtractionStatus.FAILED and stopped.error_code == ""
         kept = stopped.resumable_rows
         # Durable lags the progress shown by the batch in flight on the background thread.
-        assert 24 <= kept < 1600 and kept % 8 == 0, kept
+        assert 24 <= kept < 800 and kept % 8 == 0, kept
         assert not stopped.final_dir.exists()  # nothing where the finished files go
         assert "attempt 2 of 3" in signed_in.get(f"/extractions/{extraction.id}").content.decode()
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).status in (ExtractionStatus.COMPLETED, ExtractionStatus.FAILED),
@@ -137,11 +137,11 @@ def test_a_worker_killed_part_way_resumes_by_itself_and_ends_byte_identical_to_a
 
 
 def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cannot(tiny_model, long_dataset, signed_in):
-    request = dict(layers=[3], hook_types=["residual"], max_samples=1600, batch_size=8, seq_len=48)
+    request = dict(layers=[3], hook_types=["residual"], max_samples=800, batch_size=8, seq_len=48)
     extraction = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], **request)
     worker = start_worker(burst=False, MISTUDIO_CHECKPOINT_SECONDS="0")
     try:
-        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 400, timeout=180, message="part way")
+        wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 200, timeout=180, message="part way")
         response = signed_in.post(f"/api/extractions/{extraction.id}/cancel", {"keep": True}, content_type="application/json")
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
         assert Extraction.objects.get(pk=extraction.id).resumable_rows >= 12  # durable lags by the batch in flight
@@ -150,7 +150,7 @@ def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cann
                  message="the resumed run ends")  # fmt: skip
 
         other = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], **request)
-        wait_for(lambda: Extraction.objects.get(pk=other.id).samples_done >= 400, timeout=180, message="part way")
+        wait_for(lambda: Extraction.objects.get(pk=other.id).samples_done >= 200, timeout=180, message="part way")
         assert signed_in.post(f"/api/extractions/{other.id}/cancel").status_code == 200
         refused = signed_in.post(f"/api/extractions/{other.id}/resume")
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_resumable"
