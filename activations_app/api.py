@@ -8,7 +8,7 @@ from mistudio.errors import ServiceError
 
 from . import services
 from .ml.extract import ExtractionSpec
-from .models import Dataset, Extraction
+from .models import Dataset, Export, Extraction
 
 
 @api_endpoint({"GET", "POST"})
@@ -102,10 +102,26 @@ def extraction_cancel(request, extraction_id):
 
 @api_endpoint({"POST"})
 def extraction_export(request, extraction_id):
-    """`{"format": "saelens"}` → 202; the datasets land in `extraction_{id}/saelens/`."""
+    """`{"format": "saelens"}` → 202 and the export's record (follow it at /api/exports/{id});
+    the datasets land in `extraction_{id}/saelens/`. 409 while one of the same format runs."""
     body = json_body(request) if request.content_type == "application/json" else {}
     fmt = text_field(body, "format") if isinstance(body, dict) else None
-    return JsonResponse(services.export_extraction(extraction_id, request.user, fmt or "saelens"), status=202)
+    return JsonResponse(services.export_extraction(extraction_id, request.user, fmt or "saelens").as_dict(), status=202)
+
+
+@api_endpoint({"GET"})
+def export_detail(request, export_id):
+    return JsonResponse(Export.get_or_404(export_id).as_dict())
+
+
+@api_endpoint({"POST"})
+def export_cancel(request, export_id):
+    return JsonResponse(services.cancel_export(export_id, request.user).as_dict())
+
+
+@api_endpoint({"POST"})
+def export_retry(request, export_id):
+    return JsonResponse(services.retry_export(export_id, request.user).as_dict(), status=202)
 
 
 @api_endpoint({"POST"})

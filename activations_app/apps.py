@@ -8,7 +8,8 @@ class ActivationsAppConfig(AppConfig):
     def ready(self) -> None:
         from mistudio import jobs
 
-        from .models import Dataset, Extraction
+        from .models import Dataset, Export, Extraction
 
         jobs.register(Extraction)  # their rows fail like every kind's when their worker dies
         jobs.register(Dataset)
+        jobs.register(Export)

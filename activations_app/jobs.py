@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from django.conf import settings
 
 from mistudio import capacity
@@ -19,12 +21,12 @@ from models_app.ml import load_saved
 from models_app.services import model_verdict
 
 from .ml import datasets as dataset_files
-from .ml.export import default_out_dir, export_saelens
+from .ml.export import check_free_space, export_bytes, export_saelens
 from .ml.extract import run_extraction, tokenize
 from .ml.hooks import hook_targets
 from .ml.hub_datasets import download_dataset, plan_dataset, stream_summary
 from .ml.stats import warm as warm_statistics
-from .models import Dataset, DatasetStatus, Extraction, ExtractionStatus
+from .models import Dataset, DatasetStatus, Export, ExportStatus, Extraction, ExtractionStatus
 
 
 def _extract(extraction: Extraction, job: TrackedJob) -> None:
@@ -135,14 +137,33 @@ def extraction_job(extraction_id: str) -> None:
     run_extraction_job(extraction_id)
 
 
-def run_export(extraction_id: str, fmt: str = "saelens", out: Path | None = None, on_progress=None) -> list[Path]:
-    """The export itself (a worker's job, or a command run here with a progress bar)."""
-    extraction = Extraction.objects.get(pk=extraction_id)
-    return export_saelens(extraction.final_dir, out or default_out_dir(extraction.final_dir, fmt), on_progress)
+def _export(export: Export, job: TrackedJob) -> None:
+    extraction = export.extraction
+    job.phase(ExportStatus.EXPORTING)
+    check_free_space(export.out_dir, export_bytes(extraction.final_dir), settings.DISK_RESERVE_BYTES)
+
+    def on_progress(done: int, total: int) -> None:
+        job.report(100.0 * done / total, lambda: {"rows_done": done, "rows_total": total}, force=done >= total)
+
+    try:
+        paths = export_saelens(extraction.final_dir, export.out_dir, on_progress, staging=export.staging_dir)
+    except InvalidInput as exc:  # the folder filled up, or became a file, since it was asked for
+        raise JobError(exc.code, exc.message) from None
+    except OSError as exc:  # disk full mid-way, a folder that cannot be written: said, not a traceback
+        raise JobError("export_failed", f"The export could not be written: {exc.strerror or type(exc).__name__}.") from None
+    job.flush()  # the last progress written before the final state, not after it
+    total = sum(len(np.load(extraction.final_dir / "tokens.npy", mmap_mode="r")) for _ in paths)
+    job.write(status=ExportStatus.COMPLETED, progress=100.0, paths=[str(path) for path in paths], rows_done=total,
+              rows_total=total, eta_seconds=None)  # fmt: skip
 
 
-def export_job(extraction_id: str) -> None:
-    run_export(extraction_id)
+def run_export_job(export_id: str, listener: Listener | None = None) -> Export | None:
+    """`listener(export)` sees every state written (the command's progress bar)."""
+    return run_tracked(Export, export_id, _export, listener)
+
+
+def export_job(export_id: str) -> None:
+    run_export_job(export_id)
 
 
 def import_dataset_job(dataset_id: str) -> None:

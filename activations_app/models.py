@@ -246,6 +246,20 @@ class Extraction(TrackedRow):
     def event_group(self) -> str | None:
         return progress.model_group(self.model_id, "extraction") if self.model_id else None
 
+    def delete_blocker(self) -> str | None:
+        if self.export_runs.filter(status__in=(ExportStatus.QUEUED, ExportStatus.EXPORTING)).exists():
+            return f"An export of {self.label} is running; cancel it before deleting the extraction."
+        return None
+
+    @property
+    def export_list(self):
+        """Its exports, newest first, for its page."""
+        return list(self.export_runs.all()[:20])
+
+    @property
+    def export_running(self) -> bool:
+        return any(export.is_running for export in self.export_list)
+
     def detail_html(self, oob: bool = False, action_error: str | None = None) -> str:
         """The detail page's body: card, actions, charts and the numbers table."""
         from .charts import file_histograms, layer_charts
@@ -321,6 +335,102 @@ class Extraction(TrackedRow):
     def exports(self) -> dict:
         """Finished exports by format (a folder exists only once it is whole)."""
         return {fmt: str(self.final_dir / fmt) for fmt in ("saelens",) if (self.final_dir / fmt / "export.json").is_file()}
+
+
+class ExportStatus(models.TextChoices):
+    QUEUED = "queued"
+    EXPORTING = "exporting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def new_export_id() -> str:
+    return f"exp_{secrets.token_hex(6)}"
+
+
+EXPORT_FORMAT_LABELS = {"saelens": "SAELens"}
+
+
+class Export(TrackedRow):
+    """One export of a completed extraction in a trainer's format, a tracked job like every
+    other: queued, exporting with progress, completed, failed or cancelled; one at a time
+    per extraction and format. It writes into a staging folder of its own (named after it,
+    beside the target) and moves it into place whole: its job's only files are that folder,
+    so a cancel, a failure or a dead worker removes nothing else, never the target."""
+
+    KIND = "export"
+    QUEUED, DONE, FAILED, CANCELLED = ExportStatus.QUEUED, ExportStatus.COMPLETED, ExportStatus.FAILED, ExportStatus.CANCELLED
+    RUNNING = (ExportStatus.QUEUED, ExportStatus.EXPORTING)
+    card_template = "activations_app/_export_card.html"
+    html_group = progress.EXTRACTIONS_GROUP
+    job_function = "activations_app.jobs.export_job"
+
+    id = models.CharField(primary_key=True, max_length=16, default=new_export_id, editable=False)
+    extraction = models.ForeignKey(Extraction, on_delete=models.CASCADE, related_name="export_runs")
+    format = models.CharField(max_length=16, default="saelens")
+    out_path = models.CharField(max_length=1000)  # the folder it writes, resolved when it was asked for
+    status = models.CharField(max_length=12, choices=ExportStatus.choices, default=ExportStatus.QUEUED)
+    rows_done = models.BigIntegerField(default=0)
+    rows_total = models.BigIntegerField(default=0)
+    paths = models.JSONField(default=list, blank=True)  # the datasets written, one per layer/hook
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+    @classmethod
+    def rows(cls):
+        return cls.objects.select_related("extraction")
+
+    @property
+    def format_label(self) -> str:
+        return EXPORT_FORMAT_LABELS.get(self.format, self.format)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out_path)
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.out_dir.with_name(f".{self.out_dir.name}.partial-{self.id}")
+
+    def job_paths(self) -> list:
+        return [self.staging_dir]
+
+    def missing_inputs(self) -> list[str]:
+        extraction = self.extraction
+        if extraction.status != ExtractionStatus.COMPLETED or not (extraction.final_dir / "metadata.json").is_file():
+            return ["its extraction's files"]
+        return []
+
+    def live_html(self) -> str:
+        """Its card on its extraction's page, and that page's export list (a new export,
+        a finished one's path)."""
+        return self.extraction.detail_html(oob=True)
+
+    def publish_added(self) -> None:
+        self.publish()
+
+    def event_group(self) -> str | None:
+        return self.extraction.event_group()
+
+    def progress_event(self) -> dict:
+        return {"type": "export_progress", "export_id": self.id, "extraction_id": self.extraction_id, "format": self.format,
+                "status": self.status, "progress": round(self.progress, 2), "rows_done": self.rows_done,
+                "rows_total": self.rows_total, "path": self.out_path if self.is_ready else None,
+                "error": self.error_message or None}  # fmt: skip
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id, "extraction_id": self.extraction_id, "format": self.format, "status": self.status,
+            "progress": round(self.progress, 2), "rows_done": self.rows_done, "rows_total": self.rows_total,
+            "path": self.out_path, "datasets": self.paths, "error_code": self.error_code or None,
+            "error_message": self.error_message or None, "notice": self.notice or None, "attempt": self.attempt,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+        }  # fmt: skip
 
 
 def new_template_id() -> str:

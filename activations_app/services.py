@@ -7,7 +7,6 @@ import errno
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 from django.conf import settings
@@ -16,7 +15,6 @@ from django.db import models, transaction
 from mistudio import jobs
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, NotFound, ServiceError
-from mistudio.queue import enqueue as enqueue_job
 from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
@@ -26,10 +24,10 @@ from models_app.services import get_ready_model, model_placement
 from .forms import ExtractionForm
 from .ml import datasets as dataset_files
 from .ml.export import FORMATS as EXPORT_FORMATS
-from .ml.export import check_out_dir, default_out_dir
+from .ml.export import check_free_space, check_out_dir, default_out_dir, export_bytes
 from .ml.extract import ExtractionSpec, storage_bytes
 from .ml.hub_datasets import plan_dataset
-from .models import Dataset, DatasetStatus, Extraction, ExtractionStatus, ExtractionTemplate
+from .models import Dataset, DatasetStatus, Export, Extraction, ExtractionStatus, ExtractionTemplate
 
 MAX_SPLIT_LENGTH = 100
 
@@ -241,10 +239,13 @@ def resume_extraction(extraction_id: str, user, enqueue: bool = True) -> Extract
     return jobs.resume(Extraction, extraction_id, user, enqueue=enqueue)
 
 
-def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: bool = True, out: Path | None = None) -> dict:
-    """Write a finished extraction in a trainer's format (SAELens: `datasets` per hook) into
-    its own folder, `extraction_{id}/{format}/`: queued for a worker, or (`enqueue=False`)
-    left for the caller to run. Anyone may export: it reads the extraction, writes beside it."""
+def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: bool = True, out: Path | None = None) -> Export:
+    """An export of a finished extraction in a trainer's format (SAELens: `datasets` per
+    hook) into its own `extraction_{id}/{format}/`, or into `out` (a new or empty folder
+    outside it): a tracked job, queued for a worker or (`enqueue=False`) left for the caller
+    to run. Refused before anything is written: a folder that is not new or empty, too little
+    free space, or an export of the same extraction and format still running (409). Anyone
+    may export: it reads the extraction and writes beside it."""
     extraction = Extraction.get_or_404(extraction_id)
     if fmt not in EXPORT_FORMATS:
         raise ServiceError("invalid_input", f"format must be one of {', '.join(EXPORT_FORMATS)}.", details={"field": "format"})
@@ -252,12 +253,38 @@ def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: b
         raise Conflict("not_completed", f"{extraction.label} is {extraction.status}; only a completed extraction can be exported.")
     try:
         target = check_out_dir(extraction.final_dir, out or default_out_dir(extraction.final_dir, fmt), fmt)
+        check_free_space(target, export_bytes(extraction.final_dir), settings.DISK_RESERVE_BYTES)
     except InvalidInput as exc:
         raise ServiceError.from_invalid(exc) from None
+    except JobError as exc:
+        raise ServiceError(exc.code, exc.message) from None
     if enqueue:
         require_queue()
-        enqueue_job("activations_app.jobs.export_job", extraction.id, f"export-{extraction.id}-{fmt}-{uuid.uuid4().hex[:8]}")
-    return {"extraction_id": extraction.id, "format": fmt, "path": str(target), "status": "queued" if enqueue else "running"}
+    with transaction.atomic():
+        Extraction.objects.select_for_update().filter(pk=extraction.pk).first()  # one request at a time decides
+        running = Export.objects.filter(extraction=extraction, format=fmt, status__in=Export.RUNNING).first()
+        if running is not None:
+            raise Conflict("export_running", f"An export of {extraction.label} for {running.format_label} is already "
+                                             f"{running.status} ({running.id}); wait for it, or cancel it first.",
+                           details={"export_id": running.id})  # fmt: skip
+        export = Export.objects.create(extraction=extraction, format=fmt, out_path=str(target), owner=jobs.owner_of(user))
+        if enqueue:
+            jobs.enqueue_after_commit(export, export.job_function)
+    return export
+
+
+def cancel_export(export_id: str, user) -> Export:
+    return jobs.cancel(Export, export_id, user)
+
+
+def retry_export(export_id: str, user) -> Export:
+    """Run a failed or cancelled export again, into the same folder (still new or empty)."""
+    export = Export.get_or_404(export_id)
+    try:
+        check_out_dir(export.extraction.final_dir, export.out_dir, export.format)
+    except InvalidInput as exc:
+        raise ServiceError.from_invalid(exc) from None
+    return jobs.retry(Export, export_id, user)
 
 
 def cancel_extraction(extraction_id: str, user, keep: bool = False) -> Extraction:

@@ -41,4 +41,9 @@ urlpatterns = [
     path("api/extractions/<str:extraction_id>/resume", api.extraction_resume, name="api-extraction-resume"),
     path("api/extractions/<str:extraction_id>/export", api.extraction_export, name="api-extraction-export"),
     path("extractions/<str:extraction_id>/export", views.extraction_export, name="extraction-export"),
+    path("api/exports/<str:export_id>", api.export_detail, name="api-export"),
+    path("api/exports/<str:export_id>/cancel", api.export_cancel, name="api-export-cancel"),
+    path("api/exports/<str:export_id>/retry", api.export_retry, name="api-export-retry"),
+    path("exports/<str:export_id>/cancel", views.export_cancel, name="export-cancel"),
+    path("exports/<str:export_id>/retry", views.export_retry, name="export-retry"),
 ]

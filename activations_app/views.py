@@ -13,7 +13,7 @@ from . import services
 from .charts import HOOK_LABELS
 from .forms import ExtractionForm
 from .ml.hooks import HOOK_TYPES
-from .models import Dataset, Extraction
+from .models import Dataset, Export, Extraction
 
 
 def _datasets_page(request, status: int = 200, **context):
@@ -238,6 +238,22 @@ def extraction_resume(request, extraction_id):
 @require_POST
 def extraction_export(request, extraction_id):
     return _act_on_extraction(request, extraction_id, lambda: services.export_extraction(extraction_id, request.user, "saelens"))
+
+
+def _act_on_export(request, export_id, action):
+    """An export card's buttons, on its extraction's page: done, or refused there."""
+    export = get_object_or_404(Export.rows(), pk=export_id)
+    return _act_on_extraction(request, export.extraction_id, action)
+
+
+@require_POST
+def export_cancel(request, export_id):
+    return _act_on_export(request, export_id, lambda: services.cancel_export(export_id, request.user))
+
+
+@require_POST
+def export_retry(request, export_id):
+    return _act_on_export(request, export_id, lambda: services.retry_export(export_id, request.user))
 
 
 @require_POST

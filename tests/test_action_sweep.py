@@ -59,7 +59,7 @@ def every_state(tiny_model, data_dir, user):
     of SmolLM2 ran); failed and cancelled extractions come twice, one with a checkpoint."""
     from activations_app import jobs as extraction_jobs
     from activations_app import services as extraction_services
-    from activations_app.models import Dataset, Extraction
+    from activations_app.models import Dataset, Export, Extraction
     from models_app.models import Model
 
     Model.objects.filter(pk=tiny_model.pk).update(owner=user)
@@ -68,7 +68,10 @@ def every_state(tiny_model, data_dir, user):
     done = extraction_services.request_extraction(model_id=tiny_model.id, dataset_id=dataset.id, enqueue=False, user=user,
                                                   layers=[0], hook_types=["residual"], max_samples=8, batch_size=8, seq_len=8)  # fmt: skip
     extraction_jobs.run_extraction_job(done.id)
-    rows = {Model: Model.objects.get(pk=tiny_model.pk), Dataset: dataset, Extraction: Extraction.objects.get(pk=done.pk)}
+    export = extraction_services.export_extraction(done.id, user, enqueue=False)
+    extraction_jobs.run_export_job(export.id)
+    rows = {Model: Model.objects.get(pk=tiny_model.pk), Dataset: dataset, Extraction: Extraction.objects.get(pk=done.pk),
+            Export: Export.objects.get(pk=export.pk)}  # fmt: skip
     made = []
     for cls in tracked_classes():
         template = rows[cls]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,7 +100,8 @@ def test_every_format_is_made_reloaded_extracted_and_exported_with_its_own_value
             before = hidden[:, layer]
             parts = np.load(folder / f"layer_{layer}_attention.npy") + np.load(folder / f"layer_{layer}_mlp.npy")
             assert relative_error(before + parts, residual) < 1e-3, f"{fmt} layer {layer}: residual ≠ previous + attention + mlp"
-        exported = {path.name: path for path in extraction_jobs.run_export(extraction.id)}
+        export = extraction_services.export_extraction(extraction.id, None, enqueue=False)
+        exported = {Path(path).name: Path(path) for path in extraction_jobs.run_export_job(export.id).paths}
         name = f"blocks.{last}.hook_attn_out"
         column = datasets.load_from_disk(str(exported[name])).with_format("numpy")
         np.testing.assert_array_equal(column[name], np.load(folder / f"layer_{last}_attention.npy"))

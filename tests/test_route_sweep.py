@@ -287,6 +287,10 @@ def records(smollm2_model, data_dir, user, redis_clean):
     extraction = extraction_services.request_extraction(model_id=smollm2_model.id, dataset_id=dataset.id, enqueue=False,
                                                         layers=[0], hook_types=["residual"], max_samples=4, user=user)  # fmt: skip
     type(extraction).objects.filter(pk=extraction.pk).update(status=ExtractionStatus.FAILED, error_code="worker_died")
+    from activations_app.models import Export
+
+    Export.objects.create(extraction=extraction, out_path=str(extraction.final_dir / "saelens"), owner=user,
+                          status="failed", error_code="worker_died")  # fmt: skip
     extraction_services.save_template(user=user, name="sweep", model_id=smollm2_model.id,
                                       data={"layers": [0], "hook_types": ["residual"], "dataset_id": dataset.id})  # fmt: skip
     return redis_clean

@@ -59,11 +59,15 @@ def check_out_dir(extraction_dir: Path, out_dir: Path, fmt: str) -> Path:
     return out_dir
 
 
-def _new_staging_dir(out_dir: Path) -> Path:
+def _new_staging_dir(out_dir: Path, staging: Path | None = None) -> Path:
     """A sibling folder that this run creates and so alone may remove: two exports at once
-    never share (or delete) each other's staging."""
+    never share (or delete) each other's staging. `staging` names it after the export's own
+    record (`.{out}.partial-{export id}`), so that what a killed run left is found and removed
+    by that record's clean-up (a retry, a dead worker) and by nothing else."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}")
+    tmp = staging or out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}")
+    if staging is not None and staging.is_dir():
+        shutil.rmtree(staging)  # this export's own, left by a run of it that was killed
     tmp.mkdir()
     return tmp
 
@@ -88,7 +92,30 @@ def _move_into_place(tmp: Path, out_dir: Path, replaceable: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[int, int], None] | None = None) -> list[Path]:
+def export_bytes(extraction_dir: Path) -> int:
+    """About what an export of the extraction writes: its activation files' size (the
+    datasets hold the same values, and the token ids once per hook)."""
+    folder = Path(extraction_dir)
+    tokens = (folder / "tokens.npy").stat().st_size if (folder / "tokens.npy").is_file() else 0
+    files = [p for p in folder.glob("layer_*.npy")]
+    return sum(p.stat().st_size for p in files) + tokens * len(files)
+
+
+def check_free_space(out_dir: Path, needed_bytes: int, reserve_bytes: int) -> None:
+    """Refuse before a byte is written when the filesystem the export goes to (its nearest
+    existing folder: nothing is created to ask) has less free space than it needs."""
+    probe = Path(out_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed_bytes + reserve_bytes > free:
+        raise JobError("insufficient_disk_space", f"The export needs about {needed_bytes / 1e9:.2f} GB (plus "
+                                                  f"{reserve_bytes / 1e9:.2f} GB kept free) but only {free / 1e9:.2f} GB "
+                                                  f"is free where it goes.")  # fmt: skip
+
+
+def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[int, int], None] | None = None,
+                   staging: Path | None = None) -> list[Path]:  # fmt: skip
     """One dataset per layer/hook under `out_dir/{hook name}/`; the folders' paths."""
     import datasets
 
@@ -99,7 +126,7 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
     tokens = np.load(extraction_dir / "tokens.npy", mmap_mode="r")
     n, seq_len = tokens.shape
     total, done = n * len(layers) * len(hooks), 0
-    tmp = _new_staging_dir(out_dir)
+    tmp = _new_staging_dir(out_dir, staging)
     written = []
     try:
         for layer in layers:

@@ -31,6 +31,12 @@ def finished(smollm2_model, data_dir, capsys):
     return extraction
 
 
+def run_export(extraction_id, out=None):
+    """An export as the command runs it: its record, then its job here."""
+    record = services.export_extraction(extraction_id, None, "saelens", enqueue=False, out=out)
+    return jobs.run_export_job(record.id)
+
+
 def snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -86,10 +92,10 @@ def test_an_export_never_replaces_or_deletes_a_folder_it_did_not_make(finished, 
 
 def test_the_default_folder_is_replaced_by_a_newer_export_and_staging_is_never_shared(finished, tmp_path):
     default = finished.final_dir / "saelens"
-    jobs.run_export(finished.id)
+    run_export(finished.id)
     first = (default / "export.json").read_text()
     (default / "stale.txt").write_text("from the first export")  # the app's own folder: a re-export replaces it
-    jobs.run_export(finished.id)
+    run_export(finished.id)
     assert (default / "export.json").read_text() == first and not (default / "stale.txt").exists()
     assert sorted(p.name for p in finished.final_dir.iterdir() if p.name.startswith(".")) == []
 
@@ -97,7 +103,7 @@ def test_the_default_folder_is_replaced_by_a_newer_export_and_staging_is_never_s
     other = tmp_path / ".out.partial-someone"
     other.mkdir()
     (other / "half.arrow").write_bytes(b"x")
-    jobs.run_export(finished.id, out=tmp_path / "out")
+    run_export(finished.id, out=tmp_path / "out")
     assert (other / "half.arrow").read_bytes() == b"x" and (tmp_path / "out" / "export.json").is_file()
 
 
@@ -113,7 +119,7 @@ def test_a_folder_filled_while_the_export_ran_is_left_as_it_is(finished, tmp_pat
 
     monkeypatch.setattr(export.os, "rename", someone_writes_first)
     with pytest.raises(JobError) as caught:
-        jobs.run_export(finished.id, out=out)
+        run_export(finished.id, out=out)
     assert caught.value.code == "out_dir_not_empty"
     assert [p.name for p in out.iterdir()] == ["theirs.npy"]
     assert [p.name for p in out.parent.iterdir()] == ["out"]  # the staging folder it made is gone, nothing else

@@ -1,33 +1,37 @@
-import sys
-
-from django.core.management.base import BaseCommand
+from pathlib import Path
 
 from activations_app import jobs, services
 from activations_app.ml.export import FORMATS
-from mistudio.commands import service_call
+from activations_app.models import ExportStatus
+from mistudio.commands import JobCommand, acting_user, service_call
 
 
-class Command(BaseCommand):
+class Command(JobCommand):
     help = ("Write a completed extraction in a trainer's format: SAELens (one Hugging Face `datasets` dataset per "
-            "layer/hook, loadable as cached_activations_path), into extraction_{id}/saelens/ or --out DIR.")  # fmt: skip
+            "layer/hook, loadable as cached_activations_path), into extraction_{id}/saelens/ or --out DIR. Runs here "
+            "with a progress bar; --queue hands it to a worker. Either way it is a tracked export (GET /api/exports/<id>).")  # fmt: skip
+    follow_hint = "; follow it on the extraction's page or GET /api/exports/<id>"
 
     def add_arguments(self, parser):
         parser.add_argument("extraction_id")
         parser.add_argument("--format", choices=FORMATS, default="saelens")
         parser.add_argument("--out", help="a new or empty folder to write, outside the extraction's folder "
-                                          "(default: the extraction's own saelens/ folder)")
+                                          "(default: the extraction's own saelens/ folder)")  # fmt: skip
+        parser.add_argument("--queue", action="store_true", help="Queue it for a worker instead of running it here.")
+        self.add_job_arguments(parser)
 
     def handle(self, *args, **options):
-        from pathlib import Path
-
         out = Path(options["out"]).resolve() if options["out"] else None
-        service_call(services.export_extraction, options["extraction_id"], None, options["format"], enqueue=False, out=out)
+        options["sync"] = not options["queue"]  # this command runs here unless told otherwise
+        export = service_call(services.export_extraction, options["extraction_id"], acting_user(options), options["format"],
+                              enqueue=options["queue"], out=out)  # fmt: skip
+        self.run_job(export, jobs.run_export_job, options)
 
-        def progress(done: int, total: int) -> None:
-            sys.stderr.write(f"\rexporting [{'#' * int(30 * done / total):<30}] {100 * done / total:5.1f}%  {done}/{total} rows")
-            sys.stderr.flush()
+    def progress_detail(self, export) -> str:
+        if export.status != ExportStatus.EXPORTING or not export.rows_total:
+            return ""
+        return f"{export.rows_done}/{export.rows_total} rows"
 
-        paths = service_call(jobs.run_export, options["extraction_id"], options["format"], out, progress)
-        sys.stderr.write("\n")
-        for path in paths:
-            self.stdout.write(str(path))
+    def describe(self, export) -> str:
+        """The datasets written, one path a line (what scripts read)."""
+        return "\n".join(export.paths) if export.is_ready else f"{export.id}  {export.status}"

@@ -1,0 +1,102 @@
+"""Exports are tracked jobs (issue 17, item 2): a record with its status and progress, one
+at a time per extraction and format (409 for the second), a free-space check before a byte
+is written, cancel and retry, nothing left behind by a dead worker, --json on the command,
+and a card on the extraction's page."""
+
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from activations_app import jobs, services
+from activations_app.models import Export, ExportStatus, Extraction, ExtractionStatus
+from mistudio import jobs as tracked
+from models_app.tests.support import run_burst_worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def finished(tiny_model, data_dir, user):
+    path = data_dir / "imports" / "lines.txt"
+    path.write_text("\n".join(f"Sentence number {i} about rivers and bridges." for i in range(60)))
+    dataset = services.import_dataset(path=str(path), user=user)
+    extraction = services.request_extraction(model_id=tiny_model.id, dataset_id=dataset.id, enqueue=False, user=user,
+                                             layers=[0, 2], hook_types=["residual", "mlp"], max_samples=24, batch_size=8, seq_len=16)  # fmt: skip
+    jobs.run_extraction_job(extraction.id)
+    extraction = Extraction.objects.get(pk=extraction.id)
+    assert extraction.status == ExtractionStatus.COMPLETED, extraction.error_message
+    return extraction
+
+
+def test_an_export_from_the_api_is_tracked_one_at_a_time_and_shown_on_its_page(finished, signed_in, redis_clean):
+    path = f"/api/extractions/{finished.id}/export"
+    first = signed_in.post(path, {"format": "saelens"}, content_type="application/json")
+    assert first.status_code == 202, first.content
+    export = first.json()
+    assert export["status"] == "queued" and export["path"] == str(finished.final_dir / "saelens")
+    second = signed_in.post(path, {"format": "saelens"}, content_type="application/json")
+    assert second.status_code == 409 and second.json()["error"]["code"] == "export_running"
+    assert export["id"] in second.json()["error"]["message"] and Export.objects.count() == 1
+    page = signed_in.get(f"/extractions/{finished.id}").content.decode()
+    assert f'id="export-card-{export["id"]}"' in page and "Cancel export" in page
+    assert ">Export for SAELens<" not in page  # no second start while one runs
+
+    assert run_burst_worker().returncode == 0
+    done = signed_in.get(f"/api/exports/{export['id']}").json()
+    assert done["status"] == "completed" and done["progress"] == 100.0
+    assert done["rows_done"] == done["rows_total"] == finished.samples_total * 4  # every row of every layer/hook
+    assert sorted(p.rsplit("/", 1)[1] for p in done["datasets"]) == [
+        "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post", "blocks.2.hook_mlp_out", "blocks.2.hook_resid_post"]
+    page = signed_in.get(f"/extractions/{finished.id}").content.decode()
+    assert "Written to" in page and str(finished.final_dir / "saelens") in page and "Export for SAELens again" in page
+    assert signed_in.post(path, content_type="application/json").status_code == 202  # the next one may start now
+
+
+def test_too_little_free_space_is_refused_before_anything_is_made(finished, signed_in, settings, tmp_path):
+    settings.DISK_RESERVE_BYTES = 10**18  # more than any disk: as good as a full one
+    response = signed_in.post(f"/api/extractions/{finished.id}/export", content_type="application/json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "insufficient_disk_space"
+    assert "GB" in response.json()["error"]["message"]
+    with pytest.raises(CommandError, match=r"\[insufficient_disk_space\]"):
+        call_command("export_activations", finished.id, "--out", str(tmp_path / "new" / "out"))
+    assert not Export.objects.exists() and not (tmp_path / "new").exists() and not (finished.final_dir / "saelens").exists()
+
+
+def test_cancel_and_retry_through_the_api_and_the_page(finished, signed_in, redis_clean):
+    export = services.export_extraction(finished.id, None)
+    cancelled = signed_in.post(f"/api/exports/{export.id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    page = signed_in.get(f"/extractions/{finished.id}").content.decode()
+    assert f'action="/exports/{export.id}/retry"' in page
+    retried = signed_in.post(f"/exports/{export.id}/retry")
+    assert retried.status_code == 302 and Export.objects.get(pk=export.id).status == ExportStatus.QUEUED
+    assert run_burst_worker().returncode == 0
+    assert Export.objects.get(pk=export.id).status == ExportStatus.COMPLETED
+
+
+def test_a_dead_worker_leaves_no_partial_export_and_the_export_resumes_by_itself(finished, settings, redis_clean):
+    for attempts, expected in ((1, ExportStatus.FAILED), (3, ExportStatus.QUEUED)):
+        settings.JOB_ATTEMPTS = attempts
+        export = services.export_extraction(finished.id, None, enqueue=False)
+        Export.objects.filter(pk=export.id).update(status=ExportStatus.EXPORTING, job_id=f"job-{attempts}")
+        export.staging_dir.mkdir(parents=True)
+        (export.staging_dir / "data-00000-of-00001.arrow").write_bytes(b"\0" * 4096)  # what kill -9 left
+        tracked.mark_worker_died(f"job-{attempts}", "signal 9")
+        after = Export.objects.get(pk=export.id)
+        assert after.status == expected, (attempts, after.status)
+        assert not export.staging_dir.exists()  # no .partial left, whichever way it went
+        if expected == ExportStatus.FAILED:
+            assert after.error_code == "worker_died"
+        else:
+            assert after.notice == "Resumed automatically after its worker stopped (attempt 2 of 3)."
+            tracked.cancel(Export, export.id, None)
+
+
+def test_the_command_prints_the_record_as_json_and_can_queue(finished, tmp_path, capsys, redis_clean):
+    call_command("export_activations", finished.id, "--out", str(tmp_path / "out"), "--json")
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["status"] == "completed" and record["path"] == str(tmp_path / "out") and len(record["datasets"]) == 4
+    call_command("export_activations", finished.id, "--queue", "--json")
+    queued = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert queued["status"] == "queued" and Export.objects.get(pk=queued["id"]).job_id
