@@ -7,7 +7,9 @@ import re
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from .progress import session_group
+from channels.db import database_sync_to_async
+
+from .progress import session_group, user_group
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class SignedInConsumer(AsyncWebsocketConsumer):
         session = self.scope.get("session")
         if session is not None and session.session_key:
             self.groups_to_join.append(session_group(session.session_key))  # signing out closes it
+        # A deleted token, a deactivation or a new password makes it check itself (auth_changed).
+        self.groups_to_join.append(user_group(user.pk))
         for group in self.groups_to_join:
             await self.channel_layer.group_add(group, self.channel_name)
         initial = await self.initial_message()
@@ -67,6 +71,36 @@ class SignedInConsumer(AsyncWebsocketConsumer):
 
     async def session_ended(self, message):
         await self.close(code=CLOSE_UNAUTHENTICATED)
+
+    async def auth_changed(self, message):
+        if not await database_sync_to_async(self.still_signed_in)():
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+
+    def still_signed_in(self) -> bool:
+        """What opened this socket still signs its user in: the user active, and the API
+        token it presented not deleted, or its session not ended and made before no
+        password change (Django's session hash, as HTTP checks it on every request)."""
+        from django.contrib.auth import HASH_SESSION_KEY, get_user_model
+        from django.utils.crypto import constant_time_compare
+
+        from .models import ApiToken
+
+        user = get_user_model().objects.filter(pk=self.scope["user"].pk, is_active=True).first()
+        if user is None:
+            return False
+        token_id = self.scope.get("api_token_id")
+        if token_id is not None:
+            return ApiToken.objects.filter(pk=token_id, user=user).exists()
+        session = self.scope.get("session")
+        if session is None or not session.session_key:
+            return False
+        from importlib import import_module
+
+        from django.conf import settings
+
+        stored = import_module(settings.SESSION_ENGINE).SessionStore(session.session_key)  # as saved now, not at connect
+        saved_hash = stored.get(HASH_SESSION_KEY)
+        return bool(saved_hash) and constant_time_compare(saved_hash, user.get_session_auth_hash())
 
 
 class NoSuchSocket(AsyncWebsocketConsumer):

@@ -28,6 +28,12 @@ class ApiToken(models.Model):
     def user_for(cls, raw: str):
         """The active user a raw token signs in, or None; records its use (to the minute: a
         script polling the API should not cost a database write per request)."""
+        token = cls.token_for(raw)
+        return token.user if token is not None else None
+
+    @classmethod
+    def token_for(cls, raw: str):
+        """The token a raw value is, with its active user, or None (see user_for)."""
         from datetime import timedelta
 
         from django.utils import timezone
@@ -38,7 +44,7 @@ class ApiToken(models.Model):
         now = timezone.now()
         if token.last_used_at is None or now - token.last_used_at > timedelta(minutes=1):
             cls.objects.filter(pk=token.pk).update(last_used_at=now)
-        return token.user
+        return token
 
     @classmethod
     def issue(cls, user, name: str = "default") -> tuple["ApiToken", str]:

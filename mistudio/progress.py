@@ -77,6 +77,17 @@ def close_session_sockets(session_key: str) -> None:
     _send(session_group(session_key), {"type": "session.ended"})
 
 
+def user_group(user_id) -> str:
+    """Every socket a user opened, by session or API token."""
+    return f"user_{user_id}"
+
+
+def recheck_user_sockets(user_id) -> None:
+    """The user's sign-in changed (a token deleted, deactivated, a new password): each of
+    their sockets checks whether it is still signed in, and closes if not."""
+    _send(user_group(user_id), {"type": "auth.changed"})
+
+
 def publish_event_to(group: str, event: dict) -> None:
     """A JSON event for the programmatic clients following one row."""
     _send(group, {"type": "json.event", "event": event})

@@ -17,8 +17,8 @@ from .models import ApiToken
 
 
 @database_sync_to_async
-def user_for_token(raw: str):
-    return ApiToken.user_for(raw) or AnonymousUser()  # the consumer closes an anonymous one with 4401
+def token_for(raw: str):
+    return ApiToken.token_for(raw)
 
 
 def same_origin(headers: dict) -> bool:
@@ -41,8 +41,11 @@ class WebsocketAuth:
         headers = dict(scope.get("headers", []))
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         if authorization.startswith("Bearer "):
-            user = await user_for_token(authorization.removeprefix("Bearer ").strip())
-            return await self.inner(dict(scope, user=user), receive, send)
+            token = await token_for(authorization.removeprefix("Bearer ").strip())
+            # No token: anonymous, which the consumer closes with 4401. The token's id stays
+            # in the scope: deleting it closes the socket (consumers.SignedInConsumer).
+            user = token.user if token is not None else AnonymousUser()
+            return await self.inner(dict(scope, user=user, api_token_id=token.pk if token else None), receive, send)
         if not same_origin(headers):
             return await WebsocketDenier()(scope, receive, send)
         return await self.browser(scope, receive, send)
