@@ -35,7 +35,12 @@ MAX_SPLIT_LENGTH = 100
 
 
 def looks_like_local_path(value: str) -> bool:
-    return value.startswith(("/", ".", "~")) or os.path.exists(value)
+    """A path (absolute, ./relative or ~), or a name that exists in the first import folder;
+    anything else is a Hub repo id. Never looked up in the server's working directory."""
+    if value.startswith(("/", ".", "~")):
+        return True
+    roots = settings.IMPORT_ROOTS
+    return bool(roots) and "\x00" not in value and (Path(roots[0]) / value).exists()
 
 
 def import_dataset(

@@ -98,12 +98,18 @@ def resolve_import_path(value: str, roots: list[Path], allow_files: tuple[str, .
     Models: a folder or a .gguf file; with `allow_files`, a file with one of those suffixes."""
     if not value or "\x00" in value:
         raise InvalidInput("path", "Give the path of a model folder or a .gguf file.")
-    path = Path(value).expanduser().resolve()
+    # A relative path is read inside the first import folder, never against the server's
+    # working directory; a refusal names the path as it was given, never what it resolved to
+    # (a symlink's target, the server's own folders).
+    given = Path(value).expanduser()
+    if not given.is_absolute() and roots:
+        given = Path(roots[0]) / given
+    path = given.resolve()
     if not inside_roots(path, roots):
         allowed = ", ".join(str(root) for root in roots) or "(none configured)"
         raise InvalidInput(
             "path",
-            f"{path} is outside the allowed import folders ({allowed}); "
+            f"{value!r} is outside the allowed import folders ({allowed}); "
             "move it there or set MISTUDIO_IMPORT_ROOTS.",
             code="path_not_allowed",
         )

@@ -1,3 +1,5 @@
+import os
+
 from activations_app import jobs, services
 from mistudio.commands import JobCommand, acting_user, service_call, token_from_env
 
@@ -23,8 +25,11 @@ class Command(JobCommand):
 
     def handle(self, *args, **options):
         token = token_from_env(options["token_env"])
+        source = options["path_or_repo"]
+        if source.startswith(".") or os.path.exists(source):  # at the shell, a relative path is the user's own
+            source = os.path.abspath(source)
         dataset = service_call(
-            services.import_dataset, path=options["path_or_repo"], name=options["name"],
+            services.import_dataset, path=source, name=options["name"],
             text_column=options["text_column"], split=options["split"], token=token, revision=options["revision"],
             enqueue=not options["sync"], user=acting_user(options), config=options["config"],
             download_whole=options["download_whole"],

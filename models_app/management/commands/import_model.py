@@ -1,3 +1,5 @@
+import os
+
 from mistudio.commands import acting_user, service_call
 from models_app import jobs, services
 
@@ -17,6 +19,6 @@ class Command(ModelCommand):
 
     def handle(self, *args, **options):
         model = service_call(
-            services.request_import, user=acting_user(options), path=options["path"], name=options["name"], enqueue=not options["sync"]
+            services.request_import, user=acting_user(options), path=os.path.abspath(options["path"]) if options["path"] else "", name=options["name"], enqueue=not options["sync"]
         )
         self.run_job(model, jobs.run_import, options)
