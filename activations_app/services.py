@@ -26,7 +26,7 @@ from .ml import datasets as dataset_files
 from .ml.export import FORMATS as EXPORT_FORMATS
 from .ml.export import check_free_space, check_out_dir, default_out_dir, export_bytes
 from .ml.extract import ExtractionSpec, storage_bytes
-from .ml.hub_datasets import plan_dataset
+from .ml.hub_datasets import check_text_column, plan_dataset
 from .models import Dataset, DatasetStatus, Export, Extraction, ExtractionStatus, ExtractionTemplate
 
 MAX_SPLIT_LENGTH = 100
@@ -87,9 +87,15 @@ def request_hub_dataset(
         plan = plan_dataset(repo_id, revision, split, token, settings.HF_ENDPOINT, retries=1, backoff_seconds=0, config=config)
     except JobError as exc:
         raise ServiceError(exc.code, exc.message, retryable=exc.retryable) from None
+    name, text_column = _dataset_fields(name, text_column, f"{repo_id}:{split}")
+    try:  # a damaged file or a missing text column is known now, before any record exists
+        check_text_column(plan, text_column, token, settings.HF_ENDPOINT)
+    except InvalidInput as exc:
+        raise ServiceError.from_invalid(exc) from None
+    except JobError as exc:
+        raise ServiceError(exc.code, exc.message, retryable=exc.retryable) from None
     if enqueue:
         require_queue()
-    name, text_column = _dataset_fields(name, text_column, f"{repo_id}:{split}")
     with transaction.atomic():
         dataset = Dataset.objects.create(
             name=name, source="hub", text_column=text_column, file_path="",

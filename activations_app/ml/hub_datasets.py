@@ -89,7 +89,11 @@ def _remote(plan_repo: str, sha: str, name: str) -> str:
     return f"datasets/{plan_repo}@{sha}/{name}"
 
 
-def stream_texts(repo_id: str, sha: str, files: list[str], text_column: str, token: str | None, endpoint: str):
+PROBE_BYTES = 64 << 10  # what the request-time check reads of a file that is not parquet
+
+
+def stream_texts(repo_id: str, sha: str, files: list[str], text_column: str, token: str | None, endpoint: str,
+                 block_bytes: int = STREAM_BLOCK_BYTES):  # fmt: skip
     """The split's rows, read from the Hub as they are consumed: parquet row group by row
     group (footer first), jsonl/csv/txt in HTTP Range blocks; a consumer that stops early
     has fetched only what it used. Errors are the Hub client's, translated."""
@@ -99,27 +103,64 @@ def stream_texts(repo_id: str, sha: str, files: list[str], text_column: str, tok
     try:
         for name in files:
             remote = _remote(repo_id, sha, name)
-            yield from iter_file_texts(lambda remote=remote: fs.open(remote, "rb", block_size=STREAM_BLOCK_BYTES),
-                                       Path(name), text_column, scan_bytes=STREAM_BLOCK_BYTES)  # fmt: skip
+            yield from iter_file_texts(lambda remote=remote: fs.open(remote, "rb", block_size=block_bytes),
+                                       Path(name), text_column, scan_bytes=block_bytes)  # fmt: skip
     except (InvalidInput, JobError):
         raise
     except Exception as exc:  # noqa: BLE001 - fsspec and the Hub client's HTTP and network errors
         raise hub.translate_error(exc, repo_id, sha, bool(token)) from None
 
 
+TEXT_TYPES = ("string", "large_string", "string_view")
+
+
+def _parquet_schema(fs, plan: DatasetPlan, name: str):
+    """A Hub parquet file's schema from its footer alone (a few KB by HTTP Range); a damaged
+    footer is a refusal that says so, not pyarrow's OSError or ArrowInvalid."""
+    import pyarrow.parquet as pq
+
+    with fs.open(_remote(plan.repo_id, plan.sha, name), "rb", block_size=64 << 10) as handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+            return parquet.schema_arrow, parquet.metadata.num_rows
+        except (OSError, ValueError):
+            raise InvalidInput("file", f"{name} cannot be read as .parquet: its footer (metadata) is damaged.",
+                               code="corrupt_file") from None  # fmt: skip
+
+
+def check_text_column(plan: DatasetPlan, text_column: str, token: str | None, endpoint: str) -> None:
+    """Before any record is made: the split's first file is readable and has the text column
+    as text (a parquet file by its footer's schema, a few KB; any other by its first rows).
+    InvalidInput otherwise, with what the file does have."""
+    if not plan.files:
+        return
+    name = plan.files[0]
+    try:
+        if name.lower().endswith(".parquet"):
+            schema, _ = _parquet_schema(_filesystem(token, endpoint), plan, name)
+            if text_column not in schema.names:
+                raise InvalidInput("text_column", f"{name} has no column {text_column!r} (columns: {', '.join(schema.names[:20])}).")
+            kind = str(schema.field(text_column).type)
+            if kind not in TEXT_TYPES:
+                raise InvalidInput("text_column", f"{name}: column {text_column!r} holds {kind}, not text.")
+        else:
+            next(iter(stream_texts(plan.repo_id, plan.sha, [name], text_column, token, endpoint, PROBE_BYTES)), None)
+    except (InvalidInput, JobError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the Hub client's HTTP and network errors
+        raise hub.translate_error(exc, plan.repo_id, plan.sha, bool(token)) from None
+
+
 def stream_summary(plan: DatasetPlan, text_column: str, token: str | None, endpoint: str) -> tuple[int | None, list[str]]:
     """Row count from the parquet footers (None when a file is not parquet: jsonl and text
     say how many rows only when read whole) and the first rows, read over HTTP Range."""
-    import pyarrow.parquet as pq
-
     fs = _filesystem(token, endpoint)
     count: int | None = 0
     for name in plan.files:
         if not name.lower().endswith(".parquet"):
             count = None
             break
-        with fs.open(_remote(plan.repo_id, plan.sha, name), "rb", block_size=64 << 10) as handle:
-            count += pq.ParquetFile(handle).metadata.num_rows
+        count += _parquet_schema(fs, plan, name)[1]
     preview = []
     for text in stream_texts(plan.repo_id, plan.sha, list(plan.files), text_column, token, endpoint):
         preview.append(text[:300])
