@@ -14,7 +14,7 @@ from django.db import models, transaction
 
 from mistudio import jobs
 from mistudio.crypto import encrypt_secret
-from mistudio.errors import Conflict, InvalidInput, JobError, NotFound, ServiceError
+from mistudio.errors import Conflict, Forbidden, InvalidInput, JobError, NotFound, ServiceError
 from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
@@ -40,7 +40,10 @@ def looks_like_local_path(value: str) -> bool:
     if value.startswith(("/", ".", "~")):
         return True
     roots = settings.IMPORT_ROOTS
-    return bool(roots) and "\x00" not in value and (Path(roots[0]) / value).exists()
+    try:
+        return bool(roots) and "\x00" not in value and (Path(roots[0]) / value).exists()
+    except OSError:  # a name too long for the filesystem, and the like: not a file here
+        return False
 
 
 def import_dataset(
@@ -227,6 +230,9 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
     data = fields if data is None else data
     model = get_ready_model(model_id, "extraction")
     dataset = Dataset.get_ready_or_409(dataset_id, "extraction")
+    refusal = dataset.stream_refusal(jobs.owner_of(user).pk if jobs.owner_of(user) else None)
+    if refusal:
+        raise Forbidden("gated_token_required", refusal)
     spec = validate_extraction(model, data)
     _refuse_unless_it_fits(estimate_extraction(model, spec, dataset))
     where = model_placement(model)

@@ -36,6 +36,8 @@ class TerminalProgress:
             return
         self.last_draw, self.last_status = now, row.status
         if not row.is_running:
+            if row.is_ready and self.line_open:  # the bar ends full, not at its last throttled figure
+                self.stream.write(f"\r{row.status:<11} [{'#' * self.WIDTH}] 100.0%".ljust(100))
             self.close()
             return
         filled = int(self.WIDTH * row.progress / 100)
