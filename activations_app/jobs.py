@@ -44,7 +44,7 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
     warm_statistics()  # numba is imported here, by the work horse only, never by the web process
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(
-        dataset.texts(),
+        dataset.texts(reader_id=extraction.owner_id),
         tokenizer, spec.seq_len, spec.tokenization, spec.max_samples, spec.prepend_bos,
     )  # fmt: skip
     job.phase(ExtractionStatus.EXTRACTING, samples_total=len(tokens.ids))

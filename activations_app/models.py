@@ -7,7 +7,7 @@ from django.db import models
 from django.template.loader import render_to_string
 
 from mistudio import progress
-from mistudio.errors import Conflict, ServiceError
+from mistudio.errors import Conflict, JobError, ServiceError
 from mistudio.jobs import TrackedRow, TransferRow
 from mistudio.staging import staged_path
 
@@ -95,14 +95,28 @@ class Dataset(TransferRow):
     def publish_removed(self) -> None:
         progress.publish_html(f'<div id="dataset-{self.id}" hx-swap-oob="delete"></div>', self.html_group)
 
-    def texts(self):
-        """Its rows, in order: from the stored file(s), or streamed from the Hub as read."""
+    def stream_refusal(self, reader_id) -> str | None:
+        """Why user `reader_id` may not stream this dataset: it is read from the Hub with the
+        token its owner gave (a gated repo), and a token is never used on anyone else's
+        behalf. None when they may (its owner, staff's shell jobs with no owner, or a
+        dataset that needs no token)."""
+        if self.storage != "stream" or not self.encrypted_token or self.owner_id is None or reader_id == self.owner_id:
+            return None
+        return (f"{self.name} is streamed from a gated Hub repo with the access token of the user who imported it, "
+                f"which is not used for anyone else; import {self.repo_id} yourself with your own token.")  # fmt: skip
+
+    def texts(self, reader_id=None):
+        """Its rows, in order: from the stored file(s), or streamed from the Hub as read, with
+        the token of the reader when it is theirs (see stream_refusal)."""
         from mistudio.hub_access import stored_token
 
         from .ml import datasets as dataset_files
         from .ml.hub_datasets import stream_texts
 
         if self.storage == "stream":
+            refusal = self.stream_refusal(reader_id)
+            if refusal:
+                raise JobError("gated_token_required", refusal)
             return stream_texts(self.repo_id, self.revision, list(self.files), self.text_column,
                                 stored_token(self.encrypted_token), settings.HF_ENDPOINT)  # fmt: skip
         return dataset_files.iter_texts(Path(self.file_path), self.text_column)
