@@ -38,8 +38,8 @@ class DatasetsConsumer(HtmlFragmentsConsumer):
 
     group = DATASETS_GROUP
 
-    async def initial_message(self) -> str:
-        return await database_sync_to_async(Dataset.list_html)(oob=True)
+    def render_frame(self) -> str:
+        return Dataset.list_html(oob=True)
 
 
 def _extractions_state(query: dict) -> str | None:
@@ -58,6 +58,12 @@ class ExtractionsConsumer(HtmlFragmentsConsumer):
 
     group = EXTRACTIONS_GROUP
 
-    async def initial_message(self) -> str | None:
-        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
-        return await database_sync_to_async(_extractions_state)(query)
+    def query(self) -> dict:
+        return parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+
+    def frame_key(self) -> tuple:
+        query = self.query()
+        return ((query.get("extraction") or [""])[0][:40], (query.get("model_id") or [""])[0][:40])
+
+    def render_frame(self) -> str | None:
+        return _extractions_state(self.query())

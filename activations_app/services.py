@@ -4,7 +4,6 @@ files. Models are reached only through the model lookup (`models_app.services`).
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import tempfile
 from pathlib import Path

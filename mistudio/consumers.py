@@ -1,9 +1,11 @@
 """What every WebSocket consumer shares: a signed-in user (the Origin is checked in
 ws_auth), the current state sent on every (re)connect, then whatever the jobs publish."""
 
+import asyncio
 import json
 import logging
 import re
+import time
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 
@@ -110,15 +112,66 @@ class NoSuchSocket(AsyncWebsocketConsumer):
         await self.close(code=CLOSE_NOT_FOUND)
 
 
+class SharedFrames:
+    """The first frame of a page socket (the whole list, the same for every signed-in user),
+    rendered once for every socket of this process that connects within FRESH_SECONDS: 500
+    sockets opened at once with 20 cards on the first page were 500 database reads and
+    renders, and most handshakes timed out. Each key is rendered by one coroutine while the
+    others wait for it. A fragment this process delivers for the group drops the group's
+    frames at once (the socket that asked for the render had joined the group first, so no
+    change after the render goes unseen); a change before that is carried by the frame."""
+
+    FRESH_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._frames: dict[tuple, tuple[float, asyncio.Future]] = {}
+
+    async def get(self, key: tuple, render) -> str | None:
+        now = time.monotonic()
+        kept = self._frames.get(key)
+        if kept is not None and now - kept[0] < self.FRESH_SECONDS and not (kept[1].done() and kept[1].exception()):
+            return await asyncio.shield(kept[1])
+        future = asyncio.get_running_loop().create_future()
+        self._frames[key] = (now, future)
+        try:
+            future.set_result(await render())
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: an unawaited failure is not logged as lost
+            self._frames.pop(key, None)
+            raise
+        return future.result()
+
+    def forget(self, group: str) -> None:
+        for key in [key for key in self._frames if key[0] == group]:
+            del self._frames[key]
+
+
+shared_frames = SharedFrames()
+
+
 class HtmlFragmentsConsumer(SignedInConsumer):
-    """Card HTML for a page, swapped out-of-band by element id; first the whole list."""
+    """Card HTML for a page, swapped out-of-band by element id; first the whole list (or a
+    detail body), shared by the sockets that connect within a second (SharedFrames)."""
 
     group: str
 
     def group_names(self) -> list[str]:
         return [self.group]
 
+    def frame_key(self) -> tuple:
+        """What the first frame depends on besides the group (a query's filter)."""
+        return ()
+
+    def render_frame(self) -> str | None:
+        """The first frame, from the database (a synchronous call); None: no such page."""
+        raise NotImplementedError
+
+    async def initial_message(self) -> str | None:
+        return await shared_frames.get((self.group, *self.frame_key()), database_sync_to_async(self.render_frame))
+
     async def html_fragment(self, message):
+        shared_frames.forget(self.group)
         await self.send(text_data=message["html"])
 
 

@@ -1,7 +1,5 @@
 """/ws/models/ (card HTML for the Models page) and /ws/models/{id}/progress (JSON events)."""
 
-from channels.db import database_sync_to_async
-
 from mistudio.consumers import HtmlFragmentsConsumer, RowEventsConsumer
 from mistudio.progress import MODELS_GROUP, model_group
 
@@ -11,8 +9,8 @@ from .models import Model
 class ModelsConsumer(HtmlFragmentsConsumer):
     group = MODELS_GROUP
 
-    async def initial_message(self) -> str:
-        return await database_sync_to_async(Model.list_html)(oob=True)
+    def render_frame(self) -> str:
+        return Model.list_html(oob=True)
 
 
 class ModelProgressConsumer(RowEventsConsumer):

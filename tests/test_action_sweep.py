@@ -10,8 +10,6 @@ is how a missing one shows)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from django.apps import apps

@@ -315,12 +315,13 @@ async def test_progress_event_delay_to_a_websocket_client(user):
     )
 
 
-async def websocket_burst(port: int, token: str, model_id: str, clients: int, events: int) -> dict:
+async def websocket_burst(port: int, token: str, model_id: str, clients: int, events: int, page: bool = False) -> dict:
     """`clients` sockets opened at once; then `events` progress events, each timed from the
-    publish to its arrival at every socket."""
+    publish to its arrival at every socket. `page`: the Models page's own socket
+    (/ws/models/, whose first frame is the list of cards) instead of the JSON events."""
     import websockets
 
-    url = f"ws://127.0.0.1:{port}/ws/models/{model_id}/progress"
+    url = f"ws://127.0.0.1:{port}/ws/models/" if page else f"ws://127.0.0.1:{port}/ws/models/{model_id}/progress"
 
     async def connect():
         try:
@@ -336,15 +337,20 @@ async def websocket_burst(port: int, token: str, model_id: str, clients: int, ev
     failures = [type(ws).__name__ for ws in opened if isinstance(ws, Exception)]
 
     async def arrival(ws) -> float:
-        event = json.loads(await asyncio.wait_for(ws.recv(), 30))
-        return (time.time() - event["sent"]) * 1000
+        frame = await asyncio.wait_for(ws.recv(), 30)
+        sent = float(frame.split('data-sent="', 1)[1].split('"', 1)[0]) if page else json.loads(frame)["sent"]
+        return (time.time() - sent) * 1000
 
     delays: list[float] = []
     for i in range(events):
         waiting = [asyncio.create_task(arrival(ws)) for ws in sockets]
         await asyncio.sleep(0.05)
-        event = {"type": "progress", "progress": i, "sent": time.time()}
-        await asyncio.to_thread(progress.publish_event_to, progress.model_group(model_id), event)
+        if page:  # a card as a job publishes it, stamped
+            html = f'<div id="model-card-{model_id}" hx-swap-oob="true" data-sent="{time.time()}">{i}</div>'
+            await asyncio.to_thread(progress.publish_html, html, progress.MODELS_GROUP)
+        else:
+            event = {"type": "progress", "progress": i, "sent": time.time()}
+            await asyncio.to_thread(progress.publish_event_to, progress.model_group(model_id), event)
         delays += await asyncio.gather(*waiting)
     await asyncio.gather(*(ws.close() for ws in sockets))
     delays.sort()
@@ -369,12 +375,16 @@ def test_websocket_burst_fan_out_and_list_sizes_with_1000_models(user, signed_in
     _, token = ApiToken.issue(user)
     processes = web_processes()
     rows = []
-    for label, start in (("1 daphne process (baseline)", start_daphne),
-                         (f"scripts/run's web server: {processes} daphne processes", lambda port: start_web(port, processes))):
+    for label, start, page in (("1 daphne process (baseline), JSON event sockets", start_daphne, False),
+                               (f"scripts/run's web server: {processes} daphne processes, JSON event sockets",
+                                lambda port: start_web(port, processes), False),
+                               ("1 daphne process, Models page sockets (first frame: 20 of 1,000 cards)", start_daphne, True),
+                               (f"scripts/run's web server: {processes} daphne processes, Models page sockets",
+                                lambda port: start_web(port, processes), True)):  # fmt: skip
         port = free_port()
         server = start(port)
         try:
-            figures = asyncio.run(websocket_burst(port, token, model.id, clients=500, events=20))
+            figures = asyncio.run(websocket_burst(port, token, model.id, clients=500, events=20, page=page))
         finally:
             server.terminate()
             server.wait(timeout=20)
