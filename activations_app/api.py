@@ -1,9 +1,8 @@
 """JSON API for datasets and extractions (same services as the page and the commands)."""
 
-from django.core.paginator import Paginator
 from django.http import JsonResponse
 
-from mistudio.api import api_endpoint, json_body, text_field
+from mistudio.api import api_endpoint, json_body, paginated, text_field
 from mistudio.errors import ServiceError
 
 from . import services
@@ -18,7 +17,7 @@ def datasets(request):
     {"repo_id", "split"?, "config"?, "revision"?, "access_token"?, "download_whole"?} (202,
     imported by a job: streamed from the Hub unless `download_whole` is true)."""
     if request.method == "GET":
-        return JsonResponse({"data": [d.as_dict() for d in Dataset.objects.all()[:500]]})
+        return JsonResponse(paginated(request, Dataset.objects.all(), Dataset.as_dict))
     if request.FILES.get("file") is not None:
         dataset = services.upload_dataset(
             user=request.user, upload=request.FILES["file"], name=request.POST.get("name") or None,
@@ -79,8 +78,7 @@ def extractions(request):
     queryset = Extraction.objects.all()
     if request.GET.get("model_id"):
         queryset = queryset.filter(model_id=request.GET["model_id"])
-    page = Paginator(queryset, 50).get_page(request.GET.get("page") or 1)
-    return JsonResponse({"data": [e.as_dict() for e in page.object_list], "pagination": {"page": page.number, "pages": page.paginator.num_pages, "total": page.paginator.count}})
+    return JsonResponse(paginated(request, queryset, Extraction.as_dict))
 
 
 @api_endpoint({"GET", "DELETE"})

@@ -77,3 +77,26 @@ def int_param(request, name: str, default: int, low: int, high: int) -> int:
     except InvalidInput as exc:
         raise ServiceError("invalid_parameter", exc.message, details={"field": name}) from None
     return default if value is None else value
+
+
+MAX_PAGE_SIZE = 100
+
+
+def paginated(request, queryset, serialize, default_limit: int = 20) -> dict:
+    """The one pagination rule of every list endpoint: `?page=` (from 1) and `?limit=` (1 to
+    MAX_PAGE_SIZE), each refused with a 400 when it is not a whole number in range; a page
+    past the end is empty, never another page. Newest first, as the models' own ordering."""
+    from django.core.paginator import EmptyPage, Paginator
+
+    limit = int_param(request, "limit", default_limit, 1, MAX_PAGE_SIZE)
+    number = int_param(request, "page", 1, 1, 10**6)
+    paginator = Paginator(queryset, limit)
+    try:
+        page = paginator.page(number)
+    except EmptyPage:
+        page = None
+    return {
+        "data": [serialize(row) for row in page.object_list] if page else [],
+        "pagination": {"page": number, "limit": limit, "total": paginator.count, "pages": paginator.num_pages,
+                       "has_next": bool(page and page.has_next())},
+    }  # fmt: skip

@@ -1,16 +1,14 @@
 """The JSON API: the same services as the page, errors as {"error": {…}}."""
 
-from django.core.paginator import EmptyPage, Paginator
 from django.db.models import Q
 from django.http import JsonResponse
 
-from mistudio.api import api_endpoint, int_param, json_body, text_field
+from mistudio.api import api_endpoint, json_body, paginated, text_field
 from mistudio.errors import ServiceError
 
 from . import services
 from .models import Model, ModelStatus
 
-MAX_PAGE_SIZE = 100
 
 
 @api_endpoint({"GET"})
@@ -28,25 +26,7 @@ def models_collection(request):
         queryset = queryset.filter(
             Q(name__icontains=search) | Q(repo_id__icontains=search) | Q(architecture__icontains=search)
         )
-    limit = int_param(request, "limit", 20, 1, MAX_PAGE_SIZE)
-    page_number = int_param(request, "page", 1, 1, 10**6)
-    paginator = Paginator(queryset, limit)
-    try:
-        page = paginator.page(page_number)
-    except EmptyPage:
-        page = None
-    return JsonResponse(
-        {
-            "data": [m.as_dict(include_config=False) for m in page.object_list] if page else [],
-            "pagination": {
-                "page": page_number,
-                "limit": limit,
-                "total": paginator.count,
-                "pages": paginator.num_pages,
-                "has_next": bool(page and page.has_next()),
-            },
-        }
-    )
+    return JsonResponse(paginated(request, queryset, lambda m: m.as_dict(include_config=False)))
 
 
 @api_endpoint({"POST"})
