@@ -107,7 +107,7 @@ def request_hub_dataset(
             owner=jobs.owner_of(user),
         )  # fmt: skip
         if enqueue:
-            jobs.enqueue_after_commit(dataset, "activations_app.jobs.import_dataset_job")
+            jobs.enqueue_after_commit(dataset)
     return dataset
 
 
@@ -240,7 +240,7 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
     with transaction.atomic():
         extraction = Extraction.objects.create(model=model, dataset=dataset, owner=jobs.owner_of(user), **spec.request())
         if enqueue:
-            jobs.enqueue_after_commit(extraction, "activations_app.jobs.extraction_job", where.queue)
+            jobs.enqueue_after_commit(extraction, where.queue)
     return extraction
 
 
@@ -285,7 +285,7 @@ def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: b
                            details={"export_id": running.id})  # fmt: skip
         export = Export.objects.create(extraction=extraction, format=fmt, out_path=str(target), owner=jobs.owner_of(user))
         if enqueue:
-            jobs.enqueue_after_commit(export, export.job_function)
+            jobs.enqueue_after_commit(export)
     return export
 
 

@@ -62,7 +62,7 @@ def request_download(
             owner=jobs.owner_of(user),
         )
         if enqueue:
-            jobs.enqueue_after_commit(model, "models_app.jobs.download_model_job", _download_queue(repo_id, revision, token, fmt))
+            jobs.enqueue_after_commit(model, _download_queue(repo_id, revision, token, fmt))
     return model
 
 
@@ -85,7 +85,7 @@ def request_import(*, user, path: str, name: str | None = None, enqueue=True) ->
             owner=jobs.owner_of(user),
         )
         if enqueue:
-            jobs.enqueue_after_commit(model, "models_app.jobs.import_model_job", where)
+            jobs.enqueue_after_commit(model, where)
     return model
 
 
@@ -125,7 +125,7 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
             owner=jobs.owner_of(user),
         )
         if enqueue:
-            jobs.enqueue_after_commit(model, "models_app.jobs.quantize_model_job", where.queue)
+            jobs.enqueue_after_commit(model, where.queue)
     return model
 
 

@@ -85,3 +85,22 @@ def test_every_job_kind_survives_its_worker_dying_and_its_job_being_lost(every_s
         outcomes.append(cls.KIND)
     print(f"\nfault sweep: {len(kinds)} job kinds ({', '.join(outcomes)}) × worker death with and without attempts "
           f"left, and a lost job with and without")  # fmt: skip
+
+
+def test_a_job_kind_that_forgets_a_required_piece_is_refused_when_it_is_registered():
+    from django.core.exceptions import ImproperlyConfigured
+    from django.db import models
+
+    class Forgetful(jobs.TrackedRow):
+        KIND = "forgetful"
+        status = models.CharField(max_length=8)
+
+        class Meta:
+            abstract = True
+            app_label = "mistudio"
+
+    with pytest.raises(ImproperlyConfigured) as refused:
+        jobs.register(Forgetful)
+    for piece in ("QUEUED", "DONE", "card_template", "job_function", "job_paths", "progress_event"):
+        assert piece in str(refused.value)
+    assert Forgetful not in jobs._KINDS

@@ -105,7 +105,7 @@ def test_a_job_on_a_worker_that_cannot_hold_the_model_is_refused_there_before_it
     model = services.request_import(user=None, path=str(folder), enqueue=False)
     from mistudio import jobs
 
-    jobs.enqueue_after_commit(model, model.job_function, "small")
+    jobs.enqueue_after_commit(model, "small")
     wait_for(lambda: Model.objects.get(pk=model.pk).status in (ModelStatus.READY, ModelStatus.ERROR), timeout=120,
              message="the job ends")  # fmt: skip
     model.refresh_from_db()

@@ -1,0 +1,85 @@
+"""What happens to a run that stopped through no fault of its own: its worker died, its time
+ran out, or its job was lost before it started. It is queued again by itself while it has
+attempts left, going on from what it kept; else it fails with a reason. The workers call
+these (their death handler, their maintenance)."""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from .. import queue
+from ..errors import JobError
+from .lifecycle import _KINDS, enqueue_after_commit, fail
+from .rows import TrackedRow
+
+log = logging.getLogger(__name__)
+
+
+def mark_worker_died(job_id: str, reason: str) -> None:
+    """The worker process running a job died (killed, out of memory, a reboot): whatever
+    kind of row it was running must not stay running. It resumes by itself while it has
+    attempts left (resume_by_itself); else it fails, keeping what a retry goes on from."""
+    error = JobError("worker_died", f"The worker process stopped unexpectedly ({reason}); retry.")
+    for row_class in _KINDS:
+        for pk in row_class.objects.filter(job_id=job_id, status__in=row_class.RUNNING).values_list("pk", flat=True):
+            if not resume_by_itself(row_class, pk, "its worker stopped"):
+                fail(row_class, pk, error)
+
+
+def resume_by_itself(row_class: type[TrackedRow], pk: str, why: str) -> bool:
+    """A run stopped by something that was not its own fault (its worker died, its time ran
+    out, its job was lost before it started) is queued again by itself, going on from what
+    it kept (a download's partial bytes, an extraction's checkpoint, checked before it is
+    trusted), while it has attempts left (settings.JOB_ATTEMPTS, counting the first run) and
+    its inputs still exist. Its card says so. False: the caller fails it as before."""
+    row = row_class.rows().filter(pk=pk).first()
+    if row is None or row.attempt >= settings.JOB_ATTEMPTS or row.missing_inputs():
+        return False
+    attempt = row.attempt + 1
+    notice = f"Resumed automatically after {why} (attempt {attempt} of {settings.JOB_ATTEMPTS})."
+    with transaction.atomic():
+        updated = row_class.objects.filter(pk=pk, status__in=row_class.RUNNING).update(
+            status=row_class.QUEUED, progress=0.0, attempt=attempt, notice=notice, updated_at=timezone.now(),
+            **row_class.IDLE_FIELDS,
+        )  # fmt: skip
+        if not updated:  # it ended (or was cancelled) meanwhile
+            return False
+        row = row_class.rows().get(pk=pk)
+        row.remove_job_files(keep_resumable=True)
+        enqueue_after_commit(row, new=False)
+    log.warning("%s %s: %s; resumed by itself (attempt %d of %d)", row_class.KIND, pk, why, attempt, settings.JOB_ATTEMPTS)
+    row.publish()
+    return True
+
+
+def backoff_seconds(attempt: int) -> float:
+    """How long a run that resumed by itself waits before it starts: JOB_RETRY_BACKOFF_SECONDS,
+    doubled for every further attempt, at most a minute."""
+    return 0.0 if attempt <= 1 else min(60.0, settings.JOB_RETRY_BACKOFF_SECONDS * 2 ** (attempt - 2))
+
+
+# A queued row whose job is gone for this long is stranded: its job failed before it could
+# reach the database, or Redis lost it. The workers' maintenance (every 30 s) finds it.
+STRANDED_AFTER_SECONDS = 60
+
+
+def reap_stranded() -> int:
+    """Queued rows with no job waiting or running for them (a job that could not reach the
+    database ended before it read its row; a Redis that lost its data): queued again by
+    themselves while they have attempts left, else failed with a reason. How many."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=STRANDED_AFTER_SECONDS)
+    error = JobError("job_lost", "Its job was lost before it started (the worker could not reach the database, "
+                                 "or the queue lost it); retry.")  # fmt: skip
+    reaped = 0
+    for row_class in _KINDS:
+        for pk, job_id in row_class.objects.filter(status=row_class.QUEUED, updated_at__lt=cutoff).values_list("pk", "job_id"):
+            if job_id and queue.job_is_pending(job_id):
+                continue
+            if not resume_by_itself(row_class, pk, "its job was lost before it started"):
+                fail(row_class, pk, error)
+            reaped += 1
+    return reaped
