@@ -3,17 +3,13 @@ checkpoint whose row count, statistics or files do not match what its rows must 
 not gone on from; the run starts over, says why on its row, and ends with the same files
 as an uninterrupted run."""
 
-import threading
-
 import numpy as np
 import pytest
-from django.db import connection
 
 from activations_app import jobs, services
 from activations_app.models import Extraction, ExtractionStatus
-from activations_app.tests.test_resume import long_dataset, output_files  # noqa: F401 - fixture
+from activations_app.tests.test_resume import long_dataset, output_files, stop_inline_run_keeping  # noqa: F401 - fixture
 from mistudio.staging import staged_path
-from models_app.tests.support import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,19 +19,7 @@ REQUEST = dict(layers=[1, 3], hook_types=["residual", "mlp"], max_samples=400, b
 def stopped_part_way(model_id, dataset_id):
     """A real run of the tiny model, stopped (keep for Resume) once its checkpoint holds rows."""
     extraction = services.request_extraction(model_id=model_id, dataset_id=dataset_id, enqueue=False, **REQUEST)
-
-    def run():
-        try:
-            jobs.run_extraction_job(extraction.id)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    wait_for(lambda: Extraction.objects.get(pk=extraction.id).resumable_rows >= 16, timeout=120, message="a checkpoint")
-    services.cancel_extraction(extraction.id, None, keep=True)
-    thread.join(timeout=60)
-    stopped = Extraction.objects.get(pk=extraction.id)
+    stopped = stop_inline_run_keeping(extraction.id, lambda row: row.resumable_rows >= 16)
     assert stopped.status == ExtractionStatus.CANCELLED and stopped.resumable_rows >= 16
     return stopped
 

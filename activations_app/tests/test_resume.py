@@ -296,29 +296,35 @@ def test_the_admins_retry_starts_over_like_the_page_and_its_resume_goes_on(tiny_
     assert not staged.exists()  # started over, as Retry says
 
 
-def test_a_stop_that_keeps_its_files_keeps_them_when_the_job_sees_the_cancel_first(tiny_model, long_dataset, settings):
-    """Stop (keep for Resume) on a run that notices the cancel itself before anything stops
-    its process (an inline run here; a worker's job can too, between the row's flip and the
-    stop command): it used to remove the checkpoint it was asked to keep."""
+def stop_inline_run_keeping(extraction_id, until):
+    """Run the extraction here (on a thread, as a worker's job would) and, once `until(row)`,
+    stop it with Stop (keep for Resume): the cancel is seen by the job itself, before anything
+    stops its process. The row as it ended."""
     import threading
 
     from django.db import connection
 
-    settings.EXTRACTION_CHECKPOINT_SECONDS = 0.0
-    extraction = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], enqueue=False,
-                                             layers=[3], hook_types=["residual"], max_samples=1600, batch_size=8, seq_len=48)  # fmt: skip
-
     def run():
         try:
-            jobs.run_extraction_job(extraction.id)
+            jobs.run_extraction_job(extraction_id)
         finally:
             connection.close()
 
     thread = threading.Thread(target=run)
     thread.start()
-    wait_for(lambda: Extraction.objects.get(pk=extraction.id).samples_done >= 200, timeout=120, message="part way")
-    services.cancel_extraction(extraction.id, None, keep=True)
+    wait_for(lambda: until(Extraction.objects.get(pk=extraction_id)), timeout=120, message="part way")
+    services.cancel_extraction(extraction_id, None, keep=True)
     thread.join(timeout=60)
-    stopped = Extraction.objects.get(pk=extraction.id)
+    return Extraction.objects.get(pk=extraction_id)
+
+
+def test_a_stop_that_keeps_its_files_keeps_them_when_the_job_sees_the_cancel_first(tiny_model, long_dataset, settings):
+    """Stop (keep for Resume) on a run that notices the cancel itself before anything stops
+    its process (an inline run here; a worker's job can too, between the row's flip and the
+    stop command): it used to remove the checkpoint it was asked to keep."""
+    settings.EXTRACTION_CHECKPOINT_SECONDS = 0.0
+    extraction = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], enqueue=False,
+                                             layers=[3], hook_types=["residual"], max_samples=1600, batch_size=8, seq_len=48)  # fmt: skip
+    stopped = stop_inline_run_keeping(extraction.id, lambda row: row.samples_done >= 200)
     assert stopped.status == ExtractionStatus.CANCELLED and stopped.as_dict()["error_code"] == "stopped_kept"
     assert stopped.resumable_rows >= 8, "the checkpoint the user asked to keep is gone"
