@@ -18,7 +18,6 @@ from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
 from mistudio.staging import promote, staged_path
 from models_app.ml import load_saved
-from models_app.services import model_verdict
 
 from .ml import datasets as dataset_files
 from .ml.export import check_free_space, export_bytes, export_saelens
@@ -36,7 +35,7 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
     job.phase(ExtractionStatus.LOADING)
     # Placed on a worker that reported room for it; checked again here, before loading.
     here = capacity.this_machine()
-    refusal = model_verdict(model_row, here).refusal
+    refusal = model_row.load_verdict(here).refusal
     if refusal:
         raise JobError("does_not_fit", f"This worker ({here.label}) cannot load it: {refusal}.")
     model = load_saved(model_row.weights_dir)

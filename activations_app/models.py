@@ -236,11 +236,9 @@ class Extraction(TrackedRow):
         elif self.resume_path is None:
             raise Conflict("not_resumable", f"{self.label} kept no checkpoint to resume from; retry it from the start.")
 
-    def job_queue(self) -> str:
-        """A worker that can hold the model (a retry): else the shared queue, and the job says why."""
-        from models_app.services import model_queue_or_shared
-
-        return model_queue_or_shared(self.model)
+    def placement_judge(self):
+        """A worker that can load its model as it is."""
+        return self.model.load_verdict if self.model is not None else None
 
     def job_paths(self) -> list:
         return [self.final_dir, staged_path(self.final_dir)]

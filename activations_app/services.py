@@ -18,7 +18,7 @@ from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import resolve_import_path, validate_hub_source
 from models_app.ml import check_architecture, compute_device
-from models_app.services import get_ready_model, model_placement
+from models_app.services import get_ready_model
 
 from .forms import ExtractionForm
 from .ml import datasets as dataset_files
@@ -234,13 +234,13 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
         raise Forbidden("gated_token_required", refusal)
     spec = validate_extraction(model, data)
     _refuse_unless_it_fits(estimate_extraction(model, spec, dataset))
-    where = model_placement(model)
     if enqueue:
         require_queue()
-    with transaction.atomic():
+    with transaction.atomic():  # refused by placement (no worker can load the model): nothing is kept
         extraction = Extraction.objects.create(model=model, dataset=dataset, owner=jobs.owner_of(user), **spec.request())
+        where = jobs.queue_for(extraction)
         if enqueue:
-            jobs.enqueue_after_commit(extraction, where.queue)
+            jobs.enqueue_after_commit(extraction, where)
     return extraction
 
 

@@ -6,8 +6,9 @@ from django.db import models
 from django.template.loader import render_to_string
 from django.utils.functional import cached_property
 
-from mistudio import progress
+from mistudio import capacity, progress
 from mistudio.errors import JobError
+from mistudio.hub import format_bytes
 from mistudio.jobs import TransferRow
 from mistudio.staging import staged_path
 
@@ -233,10 +234,23 @@ class Model(TransferRow):
             return "models_app.jobs.quantize_model_job"
         return "models_app.jobs.download_model_job" if self.source == "hub" else "models_app.jobs.import_model_job"
 
-    def job_queue(self) -> str:
-        from .services import model_queue
+    def placement_judge(self):
+        """Its job (download, import or quantization) needs a worker that can make and hold
+        the requested format (or fall back to a smaller one there); any worker until its
+        config is known (the job then judges)."""
+        return format_judge(self.architecture_config, self.requested_quantization) if self.architecture_config else None
 
-        return model_queue(self.architecture_config, self.requested_quantization)
+    def load_verdict(self, worker: capacity.Capacity) -> capacity.Verdict:
+        """Whether `worker` can load this ready model as it is (an extraction): its format's
+        estimate on that worker's device (bitsandbytes' Q8/Q4 load and run on a CPU worker too)."""
+        from .ml import quantize
+
+        fmt = self.quantization
+        need = quantize.memory_estimate(self.architecture_config, worker.device)[fmt]
+        if need > worker.budget_bytes:
+            return capacity.Verdict(f"{self.name} {fmt} needs {format_bytes(need)}, more than its "
+                                    f"{format_bytes(worker.budget_bytes)} budget")  # fmt: skip
+        return capacity.Verdict()
 
     def event_group(self) -> str:
         return progress.model_group(self.id)
@@ -337,3 +351,19 @@ class Model(TransferRow):
         if include_config:
             data["architecture_config"] = self.architecture_config
         return data
+
+
+def format_judge(config: dict, fmt: str):
+    """How a worker is judged for making `fmt` of this config: whether it can make and hold
+    it, or only by falling back to a smaller format (not `exact`)."""
+    from .ml import quantize
+
+    def judge(worker: capacity.Capacity) -> capacity.Verdict:
+        try:
+            made, _ = quantize.choose_format(fmt, quantize.memory_estimate(config, worker.device), worker.budget_bytes,
+                                             worker.device)  # fmt: skip
+        except JobError as exc:
+            return capacity.Verdict(exc.message)
+        return capacity.Verdict(exact=made == fmt)
+
+    return judge

@@ -5,7 +5,6 @@ Views, the API and the management commands all come through here.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import time
@@ -16,14 +15,13 @@ from django.db import transaction
 from mistudio import capacity, jobs
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
-from mistudio.hub import format_bytes
 from mistudio.queue import require_queue
 from mistudio.validation import resolve_import_path, validate_hub_source
 
 from .ml import architecture as architecture_view
 from .ml import hub, loading, quantize
 from .ml.formats import validate_format
-from .models import Model, ModelStatus
+from .models import Model, ModelStatus, format_judge
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +102,9 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
         )
     if not source.raw_dir.is_dir():
         raise Conflict("snapshot_missing", f"The stored snapshot of {source.name} is gone; download it again.")
-    where = placement(source.architecture_config, fmt)
     if enqueue:
         require_queue()
-    with transaction.atomic():
+    with transaction.atomic():  # refused by placement (no worker can make and hold it): nothing is kept
         model = Model.objects.create(
             name=source.name,
             repo_id=source.repo_id,
@@ -124,8 +121,9 @@ def request_quantize(*, user, model_id: str, quantization: str, enqueue=True) ->
             requested_quantization=fmt,
             owner=jobs.owner_of(user),
         )
+        where = jobs.queue_for(model)
         if enqueue:
-            jobs.enqueue_after_commit(model, where.queue)
+            jobs.enqueue_after_commit(model, where)
     return model
 
 
@@ -154,7 +152,7 @@ def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | Non
 def _placement_summary(config: dict, fmt: str, workers: list[capacity.Capacity]) -> dict:
     """Which worker a download of `fmt` would count on, or why none can hold it."""
     try:
-        where = capacity.place(_format_judge(config, fmt), workers)
+        where = capacity.place(format_judge(config, fmt), workers)
     except ServiceError as exc:
         return {"fits": False, "queue": None, "note": exc.message}
     return {"fits": True, "queue": where.queue, "note": where.note}
@@ -218,52 +216,13 @@ def _download_queue(repo_id: str, revision: str | None, token: str | None, fmt: 
         _, config = _repo_facts(repo_id, revision, token)
     except ServiceError:
         return capacity.SHARED_QUEUE
-    return capacity.place(_format_judge(config, fmt), workers).queue
-
-
-def model_queue(config: dict | None, fmt: str) -> str:
-    """A job's queue on a retry or an import, where a refusal is the job's to record."""
-    return capacity.queue_or_shared(_format_judge(config, fmt)) if config else capacity.SHARED_QUEUE
-
-
-def _format_judge(config: dict, fmt: str):
-    """Whether a worker can make and hold `fmt` of this config (or fall back to a smaller format on it)."""
-
-    def judge(worker: capacity.Capacity) -> capacity.Verdict:
-        try:
-            made, _ = quantize.choose_format(fmt, quantize.memory_estimate(config, worker.device), worker.budget_bytes,
-                                             worker.device)  # fmt: skip
-        except JobError as exc:
-            return capacity.Verdict(exc.message)
-        return capacity.Verdict(exact=made == fmt)
-
-    return judge
+    return capacity.place(format_judge(config, fmt), workers).queue
 
 
 def placement(config: dict, fmt: str) -> capacity.Placement:
     """The device-class queue of a live worker that can make and hold `fmt`; refused up
     front, naming every worker's budget, when none can (even the smallest format)."""
-    return capacity.place(_format_judge(config, fmt))
-
-
-def model_verdict(model: Model, worker: capacity.Capacity) -> capacity.Verdict:
-    """Whether `worker` can load the ready model as it is: its format's estimate on that
-    worker's device (bitsandbytes' Q8/Q4 load and run on a CPU worker too)."""
-    fmt = model.quantization
-    need = quantize.memory_estimate(model.architecture_config, worker.device)[fmt]
-    if need > worker.budget_bytes:
-        return capacity.Verdict(f"{model.name} {fmt} needs {format_bytes(need)}, more than its {format_bytes(worker.budget_bytes)} budget")
-    return capacity.Verdict()
-
-
-def model_placement(model: Model) -> capacity.Placement:
-    """The queue of a live worker that can load the model (an extraction)."""
-    return capacity.place(functools.partial(model_verdict, model))
-
-
-def model_queue_or_shared(model: Model) -> str:
-    """An extraction's queue on a retry, where a refusal is the job's to record."""
-    return capacity.queue_or_shared(functools.partial(model_verdict, model))
+    return capacity.place(format_judge(config, fmt))
 
 
 # --- lookup, cancel and delete ---------------------------------------------------------

@@ -11,14 +11,14 @@ classes in with `register` (from their AppConfig.ready); the worker's death hand
 fails the rows of every registered kind the same way.
 
 The floor, by concern: `rows` (the fields every tracked row has and how it is shown),
-`lifecycle` (register, fail, cancel, delete, retry, resume, enqueue), `recovery` (a dead
+`lifecycle` (register, fail, cancel, delete, retry, resume, where a job goes, enqueue), `recovery` (a dead
 worker, a lost job: queued again or failed) and `runner` (one run: progress, and how it
 ended). Everything is importable from here.
 """
 
 from .lifecycle import (  # noqa: F401
-    _KINDS, REQUIRED_ATTRIBUTES, REQUIRED_OVERRIDES, STOPPED_KEPT, cancel, delete, enqueue_after_commit, fail, register,
-    resume, retry,
+    _KINDS, REQUIRED_ATTRIBUTES, REQUIRED_OVERRIDES, STOPPED_KEPT, cancel, delete, enqueue_after_commit, fail, queue_for,
+    register, resume, retry,
 )
 from .recovery import STRANDED_AFTER_SECONDS, backoff_seconds, mark_worker_died, reap_stranded, resume_by_itself  # noqa: F401
 from .rows import TrackedRow, TransferRow, owner_of  # noqa: F401

@@ -10,7 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from .. import queue
+from .. import capacity, queue
 from ..errors import Conflict, InvalidInput, JobError, ServiceError
 from ..validation import validate_token
 from .rows import TrackedRow
@@ -151,6 +151,18 @@ def resume(row_class: type[TrackedRow], pk: str, user, enqueue: bool = True):
     return retry(row_class, pk, user, enqueue=enqueue, resume=True)
 
 
+def queue_for(row: TrackedRow, refuse: bool = True) -> str:
+    """The one placement rule: the device-class queue of a live worker that can hold the
+    row's job (its placement_judge), the shared queue when any will do. `refuse`: a job no
+    live worker can hold is refused now (ServiceError does_not_fit, naming every worker's
+    budget); else (a retry, an automatic resume) it goes to the shared queue and the job
+    itself records why it cannot run."""
+    judge = row.placement_judge()
+    if judge is None:
+        return capacity.SHARED_QUEUE
+    return capacity.place(judge).queue if refuse else capacity.queue_or_shared(judge)
+
+
 def enqueue_after_commit(row: TrackedRow, queue_name: str | None = None, new: bool = True) -> None:
     """Queue the row's job (its class's `job_function`, the one place its path is written)
     once the row's transaction commits. The job id is on the row
@@ -160,7 +172,7 @@ def enqueue_after_commit(row: TrackedRow, queue_name: str | None = None, new: bo
     `new` row's card is added to every open list; a retried one is already there and is
     updated in place (by its publish), never added a second time."""
     job_id = str(uuid.uuid4())
-    queue_name = queue_name or row.job_queue()
+    queue_name = queue_name or queue_for(row, refuse=False)
     type(row).objects.filter(pk=row.pk).update(job_id=job_id)
     row.job_id = job_id
 

@@ -125,10 +125,10 @@ class TrackedRow(models.Model):
         """The dotted path of the RQ job that runs this row."""
         raise NotImplementedError
 
-    def job_queue(self) -> str:
-        """The queue its job goes to when nothing placed it (a retry): the shared one, unless
-        the kind needs a worker with the memory for it."""
-        return "default"
+    def placement_judge(self):
+        """How a worker is judged for this row's job (mistudio.capacity: worker → Verdict),
+        or None when any worker will do (the shared queue). See lifecycle.queue_for."""
+        return None
 
     def job_paths(self) -> list[Path]:
         """Every folder the row's job writes, staged ones included."""
