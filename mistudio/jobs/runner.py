@@ -57,11 +57,13 @@ class TrackedJob:
         )
 
     def write(self, **fields):
-        """Written at once, if the row still runs; else JobCancelled."""
+        """Written at once, if the row still runs; else JobCancelled. A database that refuses
+        a new connection (all of them held elsewhere; the progress thread opens its own) is
+        waited for, as at the job's start (DATABASE_WAITS), instead of failing the run."""
         with self._lock:
-            updated = self.row_class.objects.filter(pk=self.pk, status__in=self.row_class.RUNNING).update(
+            updated = _with_database(lambda: self.row_class.objects.filter(pk=self.pk, status__in=self.row_class.RUNNING).update(
                 updated_at=timezone.now(), **fields
-            )
+            ), f"{self.row_class.KIND} {self.pk}")  # fmt: skip
             if not updated:
                 raise JobCancelled()
             row = self.row_class.rows().get(pk=self.pk)
@@ -106,22 +108,27 @@ class TrackedJob:
 DATABASE_WAITS = (1, 2, 4, 8, 15, 15, 15)  # seconds: a job waits a minute for the database before it gives up
 
 
-def _read_queued_row(row_class: type[TrackedRow], pk: str):
-    """The job's row, waiting with backoff while the database refuses connections (its
-    connection limit reached, a restart): a job forked in that minute used to fail before
-    any error handling, leaving its row queued with no job. One that still cannot connect
-    raises; the row stays queued and the workers' maintenance queues it again (reap_stranded)."""
-    from django.db import InterfaceError, OperationalError, connections
+def _with_database(query, what: str):
+    """`query()`, waiting with backoff while the database refuses connections (its
+    connection limit reached, a restart); after DATABASE_WAITS it raises."""
+    from django.db import InterfaceError, OperationalError, connection
 
     for wait in DATABASE_WAITS:
         try:
-            return row_class.rows().filter(pk=pk).first()
+            return query()
         except (OperationalError, InterfaceError) as exc:
-            log.warning("%s %s: the database refused the job (%s); trying again in %d s", row_class.KIND, pk,
-                        type(exc).__name__, wait)  # fmt: skip
-            connections.close_all()
+            log.warning("%s: the database refused the job (%s); trying again in %d s", what, type(exc).__name__, wait)
+            connection.close()  # this thread's: the next query opens a new one
             time.sleep(wait)
-    return row_class.rows().filter(pk=pk).first()
+    return query()
+
+
+def _read_queued_row(row_class: type[TrackedRow], pk: str):
+    """The job's row, waited for while the database refuses connections: a job forked in
+    such a minute used to fail before any error handling, leaving its row queued with no
+    job. One that still cannot connect raises; the row stays queued and the workers'
+    maintenance queues it again (reap_stranded)."""
+    return _with_database(lambda: row_class.rows().filter(pk=pk).first(), f"{row_class.KIND} {pk}")
 
 
 def run_tracked(row_class: type[TrackedRow], pk: str, work: Callable[[TrackedRow, TrackedJob], None],
