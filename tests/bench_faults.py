@@ -26,7 +26,7 @@ from activations_app.tests.test_resume import TEXT
 from models_app.models import Model
 from models_app.tests.bench_models import report
 from models_app.tests.hub_server import HubRepo, make_sha
-from models_app.tests.support import ROOT, start_worker, subprocess_env, wait_for
+from models_app.tests.support import ROOT, start_worker, stop, subprocess_env, wait_for
 from tests.test_redis_outage import PrivateRedis
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -153,11 +153,7 @@ def test_every_fault_on_a_real_worker_ends_in_a_finished_run(hub, tiny_model, da
                 problems.append(f"{kind}, {fault}: {type(exc).__name__}: {exc}")
                 rows.append((f"{kind}, {fault}", f"FAILED: {type(exc).__name__}"))
             finally:
-                worker.terminate()
-                try:
-                    worker.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
+                stop(worker, timeout=20)
                 redis.stop()
                 for model in (Model, Dataset, Extraction):
                     model.objects.exclude(pk=tiny_model.pk).delete() if model is Model else model.objects.all().delete()

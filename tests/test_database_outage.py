@@ -3,7 +3,6 @@ handling (issue 17, item 5): with the worker's database role allowed no connecti
 (as when every connection is held elsewhere), a queued download's job waits, with backoff,
 and once connections are allowed again it runs to the end; the worker itself lives on."""
 
-import subprocess
 import time
 
 import pytest
@@ -11,7 +10,7 @@ from django.db import connection
 
 from models_app import services
 from models_app.models import Model, ModelStatus
-from models_app.tests.support import start_worker, wait_for
+from models_app.tests.support import start_worker, stop, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -52,8 +51,4 @@ def test_a_job_waits_for_a_database_that_refuses_connections_and_then_runs(hub, 
         assert done.status == ModelStatus.READY, (done.status, done.error_message)
         assert worker.poll() is None
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop(worker)

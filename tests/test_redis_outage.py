@@ -15,7 +15,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from models_app.models import Model, ModelStatus
-from models_app.tests.support import ROOT, free_port, start_worker, subprocess_env, wait_for
+from models_app.tests.support import ROOT, free_port, start_worker, stop, subprocess_env, wait_for
 from models_app.tests.test_consumers import session_cookie, socket
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -78,11 +78,7 @@ def test_a_download_running_through_a_redis_outage_ends_ready_and_its_worker_liv
         assert "heartbeat skipped" in log and "hf_" not in log
     finally:
         if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop(worker)
         redis.stop()
 
 

@@ -148,6 +148,17 @@ def start_worker(burst: bool = True, log_file: bool = False, **extra_env: str) -
     return process
 
 
+def stop(process: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM (a worker finishes or abandons its job, as under scripts/run), then SIGKILL
+    if it has not stopped within `timeout`."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_for(predicate, timeout: float = 60, interval: float = 0.1, message: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
