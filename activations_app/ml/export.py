@@ -133,6 +133,7 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
             for hook in hooks:
                 values = np.load(extraction_dir / f"layer_{layer}_{hook}.npy", mmap_mode="r")
                 name = hook_name(layer, hook)
+                d_in = int(values.shape[2])
                 features = datasets.Features({
                     name: datasets.Array2D(shape=(seq_len, values.shape[2]), dtype=str(values.dtype)),
                     "token_ids": datasets.Sequence(datasets.Value("int32"), length=seq_len),
@@ -158,16 +159,89 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
                 del dataset
                 shutil.rmtree(cache, ignore_errors=True)
                 written.append(out_dir / name)
-        (tmp / "export.json").write_text(json.dumps({
-            "format": "saelens", "extraction_id": metadata.get("extraction_id"), "context_size": seq_len,
-            "hooks": [hook_name(layer, hook) for layer in layers for hook in hooks],
-            "prepend_bos": metadata.get("prepend_bos"), "model": metadata.get("model"),
-        }, indent=2))  # fmt: skip
+        # The exact token windows as their own dataset (a `tokens` column): SAELens asks for a
+        # dataset even when it reads cached activations, and this is the one they came from.
+        features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("int32"), length=seq_len)})
+
+        def token_rows():
+            for start in range(0, n, ROWS_PER_BLOCK):
+                for row_ids in np.asarray(tokens[start : start + ROWS_PER_BLOCK], dtype=np.int32):
+                    yield {"tokens": row_ids}
+
+        cache = tmp / ".cache"
+        datasets.Dataset.from_generator(token_rows, features=features, cache_dir=str(cache), writer_batch_size=ROWS_PER_BLOCK,
+                                        fingerprint=uuid.uuid4().hex).save_to_disk(str(tmp / TOKENS_DATASET))  # fmt: skip
+        shutil.rmtree(cache, ignore_errors=True)
+        (tmp / "export.json").write_text(json.dumps(export_record(metadata, out_dir, layers, hooks, seq_len, d_in), indent=2))
         _move_into_place(tmp, out_dir, replaceable)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return written
+
+
+TOKENS_DATASET = "tokens"
+
+
+def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[str], seq_len: int, d_in: int) -> dict:
+    """`export.json`: what the activations are (model, dataset, tokenization, BOS, dtype,
+    width), how they were summarized (the norm scaling factor per hook and what it leaves
+    out) and, per hook, the SAELens settings that load them with no glue code. SAELens'
+    `cached_activations_path` is the hook's own folder, not the export's root."""
+    config = metadata.get("config", {})
+    statistics = metadata.get("statistics", {})
+    bos = metadata.get("bos_token_id")
+    per_hook = {}
+    for layer in layers:
+        for hook in hooks:
+            name = hook_name(layer, hook)
+            figures = statistics.get(f"layer_{layer}_{hook}", {})
+            per_hook[name] = {
+                "cached_activations_path": str(out_dir / name),
+                "hook_name": name,
+                "hook_layer": layer,
+                "d_in": d_in,
+                "context_size": seq_len,
+                "dataset_path": str(out_dir / TOKENS_DATASET),
+                "prepend_bos": bos is not None,
+                "use_cached_activations": True,
+                "norm_scaling_factor": figures.get("norm_scaling_factor"),
+            }
+    return {
+        "format": "saelens",
+        "extraction_id": metadata.get("extraction_id"),
+        "model": metadata.get("model"),
+        "dataset": metadata.get("dataset"),
+        "tokens_dataset": str(out_dir / TOKENS_DATASET),
+        "context_size": seq_len,
+        "d_in": d_in,
+        "dtype": config.get("dtype", metadata.get("dtype")),
+        "tokenization": {
+            "mode": config.get("tokenization"),
+            "separator": "eos" if config.get("tokenization") == "packed" else None,
+            "prepend_bos": metadata.get("prepend_bos"),
+            "bos_token_id": bos,
+            "tokenizer": metadata.get("tokenizer"),
+        },
+        "normalization": {
+            "statistic": "norm_scaling_factor = sqrt(d_in) / mean token norm, per hook",
+            "left_out": metadata.get("statistics_exclude", []),
+            "advice": "train with normalize_activations='expected_average_only_in', or scale by the hook's "
+                      "norm_scaling_factor below",
+        },
+        "hooks": list(per_hook),
+        "saelens": per_hook,
+    }
+
+
+def saelens_snippet(record: dict) -> str:
+    """The SAELens runner settings for the first hook, as a user pastes them (the rest of
+    the hooks differ only in their path and name; see export.json)."""
+    first = record["saelens"][record["hooks"][0]]
+    keys = ("hook_name", "d_in", "context_size", "prepend_bos", "use_cached_activations", "cached_activations_path",
+            "dataset_path")  # fmt: skip
+    lines = [f"    {key}={first[key]!r}," for key in keys]
+    return "LanguageModelSAERunnerConfig(\n" + "\n".join(lines) + "\n    normalize_activations='expected_average_only_in',\n    ...\n)"
 
 
 def _metadata(extraction_dir: Path) -> dict:

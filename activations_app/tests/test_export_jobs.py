@@ -100,3 +100,29 @@ def test_the_command_prints_the_record_as_json_and_can_queue(finished, tmp_path,
     call_command("export_activations", finished.id, "--queue", "--json")
     queued = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert queued["status"] == "queued" and Export.objects.get(pk=queued["id"]).job_id
+
+
+def test_export_json_holds_what_saelens_needs_and_the_tokens_are_a_dataset_beside_the_activations(finished, tmp_path, capsys):
+    import datasets
+    import numpy as np
+
+    call_command("export_activations", finished.id, "--out", str(tmp_path / "out"))
+    said = capsys.readouterr()
+    record = json.loads((tmp_path / "out" / "export.json").read_text())
+    metadata = json.loads((finished.final_dir / "metadata.json").read_text())
+    tokens = np.load(finished.final_dir / "tokens.npy")
+    assert record["d_in"] == 64 and record["context_size"] == 16 and record["dtype"] == "float16"
+    assert record["dataset"]["id"] == finished.dataset_id and record["tokenization"]["mode"] == "packed"
+    assert record["tokenization"]["separator"] == "eos" and record["normalization"]["left_out"] == metadata["statistics_exclude"]
+    assert record["hooks"] == ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out", "blocks.2.hook_resid_post", "blocks.2.hook_mlp_out"]
+    for name, settings in record["saelens"].items():
+        # The hook's own folder (the export's root is what SAELens cannot load), loadable as is.
+        loaded = datasets.load_from_disk(settings["cached_activations_path"])
+        assert loaded.column_names == [name, "token_ids"] and loaded.features[name].shape == (16, 64)
+        stem = f"layer_{name.split('.')[1]}_{'residual' if name.endswith('resid_post') else 'mlp'}"
+        assert settings["norm_scaling_factor"] == metadata["statistics"][stem]["norm_scaling_factor"]
+        assert settings["hook_name"] == name and settings["d_in"] == 64 and settings["dataset_path"] == record["tokens_dataset"]
+    windows = datasets.load_from_disk(record["tokens_dataset"])
+    assert windows.column_names == ["tokens"] and np.array_equal(np.array(windows["tokens"]), tokens)
+    assert "LanguageModelSAERunnerConfig(" in said.err and "cached_activations_path=" in said.err
+    assert said.out.strip().splitlines()[-1].endswith("blocks.2.hook_mlp_out")  # stdout: the paths, as before
