@@ -145,7 +145,7 @@ def _export(export: Export, job: TrackedJob) -> None:
         job.report(100.0 * done / total, lambda: {"rows_done": done, "rows_total": total}, force=done >= total)
 
     try:
-        paths = export_saelens(extraction.final_dir, export.out_dir, on_progress, staging=export.staging_dir)
+        paths = export_saelens(extraction.final_dir, export.out_dir, on_progress, staging=export.staging_dir, naming=export.naming)
     except InvalidInput as exc:  # the folder filled up, or became a file, since it was asked for
         raise JobError(exc.code, exc.message) from None
     except OSError as exc:  # disk full mid-way, a folder that cannot be written: said, not a traceback

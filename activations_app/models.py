@@ -381,6 +381,7 @@ class Export(TrackedRow):
     id = models.CharField(primary_key=True, max_length=16, default=new_export_id, editable=False)
     extraction = models.ForeignKey(Extraction, on_delete=models.CASCADE, related_name="export_runs")
     format = models.CharField(max_length=16, default="saelens")
+    naming = models.CharField(max_length=4, default="hf")  # hook names: module paths (hf) or TransformerLens (tl)
     out_path = models.CharField(max_length=1000)  # the folder it writes, resolved when it was asked for
     status = models.CharField(max_length=12, choices=ExportStatus.choices, default=ExportStatus.QUEUED)
     rows_done = models.BigIntegerField(default=0)
@@ -437,7 +438,7 @@ class Export(TrackedRow):
 
     def as_dict(self) -> dict:
         return {
-            "id": self.id, "extraction_id": self.extraction_id, "format": self.format, "status": self.status,
+            "id": self.id, "extraction_id": self.extraction_id, "format": self.format, "naming": self.naming, "status": self.status,
             "progress": round(self.progress, 2), "rows_done": self.rows_done, "rows_total": self.rows_total,
             "path": self.out_path, "datasets": self.paths, "error_code": self.error_code or None,
             "error_message": self.error_message or None, "notice": self.notice or None, "attempt": self.attempt,

@@ -23,7 +23,7 @@ from models_app.services import get_ready_model
 from .forms import ExtractionForm
 from .ml import datasets as dataset_files
 from .ml.export import FORMATS as EXPORT_FORMATS
-from .ml.export import check_free_space, check_out_dir, default_out_dir, export_bytes
+from .ml.export import DEFAULT_NAMING, NAMINGS, check_free_space, check_out_dir, default_out_dir, export_bytes
 from .ml.extract import ExtractionSpec, storage_bytes
 from .ml.hub_datasets import check_text_column, plan_dataset
 from .models import Dataset, DatasetStatus, Export, Extraction, ExtractionStatus, ExtractionTemplate
@@ -255,7 +255,8 @@ def resume_extraction(extraction_id: str, user, enqueue: bool = True) -> Extract
     return jobs.resume(Extraction, extraction_id, user, enqueue=enqueue)
 
 
-def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: bool = True, out: Path | None = None) -> Export:
+def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: bool = True, out: Path | None = None,
+                      naming: str | None = None) -> Export:  # fmt: skip
     """An export of a finished extraction in a trainer's format (SAELens: `datasets` per
     hook) into its own `extraction_{id}/{format}/`, or into `out` (a new or empty folder
     outside it): a tracked job, queued for a worker or (`enqueue=False`) left for the caller
@@ -265,6 +266,9 @@ def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: b
     extraction = Extraction.get_or_404(extraction_id)
     if fmt not in EXPORT_FORMATS:
         raise ServiceError("invalid_input", f"format must be one of {', '.join(EXPORT_FORMATS)}.", details={"field": "format"})
+    naming = naming or DEFAULT_NAMING
+    if naming not in NAMINGS:
+        raise ServiceError("invalid_input", f"naming must be one of {', '.join(NAMINGS)}.", details={"field": "naming"})
     if extraction.status != ExtractionStatus.COMPLETED or not extraction.final_dir.is_dir():
         raise Conflict("not_completed", f"{extraction.label} is {extraction.status}; only a completed extraction can be exported.")
     try:
@@ -283,7 +287,8 @@ def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: b
             raise Conflict("export_running", f"An export of {extraction.label} for {running.format_label} is already "
                                              f"{running.status} ({running.id}); wait for it, or cancel it first.",
                            details={"export_id": running.id})  # fmt: skip
-        export = Export.objects.create(extraction=extraction, format=fmt, out_path=str(target), owner=jobs.owner_of(user))
+        export = Export.objects.create(extraction=extraction, format=fmt, naming=naming, out_path=str(target),
+                                       owner=jobs.owner_of(user))  # fmt: skip
         if enqueue:
             jobs.enqueue_after_commit(export)
     return export

@@ -102,7 +102,7 @@ def test_every_format_is_made_reloaded_extracted_and_exported_with_its_own_value
             assert relative_error(before + parts, residual) < 1e-3, f"{fmt} layer {layer}: residual ≠ previous + attention + mlp"
         export = extraction_services.export_extraction(extraction.id, None, enqueue=False)
         exported = {Path(path).name: Path(path) for path in extraction_jobs.run_export_job(export.id).paths}
-        name = f"blocks.{last}.hook_attn_out"
+        name = f"model.layers.{last}.self_attn"  # the default hook naming: the model's own module paths
         column = datasets.load_from_disk(str(exported[name])).with_format("numpy")
         np.testing.assert_array_equal(column[name], np.load(folder / f"layer_{last}_attention.npy"))
     print(f"\nformat sweep: {len(made)} formats ({', '.join(made)}) × download/quantize, fresh-process reload, extract, export")

@@ -22,6 +22,14 @@ from mistudio.errors import InvalidInput, JobError
 
 TRANSFORMERLENS_HOOKS = {"residual": "hook_resid_post", "mlp": "hook_mlp_out", "attention": "hook_attn_out"}
 FORMATS = ("saelens",)
+# Hook names in the export: "hf", the Hugging Face module paths (model.layers.15, …), which
+# SAELens' AutoModelForCausalLM loading path hooks and which every model here has; "tl", the
+# TransformerLens names (blocks.15.hook_resid_post), for models TransformerLens itself loads.
+NAMINGS = ("hf", "tl")
+DEFAULT_NAMING = "hf"
+NAMING_REASON = ("hf: the model's own module paths, which SAELens hooks when it loads a model through "
+                 "AutoModelForCausalLM (any Hugging Face model); --naming tl gives TransformerLens names, for a "
+                 "model TransformerLens itself supports")
 ROWS_PER_BLOCK = 64
 
 
@@ -115,8 +123,9 @@ def check_free_space(out_dir: Path, needed_bytes: int, reserve_bytes: int) -> No
 
 
 def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[int, int], None] | None = None,
-                   staging: Path | None = None) -> list[Path]:  # fmt: skip
-    """One dataset per layer/hook under `out_dir/{hook name}/`; the folders' paths."""
+                   staging: Path | None = None, naming: str = DEFAULT_NAMING) -> list[Path]:  # fmt: skip
+    """One dataset per layer/hook under `out_dir/{hook name}/`, named the `naming` way
+    (NAMINGS); the folders' paths."""
     import datasets
 
     metadata = _metadata(extraction_dir)
@@ -132,7 +141,7 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
         for layer in layers:
             for hook in hooks:
                 values = np.load(extraction_dir / f"layer_{layer}_{hook}.npy", mmap_mode="r")
-                name = hook_name(layer, hook)
+                name = export_name(metadata, layer, hook, naming)
                 d_in = int(values.shape[2])
                 features = datasets.Features({
                     name: datasets.Array2D(shape=(seq_len, values.shape[2]), dtype=str(values.dtype)),
@@ -172,7 +181,7 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
         datasets.Dataset.from_generator(token_rows, features=features, cache_dir=str(cache), writer_batch_size=ROWS_PER_BLOCK,
                                         fingerprint=uuid.uuid4().hex).save_to_disk(str(tmp / TOKENS_DATASET))  # fmt: skip
         shutil.rmtree(cache, ignore_errors=True)
-        (tmp / "export.json").write_text(json.dumps(export_record(metadata, out_dir, layers, hooks, seq_len, d_in), indent=2))
+        (tmp / "export.json").write_text(json.dumps(export_record(metadata, out_dir, layers, hooks, seq_len, d_in, naming), indent=2))
         _move_into_place(tmp, out_dir, replaceable)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,7 +192,18 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
 TOKENS_DATASET = "tokens"
 
 
-def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[str], seq_len: int, d_in: int) -> dict:
+def export_name(metadata: dict, layer: int, hook: str, naming: str) -> str:
+    """A layer/hook's column and folder name: its module path (hf), or its TransformerLens
+    name (tl; also for an extraction too old to have recorded its module paths)."""
+    if naming == "hf":
+        path = metadata.get("hook_modules", {}).get(f"layer_{layer}_{hook}")
+        if path:
+            return path
+    return hook_name(layer, hook)
+
+
+def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[str], seq_len: int, d_in: int,
+                  naming: str = DEFAULT_NAMING) -> dict:  # fmt: skip
     """`export.json`: what the activations are (model, dataset, tokenization, BOS, dtype,
     width), how they were summarized (the norm scaling factor per hook and what it leaves
     out) and, per hook, the SAELens settings that load them with no glue code. SAELens'
@@ -194,7 +214,7 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
     per_hook = {}
     for layer in layers:
         for hook in hooks:
-            name = hook_name(layer, hook)
+            name = export_name(metadata, layer, hook, naming)
             figures = statistics.get(f"layer_{layer}_{hook}", {})
             per_hook[name] = {
                 "cached_activations_path": str(out_dir / name),
@@ -209,6 +229,9 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
             }
     return {
         "format": "saelens",
+        "naming": naming,
+        "naming_reason": NAMING_REASON,
+        "transformerlens_names": {export_name(metadata, layer, hook, naming): hook_name(layer, hook) for layer in layers for hook in hooks},
         "extraction_id": metadata.get("extraction_id"),
         "model": metadata.get("model"),
         "dataset": metadata.get("dataset"),

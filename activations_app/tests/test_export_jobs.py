@@ -46,8 +46,8 @@ def test_an_export_from_the_api_is_tracked_one_at_a_time_and_shown_on_its_page(f
     done = signed_in.get(f"/api/exports/{export['id']}").json()
     assert done["status"] == "completed" and done["progress"] == 100.0
     assert done["rows_done"] == done["rows_total"] == finished.samples_total * 4  # every row of every layer/hook
-    assert sorted(p.rsplit("/", 1)[1] for p in done["datasets"]) == [
-        "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post", "blocks.2.hook_mlp_out", "blocks.2.hook_resid_post"]
+    assert sorted(p.rsplit("/", 1)[1] for p in done["datasets"]) == [  # the model's module paths (hf), by default
+        "model.layers.0", "model.layers.0.mlp", "model.layers.2", "model.layers.2.mlp"]
     page = signed_in.get(f"/extractions/{finished.id}").content.decode()
     assert "Written to" in page and str(finished.final_dir / "saelens") in page and "Export for SAELens again" in page
     assert signed_in.post(path, content_type="application/json").status_code == 202  # the next one may start now
@@ -114,15 +114,23 @@ def test_export_json_holds_what_saelens_needs_and_the_tokens_are_a_dataset_besid
     assert record["d_in"] == 64 and record["context_size"] == 16 and record["dtype"] == "float16"
     assert record["dataset"]["id"] == finished.dataset_id and record["tokenization"]["mode"] == "packed"
     assert record["tokenization"]["separator"] == "eos" and record["normalization"]["left_out"] == metadata["statistics_exclude"]
-    assert record["hooks"] == ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out", "blocks.2.hook_resid_post", "blocks.2.hook_mlp_out"]
+    assert record["naming"] == "hf" and "AutoModelForCausalLM" in said.err  # the command says which naming, and why
+    assert record["hooks"] == ["model.layers.0", "model.layers.0.mlp", "model.layers.2", "model.layers.2.mlp"]
+    assert record["transformerlens_names"]["model.layers.2.mlp"] == "blocks.2.hook_mlp_out"
     for name, settings in record["saelens"].items():
         # The hook's own folder (the export's root is what SAELens cannot load), loadable as is.
         loaded = datasets.load_from_disk(settings["cached_activations_path"])
         assert loaded.column_names == [name, "token_ids"] and loaded.features[name].shape == (16, 64)
-        stem = f"layer_{name.split('.')[1]}_{'residual' if name.endswith('resid_post') else 'mlp'}"
+        tl = record["transformerlens_names"][name]
+        stem = f"layer_{tl.split('.')[1]}_{'residual' if tl.endswith('resid_post') else 'mlp'}"
         assert settings["norm_scaling_factor"] == metadata["statistics"][stem]["norm_scaling_factor"]
         assert settings["hook_name"] == name and settings["d_in"] == 64 and settings["dataset_path"] == record["tokens_dataset"]
     windows = datasets.load_from_disk(record["tokens_dataset"])
     assert windows.column_names == ["tokens"] and np.array_equal(np.array(windows["tokens"]), tokens)
     assert "LanguageModelSAERunnerConfig(" in said.err and "cached_activations_path=" in said.err
-    assert said.out.strip().splitlines()[-1].endswith("blocks.2.hook_mlp_out")  # stdout: the paths, as before
+    assert said.out.strip().splitlines()[-1].endswith("model.layers.2.mlp")  # stdout: the paths, as before
+    call_command("export_activations", finished.id, "--out", str(tmp_path / "tl"), "--naming", "tl")
+    tl = json.loads((tmp_path / "tl" / "export.json").read_text())
+    assert tl["naming"] == "tl" and tl["hooks"] == ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out", "blocks.2.hook_resid_post",
+                                                     "blocks.2.hook_mlp_out"]
+    assert datasets.load_from_disk(tl["saelens"]["blocks.2.hook_mlp_out"]["cached_activations_path"]).column_names[0] == "blocks.2.hook_mlp_out"

@@ -81,7 +81,7 @@ def test_an_export_never_replaces_or_deletes_a_folder_it_did_not_make(finished, 
         if out.name == "empty":
             out.mkdir()
         call_command("export_activations", finished.id, "--out", str(out))
-        assert (out / "blocks.0.hook_resid_post" / "dataset_info.json").is_file() and (out / "export.json").is_file()
+        assert (out / "model.layers.0" / "dataset_info.json").is_file() and (out / "export.json").is_file()
         assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     capsys.readouterr()
 

@@ -187,7 +187,7 @@ def test_the_saelens_export_loads_with_datasets_and_holds_the_npy_values(smollm2
                                              max_samples=70, batch_size=8, seq_len=16)  # fmt: skip
     jobs.run_extraction_job(extraction.id)
     extraction.refresh_from_db()
-    call_command("export_activations", extraction.id, "--format", "saelens")
+    call_command("export_activations", extraction.id, "--format", "saelens", "--naming", "tl")
     out = extraction.final_dir / "saelens"
     printed = capsys.readouterr()
     assert "100.0%" in printed.err and str(out / "blocks.4.hook_attn_out") in printed.out

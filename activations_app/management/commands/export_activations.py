@@ -2,7 +2,7 @@ import json
 from pathlib import Path
 
 from activations_app import jobs, services
-from activations_app.ml.export import FORMATS, saelens_snippet
+from activations_app.ml.export import DEFAULT_NAMING, FORMATS, NAMING_REASON, NAMINGS, saelens_snippet
 from activations_app.models import ExportStatus
 from mistudio.commands import JobCommand, acting_user, service_call
 
@@ -18,14 +18,18 @@ class Command(JobCommand):
         parser.add_argument("--format", choices=FORMATS, default="saelens")
         parser.add_argument("--out", help="a new or empty folder to write, outside the extraction's folder "
                                           "(default: the extraction's own saelens/ folder)")  # fmt: skip
+        parser.add_argument("--naming", choices=NAMINGS, default=None,
+                            help=f"hook names in the export (default {DEFAULT_NAMING}: {NAMING_REASON})")  # fmt: skip
         parser.add_argument("--queue", action="store_true", help="Queue it for a worker instead of running it here.")
         self.add_job_arguments(parser)
 
     def handle(self, *args, **options):
         out = Path(options["out"]).resolve() if options["out"] else None
         options["sync"] = not options["queue"]  # this command runs here unless told otherwise
+        if options["naming"] is None:
+            self.stderr.write(f"Hook names: {NAMING_REASON}.")
         export = service_call(services.export_extraction, options["extraction_id"], acting_user(options), options["format"],
-                              enqueue=options["queue"], out=out)  # fmt: skip
+                              enqueue=options["queue"], out=out, naming=options["naming"])  # fmt: skip
         export = self.run_job(export, jobs.run_export_job, options)
         record = export.out_dir / "export.json"
         if export.is_ready and record.is_file():  # on stderr: stdout stays the paths (or the JSON)
