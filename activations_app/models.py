@@ -407,6 +407,18 @@ class Export(TrackedRow):
         return Path(self.out_path)
 
     @property
+    def saelens_snippet(self) -> str:
+        """The SAELens runner settings for its first hook, from its export.json ("" until it is whole)."""
+        import json
+
+        from .ml.export import saelens_snippet
+
+        try:
+            return saelens_snippet(json.loads((self.out_dir / "export.json").read_text())) if self.is_ready else ""
+        except (OSError, ValueError, KeyError, IndexError):
+            return ""
+
+    @property
     def staging_dir(self) -> Path:
         return self.out_dir.with_name(f".{self.out_dir.name}.partial-{self.id}")
 

@@ -50,6 +50,7 @@ def test_an_export_from_the_api_is_tracked_one_at_a_time_and_shown_on_its_page(f
         "model.layers.0", "model.layers.0.mlp", "model.layers.2", "model.layers.2.mlp"]
     page = signed_in.get(f"/extractions/{finished.id}").content.decode()
     assert "Written to" in page and str(finished.final_dir / "saelens") in page and "Export for SAELens again" in page
+    assert "LanguageModelSAERunnerConfig(" in page and 'data-copy="#saelens-snippet-' in page  # the settings, with a copy button
     assert signed_in.post(path, content_type="application/json").status_code == 202  # the next one may start now
 
 

@@ -64,6 +64,15 @@
   document.addEventListener("input", clearRefusal);
   document.addEventListener("change", clearRefusal);
 
+  // A copy button copies the text of the element its data-copy names, and says so.
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest && event.target.closest("[data-copy]");
+    if (!button) return;
+    var source = document.querySelector(button.dataset.copy);
+    if (!source || !navigator.clipboard) return;
+    navigator.clipboard.writeText(source.textContent).then(function () { button.textContent = "Copied"; }, function () { button.textContent = "Select and copy"; });
+  });
+
   function syncDownloadButton() {
     var input = document.getElementById("id_repo_id");
     var button = document.getElementById("download-button");
