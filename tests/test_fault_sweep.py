@@ -13,6 +13,7 @@ import pytest
 from django.utils import timezone
 
 from mistudio import jobs
+from activations_app.tests.test_resume import long_dataset  # noqa: F401 - fixture
 from tests.test_action_sweep import every_state  # noqa: F401 - fixture: a real row of every kind
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -104,3 +105,40 @@ def test_a_job_kind_that_forgets_a_required_piece_is_refused_when_it_is_register
     for piece in ("QUEUED", "DONE", "card_template", "job_function", "job_paths", "progress_event"):
         assert piece in str(refused.value)
     assert Forgetful not in jobs._KINDS
+
+
+def test_a_run_taken_for_dead_stops_at_its_next_write_and_leaves_the_new_run_alone(tiny_model, long_dataset, settings):  # noqa: F811
+    """A job still alive when its row was queued again (another worker's maintenance took it for
+    dead during a long Redis outage): its next write finds a row that is no longer its own,
+    and it stops there without failing that row or removing the files the new run goes on from."""
+    import threading
+
+    from django.db import connection
+
+    from activations_app import jobs as extraction_jobs
+    from activations_app import services as extraction_services
+    from activations_app.models import Extraction
+    from mistudio.staging import staged_path
+    from models_app.tests.support import wait_for
+
+    settings.EXTRACTION_CHECKPOINT_SECONDS = 0.0
+    extraction = extraction_services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], enqueue=False,
+                                                        layers=[3], hook_types=["residual"], max_samples=1600, batch_size=8,
+                                                        seq_len=48)  # fmt: skip
+    ended = {}
+
+    def run():
+        try:
+            ended["row"] = extraction_jobs.run_extraction_job(extraction.id)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: Extraction.objects.get(pk=extraction.id).resumable_rows >= 16, timeout=120, message="a checkpoint")
+    Extraction.objects.filter(pk=extraction.id).update(status="queued", job_id="the-new-run", attempt=2)  # as resume_by_itself does
+    thread.join(timeout=60)
+    assert not thread.is_alive() and ended["row"] is None
+    row = Extraction.objects.get(pk=extraction.id)
+    assert (row.status, row.job_id, row.error_code) == ("queued", "the-new-run", "")
+    assert (staged_path(row.final_dir) / "checkpoint.npz").is_file()  # what the new run goes on from

@@ -39,12 +39,13 @@ def register(row_class: type[TrackedRow]) -> None:
         _KINDS.append(row_class)
 
 
-def fail(row_class: type[TrackedRow], pk: str, error: JobError, publish: bool = True):
-    """The row ends failed with the error's code and message, and its files go."""
+def fail(row_class: type[TrackedRow], pk: str, error: JobError, publish: bool = True, job_id: str | None = None):
+    """The row ends failed with the error's code and message, and its files go. With
+    `job_id`, only while the row is still that job's (not queued again under another)."""
     row = row_class.rows().filter(pk=pk).first()
-    if row is None:
+    if row is None or (job_id is not None and row.job_id != job_id):
         return None
-    row_class.objects.filter(pk=pk, status__in=row_class.RUNNING).update(
+    row_class.objects.filter(pk=pk, status__in=row_class.RUNNING, **({"job_id": job_id} if job_id is not None else {})).update(
         status=row_class.FAILED, error_code=error.code, error_message=error.message, updated_at=timezone.now(),
         **row_class.IDLE_FIELDS, **row.stop_fields(error),
     )  # fmt: skip
@@ -135,6 +136,7 @@ def retry(row_class: type[TrackedRow], pk: str, user, token: str | None = None, 
     with transaction.atomic():
         updated = row_class.objects.filter(pk=pk, status__in=(row_class.FAILED, row_class.CANCELLED)).update(
             status=row_class.QUEUED, progress=0.0, error_code="", error_message="", notice="", attempt=1, updated_at=timezone.now(),
+            **({} if enqueue else {"job_id": ""}),  # run here: no job of the queue's is this run
             **row_class.IDLE_FIELDS, **row.retry_fields(token),
         )  # fmt: skip
         if not updated:

@@ -26,23 +26,27 @@ def mark_worker_died(job_id: str, reason: str) -> None:
     error = JobError("worker_died", f"The worker process stopped unexpectedly ({reason}); retry.")
     for row_class in _KINDS:
         for pk in row_class.objects.filter(job_id=job_id, status__in=row_class.RUNNING).values_list("pk", flat=True):
-            if not resume_by_itself(row_class, pk, "its worker stopped"):
-                fail(row_class, pk, error)
+            if not resume_by_itself(row_class, pk, "its worker stopped", job_id):
+                fail(row_class, pk, error, job_id=job_id)
 
 
-def resume_by_itself(row_class: type[TrackedRow], pk: str, why: str) -> bool:
+def resume_by_itself(row_class: type[TrackedRow], pk: str, why: str, job_id: str | None = None) -> bool:
     """A run stopped by something that was not its own fault (its worker died, its time ran
     out, its job was lost before it started) is queued again by itself, going on from what
     it kept (a download's partial bytes, an extraction's checkpoint, checked before it is
     trusted), while it has attempts left (settings.JOB_ATTEMPTS, counting the first run) and
-    its inputs still exist. Its card says so. False: the caller fails it as before."""
+    its inputs still exist. Its card says so. False: the caller fails it as before. With
+    `job_id`, only while the row is still that job's. Of two callers at once (a death notice
+    and the reaper), one wins: the update is conditional on the attempt and job it read."""
     row = row_class.rows().filter(pk=pk).first()
     if row is None or row.attempt >= settings.JOB_ATTEMPTS or row.missing_inputs():
+        return False
+    if job_id is not None and row.job_id != job_id:
         return False
     attempt = row.attempt + 1
     notice = f"Resumed automatically after {why} (attempt {attempt} of {settings.JOB_ATTEMPTS})."
     with transaction.atomic():
-        updated = row_class.objects.filter(pk=pk, status__in=row_class.RUNNING).update(
+        updated = row_class.objects.filter(pk=pk, status__in=row_class.RUNNING, attempt=row.attempt, job_id=row.job_id).update(
             status=row_class.QUEUED, progress=0.0, attempt=attempt, notice=notice, updated_at=timezone.now(),
             **row_class.IDLE_FIELDS,
         )  # fmt: skip
@@ -77,9 +81,9 @@ def reap_stranded() -> int:
     reaped = 0
     for row_class in _KINDS:
         for pk, job_id in row_class.objects.filter(status=row_class.QUEUED, updated_at__lt=cutoff).values_list("pk", "job_id"):
-            if job_id and queue.job_is_pending(job_id):
-                continue
-            if not resume_by_itself(row_class, pk, "its job was lost before it started"):
-                fail(row_class, pk, error)
+            if not job_id or queue.job_is_pending(job_id):
+                continue  # no job id: a command runs it here (never handed to a worker)
+            if not resume_by_itself(row_class, pk, "its job was lost before it started", job_id):
+                fail(row_class, pk, error, job_id=job_id)
             reaped += 1
     return reaped

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from django.utils import timezone
+from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from .. import queue
@@ -48,6 +49,10 @@ class TrackedJob:
     def __init__(self, row: TrackedRow, listener: Listener | None = None) -> None:
         self.row_class = type(row)
         self.pk = row.pk
+        # This run's job id: a write finds the row still its own, or the run stops. A row
+        # queued again meanwhile (resumed by itself after this run was taken for dead) has a
+        # new job id, and this run must not write to it or touch its files.
+        self.job_id = row.job_id
         self.listener = listener
         self.throttle = ProgressThrottle()
         self.rate = TransferRate()
@@ -61,9 +66,9 @@ class TrackedJob:
         a new connection (all of them held elsewhere; the progress thread opens its own) is
         waited for, as at the job's start (DATABASE_WAITS), instead of failing the run."""
         with self._lock:
-            updated = _with_database(lambda: self.row_class.objects.filter(pk=self.pk, status__in=self.row_class.RUNNING).update(
-                updated_at=timezone.now(), **fields
-            ), f"{self.row_class.KIND} {self.pk}")  # fmt: skip
+            updated = _with_database(lambda: self.row_class.objects.filter(
+                pk=self.pk, job_id=self.job_id, status__in=self.row_class.RUNNING).update(updated_at=timezone.now(), **fields),
+                f"{self.row_class.KIND} {self.pk}")  # fmt: skip
             if not updated:
                 raise JobCancelled()
             row = self.row_class.rows().get(pk=self.pk)
@@ -140,6 +145,10 @@ def run_tracked(row_class: type[TrackedRow], pk: str, work: Callable[[TrackedRow
     if row is None or row.status != row_class.QUEUED:
         log.info("%s %s is gone or no longer queued; nothing to do", row_class.KIND, pk)
         return None
+    current = get_current_job()  # None in a command's inline run
+    if current is not None and row.job_id != current.id:
+        log.info("%s %s was queued again under another job (%s); this one (%s) leaves it", row_class.KIND, pk, row.job_id, current.id)
+        return None
     if row.attempt > 1:
         time.sleep(backoff_seconds(row.attempt))
     job = TrackedJob(row, listener)
@@ -151,13 +160,16 @@ def run_tracked(row_class: type[TrackedRow], pk: str, work: Callable[[TrackedRow
         job.check()
     except JobCancelled:
         stopped = row_class.rows().get(pk=pk)
+        if stopped.job_id != job.job_id:  # queued again under another job: its files are that run's now
+            log.info("%s %s: this run (%s) was taken for dead and the row queued again; it stops", row_class.KIND, pk, job.job_id)
+            return None
         stopped.remove_job_files(keep_resumable=stopped.error_code == STOPPED_KEPT)
         log.info("%s %s cancelled; files removed", row_class.KIND, pk)
     except BaseException as exc:
         if not isinstance(exc, (JobError, JobTimeoutException, KeyboardInterrupt, SystemExit)):
             log.exception("%s %s failed unexpectedly", row_class.KIND, pk)
-        if not (isinstance(exc, JobTimeoutException) and resume_by_itself(row_class, pk, "its time ran out")):
-            fail(row_class, pk, error_for(exc, row_class))
+        if not (isinstance(exc, JobTimeoutException) and resume_by_itself(row_class, pk, "its time ran out", job.job_id)):
+            fail(row_class, pk, error_for(exc, row_class), job_id=job.job_id)
         raise
     row = row_class.rows().get(pk=pk)
     if listener:
