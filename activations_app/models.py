@@ -100,8 +100,8 @@ class Dataset(TransferRow):
         token its owner gave (a gated repo), and a token is never used on anyone else's
         behalf. None when they may (its owner, staff's shell jobs with no owner, or a
         dataset that needs no token)."""
-        if self.storage != "stream" or not self.encrypted_token or self.owner_id is None or reader_id == self.owner_id:
-            return None
+        if self.storage != "stream" or not self.encrypted_token or reader_id == self.owner_id:
+            return None  # no token needed, or the reader is its owner (None: the operator at the shell, for a shell import)
         return (f"{self.name} is streamed from a gated Hub repo with the access token of the user who imported it, "
                 f"which is not used for anyone else; import {self.repo_id} yourself with your own token.")  # fmt: skip
 
@@ -424,6 +424,11 @@ class Export(TrackedRow):
 
     def job_paths(self) -> list:
         return [self.staging_dir]
+
+    def may_change(self, user) -> bool:
+        """Its own owner, staff, or the owner of the extraction it reads (whose delete it blocks
+        while it runs)."""
+        return super().may_change(user) or self.extraction.may_change(user)
 
     def missing_inputs(self) -> list[str]:
         extraction = self.extraction

@@ -282,11 +282,7 @@ def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: b
         require_queue()
     with transaction.atomic():
         Extraction.objects.select_for_update().filter(pk=extraction.pk).first()  # one request at a time decides
-        running = Export.objects.filter(extraction=extraction, format=fmt, status__in=Export.RUNNING).first()
-        if running is not None:
-            raise Conflict("export_running", f"An export of {extraction.label} for {running.format_label} is already "
-                                             f"{running.status} ({running.id}); wait for it, or cancel it first.",
-                           details={"export_id": running.id})  # fmt: skip
+        _refuse_a_second_export(extraction, fmt)
         export = Export.objects.create(extraction=extraction, format=fmt, naming=naming, out_path=str(target),
                                        owner=jobs.owner_of(user))  # fmt: skip
         if enqueue:
@@ -299,13 +295,25 @@ def cancel_export(export_id: str, user) -> Export:
 
 
 def retry_export(export_id: str, user) -> Export:
-    """Run a failed or cancelled export again, into the same folder (still new or empty)."""
+    """Run a failed or cancelled export again, into the same folder (still new or empty);
+    refused like a new one while another export of the extraction and format runs."""
     export = Export.get_or_404(export_id)
     try:
         check_out_dir(export.extraction.final_dir, export.out_dir, export.format)
     except InvalidInput as exc:
         raise ServiceError.from_invalid(exc) from None
-    return jobs.retry(Export, export_id, user)
+    with transaction.atomic():
+        Extraction.objects.select_for_update().filter(pk=export.extraction_id).first()  # as export_extraction decides
+        _refuse_a_second_export(export.extraction, export.format)
+        return jobs.retry(Export, export_id, user)
+
+
+def _refuse_a_second_export(extraction: Extraction, fmt: str) -> None:
+    running = Export.objects.filter(extraction=extraction, format=fmt, status__in=Export.RUNNING).first()
+    if running is not None:
+        raise Conflict("export_running", f"An export of {extraction.label} for {running.format_label} is already "
+                                         f"{running.status} ({running.id}); wait for it, or cancel it first.",
+                       details={"export_id": running.id})  # fmt: skip
 
 
 def cancel_extraction(extraction_id: str, user, keep: bool = False) -> Extraction:

@@ -23,10 +23,14 @@ def connect_revocation_signals() -> None:
     or deleting a user, or changing their password makes each of that user's sockets check
     itself at once (progress.recheck_user_sockets), and the ones no longer signed in close."""
     from django.contrib.auth import get_user_model
+    from django.db import transaction
     from django.db.models.signals import post_delete, post_save, pre_save
 
     from .models import ApiToken
-    from .progress import recheck_user_sockets
+    from .progress import recheck_user_sockets as recheck_now
+
+    def recheck_user_sockets(user_id) -> None:  # once the change is committed: the sockets read it from the database
+        transaction.on_commit(lambda: recheck_now(user_id))
 
     user_model = get_user_model()
 

@@ -113,7 +113,11 @@ def resolve_import_path(value: str, roots: list[Path], allow_files: tuple[str, .
             "move it there or set MISTUDIO_IMPORT_ROOTS.",
             code="path_not_allowed",
         )
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError:  # a name too long for the filesystem, and the like
+        raise InvalidInput("path", f"{value[:200]!r} is not a path this server can read.", code="path_not_found") from None
+    if not exists:
         raise InvalidInput("path", f"{path} does not exist.", code="path_not_found")
     if allow_files is not None:
         if not path.is_file() or path.suffix.lower() not in allow_files:

@@ -40,6 +40,8 @@ def test_a_bare_name_is_looked_up_in_the_import_folder_not_the_servers_working_d
     assert response.status_code in (400, 404, 409) and str(ROOT) not in response.content.decode()
     assert response.json()["error"]["code"] not in ("path_not_allowed", "path_not_found")  # taken as a Hub repo id
     (data_dir / "imports" / "lines.txt").write_text("one line\nanother line\n")
+    too_long = signed_in.post("/api/datasets", {"path": "./" + "a" * 300}, content_type="application/json")
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "path_not_found"  # not a 500
     for given in ("lines.txt", "./lines.txt"):
         created = signed_in.post("/api/datasets", {"path": given}, content_type="application/json")
         assert created.status_code == 201, created.content

@@ -123,7 +123,11 @@ def _parquet_schema(fs, plan: DatasetPlan, name: str):
         try:
             parquet = pq.ParquetFile(handle)
             return parquet.schema_arrow, parquet.metadata.num_rows
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            # pyarrow says a damaged footer with a plain OSError or an ArrowInvalid (a ValueError);
+            # the Hub client's HTTP errors are OSError subclasses, and are not the file's fault.
+            if type(exc) is not OSError and not isinstance(exc, ValueError):
+                raise
             raise InvalidInput("file", f"{name} cannot be read as .parquet: its footer (metadata) is damaged.",
                                code="corrupt_file") from None  # fmt: skip
 

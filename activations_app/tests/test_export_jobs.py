@@ -64,10 +64,21 @@ def test_too_little_free_space_is_refused_before_anything_is_made(finished, sign
     assert not Export.objects.exists() and not (tmp_path / "new").exists() and not (finished.final_dir / "saelens").exists()
 
 
-def test_cancel_and_retry_through_the_api_and_the_page(finished, signed_in, redis_clean):
-    export = services.export_extraction(finished.id, None)
+def test_cancel_and_retry_through_the_api_and_the_page(finished, signed_in, redis_clean, django_user_model):
+    from django.test import Client
+
+    # Someone else's export of this user's extraction: its owner may stop it (it blocks their delete).
+    other = django_user_model.objects.create_user("another-researcher", password="another-password-1")
+    export = services.export_extraction(finished.id, other)
     cancelled = signed_in.post(f"/api/exports/{export.id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    # A retry while another export of the same extraction and format runs is refused like a new one.
+    running = services.export_extraction(finished.id, None)
+    stranger = Client()
+    stranger.force_login(other)
+    refused = stranger.post(f"/api/exports/{export.id}/retry")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "export_running"
+    services.cancel_export(running.id, None)
     page = signed_in.get(f"/extractions/{finished.id}").content.decode()
     assert f'action="/exports/{export.id}/retry"' in page
     retried = signed_in.post(f"/exports/{export.id}/retry")
