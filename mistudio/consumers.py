@@ -51,6 +51,7 @@ class SignedInConsumer(AsyncWebsocketConsumer):
         self.groups_to_join.append(user_group(user.pk))
         for group in self.groups_to_join:
             await self.channel_layer.group_add(group, self.channel_name)
+        self.joined_at = time.monotonic()  # a shared first frame must have started rendering after this
         initial = await self.initial_message()
         if initial is None:
             await self.close(code=CLOSE_NOT_FOUND)
@@ -114,35 +115,50 @@ class NoSuchSocket(AsyncWebsocketConsumer):
 
 class SharedFrames:
     """The first frame of a page socket (the whole list, the same for every signed-in user),
-    rendered once for every socket of this process that connects within FRESH_SECONDS: 500
-    sockets opened at once with 20 cards on the first page were 500 database reads and
-    renders, and most handshakes timed out. Each key is rendered by one coroutine while the
-    others wait for it. A fragment this process delivers for the group drops the group's
-    frames at once (the socket that asked for the render had joined the group first, so no
-    change after the render goes unseen); a change before that is carried by the frame."""
+    shared by the sockets of this process that connect at once: 500 sockets opened together
+    with 20 cards on the first page were 500 database reads and renders, and most handshakes
+    timed out. A socket takes a render only if that render *started after the socket joined
+    its group*: whatever changed before the render is in it, whatever changed after reaches
+    the socket as a fragment, so no change is ever missed. A burst shares a handful of renders
+    (each serves every socket that joined before it began). Renders run as tasks of their own
+    (a socket that goes away does not fail the others waiting on it); entries older than
+    FRESH_SECONDS are dropped as new ones are made."""
 
     FRESH_SECONDS = 1.0
 
     def __init__(self) -> None:
-        self._frames: dict[tuple, tuple[float, asyncio.Future]] = {}
+        self._frames: dict[tuple, tuple[dict, asyncio.Task]] = {}
 
-    async def get(self, key: tuple, render) -> str | None:
-        now = time.monotonic()
+    async def get(self, key: tuple, render, joined_at: float) -> str | None:
+        """`render` (synchronous: it reads the database) for `key`, or the result of one that
+        had not yet begun reading when this socket joined its group."""
         kept = self._frames.get(key)
-        if kept is not None and now - kept[0] < self.FRESH_SECONDS and not (kept[1].done() and kept[1].exception()):
-            return await asyncio.shield(kept[1])
-        future = asyncio.get_running_loop().create_future()
-        self._frames[key] = (now, future)
-        try:
-            future.set_result(await render())
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: an unawaited failure is not logged as lost
-            self._frames.pop(key, None)
-            raise
-        return future.result()
+        if kept is not None:
+            began = kept[0]["at"]
+            failed = kept[1].done() and kept[1].exception() is not None
+            if failed or (began is not None and began < joined_at):
+                kept = None
+        if kept is None:
+            self._drop_stale()
+            began: dict = {"at": None}
+
+            def timed():
+                began["at"] = time.monotonic()  # what the render reads is as of now
+                return render()
+
+            kept = (began, asyncio.ensure_future(database_sync_to_async(timed)()))
+            self._frames[key] = kept
+        return await asyncio.shield(kept[1])
+
+    def _drop_stale(self) -> None:
+        now = time.monotonic()
+        for key in [key for key, (began, task) in self._frames.items()
+                    if task.done() and began["at"] is not None and now - began["at"] > self.FRESH_SECONDS]:  # fmt: skip
+            del self._frames[key]
 
     def forget(self, group: str) -> None:
+        """A change was delivered for the group: later sockets get a new render (they would
+        anyway, having joined after this one's start; this keeps the table small)."""
         for key in [key for key in self._frames if key[0] == group]:
             del self._frames[key]
 
@@ -168,7 +184,7 @@ class HtmlFragmentsConsumer(SignedInConsumer):
         raise NotImplementedError
 
     async def initial_message(self) -> str | None:
-        return await shared_frames.get((self.group, *self.frame_key()), database_sync_to_async(self.render_frame))
+        return await shared_frames.get((self.group, *self.frame_key()), self.render_frame, self.joined_at)
 
     async def html_fragment(self, message):
         shared_frames.forget(self.group)
