@@ -83,6 +83,17 @@ def test_every_job_kind_survives_its_worker_dying_and_its_job_being_lost(every_s
                 assert after.error_code == "job_lost" and not left_on_disk(after)
             else:
                 jobs.cancel(cls, after.pk, None)
+        # Running, but its job is gone from the queue and nothing has written for ten minutes
+        # (a final write that never reached the database): found and finished the same way.
+        settings.JOB_ATTEMPTS = 1
+        row = running_copy(template, f"vanished-{cls.KIND}")
+        cls.objects.filter(pk=row.pk).update(updated_at=timezone.now() - timezone.timedelta(minutes=11))
+        fresh = running_copy(template, f"vanished-but-recent-{cls.KIND}")  # written to a moment ago: left alone
+        jobs.reap_stranded()
+        after = cls.rows().get(pk=row.pk)
+        assert (after.status, after.error_code) == (cls.FAILED, "job_lost") and not left_on_disk(after), cls.KIND
+        assert cls.rows().get(pk=fresh.pk).status == fresh.status, cls.KIND
+        jobs.cancel(cls, fresh.pk, None)
         outcomes.append(cls.KIND)
     print(f"\nfault sweep: {len(kinds)} job kinds ({', '.join(outcomes)}) × worker death with and without attempts "
           f"left, and a lost job with and without")  # fmt: skip

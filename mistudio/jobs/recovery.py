@@ -69,6 +69,8 @@ def backoff_seconds(attempt: int) -> float:
 # A queued row whose job is gone for this long is stranded: its job failed before it could
 # reach the database, or Redis lost it. The workers' maintenance (every 30 s) finds it.
 STRANDED_AFTER_SECONDS = 60
+# A running row nothing has written to for this long, whose job RQ no longer holds.
+STALE_RUNNING_AFTER_SECONDS = 10 * 60
 
 
 def reap_stranded() -> int:
@@ -78,6 +80,9 @@ def reap_stranded() -> int:
     cutoff = timezone.now() - timezone.timedelta(seconds=STRANDED_AFTER_SECONDS)
     error = JobError("job_lost", "Its job was lost before it started (the worker could not reach the database, "
                                  "or the queue lost it); retry.")  # fmt: skip
+    quiet = timezone.now() - timezone.timedelta(seconds=STALE_RUNNING_AFTER_SECONDS)
+    ended = JobError("job_lost", "Its job ended without saying how (the queue lost it, or its last write did not "
+                                 "reach the database); retry.")  # fmt: skip
     reaped = 0
     for row_class in _KINDS:
         for pk, job_id in row_class.objects.filter(status=row_class.QUEUED, updated_at__lt=cutoff).values_list("pk", "job_id"):
@@ -85,5 +90,15 @@ def reap_stranded() -> int:
                 continue  # no job id: a command runs it here (never handed to a worker)
             if not resume_by_itself(row_class, pk, "its job was lost before it started", job_id):
                 fail(row_class, pk, error, job_id=job_id)
+            reaped += 1
+        # Running, by a worker's job that RQ no longer holds as waiting or running, and quiet for
+        # long: nobody is left to finish it (a dead worker RQ lost track of, a final write that
+        # could not reach the database). A live job is started in RQ, so it is never taken.
+        running = [status for status in row_class.RUNNING if status != row_class.QUEUED]
+        for pk, job_id in row_class.objects.filter(status__in=running, updated_at__lt=quiet).exclude(job_id="").values_list("pk", "job_id"):
+            if queue.job_is_pending(job_id):
+                continue
+            if not resume_by_itself(row_class, pk, "its job ended without saying how", job_id):
+                fail(row_class, pk, ended, job_id=job_id)
             reaped += 1
     return reaped
