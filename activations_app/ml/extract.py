@@ -425,8 +425,10 @@ def checkpoint_problem(rows: int, n: int, saved: dict | None, stems: list[str], 
         if missing:
             return f"its statistics of {stem} lack {', '.join(missing)}"
         try:
-            counts = {name: int(np.asarray(state[name]).item()) for name in ("tokens", "elements", "finite", "dim_count")}
-            sums = [float(np.asarray(state[name]).item()) for name in ("sum", "sum_abs", "sum_sq", "norm_sum")]
+            counts = {name: int(np.asarray(state[name]).item())
+                      for name in ("tokens", "elements", "finite", "dim_count", "below", "nan", "inf")}  # fmt: skip
+            sums = [float(np.asarray(state[name]).item()) for name in ("sum", "sum_abs", "sum_sq", "norm_sum", "threshold")]
+            extremes = [float(np.asarray(state[name]).item()) for name in ("min", "max", "max_abs")]  # ±inf before any value
             hist = np.asarray(state["norm_hist"], dtype=np.int64)
             arrays = [np.asarray(state[name], dtype=np.float64) for name in ("dim_mean", "dim_m2") if state[name] is not None]
         except (TypeError, ValueError):
@@ -435,7 +437,9 @@ def checkpoint_problem(rows: int, n: int, saved: dict | None, stems: list[str], 
             return f"its statistics of {stem} count {counts['tokens']:,} tokens where its {rows:,} rows hold {tokens_counted:,}"
         whole = (counts["elements"] == counts["tokens"] * hidden and 0 <= counts["finite"] <= counts["elements"]
                  and 0 <= counts["dim_count"] <= counts["tokens"] and hist.shape == (len(NORM_BIN_EDGES) + 1,)
-                 and (hist >= 0).all() and int(hist.sum()) == counts["dim_count"] and all(np.isfinite(sums)))  # fmt: skip
+                 and (hist >= 0).all() and int(hist.sum()) == counts["dim_count"] and all(np.isfinite(sums))
+                 and 0 <= counts["below"] <= counts["finite"] and counts["nan"] >= 0 and counts["inf"] >= 0
+                 and not any(np.isnan(extremes)))  # fmt: skip
         if whole and counts["dim_count"]:
             whole = len(arrays) == 2 and all(a.shape == (hidden,) and np.isfinite(a).all() for a in arrays)
         if not whole:
@@ -532,13 +536,20 @@ def run_extraction(
                 writer.discard()
                 raise
             start = 0
-    if writer.restart_reason and on_notice:
-        on_notice(f"Started over: its checkpoint was not trusted ({writer.restart_reason}).")
-    if start:
-        states = stats_from_checkpoint(writer.resumed_stats or {}, stems)
-        stats = {stem: RunningStats.from_state(states[stem]) for stem in stems}
-    else:
-        stats = {stem: RunningStats(spec.sparsity_threshold) for stem in stems}
+    try:  # what fails here (a cancel seen by the notice's write) leaves no open file behind
+        if writer.restart_reason and on_notice:
+            on_notice(f"Started over: its checkpoint was not trusted ({writer.restart_reason}).")
+        if start:
+            states = stats_from_checkpoint(writer.resumed_stats or {}, stems)
+            stats = {stem: RunningStats.from_state(states[stem]) for stem in stems}
+        else:
+            stats = {stem: RunningStats(spec.sparsity_threshold) for stem in stems}
+    except BaseException:
+        if start:
+            writer.close()  # a trusted checkpoint stays for the next run
+        else:
+            writer.discard()
+        raise
     device = next(model.parameters()).device
     torch_storage = torch.float16 if spec.dtype == "float16" else torch.float32
     started = time.perf_counter()

@@ -43,6 +43,8 @@ TAMPERINGS = {
     "token count": (lambda a: a.update({first_stats_key(a, "tokens"): np.int64(3)}), "count 3 tokens"),
     "garbage statistics": (lambda a: a.update({first_stats_key(a, "dim_mean"): np.array(["garbage"])}), "statistics of"),
     "statistics missing": (lambda a: a.pop(first_stats_key(a, "norm_hist")), "lack norm_hist"),
+    "threshold garbage": (lambda a: a.update({first_stats_key(a, "threshold"): np.array("x")}), "are not numbers"),
+    "negative NaN count": (lambda a: a.update({first_stats_key(a, "nan"): np.int64(-3)}), "do not add up"),
 }
 
 
