@@ -117,14 +117,12 @@ class SharedFrames:
     """The first frame of a page socket (the whole list, the same for every signed-in user),
     shared by the sockets of this process that connect at once: 500 sockets opened together
     with 20 cards on the first page were 500 database reads and renders, and most handshakes
-    timed out. A socket takes a render only if that render *started after the socket joined
-    its group*: whatever changed before the render is in it, whatever changed after reaches
-    the socket as a fragment, so no change is ever missed. A burst shares a handful of renders
-    (each serves every socket that joined before it began). Renders run as tasks of their own
-    (a socket that goes away does not fail the others waiting on it); entries older than
-    FRESH_SECONDS are dropped as new ones are made."""
-
-    FRESH_SECONDS = 1.0
+    timed out. A socket takes a render only if that render *began reading after the socket
+    joined its group* (or has not begun yet): whatever changed before the render is in it,
+    whatever changed after reaches the socket as a fragment, so no change is ever missed. A
+    burst shares a handful of renders (each serves every socket that joined before it began:
+    the database calls run one at a time, so renders wait their turn). Renders run as tasks of
+    their own (a socket that goes away does not fail the others waiting on it)."""
 
     def __init__(self) -> None:
         self._frames: dict[tuple, tuple[dict, asyncio.Task]] = {}
@@ -139,7 +137,6 @@ class SharedFrames:
             if failed or (began is not None and began < joined_at):
                 kept = None
         if kept is None:
-            self._drop_stale()
             began: dict = {"at": None}
 
             def timed():
@@ -147,20 +144,10 @@ class SharedFrames:
                 return render()
 
             kept = (began, asyncio.ensure_future(database_sync_to_async(timed)()))
-            self._frames[key] = kept
+            self._frames[key] = kept  # replaces one that no later socket could take
+            # Once done it has begun, so no later socket can take it: the table holds renders in flight only.
+            kept[1].add_done_callback(lambda _task, key=key, kept=kept: self._frames.pop(key) if self._frames.get(key) is kept else None)
         return await asyncio.shield(kept[1])
-
-    def _drop_stale(self) -> None:
-        now = time.monotonic()
-        for key in [key for key, (began, task) in self._frames.items()
-                    if task.done() and began["at"] is not None and now - began["at"] > self.FRESH_SECONDS]:  # fmt: skip
-            del self._frames[key]
-
-    def forget(self, group: str) -> None:
-        """A change was delivered for the group: later sockets get a new render (they would
-        anyway, having joined after this one's start; this keeps the table small)."""
-        for key in [key for key in self._frames if key[0] == group]:
-            del self._frames[key]
 
 
 shared_frames = SharedFrames()
@@ -187,7 +174,6 @@ class HtmlFragmentsConsumer(SignedInConsumer):
         return await shared_frames.get((self.group, *self.frame_key()), self.render_frame, self.joined_at)
 
     async def html_fragment(self, message):
-        shared_frames.forget(self.group)
         await self.send(text_data=message["html"])
 
 

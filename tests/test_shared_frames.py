@@ -14,9 +14,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 async def test_two_hundred_sockets_at_once_share_a_handful_of_renders_and_a_later_change_is_seen(user, monkeypatch):
-    from mistudio.consumers import shared_frames
-
-    shared_frames.forget("models")
     model = await database_sync_to_async(Model.objects.create)(name="burst-model", status=ModelStatus.DOWNLOADING, progress=10.0)
     renders = []
     real = Model.list_html.__func__
