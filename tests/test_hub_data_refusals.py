@@ -49,7 +49,7 @@ def test_a_damaged_file_and_a_missing_column_are_refused_before_any_record(signe
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "corrupt_file", refused.content
     assert "damaged" in refused.json()["error"]["message"]
     refused = ask(signed_in, repo_id="corpora/other-column")
-    assert refused.status_code == 400 and "has no column 'text' (columns: content, id)" in refused.json()["error"]["message"]
+    assert refused.status_code == 400 and "has no column 'text' (columns: ['content', 'id'])" in refused.json()["error"]["message"]
     refused = ask(signed_in, repo_id="corpora/numbers")
     assert refused.status_code == 400 and "holds int64, not text" in refused.json()["error"]["message"]
     refused = ask(signed_in, repo_id="corpora/lines")

@@ -100,16 +100,11 @@ def _rows(open_binary, path: Path, text_column: str, scan_bytes: int | None) -> 
             except csv.Error as exc:
                 raise InvalidInput("file", f"{path.name} line {reader.line_num} is not valid CSV: {exc}.") from None
     elif suffix == ".parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         with open_binary() as raw, _damaged_parquet(path):
             parquet = pq.ParquetFile(raw)
-            if text_column not in parquet.schema_arrow.names:
-                raise InvalidInput("text_column", f"{path.name} has no column {text_column!r} (columns: {parquet.schema_arrow.names}).")
-            column_type = parquet.schema_arrow.field(text_column).type
-            if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-                raise InvalidInput("text_column", f"{path.name}: column {text_column!r} holds {column_type}, not text.")
+            check_parquet_text_column(parquet.schema_arrow, path.name, text_column)
             # Row group by row group: a reader that stops early has read only the groups it used
             # (iter_batches reads ahead across several groups).
             for group in range(parquet.num_row_groups):
@@ -119,6 +114,17 @@ def _rows(open_binary, path: Path, text_column: str, scan_bytes: int | None) -> 
                             yield value
     else:
         raise InvalidInput("file", f"{path.name}: use one of {', '.join(FORMATS)}.")
+
+
+def check_parquet_text_column(schema, name: str, text_column: str) -> None:
+    """A parquet file (by its schema: the footer alone) has the text column, holding text."""
+    import pyarrow as pa
+
+    if text_column not in schema.names:
+        raise InvalidInput("text_column", f"{name} has no column {text_column!r} (columns: {schema.names}).")
+    column_type = schema.field(text_column).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise InvalidInput("text_column", f"{name}: column {text_column!r} holds {column_type}, not text.")
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from pathlib import Path
 from mistudio import hub
 from mistudio.errors import InvalidInput, JobError
 
-from .datasets import FORMATS
+from .datasets import FORMATS, check_parquet_text_column
 
 
 def split_files(paths: list[str], split: str, config: str = "") -> list[str]:
@@ -111,9 +111,6 @@ def stream_texts(repo_id: str, sha: str, files: list[str], text_column: str, tok
         raise hub.translate_error(exc, repo_id, sha, bool(token)) from None
 
 
-TEXT_TYPES = ("string", "large_string", "string_view")
-
-
 def _parquet_schema(fs, plan: DatasetPlan, name: str):
     """A Hub parquet file's schema from its footer alone (a few KB by HTTP Range); a damaged
     footer is a refusal that says so, not pyarrow's OSError or ArrowInvalid."""
@@ -141,12 +138,7 @@ def check_text_column(plan: DatasetPlan, text_column: str, token: str | None, en
     name = plan.files[0]
     try:
         if name.lower().endswith(".parquet"):
-            schema, _ = _parquet_schema(_filesystem(token, endpoint), plan, name)
-            if text_column not in schema.names:
-                raise InvalidInput("text_column", f"{name} has no column {text_column!r} (columns: {', '.join(schema.names[:20])}).")
-            kind = str(schema.field(text_column).type)
-            if kind not in TEXT_TYPES:
-                raise InvalidInput("text_column", f"{name}: column {text_column!r} holds {kind}, not text.")
+            check_parquet_text_column(_parquet_schema(_filesystem(token, endpoint), plan, name)[0], name, text_column)
         else:
             next(iter(stream_texts(plan.repo_id, plan.sha, [name], text_column, token, endpoint, PROBE_BYTES)), None)
     except (InvalidInput, JobError):
