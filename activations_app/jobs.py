@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from django.conf import settings
 
 from mistudio import capacity
@@ -150,10 +148,8 @@ def _export(export: Export, job: TrackedJob) -> None:
         raise JobError(exc.code, exc.message) from None
     except OSError as exc:  # disk full mid-way, a folder that cannot be written: said, not a traceback
         raise JobError("export_failed", f"The export could not be written: {exc.strerror or type(exc).__name__}.") from None
-    job.flush()  # the last progress written before the final state, not after it
-    total = sum(len(np.load(extraction.final_dir / "tokens.npy", mmap_mode="r")) for _ in paths)
-    job.write(status=ExportStatus.COMPLETED, progress=100.0, paths=[str(path) for path in paths], rows_done=total,
-              rows_total=total, eta_seconds=None)  # fmt: skip
+    job.flush()  # its last progress (forced: every row, rows_done = rows_total) written before the final state
+    job.write(status=ExportStatus.COMPLETED, progress=100.0, paths=[str(path) for path in paths], eta_seconds=None)
 
 
 def run_export_job(export_id: str, listener: Listener | None = None) -> Export | None:

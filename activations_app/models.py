@@ -259,7 +259,7 @@ class Extraction(TrackedRow):
         return progress.model_group(self.model_id, "extraction") if self.model_id else None
 
     def delete_blocker(self) -> str | None:
-        if self.export_runs.filter(status__in=(ExportStatus.QUEUED, ExportStatus.EXPORTING)).exists():
+        if self.export_runs.filter(status__in=Export.RUNNING).exists():
             return f"An export of {self.label} is running; cancel it before deleting the extraction."
         return None
 

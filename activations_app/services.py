@@ -229,7 +229,8 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
     data = fields if data is None else data
     model = get_ready_model(model_id, "extraction")
     dataset = Dataset.get_ready_or_409(dataset_id, "extraction")
-    refusal = dataset.stream_refusal(jobs.owner_of(user).pk if jobs.owner_of(user) else None)
+    owner = jobs.owner_of(user)
+    refusal = dataset.stream_refusal(owner.pk if owner else None)
     if refusal:
         raise Forbidden("gated_token_required", refusal)
     spec = validate_extraction(model, data)
@@ -237,7 +238,7 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
     if enqueue:
         require_queue()
     with transaction.atomic():  # refused by placement (no worker can load the model): nothing is kept
-        extraction = Extraction.objects.create(model=model, dataset=dataset, owner=jobs.owner_of(user), **spec.request())
+        extraction = Extraction.objects.create(model=model, dataset=dataset, owner=owner, **spec.request())
         where = jobs.queue_for(extraction)
         if enqueue:
             jobs.enqueue_after_commit(extraction, where)
@@ -281,7 +282,6 @@ def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: b
     if enqueue:
         require_queue()
     with transaction.atomic():
-        Extraction.objects.select_for_update().filter(pk=extraction.pk).first()  # one request at a time decides
         _refuse_a_second_export(extraction, fmt)
         export = Export.objects.create(extraction=extraction, format=fmt, naming=naming, out_path=str(target),
                                        owner=jobs.owner_of(user))  # fmt: skip
@@ -303,12 +303,14 @@ def retry_export(export_id: str, user) -> Export:
     except InvalidInput as exc:
         raise ServiceError.from_invalid(exc) from None
     with transaction.atomic():
-        Extraction.objects.select_for_update().filter(pk=export.extraction_id).first()  # as export_extraction decides
         _refuse_a_second_export(export.extraction, export.format)
         return jobs.retry(Export, export_id, user)
 
 
 def _refuse_a_second_export(extraction: Extraction, fmt: str) -> None:
+    """One export per extraction and format at a time: decided under a lock on the extraction's
+    row (inside the caller's transaction), so two requests at once cannot both start one."""
+    Extraction.objects.select_for_update().filter(pk=extraction.pk).first()
     running = Export.objects.filter(extraction=extraction, format=fmt, status__in=Export.RUNNING).first()
     if running is not None:
         raise Conflict("export_running", f"An export of {extraction.label} for {running.format_label} is already "

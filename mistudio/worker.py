@@ -57,10 +57,10 @@ def die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 # A dead worker's job is found once its heartbeat lapses (job_monitoring_interval + 60 s)
 # by the registry check, which every live worker runs this often: together, under 2 minutes.
-JOB_MONITORING_SECONDS = 15  # MISTUDIO_JOB_MONITORING_SECONDS may shorten it (the outage test does)
+# (settings.JOB_MONITORING_SECONDS, 15 s by default, is how often a busy worker beats.)
 MAINTENANCE_SECONDS = 30
 # An idle worker heartbeats every WORKER_TTL - 15 s (RQ's dequeue timeout), a busy one every
-# JOB_MONITORING_SECONDS; its capacity record lapses after three missed beats.
+# settings.JOB_MONITORING_SECONDS; its capacity record lapses after three missed beats.
 WORKER_TTL = 30
 CAPACITY_TTL = 45
 
@@ -79,7 +79,7 @@ class MistudioWorker(Worker):
             queues.insert(0, type(first)(own, connection=connection) if isinstance(first, Queue) else own)
         super().__init__(queues, *args, **kwargs)
         self.push_exc_handler(abandoned_job_handler)
-        self.job_monitoring_interval = min(self.job_monitoring_interval, settings.JOB_MONITORING_SECONDS or JOB_MONITORING_SECONDS)
+        self.job_monitoring_interval = min(self.job_monitoring_interval, settings.JOB_MONITORING_SECONDS)
         self.maintenance_interval = min(self.maintenance_interval, MAINTENANCE_SECONDS)
         self._idle_capacity: capacity.Capacity | None = None
 
@@ -93,7 +93,7 @@ class MistudioWorker(Worker):
         taking the running job with it. The job needs no Redis to go on (its row and progress
         are in PostgreSQL; a progress event that cannot be published is dropped), so the
         beat is skipped and tried again at the next interval. Once Redis is back, the beats
-        resume; an outage longer than the job's heartbeat TTL (JOB_MONITORING_SECONDS + 60 s)
+        resume; an outage longer than the job's heartbeat TTL (settings.JOB_MONITORING_SECONDS + 60 s)
         lets another worker's maintenance find the job abandoned, as for a dead worker."""
         try:
             super().maintain_heartbeats(job, execution)

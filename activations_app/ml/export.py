@@ -105,7 +105,7 @@ def export_bytes(extraction_dir: Path) -> int:
     datasets hold the same values, and the token ids once per hook)."""
     folder = Path(extraction_dir)
     tokens = (folder / "tokens.npy").stat().st_size if (folder / "tokens.npy").is_file() else 0
-    files = [p for p in folder.glob("layer_*.npy")]
+    files = list(folder.glob("layer_*.npy"))
     return sum(p.stat().st_size for p in files) + tokens * len(files)
 
 
@@ -211,10 +211,11 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
     config = metadata.get("config", {})
     statistics = metadata.get("statistics", {})
     bos = metadata.get("bos_token_id")
-    per_hook = {}
+    per_hook, transformerlens_names = {}, {}
     for layer in layers:
         for hook in hooks:
             name = export_name(metadata, layer, hook, naming)
+            transformerlens_names[name] = hook_name(layer, hook)
             figures = statistics.get(f"layer_{layer}_{hook}", {})
             per_hook[name] = {
                 "cached_activations_path": str(out_dir / name),
@@ -231,7 +232,7 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
         "format": "saelens",
         "naming": naming,
         "naming_reason": NAMING_REASON,
-        "transformerlens_names": {export_name(metadata, layer, hook, naming): hook_name(layer, hook) for layer in layers for hook in hooks},
+        "transformerlens_names": transformerlens_names,
         "extraction_id": metadata.get("extraction_id"),
         "model": metadata.get("model"),
         "dataset": metadata.get("dataset"),

@@ -20,6 +20,6 @@ from .lifecycle import (  # noqa: F401
     _KINDS, REQUIRED_ATTRIBUTES, REQUIRED_OVERRIDES, STOPPED_KEPT, cancel, delete, enqueue_after_commit, fail, queue_for,
     register, resume, retry,
 )
-from .recovery import STRANDED_AFTER_SECONDS, backoff_seconds, mark_worker_died, reap_stranded, resume_by_itself  # noqa: F401
+from .recovery import STRANDED_AFTER_SECONDS, backoff_seconds, mark_worker_died, reap_stranded, recover, resume_by_itself  # noqa: F401
 from .rows import TrackedRow, TransferRow, owner_of  # noqa: F401
 from .runner import DATABASE_WAITS, MAX_WRITES_PER_SECOND, Listener, TrackedJob, error_for, run_tracked  # noqa: F401

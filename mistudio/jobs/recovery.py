@@ -26,8 +26,14 @@ def mark_worker_died(job_id: str, reason: str) -> None:
     error = JobError("worker_died", f"The worker process stopped unexpectedly ({reason}); retry.")
     for row_class in _KINDS:
         for pk in row_class.objects.filter(job_id=job_id, status__in=row_class.RUNNING).values_list("pk", flat=True):
-            if not resume_by_itself(row_class, pk, "its worker stopped", job_id):
-                fail(row_class, pk, error, job_id=job_id)
+            recover(row_class, pk, job_id, "its worker stopped", error)
+
+
+def recover(row_class: type[TrackedRow], pk: str, job_id: str, why: str, error: JobError) -> None:
+    """A run of job `job_id` stopped through no fault of its own: queued again by itself while
+    it can be (resume_by_itself), else failed with `error`."""
+    if not resume_by_itself(row_class, pk, why, job_id):
+        fail(row_class, pk, error, job_id=job_id)
 
 
 def resume_by_itself(row_class: type[TrackedRow], pk: str, why: str, job_id: str | None = None) -> bool:
@@ -88,8 +94,7 @@ def reap_stranded() -> int:
         for pk, job_id in row_class.objects.filter(status=row_class.QUEUED, updated_at__lt=cutoff).values_list("pk", "job_id"):
             if not job_id or queue.job_is_pending(job_id):
                 continue  # no job id: a command runs it here (never handed to a worker)
-            if not resume_by_itself(row_class, pk, "its job was lost before it started", job_id):
-                fail(row_class, pk, error, job_id=job_id)
+            recover(row_class, pk, job_id, "its job was lost before it started", error)
             reaped += 1
         # Running, by a worker's job that RQ no longer holds as waiting or running, and quiet for
         # long: nobody is left to finish it (a dead worker RQ lost track of, a final write that
@@ -98,7 +103,6 @@ def reap_stranded() -> int:
         for pk, job_id in row_class.objects.filter(status__in=running, updated_at__lt=quiet).exclude(job_id="").values_list("pk", "job_id"):
             if queue.job_is_pending(job_id):
                 continue
-            if not resume_by_itself(row_class, pk, "its job ended without saying how", job_id):
-                fail(row_class, pk, ended, job_id=job_id)
+            recover(row_class, pk, job_id, "its job ended without saying how", ended)
             reaped += 1
     return reaped

@@ -17,7 +17,7 @@ from ..errors import JobCancelled, JobError
 from ..progress import LatestStateWriter
 from ..throttle import ProgressThrottle, TransferRate
 from .lifecycle import STOPPED_KEPT, fail
-from .recovery import backoff_seconds, resume_by_itself
+from .recovery import backoff_seconds, recover
 from .rows import TrackedRow
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,9 @@ def run_tracked(row_class: type[TrackedRow], pk: str, work: Callable[[TrackedRow
     except BaseException as exc:
         if not isinstance(exc, (JobError, JobTimeoutException, KeyboardInterrupt, SystemExit)):
             log.exception("%s %s failed unexpectedly", row_class.KIND, pk)
-        if not (isinstance(exc, JobTimeoutException) and resume_by_itself(row_class, pk, "its time ran out", job.job_id)):
+        if isinstance(exc, JobTimeoutException):
+            recover(row_class, pk, job.job_id, "its time ran out", error_for(exc, row_class))
+        else:
             fail(row_class, pk, error_for(exc, row_class), job_id=job.job_id)
         raise
     row = row_class.rows().get(pk=pk)

@@ -1,8 +1,7 @@
-import json
 from pathlib import Path
 
 from activations_app import jobs, services
-from activations_app.ml.export import DEFAULT_NAMING, FORMATS, NAMING_REASON, NAMINGS, saelens_snippet
+from activations_app.ml.export import DEFAULT_NAMING, FORMATS, NAMING_REASON, NAMINGS
 from activations_app.models import ExportStatus
 from mistudio.commands import JobCommand, acting_user, service_call
 
@@ -31,9 +30,8 @@ class Command(JobCommand):
         export = service_call(services.export_extraction, options["extraction_id"], acting_user(options), options["format"],
                               enqueue=options["queue"], out=out, naming=options["naming"])  # fmt: skip
         export = self.run_job(export, jobs.run_export_job, options)
-        record = export.out_dir / "export.json"
-        if export.is_ready and record.is_file():  # on stderr: stdout stays the paths (or the JSON)
-            self.stderr.write("SAELens, from this export (export.json has every hook):\n" + saelens_snippet(json.loads(record.read_text())))
+        if export.saelens_snippet:  # on stderr: stdout stays the paths (or the JSON)
+            self.stderr.write("SAELens, from this export (export.json has every hook):\n" + export.saelens_snippet)
 
     def progress_detail(self, export) -> str:
         if export.status != ExportStatus.EXPORTING or not export.rows_total:
