@@ -26,6 +26,12 @@ from .ml.stats import warm as warm_statistics
 from .models import Dataset, DatasetStatus, Export, ExportStatus, Extraction, ExtractionStatus
 
 
+def warm_up_worker() -> None:
+    """Run once by each RQ worker before it forks its first work horse (mistudio.worker):
+    numba's import and the compiled statistics pass (about 1 s), then shared by every job."""
+    warm_statistics()
+
+
 def _extract(extraction: Extraction, job: TrackedJob) -> None:
     from transformers import AutoTokenizer
 
@@ -38,7 +44,7 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
         raise JobError("does_not_fit", f"This worker ({here.label}) cannot load it: {refusal}.")
     model = load_saved(model_row.weights_dir)
     targets = hook_targets(model, spec.layers, spec.hook_types)
-    warm_statistics()  # numba is imported here, by the work horse only, never by the web process
+    warm_statistics()  # at once where the worker warmed it up; numba is never imported by the web process
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(
         dataset.texts(reader_id=extraction.owner_id),
