@@ -13,7 +13,7 @@ from mistudio.staging import staged_path
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-REQUEST = dict(layers=[1, 3], hook_types=["residual", "mlp"], max_samples=400, batch_size=8, seq_len=48)
+REQUEST = dict(layers=[1, 3], hook_types=["residual", "mlp"], max_samples=160, batch_size=8, seq_len=48)
 
 
 def stopped_part_way(model_id, dataset_id):

@@ -116,16 +116,43 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def python(args: list[str], env: dict[str, str], stdout=None, stderr=None):
+    """`python ARGS…` in the repo root, as `subprocess.Popen(text=True)` would start it, but
+    forked from this pytest process's zygote (torch and transformers already imported: see
+    zygote.py) where the environment allows; MISTUDIO_TEST_ZYGOTE=0 starts each from nothing."""
+    global _ZYGOTE
+    if os.environ.get("MISTUDIO_TEST_ZYGOTE", "1") != "0":
+        if _ZYGOTE is None:
+            import atexit
+
+            from .zygote import Zygote
+
+            _ZYGOTE = Zygote(str(ROOT))
+            atexit.register(_ZYGOTE.stop)
+        if _ZYGOTE.serves(env):
+            return _ZYGOTE.spawn(args, ROOT, env, stdout, stderr)
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=stdout, stderr=stderr, text=True)
+
+
+_ZYGOTE = None
+
+
+def run_python(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Like `subprocess.run([python, *args], capture_output=True, text=True, timeout=…)`."""
+    process = python(args, env, subprocess.PIPE, subprocess.PIPE)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def run_burst_worker(timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess:
     """A real RQ worker (forking, our worker class) that drains the queue and exits."""
-    return subprocess.run(
-        [sys.executable, "manage.py", "rqworker", "default", "--burst", "--worker-class", "mistudio.worker.MistudioWorker"],
-        cwd=ROOT,
-        env=subprocess_env(**extra_env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_python(["manage.py", "rqworker", "default", "--burst", "--worker-class", "mistudio.worker.MistudioWorker"],
+                      subprocess_env(**extra_env), timeout)  # fmt: skip
 
 
 def start_worker(burst: bool = True, log_file: bool = False, **extra_env: str) -> subprocess.Popen:
@@ -135,14 +162,11 @@ def start_worker(burst: bool = True, log_file: bool = False, **extra_env: str) -
     import tempfile
 
     log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", delete=False) if log_file else None
-    process = subprocess.Popen(
-        [sys.executable, "manage.py", "rqworker", "default", "--worker-class", "mistudio.worker.MistudioWorker"]
-        + (["--burst"] if burst else []),
-        cwd=ROOT,
-        env=subprocess_env(**extra_env),
+    process = python(
+        ["manage.py", "rqworker", "default", "--worker-class", "mistudio.worker.MistudioWorker"] + (["--burst"] if burst else []),
+        subprocess_env(**extra_env),
         stdout=log or subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     process.log_path = log.name if log else None
     return process
@@ -185,8 +209,7 @@ def start_web(port: int, processes: int) -> subprocess.Popen:
 
     log = tempfile.NamedTemporaryFile(prefix=f"web-{port}-", suffix=".log", delete=False)
     env = subprocess_env(MISTUDIO_PORT=str(port), MISTUDIO_WORKERS="0", MISTUDIO_WEB_PROCESSES=str(processes))
-    process = subprocess.Popen([sys.executable, "-m", "mistudio.supervise"], cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = python(["-m", "mistudio.supervise"], env, stdout=log, stderr=subprocess.STDOUT)
     process.log_path = log.name
 
     def answers() -> bool:
@@ -229,14 +252,8 @@ def start_daphne(port: int, **extra_env: str) -> subprocess.Popen:
     import urllib.request
 
     log = tempfile.NamedTemporaryFile(prefix=f"daphne-{port}-", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mistudio.webserver", "-b", "127.0.0.1", "-p", str(port), "mistudio.asgi:application"],
-        cwd=ROOT,
-        env=subprocess_env(**extra_env),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = python(["-m", "mistudio.webserver", "-b", "127.0.0.1", "-p", str(port), "mistudio.asgi:application"],
+                     subprocess_env(**extra_env), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     process.log_path = log.name
 
     def answers() -> bool:
