@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 from mistudio.errors import InvalidInput, ServiceError
 from mistudio.validation import OUT_OF_RANGE, bounded_int
 
-from .ml.extract import PREPEND_BOS, STORAGE_DTYPES, TOKENIZATIONS, ExtractionSpec
+from .ml.extract import PREPEND_BOS, SEPARATORS, STORAGE_DTYPES, TOKENIZATIONS, ExtractionSpec
 from .ml.hooks import HOOK_TYPES
 
 INPUT_CSS = "w-full px-4 py-2 bg-slate-900 border border-slate-700 rounded-lg text-sm"
@@ -65,7 +65,12 @@ class ExtractionForm(forms.Form):
         error_messages={"invalid_choice": "prepend_bos must be auto, always or never."},
     )  # fmt: skip
 
-    SETTINGS = ("batch_size", "max_samples", "seq_len", "dtype", "tokenization", "prepend_bos")
+    separator = forms.ChoiceField(
+        choices=list(SEPARATORS.items()), required=False, label="Between packed documents",
+        error_messages={"invalid_choice": "separator must be bos or eos."},
+    )  # fmt: skip
+
+    SETTINGS = ("batch_size", "max_samples", "seq_len", "dtype", "tokenization", "prepend_bos", "separator")
 
     def __init__(self, data=None, *, model, **kwargs) -> None:
         super().__init__(data, **kwargs)
@@ -120,6 +125,9 @@ class ExtractionForm(forms.Form):
 
     def clean_prepend_bos(self) -> str:
         return self.cleaned_data["prepend_bos"] or ExtractionSpec.default("prepend_bos")
+
+    def clean_separator(self) -> str:
+        return self.cleaned_data["separator"] or ExtractionSpec.default("separator")
 
     def spec(self) -> ExtractionSpec:
         """The validated request, or a ServiceError naming the first field at fault."""

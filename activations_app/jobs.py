@@ -19,7 +19,7 @@ from models_app.ml import load_saved
 
 from .ml import datasets as dataset_files
 from .ml.export import check_free_space, export_bytes, export_saelens
-from .ml.extract import run_extraction, tokenize
+from .ml.extract import STATISTICS_EXCLUDE, run_extraction, tokenize
 from .ml.hooks import hook_targets
 from .ml.hub_datasets import download_dataset, plan_dataset, stream_summary
 from .ml.stats import warm as warm_statistics
@@ -48,7 +48,7 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(
         dataset.texts(reader_id=extraction.owner_id),
-        tokenizer, spec.seq_len, spec.tokenization, spec.max_samples, spec.prepend_bos,
+        tokenizer, spec.seq_len, spec.tokenization, spec.max_samples, spec.prepend_bos, spec.separator,
     )  # fmt: skip
     job.phase(ExtractionStatus.EXTRACTING, samples_total=len(tokens.ids))
     resumed = extraction.resumable_rows  # rows a stopped run made durable: they are not run again
@@ -92,7 +92,8 @@ def _fingerprint(extraction: Extraction, tokenizer) -> str:
     model, dataset = extraction.model, extraction.dataset
     data = dataset.source_fingerprint()
     record = {"extraction": extraction.id, "request": extraction.spec.request(), "model": [model.id, model.revision,
-              model.quantization], "dataset": [dataset.id, data], "tokenizer": type(tokenizer).__name__}  # fmt: skip
+              model.quantization], "dataset": [dataset.id, data], "tokenizer": type(tokenizer).__name__,
+              "statistics_exclude": STATISTICS_EXCLUDE}  # fmt: skip
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -149,7 +150,8 @@ def _export(export: Export, job: TrackedJob) -> None:
         job.report(100.0 * done / total, lambda: {"rows_done": done, "rows_total": total}, force=done >= total)
 
     try:
-        paths = export_saelens(extraction.final_dir, export.out_dir, on_progress, staging=export.staging_dir, naming=export.naming)
+        paths = export_saelens(extraction.final_dir, export.out_dir, on_progress, staging=export.staging_dir, naming=export.naming,
+                               shuffle=export.shuffle_seed)  # fmt: skip
     except InvalidInput as exc:  # the folder filled up, or became a file, since it was asked for
         raise JobError(exc.code, exc.message) from None
     except OSError as exc:  # disk full mid-way, a folder that cannot be written: said, not a traceback

@@ -187,7 +187,8 @@ class Extraction(TrackedRow):
     seq_len = models.IntegerField()
     dtype = models.CharField(max_length=8, default="float16")
     tokenization = models.CharField(max_length=8, default="packed")
-    prepend_bos = models.CharField(max_length=8, default="auto")
+    prepend_bos = models.CharField(max_length=8, default="always")
+    separator = models.CharField(max_length=8, default="bos")  # rows made before it existed were joined with EOS
     status = models.CharField(max_length=12, choices=ExtractionStatus.choices, default=ExtractionStatus.QUEUED)
     samples_done = models.IntegerField(default=0)
     samples_total = models.IntegerField(default=0)
@@ -382,6 +383,7 @@ class Export(TrackedRow):
     extraction = models.ForeignKey(Extraction, on_delete=models.CASCADE, related_name="export_runs")
     format = models.CharField(max_length=16, default="saelens")
     naming = models.CharField(max_length=4, default="hf")  # hook names: module paths (hf) or TransformerLens (tl)
+    shuffle_seed = models.BigIntegerField(null=True, blank=True)  # rows permuted across the export by this seed; None: text order
     out_path = models.CharField(max_length=1000)  # the folder it writes, resolved when it was asked for
     status = models.CharField(max_length=12, choices=ExportStatus.choices, default=ExportStatus.QUEUED)
     rows_done = models.BigIntegerField(default=0)
@@ -455,7 +457,8 @@ class Export(TrackedRow):
 
     def as_dict(self) -> dict:
         return {
-            "id": self.id, "extraction_id": self.extraction_id, "format": self.format, "naming": self.naming, "status": self.status,
+            "id": self.id, "extraction_id": self.extraction_id, "format": self.format, "naming": self.naming,
+            "shuffle_seed": self.shuffle_seed, "status": self.status,
             "progress": round(self.progress, 2), "rows_done": self.rows_done, "rows_total": self.rows_total,
             "path": self.out_path, "datasets": self.paths, "error_code": self.error_code or None,
             "error_message": self.error_message or None, "notice": self.notice or None, "attempt": self.attempt,

@@ -28,8 +28,14 @@ from .hooks import HookTargets, StopForward, capture_activations, hook_targets
 from .stats import NORM_BIN_EDGES, RunningStats
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
-TOKENIZATIONS = {"packed": "packed (EOS-joined windows)", "truncate": "truncate (one row per document, padded)"}
-PREPEND_BOS = {"auto": "auto (as the tokenizer does)", "always": "always (BOS first in every row)", "never": "never"}
+TOKENIZATIONS = {"packed": "packed (documents joined into full windows)", "truncate": "truncate (one row per document, padded)"}
+PREPEND_BOS = {"always": "always (BOS first in every row, as SAELens and TransformerLens do)",
+               "auto": "auto (as the tokenizer does)", "never": "never"}  # fmt: skip
+SEPARATORS = {"bos": "BOS (as SAELens packs)", "eos": "EOS"}
+# What the statistics leave out, recorded in metadata.json: position 0 of every row (BOS, or
+# where there is none the attention sink, whose residual norm is 10-100x the rest's whatever
+# token sits there), every BOS token (packed separators included) and padding.
+STATISTICS_EXCLUDE = ("position_0", "bos", "padding")
 
 
 @dataclass
@@ -45,7 +51,8 @@ class ExtractionSpec:
     seq_len: int = 128
     dtype: str = "float16"
     tokenization: str = "packed"  # or "truncate"
-    prepend_bos: str = "auto"  # "always", "never"
+    prepend_bos: str = "always"  # "auto", "never"
+    separator: str = "bos"  # between packed documents: "bos" (BOS, else EOS) or "eos"
     sparsity_threshold: float = field(default=0.01, metadata={"request": False})
 
     @classmethod
@@ -66,14 +73,17 @@ class Tokens:
     ids: np.ndarray  # [num_samples, seq_len], int64
     mask: np.ndarray | None  # [num_samples, seq_len], bool; None when every position is real (packed)
     bos_token_id: int | None = None  # set when every row starts with it (position 0 is BOS)
+    excluded_ids: tuple[int, ...] = ()  # tokens the statistics leave out wherever they are (the tokenizer's BOS)
 
-    def statistics_mask(self):
-        """Positions the statistics count: real tokens, BOS aside (its residual norm is often
-        10–100× the rest and would swamp the means). None when all count."""
-        if self.bos_token_id is None:
-            return self.mask
+    def statistics_mask(self) -> np.ndarray:
+        """Positions the statistics count (STATISTICS_EXCLUDE): real tokens, but never
+        position 0 (with or without a BOS there: the first position is where the attention
+        sink forms, a norm of about 23,700 in SmolLM2's residual against about 174 elsewhere)
+        nor a BOS anywhere."""
         keep = np.ones(self.ids.shape, dtype=bool) if self.mask is None else self.mask.copy()
         keep[:, 0] = False
+        for token in self.excluded_ids:
+            keep &= self.ids != token
         return keep
 
 
@@ -131,35 +141,49 @@ class _Rows:
         return out
 
 
-def tokenize(texts: Iterable[str], tokenizer, seq_len: int, mode: str, max_samples: int, prepend_bos: str = "never") -> Tokens:
-    """`packed`: documents joined with EOS and cut into full windows (no padding, the tail
-    that does not fill a window is dropped). `truncate`: one row per document, cut at
-    seq_len, right-padded (pad token, else EOS, else 0: the mask marks them either way).
-    With a BOS (see bos_token), every row starts with it, followed by seq_len - 1 text
-    tokens (SAELens' convention for packed windows). Stops reading documents once
-    max_samples rows exist."""
+def tokenize(texts: Iterable[str], tokenizer, seq_len: int, mode: str, max_samples: int, prepend_bos: str = "never",
+             separator: str = "eos") -> Tokens:  # fmt: skip
+    """`packed`: documents joined, each followed by the separator (BOS, else EOS, as SAELens
+    packs; or EOS), and cut into full windows (no padding, the tail that does not fill a
+    window is dropped). `truncate`: one row per document, cut at seq_len, right-padded (pad
+    token, else EOS, else 0: the mask marks them either way). With a BOS (see bos_token),
+    every row starts with it, followed by seq_len - 1 text tokens (SAELens' convention for
+    packed windows). Stops reading documents once max_samples rows exist."""
     if mode not in TOKENIZATIONS:
         raise JobError("invalid_tokenization", f"Tokenization must be packed or truncate, not {mode!r}.")
+    if separator not in SEPARATORS:
+        raise JobError("invalid_input", f"separator must be bos or eos, not {separator!r}.")
     bos = bos_token(tokenizer, prepend_bos)
-    tokens = _tokenize(texts, tokenizer, seq_len - (bos is not None), mode, max_samples)
+    excluded = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()
+    tokens = _tokenize(texts, tokenizer, seq_len - (bos is not None), mode, max_samples, separator)
     if bos is None:
-        return tokens
+        return Tokens(ids=tokens.ids, mask=tokens.mask, excluded_ids=excluded)
     if seq_len < 2:
         raise JobError("invalid_input", "With a BOS first, the sequence length must be at least 2.")
     ids = np.concatenate([np.full((len(tokens.ids), 1), bos, dtype=np.int64), tokens.ids], axis=1)
     mask = None if tokens.mask is None else np.concatenate([np.ones((len(ids), 1), dtype=bool), tokens.mask], axis=1)
-    return Tokens(ids=ids, mask=mask, bos_token_id=bos)
+    return Tokens(ids=ids, mask=mask, bos_token_id=bos, excluded_ids=excluded)
 
 
-def _tokenize(texts: Iterable[str], tokenizer, seq_len: int, mode: str, max_samples: int) -> Tokens:
+def separator_token(tokenizer, separator: str) -> int | None:
+    """The token between packed documents: `bos` is the tokenizer's BOS, else its EOS (GPT-2
+    has one token for both); `eos` its EOS."""
+    if separator == "bos" and tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    return tokenizer.eos_token_id
+
+
+def _tokenize(texts: Iterable[str], tokenizer, seq_len: int, mode: str, max_samples: int, separator: str) -> Tokens:
     eos = tokenizer.eos_token_id
     rows = _Rows(seq_len)
     if mode == "packed":
-        if eos is None:
-            raise JobError("invalid_tokenization", "Packed tokenization needs the tokenizer's EOS token; it has none.")
+        joint = separator_token(tokenizer, separator)
+        if joint is None:
+            raise JobError("invalid_tokenization", "Packed tokenization needs a BOS or EOS token between documents; "
+                                                   "the tokenizer has neither.")  # fmt: skip
         pending = np.empty(0, dtype=np.int64)  # fewer than seq_len ids carried into the next document
         for text in texts:
-            document = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos], dtype=np.int64)
+            document = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"] + [joint], dtype=np.int64)
             pending = np.concatenate([pending, document])
             full = min(len(pending) // seq_len, max_samples - rows.count)
             if full:
@@ -663,9 +687,12 @@ def run_extraction(
             "dtype": spec.dtype,
             "prepend_bos": spec.prepend_bos,
             "bos_token_id": tokens.bos_token_id,
-            "statistics_exclude": (["bos"] if tokens.bos_token_id is not None else []) + (["padding"] if tokens.mask is not None else []),
-            "statistics_note": "Figures and .stats.npz count real tokens only: BOS (position 0 of every row, when "
-                               "prepended) and padding positions are left out; the .npy files hold every position.",
+            "separator": spec.separator if spec.tokenization == "packed" else None,
+            "excluded_token_ids": list(tokens.excluded_ids),
+            "statistics_exclude": list(STATISTICS_EXCLUDE),
+            "statistics_note": "Figures, the norm scaling factor and .stats.npz leave out position 0 of every row (BOS, "
+                               "or where there is none the attention sink), every BOS token (packed separators "
+                               "included) and padding; the .npy files hold every position.",
             "hook_modules": targets.paths,
             "timings": {"seconds": round(seconds, 3), "samples_per_second": round(n / seconds, 3) if seconds else None},
             "statistics": summary,

@@ -53,8 +53,11 @@ def test_extract_activations_writes_aligned_files_with_statistics(ready_smollm2,
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["model"]["id"] == ready_smollm2["id"] and metadata["statistics"] == record["statistics"]
     assert metadata["compute"] == {"device": "cpu", "dtype": "float32"}
+    tokens = np.load(out / "tokens.npy")
+    kept = (np.arange(32) > 0) & (tokens != 1)  # position 0 and every BOS (<|im_start|>, SmolLM2's) left out
+    assert (tokens[:, 0] == 1).all() and kept.sum() < 6 * 31  # BOS first, and BOS between documents too
     assert record["statistics"]["layer_0_mlp"]["mean_magnitude"] == pytest.approx(
-        np.abs(np.load(out / "layer_0_mlp.npy").astype(np.float64)).mean(), rel=1e-9
+        np.abs(np.load(out / "layer_0_mlp.npy").astype(np.float64)[kept]).mean(), rel=1e-9
     )
     assert Extraction.objects.get().samples_done == 6
 

@@ -42,26 +42,42 @@ def output_files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".npy", ".npz")}
 
 
-def test_statistics_match_numpy_over_the_whole_file_with_bos_left_out(smollm2_model, dataset, data_dir):
+@pytest.mark.parametrize("prepend_bos", ["always", "never"])
+def test_statistics_match_numpy_over_the_kept_positions_and_position_0_is_always_left_out(smollm2_model, dataset, data_dir, prepend_bos):
+    """The new defaults (BOS first, BOS between packed documents): the statistics and the norm
+    factor are numpy's over exactly the kept positions, which never include position 0 (BOS,
+    or with no BOS the attention sink) nor any BOS; without a BOS first, position 0 is an
+    ordinary token and is still left out."""
     extraction = services.request_extraction(
         model_id=smollm2_model.id, dataset_id=dataset["id"], enqueue=False,
         layers=[0, 3], hook_types=["residual", "mlp"], max_samples=12, batch_size=5, seq_len=24, dtype="float32",
-        prepend_bos="always",
+        **({} if prepend_bos == "always" else {"prepend_bos": prepend_bos}),  # "always" is the default now
     )  # fmt: skip
+    assert (extraction.prepend_bos, extraction.separator) == (prepend_bos, "bos")
     jobs.run_extraction_job(extraction.id)
     extraction.refresh_from_db()
     assert extraction.status == ExtractionStatus.COMPLETED, extraction.error_message
     out = data_dir / "activations" / f"extraction_{extraction.id}"
     tokens = np.load(out / "tokens.npy")
     metadata = json.loads((out / "metadata.json").read_text())
-    bos = metadata["bos_token_id"]
-    assert bos is not None and (tokens[:, 0] == bos).all() and (tokens[:, 1:] != bos).any()
-    assert metadata["prepend_bos"] == "always" and metadata["statistics_exclude"] == ["bos"]
+    bos = 1  # SmolLM2's <|im_start|>
+    assert metadata["statistics_exclude"] == ["position_0", "bos", "padding"] and metadata["excluded_token_ids"] == [bos]
+    assert metadata["separator"] == "bos" and (tokens[:, 1:] == bos).any()  # documents joined by BOS, as SAELens packs
+    assert not (tokens == 2).any()  # and not by EOS
+    if prepend_bos == "always":
+        assert metadata["bos_token_id"] == bos and (tokens[:, 0] == bos).all()
+    else:
+        assert metadata["bos_token_id"] is None and (tokens[:, 0] != bos).any()
+    kept = np.ones(tokens.shape, dtype=bool)
+    kept[:, 0] = False
+    kept &= tokens != bos
+    assert kept.sum() < 12 * 23  # some BOS separators inside the rows were left out too
     assert metadata["hook_modules"]["layer_3_mlp"] == "model.layers.3.mlp"
     for stem in ("layer_0_residual", "layer_0_mlp", "layer_3_residual", "layer_3_mlp"):
-        values = np.load(out / f"{stem}.npy").astype(np.float64)[:, 1:, :].reshape(-1, 576)  # BOS positions left out
+        every = np.load(out / f"{stem}.npy").astype(np.float64)
+        values = every[kept]
         saved = np.load(out / f"{stem}.stats.npz")
-        assert int(saved["count"]) == len(values) == 12 * 23
+        assert int(saved["count"]) == len(values) == kept.sum()
         np.testing.assert_allclose(saved["mean"], values.mean(axis=0), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(saved["var"], values.var(axis=0), rtol=1e-8, atol=1e-12)
         figures = metadata["statistics"][stem]
@@ -70,10 +86,15 @@ def test_statistics_match_numpy_over_the_whole_file_with_bos_left_out(smollm2_mo
         histogram = figures["norm_histogram"]
         counts = np.histogram(norms, bins=NORM_BIN_EDGES)[0]
         assert histogram["counts"] == counts.tolist() and histogram["below"] + histogram["above"] + counts.sum() == len(norms)
-        assert figures["tokens"] == 12 * 23
-    # With BOS counted, the means move: the figures would not be what a trainer normalises by.
-    with_bos = np.load(out / "layer_3_residual.npy").astype(np.float64).reshape(-1, 576)
-    assert not np.allclose(with_bos.mean(axis=0), np.load(out / "layer_3_residual.stats.npz")["mean"], rtol=1e-3)
+        assert figures["tokens"] == kept.sum()
+        if stem == "layer_3_residual":
+            # Position 0 is the attention sink with or without a BOS there: far above the rest
+            # (about 8x the median already at layer 3 of SmolLM2; more in deeper layers).
+            first = np.linalg.norm(every[:, 0], axis=1)
+            assert first.min() > 5 * np.median(norms), (first.min(), np.median(norms))
+            # Counted, it would lower the norm factor a trainer normalises by.
+            with_first = np.linalg.norm(every[~(tokens == bos) | (np.arange(24) == 0)], axis=1)
+            assert np.sqrt(576) / with_first.mean() < 0.95 * figures["norm_scaling_factor"]
 
 
 @pytest.mark.parametrize(("mode", "first_is_bos"), [("always", True), ("never", False), ("auto", False)])
@@ -95,6 +116,26 @@ def test_prepend_bos_modes_on_packed_windows(smollm2_folder, mode, first_is_bos)
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     body = 15 if first_is_bos else 16
     assert tokens.ids[:, 16 - body :].reshape(-1).tolist() == stream[: 10 * body]
+
+
+@pytest.mark.parametrize("separator", ["bos", "eos"])
+def test_packed_documents_are_joined_by_the_chosen_separator(smollm2_folder, separator):
+    """BOS between documents by default (SAELens' packing); EOS on request (as before)."""
+    from transformers import AutoTokenizer
+
+    from activations_app.ml.extract import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    texts = TEXT.splitlines()[:40]
+    tokens = tokenize(texts, tokenizer, seq_len=16, mode="packed", max_samples=10, prepend_bos="always", separator=separator)
+    joint = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}[separator]
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [joint]
+    assert tokens.ids[:, 1:].reshape(-1).tolist() == stream[: 10 * 15]
+    kept = tokens.statistics_mask()
+    assert not kept[:, 0].any() and not kept[tokens.ids == tokenizer.bos_token_id].any()
+    assert kept[tokens.ids == tokenizer.eos_token_id].all()  # EOS is a real token to the statistics
 
 
 def test_a_worker_killed_part_way_resumes_by_itself_and_ends_byte_identical_to_a_clean_run(tiny_model, long_dataset, data_dir, signed_in):
