@@ -100,12 +100,15 @@ def extraction_cancel(request, extraction_id):
 
 @api_endpoint({"POST"})
 def extraction_export(request, extraction_id):
-    """`{"format": "saelens", "naming": "hf"|"tl"}` → 202 and the export's record (follow it at /api/exports/{id});
-    the datasets land in `extraction_{id}/saelens/`. 409 while one of the same format runs."""
+    """`{"format": "saelens", "naming": "hf"|"tl", "shuffle": SEED}` → 202 and the export's record (follow it at
+    /api/exports/{id}); the datasets land in `extraction_{id}/saelens/`, their rows permuted by the seed when one is
+    given. 409 while one of the same format runs."""
     body = json_body(request) if request.content_type == "application/json" else {}
     fmt = text_field(body, "format") if isinstance(body, dict) else None
     naming = text_field(body, "naming") if isinstance(body, dict) else None
-    return JsonResponse(services.export_extraction(extraction_id, request.user, fmt or "saelens", naming=naming).as_dict(), status=202)
+    shuffle = body.get("shuffle") if isinstance(body, dict) else None
+    export = services.export_extraction(extraction_id, request.user, fmt or "saelens", naming=naming, shuffle=shuffle)
+    return JsonResponse(export.as_dict(), status=202)
 
 
 @api_endpoint({"GET"})

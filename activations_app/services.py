@@ -16,14 +16,14 @@ from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, Forbidden, InvalidInput, JobError, NotFound, ServiceError
 from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
-from mistudio.validation import resolve_import_path, validate_hub_source
+from mistudio.validation import bounded_int, resolve_import_path, validate_hub_source
 from models_app.ml import check_architecture, compute_device
 from models_app.services import get_ready_model
 
 from .forms import ExtractionForm
 from .ml import datasets as dataset_files
 from .ml.export import FORMATS as EXPORT_FORMATS
-from .ml.export import DEFAULT_NAMING, NAMINGS, check_free_space, check_out_dir, default_out_dir, export_bytes
+from .ml.export import MAX_SEED, NAMINGS, check_free_space, check_out_dir, default_naming, default_out_dir, export_bytes
 from .ml.extract import ExtractionSpec, storage_bytes
 from .ml.hub_datasets import check_text_column, plan_dataset
 from .models import Dataset, DatasetStatus, Export, Extraction, ExtractionStatus, ExtractionTemplate
@@ -257,17 +257,22 @@ def resume_extraction(extraction_id: str, user, enqueue: bool = True) -> Extract
 
 
 def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: bool = True, out: Path | None = None,
-                      naming: str | None = None) -> Export:  # fmt: skip
+                      naming: str | None = None, shuffle=None) -> Export:  # fmt: skip
     """An export of a finished extraction in a trainer's format (SAELens: `datasets` per
     hook) into its own `extraction_{id}/{format}/`, or into `out` (a new or empty folder
     outside it): a tracked job, queued for a worker or (`enqueue=False`) left for the caller
     to run. Refused before anything is written: a folder that is not new or empty, too little
     free space, or an export of the same extraction and format still running (409). Anyone
-    may export: it reads the extraction and writes beside it."""
+    may export: it reads the extraction and writes beside it. `shuffle`: a seed (0 to
+    2^32 - 1) that permutes the rows across the whole export; none keeps text order."""
     extraction = Extraction.get_or_404(extraction_id)
+    try:
+        shuffle = bounded_int(shuffle, "shuffle", 0, MAX_SEED, label="The shuffle seed")
+    except InvalidInput as exc:
+        raise ServiceError.from_invalid(exc) from None
     if fmt not in EXPORT_FORMATS:
         raise ServiceError("invalid_input", f"format must be one of {', '.join(EXPORT_FORMATS)}.", details={"field": "format"})
-    naming = naming or DEFAULT_NAMING
+    naming = naming or default_naming(_exported_repo(extraction))[0]
     if naming not in NAMINGS:
         raise ServiceError("invalid_input", f"naming must be one of {', '.join(NAMINGS)}.", details={"field": "naming"})
     if extraction.status != ExtractionStatus.COMPLETED or not extraction.final_dir.is_dir():
@@ -283,11 +288,27 @@ def export_extraction(extraction_id: str, user, fmt: str = "saelens", enqueue: b
         require_queue()
     with transaction.atomic():
         _refuse_a_second_export(extraction, fmt)
-        export = Export.objects.create(extraction=extraction, format=fmt, naming=naming, out_path=str(target),
+        export = Export.objects.create(extraction=extraction, format=fmt, naming=naming, shuffle_seed=shuffle, out_path=str(target),
                                        owner=jobs.owner_of(user))  # fmt: skip
         if enqueue:
             jobs.enqueue_after_commit(export)
     return export
+
+
+def _exported_repo(extraction: Extraction) -> str | None:
+    """The Hub repo of the model an extraction ran, as its metadata.json recorded it (the
+    model's row may be gone)."""
+    import json
+
+    try:
+        return json.loads((extraction.final_dir / "metadata.json").read_text()).get("model", {}).get("repo_id")
+    except (OSError, ValueError, AttributeError):
+        return extraction.model.repo_id if extraction.model is not None else None
+
+
+def default_export_naming(extraction_id: str) -> tuple[str, str]:
+    """The hook naming an export of this extraction gets when none is asked for, and why."""
+    return default_naming(_exported_repo(Extraction.get_or_404(extraction_id)))
 
 
 def cancel_export(export_id: str, user) -> Export:
@@ -372,12 +393,13 @@ def samples_available(model, dataset: Dataset, spec: ExtractionSpec) -> int | No
     if dataset.storage == "stream" or not dataset.file_path:
         return None
     key = (dataset.id, str(dataset.source_fingerprint()), str(model.weights_dir), spec.seq_len, spec.tokenization,
-           spec.prepend_bos)  # fmt: skip
+           spec.prepend_bos, spec.separator)  # fmt: skip
     if key not in _AVAILABLE:
         limit = max(1, ESTIMATE_TOKEN_BUDGET // spec.seq_len)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model.weights_dir)
-            rows = len(tokenize(dataset.texts(), tokenizer, spec.seq_len, spec.tokenization, limit + 1, spec.prepend_bos).ids)
+            rows = len(tokenize(dataset.texts(), tokenizer, spec.seq_len, spec.tokenization, limit + 1, spec.prepend_bos,
+                                spec.separator).ids)  # fmt: skip
         except (JobError, InvalidInput, OSError, ValueError):
             return None  # the start refuses it with the reason; the estimate stays rough
         _AVAILABLE[key] = rows if rows <= limit else None

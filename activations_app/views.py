@@ -237,7 +237,9 @@ def extraction_resume(request, extraction_id):
 
 @require_POST
 def extraction_export(request, extraction_id):
-    return _act_on_extraction(request, extraction_id, lambda: services.export_extraction(extraction_id, request.user, "saelens"))
+    shuffle = request.POST.get("shuffle")  # optional: a seed that permutes the rows across the export
+    return _act_on_extraction(request, extraction_id,
+                              lambda: services.export_extraction(extraction_id, request.user, "saelens", shuffle=shuffle))  # fmt: skip
 
 
 def _act_on_export(request, export_id, action):

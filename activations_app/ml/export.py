@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -30,6 +31,26 @@ DEFAULT_NAMING = "hf"
 NAMING_REASON = ("hf: the model's own module paths, which SAELens hooks when it loads a model through "
                  "AutoModelForCausalLM (any Hugging Face model); --naming tl gives TransformerLens names, for a "
                  "model TransformerLens itself supports")
+# The repos TransformerLens loads by name (its OFFICIAL_MODEL_NAMES, by family): SAELens' default
+# path (HookedTransformer) loads only these, and hooks them by TransformerLens names. Another
+# model of the same architecture (SmolLM2 is a Llama) is not loaded by TransformerLens at all.
+TRANSFORMERLENS_REPOS = re.compile(
+    r"(gpt2|gpt2-medium|gpt2-large|gpt2-xl|distilgpt2|openai-community/gpt2(-medium|-large|-xl)?|"
+    r"EleutherAI/(pythia-[\w.-]+|gpt-neo-[\w.]+|gpt-j-6B|gpt-neox-20b)|facebook/opt-[\w.]+|"
+    r"roneneldan/TinyStories-[\w-]+|NeelNanda/[\w-]+|stanford-crfm/[\w-]+|bigscience/bloom-[\w.]+|"
+    r"google/gemma-[\w.-]+|meta-llama/(Llama-2|Meta-Llama-3|Llama-3\.[12])-[\w.-]+|mistralai/Mistral-7B-[\w.-]+|"
+    r"mistralai/Mixtral-8x7B-[\w.-]+|Qwen/Qwen(1\.5|2|2\.5)?-[\w.-]+|microsoft/phi-[\w.-]+|microsoft/Phi-3-[\w.-]+|"
+    r"stabilityai/stablelm-[\w.-]+|bigcode/santacoder|ai-forever/mGPT)"
+)
+
+
+def default_naming(repo_id: str | None) -> tuple[str, str]:
+    """The naming that works for the model's SAELens loading path, and why (the command says
+    both): `tl` for a model TransformerLens loads by name, `hf` for every other."""
+    if repo_id and TRANSFORMERLENS_REPOS.fullmatch(repo_id):
+        return "tl", (f"tl: {repo_id} is a model TransformerLens loads by name, so SAELens' default "
+                      "model_class_name='HookedTransformer' hooks it by these names; --naming hf gives its module paths")  # fmt: skip
+    return "hf", NAMING_REASON
 ROWS_PER_BLOCK = 64
 
 
@@ -122,10 +143,41 @@ def check_free_space(out_dir: Path, needed_bytes: int, reserve_bytes: int) -> No
                                                   f"is free where it goes.")  # fmt: skip
 
 
+MAX_SEED = 2**32 - 1
+ROW_ORDER = "row_order.npy"
+
+
+def row_order(n: int, seed: int | None) -> np.ndarray | None:
+    """The export's rows as rows of the extraction: None keeps their order (text order), a
+    seed gives numpy's permutation of them (`numpy.random.default_rng(seed).permutation(n)`),
+    the same for every hook and the tokens dataset, so their rows still line up."""
+    return None if seed is None else np.random.default_rng(seed).permutation(n)
+
+
+def _blocks(n: int, order: np.ndarray | None):
+    """(positions of the export's rows, the extraction rows to read for them in that order),
+    a block at a time. A shuffled block is read from the memory map in ascending row order
+    (one pass forward over the file, each row a contiguous read) and put in the permuted
+    order in memory: one block in memory, never a second copy of the data."""
+    for start in range(0, n, ROWS_PER_BLOCK):
+        if order is None:
+            yield slice(start, min(n, start + ROWS_PER_BLOCK)), None
+        else:
+            wanted = order[start : start + ROWS_PER_BLOCK]
+            ascending = np.sort(wanted)
+            yield ascending, np.searchsorted(ascending, wanted)
+
+
+def _read(array, rows, reorder) -> np.ndarray:
+    block = np.asarray(array[rows])
+    return block if reorder is None else block[reorder]
+
+
 def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[int, int], None] | None = None,
-                   staging: Path | None = None, naming: str = DEFAULT_NAMING) -> list[Path]:  # fmt: skip
+                   staging: Path | None = None, naming: str = DEFAULT_NAMING, shuffle: int | None = None) -> list[Path]:  # fmt: skip
     """One dataset per layer/hook under `out_dir/{hook name}/`, named the `naming` way
-    (NAMINGS); the folders' paths."""
+    (NAMINGS), its rows in text order or (`shuffle`, a seed) permuted across the whole
+    export; the folders' paths."""
     import datasets
 
     metadata = _metadata(extraction_dir)
@@ -135,9 +187,12 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
     tokens = np.load(extraction_dir / "tokens.npy", mmap_mode="r")
     n, seq_len = tokens.shape
     total, done = n * len(layers) * len(hooks), 0
+    order = row_order(n, shuffle)
     tmp = _new_staging_dir(out_dir, staging)
     written = []
     try:
+        if order is not None:
+            np.save(tmp / ROW_ORDER, order)  # export row i is extraction row order[i]
         for layer in layers:
             for hook in hooks:
                 values = np.load(extraction_dir / f"layer_{layer}_{hook}.npy", mmap_mode="r")
@@ -150,9 +205,9 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
 
                 def rows(values=values, name=name):
                     nonlocal done
-                    for start in range(0, n, ROWS_PER_BLOCK):
-                        block = np.asarray(values[start : start + ROWS_PER_BLOCK])  # one block in memory
-                        ids = np.asarray(tokens[start : start + ROWS_PER_BLOCK], dtype=np.int32)
+                    for positions, reorder in _blocks(n, order):
+                        block = _read(values, positions, reorder)  # one block in memory
+                        ids = _read(tokens, positions, reorder).astype(np.int32)
                         for row, row_ids in zip(block, ids, strict=True):
                             yield {name: row, "token_ids": row_ids}
                         done += len(block)
@@ -173,15 +228,16 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
         features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("int32"), length=seq_len)})
 
         def token_rows():
-            for start in range(0, n, ROWS_PER_BLOCK):
-                for row_ids in np.asarray(tokens[start : start + ROWS_PER_BLOCK], dtype=np.int32):
+            for positions, reorder in _blocks(n, order):
+                for row_ids in _read(tokens, positions, reorder).astype(np.int32):
                     yield {"tokens": row_ids}
 
         cache = tmp / ".cache"
         datasets.Dataset.from_generator(token_rows, features=features, cache_dir=str(cache), writer_batch_size=ROWS_PER_BLOCK,
                                         fingerprint=uuid.uuid4().hex).save_to_disk(str(tmp / TOKENS_DATASET))  # fmt: skip
         shutil.rmtree(cache, ignore_errors=True)
-        (tmp / "export.json").write_text(json.dumps(export_record(metadata, out_dir, layers, hooks, seq_len, d_in, naming), indent=2))
+        record = export_record(metadata, out_dir, layers, hooks, seq_len, d_in, naming, shuffle)
+        (tmp / "export.json").write_text(json.dumps(record, indent=2))
         _move_into_place(tmp, out_dir, replaceable)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,7 +259,7 @@ def export_name(metadata: dict, layer: int, hook: str, naming: str) -> str:
 
 
 def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[str], seq_len: int, d_in: int,
-                  naming: str = DEFAULT_NAMING) -> dict:  # fmt: skip
+                  naming: str = DEFAULT_NAMING, shuffle: int | None = None) -> dict:  # fmt: skip
     """`export.json`: what the activations are (model, dataset, tokenization, BOS, dtype,
     width), how they were summarized (the norm scaling factor per hook and what it leaves
     out) and, per hook, the SAELens settings that load them with no glue code. SAELens'
@@ -231,7 +287,7 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
     return {
         "format": "saelens",
         "naming": naming,
-        "naming_reason": NAMING_REASON,
+        "naming_reason": _naming_reason(metadata, naming),
         "transformerlens_names": transformerlens_names,
         "extraction_id": metadata.get("extraction_id"),
         "model": metadata.get("model"),
@@ -242,9 +298,11 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
         "dtype": config.get("dtype", metadata.get("dtype")),
         "tokenization": {
             "mode": config.get("tokenization"),
-            "separator": "eos" if config.get("tokenization") == "packed" else None,
+            # Recorded since the separator became a choice; packed runs from before joined with EOS.
+            "separator": (metadata.get("separator") or "eos") if config.get("tokenization") == "packed" else None,
             "prepend_bos": metadata.get("prepend_bos"),
             "bos_token_id": bos,
+            "excluded_token_ids": metadata.get("excluded_token_ids", []),
             "tokenizer": metadata.get("tokenizer"),
         },
         "normalization": {
@@ -253,9 +311,20 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
             "advice": "train with normalize_activations='expected_average_only_in', or scale by the hook's "
                       "norm_scaling_factor below",
         },
+        "row_order": (
+            {"shuffled": False, "rows": "the extraction's, in text order"} if shuffle is None else
+            {"shuffled": True, "seed": shuffle, "permutation": "numpy.random.default_rng(seed).permutation(rows)",
+             "file": str(out_dir / ROW_ORDER), "rows": f"export row i is extraction row {ROW_ORDER}[i], in every hook "
+                                                       "and in the tokens dataset"}
+        ),  # fmt: skip
         "hooks": list(per_hook),
         "saelens": per_hook,
     }
+
+
+def _naming_reason(metadata: dict, naming: str) -> str:
+    default, reason = default_naming((metadata.get("model") or {}).get("repo_id"))
+    return reason if naming == default else f"{naming}: asked for (the default for this model is {reason})"
 
 
 def saelens_snippet(record: dict) -> str:

@@ -125,7 +125,8 @@ def test_export_json_holds_what_saelens_needs_and_the_tokens_are_a_dataset_besid
     tokens = np.load(finished.final_dir / "tokens.npy")
     assert record["d_in"] == 64 and record["context_size"] == 16 and record["dtype"] == "float16"
     assert record["dataset"]["id"] == finished.dataset_id and record["tokenization"]["mode"] == "packed"
-    assert record["tokenization"]["separator"] == "eos" and record["normalization"]["left_out"] == metadata["statistics_exclude"]
+    assert record["tokenization"]["separator"] == "bos" and record["normalization"]["left_out"] == metadata["statistics_exclude"]
+    assert record["row_order"]["shuffled"] is False and not (tmp_path / "out" / "row_order.npy").exists()
     assert record["naming"] == "hf" and "AutoModelForCausalLM" in said.err  # the command says which naming, and why
     assert record["hooks"] == ["model.layers.0", "model.layers.0.mlp", "model.layers.2", "model.layers.2.mlp"]
     assert record["transformerlens_names"]["model.layers.2.mlp"] == "blocks.2.hook_mlp_out"
@@ -146,3 +147,55 @@ def test_export_json_holds_what_saelens_needs_and_the_tokens_are_a_dataset_besid
     assert tl["naming"] == "tl" and tl["hooks"] == ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out", "blocks.2.hook_resid_post",
                                                      "blocks.2.hook_mlp_out"]
     assert datasets.load_from_disk(tl["saelens"]["blocks.2.hook_mlp_out"]["cached_activations_path"]).column_names[0] == "blocks.2.hook_mlp_out"
+
+
+def test_a_shuffled_export_permutes_every_hook_and_the_tokens_alike_by_its_seed(finished, tmp_path, capsys, signed_in, redis_clean):
+    """`--shuffle SEED`: the rows of every hook's dataset and of the tokens dataset are the
+    extraction's rows in numpy's permutation for that seed (row_order.npy says which), so
+    activations and their tokens still line up; the same seed gives the same order."""
+    import datasets
+    import numpy as np
+
+    call_command("export_activations", finished.id, "--out", str(tmp_path / "a"), "--shuffle", "7", "--json")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shuffle_seed"] == 7
+    record = json.loads((tmp_path / "a" / "export.json").read_text())
+    order = np.load(tmp_path / "a" / "row_order.npy")
+    n = 24
+    assert order.tolist() == np.random.default_rng(7).permutation(n).tolist() and order.tolist() != list(range(n))
+    assert record["row_order"]["shuffled"] and record["row_order"]["seed"] == 7
+    tokens = np.load(finished.final_dir / "tokens.npy")
+    assert np.array_equal(np.array(datasets.load_from_disk(record["tokens_dataset"])["tokens"]), tokens[order])
+    for name, settings in record["saelens"].items():
+        loaded = datasets.load_from_disk(settings["cached_activations_path"]).with_format("numpy")
+        tl = record["transformerlens_names"][name]
+        stem = f"layer_{tl.split('.')[1]}_{'residual' if tl.endswith('resid_post') else 'mlp'}"
+        values = np.load(finished.final_dir / f"{stem}.npy")
+        assert np.array_equal(loaded[name], values[order]) and np.array_equal(loaded["token_ids"], tokens[order])
+    call_command("export_activations", finished.id, "--out", str(tmp_path / "b"), "--shuffle", "7")
+    assert np.array_equal(np.load(tmp_path / "b" / "row_order.npy"), order)
+    # A seed that is not a whole number from 0 to 2^32 - 1 is refused before anything is written.
+    for bad in (-1, 2**32, "seven", 1.5, True):
+        answer = signed_in.post(f"/api/extractions/{finished.id}/export", {"shuffle": bad}, content_type="application/json")
+        assert answer.status_code == 400 and answer.json()["error"]["details"]["field"] == "shuffle", (bad, answer.content)
+    with pytest.raises(CommandError, match="shuffle seed"):
+        call_command("export_activations", finished.id, "--out", str(tmp_path / "c"), "--shuffle", "-3")
+    assert not (tmp_path / "c").exists() and Export.objects.count() == 2
+
+
+def test_the_default_naming_is_the_one_the_models_saelens_path_hooks(finished, tmp_path, capsys):
+    """TransformerLens names for a model TransformerLens loads by name (SAELens' default
+    HookedTransformer path); module paths for every other, SmolLM2 (a Llama) included."""
+    from activations_app.ml.export import default_naming
+    from models_app.models import Model
+
+    assert default_naming("HuggingFaceTB/SmolLM2-135M")[0] == "hf" and default_naming(None)[0] == "hf"
+    assert default_naming("EleutherAI/pythia-70m")[0] == "tl" and default_naming("gpt2")[0] == "tl"
+    Model.objects.filter(pk=finished.model_id).update(repo_id="EleutherAI/pythia-70m")
+    metadata_file = finished.final_dir / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps({**metadata, "model": {**metadata["model"], "repo_id": "EleutherAI/pythia-70m"}}))
+    call_command("export_activations", finished.id, "--out", str(tmp_path / "out"))
+    said = capsys.readouterr()
+    record = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert record["naming"] == "tl" and record["hooks"][0] == "blocks.0.hook_resid_post"
+    assert "TransformerLens loads by name" in said.err and record["naming_reason"].startswith("tl: EleutherAI/pythia-70m")

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from activations_app import jobs, services
-from activations_app.ml.export import DEFAULT_NAMING, FORMATS, NAMING_REASON, NAMINGS
+from activations_app.ml.export import FORMATS, NAMING_REASON, NAMINGS
 from activations_app.models import ExportStatus
 from mistudio.commands import JobCommand, acting_user, service_call
 
@@ -18,7 +18,12 @@ class Command(JobCommand):
         parser.add_argument("--out", help="a new or empty folder to write, outside the extraction's folder "
                                           "(default: the extraction's own saelens/ folder)")  # fmt: skip
         parser.add_argument("--naming", choices=NAMINGS, default=None,
-                            help=f"hook names in the export (default {DEFAULT_NAMING}: {NAMING_REASON})")  # fmt: skip
+                            help="hook names in the export (default: tl for a model TransformerLens loads by name, "
+                                 f"else {NAMING_REASON})")  # fmt: skip
+        parser.add_argument("--shuffle", metavar="SEED", default=None,
+                            help="permute the rows across the whole export with this seed (0 to 2^32 - 1; the same "
+                                 "permutation for every hook and the tokens; row_order.npy maps them back); default: "
+                                 "text order")  # fmt: skip
         parser.add_argument("--queue", action="store_true", help="Queue it for a worker instead of running it here.")
         self.add_job_arguments(parser)
 
@@ -26,9 +31,9 @@ class Command(JobCommand):
         out = Path(options["out"]).resolve() if options["out"] else None
         options["sync"] = not options["queue"]  # this command runs here unless told otherwise
         if options["naming"] is None:
-            self.stderr.write(f"Hook names: {NAMING_REASON}.")
+            self.stderr.write(f"Hook names: {service_call(services.default_export_naming, options['extraction_id'])[1]}.")
         export = service_call(services.export_extraction, options["extraction_id"], acting_user(options), options["format"],
-                              enqueue=options["queue"], out=out, naming=options["naming"])  # fmt: skip
+                              enqueue=options["queue"], out=out, naming=options["naming"], shuffle=options["shuffle"])  # fmt: skip
         export = self.run_job(export, jobs.run_export_job, options)
         if export.saelens_snippet:  # on stderr: stdout stays the paths (or the JSON)
             self.stderr.write("SAELens, from this export (export.json has every hook):\n" + export.saelens_snippet)
