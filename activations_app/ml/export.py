@@ -224,7 +224,9 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
                 shutil.rmtree(cache, ignore_errors=True)
                 written.append(out_dir / name)
         # The exact token windows as their own dataset (a `tokens` column): SAELens asks for a
-        # dataset even when it reads cached activations, and this is the one they came from.
+        # dataset even when it reads cached activations, and this is the one they came from. It
+        # opens `dataset_path` with datasets.load_dataset(path, split="train"), which reads a
+        # folder of parquet files (not a save_to_disk folder): so parquet, one train split.
         features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("int32"), length=seq_len)})
 
         def token_rows():
@@ -233,8 +235,9 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
                     yield {"tokens": row_ids}
 
         cache = tmp / ".cache"
+        (tmp / TOKENS_DATASET).mkdir()
         datasets.Dataset.from_generator(token_rows, features=features, cache_dir=str(cache), writer_batch_size=ROWS_PER_BLOCK,
-                                        fingerprint=uuid.uuid4().hex).save_to_disk(str(tmp / TOKENS_DATASET))  # fmt: skip
+                                        fingerprint=uuid.uuid4().hex).to_parquet(str(tmp / TOKENS_DATASET / TOKENS_FILE))  # fmt: skip
         shutil.rmtree(cache, ignore_errors=True)
         record = export_record(metadata, out_dir, layers, hooks, seq_len, d_in, naming, shuffle)
         (tmp / "export.json").write_text(json.dumps(record, indent=2))
@@ -246,6 +249,8 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
 
 
 TOKENS_DATASET = "tokens"
+TOKENS_FILE = "train.parquet"
+SAELENS_VERSION = "6.54.12"  # the release whose config fields `runner` and `sae` below are checked against
 
 
 def export_name(metadata: dict, layer: int, hook: str, naming: str) -> str:
@@ -267,22 +272,46 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
     config = metadata.get("config", {})
     statistics = metadata.get("statistics", {})
     bos = metadata.get("bos_token_id")
+    model = metadata.get("model") or {}
+    packed = config.get("tokenization") == "packed"
+    separator = (metadata.get("separator") or "eos") if packed else None
+    excluded = metadata.get("excluded_token_ids", [])
     per_hook, transformerlens_names = {}, {}
     for layer in layers:
         for hook in hooks:
             name = export_name(metadata, layer, hook, naming)
             transformerlens_names[name] = hook_name(layer, hook)
             figures = statistics.get(f"layer_{layer}_{hook}", {})
-            per_hook[name] = {
-                "cached_activations_path": str(out_dir / name),
+            # LanguageModelSAERunnerConfig(sae=StandardTrainingSAEConfig(**sae, d_sae=…), **runner, …)
+            # with SAELens SAELENS_VERSION: every key is one of its fields.
+            runner = {
+                "model_name": model.get("repo_id") or "",
+                "model_class_name": "HookedTransformer" if naming == "tl" else "AutoModelForCausalLM",
                 "hook_name": name,
-                "hook_layer": layer,
-                "d_in": d_in,
+                # Relative: SAELens 6.54.12 checks a tokenized dataset_path's tokenizer with
+                # hf_hub_download(dataset_path), which refuses an absolute path (HFValidationError)
+                # before load_dataset would have read it. "tokens" is a local folder to
+                # load_dataset and a repo id to that check: train from the export's folder.
+                "dataset_path": TOKENS_DATASET,
+                "is_dataset_tokenized": True,
+                "streaming": False,
                 "context_size": seq_len,
-                "dataset_path": str(out_dir / TOKENS_DATASET),
                 "prepend_bos": bos is not None,
                 "use_cached_activations": True,
+                "cached_activations_path": str(out_dir / name),
+                # BOS (first, and between packed documents) stays out of training as it stays out of
+                # the statistics; the cached reader cannot leave out position 0 by position.
+                "exclude_special_tokens": list(excluded) or False,
+            }
+            if packed:
+                runner["sequence_separator_token"] = separator
+            per_hook[name] = {
+                **runner,
+                "hook_layer": layer,
+                "d_in": d_in,
                 "norm_scaling_factor": figures.get("norm_scaling_factor"),
+                "runner": runner,
+                "sae": {"d_in": d_in, "normalize_activations": "expected_average_only_in"},
             }
     return {
         "format": "saelens",
@@ -292,6 +321,7 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
         "extraction_id": metadata.get("extraction_id"),
         "model": metadata.get("model"),
         "dataset": metadata.get("dataset"),
+        "path": str(out_dir),
         "tokens_dataset": str(out_dir / TOKENS_DATASET),
         "context_size": seq_len,
         "d_in": d_in,
@@ -299,7 +329,7 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
         "tokenization": {
             "mode": config.get("tokenization"),
             # Recorded since the separator became a choice; packed runs from before joined with EOS.
-            "separator": (metadata.get("separator") or "eos") if config.get("tokenization") == "packed" else None,
+            "separator": separator,
             "prepend_bos": metadata.get("prepend_bos"),
             "bos_token_id": bos,
             "excluded_token_ids": metadata.get("excluded_token_ids", []),
@@ -318,6 +348,7 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
                                                        "and in the tokens dataset"}
         ),  # fmt: skip
         "hooks": list(per_hook),
+        "saelens_version": SAELENS_VERSION,
         "saelens": per_hook,
     }
 
@@ -328,13 +359,17 @@ def _naming_reason(metadata: dict, naming: str) -> str:
 
 
 def saelens_snippet(record: dict) -> str:
-    """The SAELens runner settings for the first hook, as a user pastes them (the rest of
-    the hooks differ only in their path and name; see export.json)."""
+    """The SAELens config for the first hook, as a user pastes it (the other hooks differ
+    only in their name and folder; export.json has each one's `runner` and `sae`)."""
     first = record["saelens"][record["hooks"][0]]
-    keys = ("hook_name", "d_in", "context_size", "prepend_bos", "use_cached_activations", "cached_activations_path",
-            "dataset_path")  # fmt: skip
-    lines = [f"    {key}={first[key]!r}," for key in keys]
-    return "LanguageModelSAERunnerConfig(\n" + "\n".join(lines) + "\n    normalize_activations='expected_average_only_in',\n    ...\n)"
+    runner = [f"    {key}={value!r}," for key, value in first["runner"].items()]
+    sae = ", ".join(f"{key}={value!r}" for key, value in first["sae"].items())
+    return (f"# SAELens {record.get('saelens_version', SAELENS_VERSION)}, run from the export's folder ({record.get('path', '.')}):\n"
+            "# dataset_path is relative, as SAELens' tokenizer check of a pre-tokenized dataset needs\n"
+            "from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, StandardTrainingSAEConfig\n\n"
+            f"cfg = LanguageModelSAERunnerConfig(\n    sae=StandardTrainingSAEConfig({sae}, d_sae={first['sae']['d_in'] * 8}),\n"
+            + "\n".join(runner) + "\n    training_tokens=..., train_batch_size_tokens=4096,\n)\n"
+            "sae = LanguageModelSAETrainingRunner(cfg).run()")  # fmt: skip
 
 
 def _metadata(extraction_dir: Path) -> dict:

@@ -4,6 +4,7 @@ is written, cancel and retry, nothing left behind by a dead worker, --json on th
 and a card on the extraction's page."""
 
 import json
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -137,9 +138,16 @@ def test_export_json_holds_what_saelens_needs_and_the_tokens_are_a_dataset_besid
         tl = record["transformerlens_names"][name]
         stem = f"layer_{tl.split('.')[1]}_{'residual' if tl.endswith('resid_post') else 'mlp'}"
         assert settings["norm_scaling_factor"] == metadata["statistics"][stem]["norm_scaling_factor"]
-        assert settings["hook_name"] == name and settings["d_in"] == 64 and settings["dataset_path"] == record["tokens_dataset"]
-    windows = datasets.load_from_disk(record["tokens_dataset"])
+        assert settings["hook_name"] == name and settings["d_in"] == 64
+        assert tmp_path / "out" / settings["dataset_path"] == Path(record["tokens_dataset"])  # relative to the export
+    # Opened as SAELens opens dataset_path: load_dataset(path, split="train").
+    windows = datasets.load_dataset(record["tokens_dataset"], split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert windows.column_names == ["tokens"] and np.array_equal(np.array(windows["tokens"]), tokens)
+    # Each hook's `runner` and `sae` are keyword arguments SAELens' configs take as they are.
+    first = record["saelens"][record["hooks"][0]]
+    assert first["runner"]["model_class_name"] == "AutoModelForCausalLM" and first["sae"]["d_in"] == 64
+    assert first["runner"]["exclude_special_tokens"] == metadata["excluded_token_ids"] == [1]
+    assert first["runner"]["sequence_separator_token"] == "bos" and first["runner"]["prepend_bos"] is True
     assert "LanguageModelSAERunnerConfig(" in said.err and "cached_activations_path=" in said.err
     assert said.out.strip().splitlines()[-1].endswith("model.layers.2.mlp")  # stdout: the paths, as before
     call_command("export_activations", finished.id, "--out", str(tmp_path / "tl"), "--naming", "tl")
@@ -164,7 +172,8 @@ def test_a_shuffled_export_permutes_every_hook_and_the_tokens_alike_by_its_seed(
     assert order.tolist() == np.random.default_rng(7).permutation(n).tolist() and order.tolist() != list(range(n))
     assert record["row_order"]["shuffled"] and record["row_order"]["seed"] == 7
     tokens = np.load(finished.final_dir / "tokens.npy")
-    assert np.array_equal(np.array(datasets.load_from_disk(record["tokens_dataset"])["tokens"]), tokens[order])
+    windows = datasets.load_dataset(record["tokens_dataset"], split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert np.array_equal(np.array(windows["tokens"]), tokens[order])
     for name, settings in record["saelens"].items():
         loaded = datasets.load_from_disk(settings["cached_activations_path"]).with_format("numpy")
         tl = record["transformerlens_names"][name]
