@@ -42,6 +42,17 @@ def train(export_dir: Path, hook: str, hub, tmp_path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def trains_every_hook(export_dir: Path, hooks: list[str], hub, tmp_path, model_class_name: str, d_in: int) -> None:
+    for hook in hooks:
+        result = train(export_dir, hook, hub, tmp_path)
+        print(json.dumps(result))
+        assert result["finite"] and result["model_class_name"] == model_class_name and result["d_in"] == d_in
+        # SAELens' own model (transformers' or TransformerLens') has these values at that name,
+        # to the float16 storage's precision.
+        assert result["hook_relative_error"] < 5e-3, result
+        assert result["explained_variance"] > 0.3, result
+
+
 def extract_and_export(repo_id: str, layers: str, data_dir, tmp_path, capsys) -> tuple[dict, list[str]]:
     call_command("download_model", repo_id, "--sync", "--json")
     model = last_json(capsys)
@@ -64,12 +75,7 @@ def extract_and_export(repo_id: str, layers: str, data_dir, tmp_path, capsys) ->
 def test_saelens_trains_from_an_hf_named_export_of_smollm2(hub_with_smollm2, data_dir, tmp_path, capsys):
     record, hooks = extract_and_export("HuggingFaceTB/SmolLM2-135M", "3", data_dir, tmp_path, capsys)
     assert record["naming"] == "hf" and hooks == ["model.layers.3", "model.layers.3.mlp"]
-    for hook in hooks:
-        result = train(tmp_path / "export", hook, hub_with_smollm2, tmp_path)
-        print(json.dumps(result))
-        assert result["finite"] and result["model_class_name"] == "AutoModelForCausalLM" and result["d_in"] == 576
-        assert result["hook_relative_error"] < 5e-3, result  # float16 storage of SAELens' own model's values
-        assert result["explained_variance"] > 0.3, result
+    trains_every_hook(tmp_path / "export", hooks, hub_with_smollm2, tmp_path, "AutoModelForCausalLM", 576)
 
 
 @pytest.fixture
@@ -90,9 +96,4 @@ def pythia_shaped(hub, smollm2_folder, tmp_path_factory):
 def test_saelens_trains_from_a_tl_named_export_through_hooked_transformer(pythia_shaped, data_dir, tmp_path, capsys):
     record, hooks = extract_and_export("EleutherAI/pythia-14m", "1", data_dir, tmp_path, capsys)
     assert record["naming"] == "tl" and hooks == ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
-    for hook in hooks:
-        result = train(tmp_path / "export", hook, pythia_shaped, tmp_path)
-        print(json.dumps(result))
-        assert result["finite"] and result["model_class_name"] == "HookedTransformer" and result["d_in"] == 64
-        assert result["hook_relative_error"] < 5e-3, result  # TransformerLens' own value at that name
-        assert result["explained_variance"] > 0.3, result
+    trains_every_hook(tmp_path / "export", hooks, pythia_shaped, tmp_path, "HookedTransformer", 64)
