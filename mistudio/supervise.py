@@ -13,6 +13,8 @@ itself with the environment given here (REDIS_URL for a private Redis)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
@@ -34,6 +36,23 @@ def answers_ping(host: str, port: int) -> bool:
             return conn.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """This process must not outlive its parent (a kill -9 of it): Linux sends it SIGKILL
+    when the parent dies. An RQ work horse calls it (its worker's death is then seen by the
+    registry check), and so does a test subprocess forked from the suite's zygote."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def free_port() -> int:

@@ -4,11 +4,8 @@ signal) is seen at once; a whole worker gone (SIGKILL, a reboot) is seen by RQ's
 maintenance in any worker, once the job's heartbeat has lapsed (about 90 s; at a worker's
 start and every 10 minutes)."""
 
-import ctypes
-import ctypes.util
 import dataclasses
 import os
-import signal
 import sys
 import time
 
@@ -25,6 +22,7 @@ from rq.worker import Worker
 
 from . import capacity, jobs
 from .devices import compute_device
+from .supervise import die_with_parent
 
 
 def _mark_job_died(job_id: str, reason: str) -> None:
@@ -43,20 +41,6 @@ def abandoned_job_handler(job, exc_type, exc_value, traceback) -> bool:
     return True  # let the other handlers run too
 
 
-def die_with_parent() -> None:
-    """A work horse must not outlive its worker (kill -9 of the worker): Linux sends it
-    SIGKILL when the worker dies, and the row is failed by the next registry check."""
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the registry check still fails the row
-        return
-    if os.getppid() != parent:  # the worker died before the request took effect
-        os._exit(1)
-
-
-PR_SET_PDEATHSIG = 1
 # A dead worker's job is found once its heartbeat lapses (job_monitoring_interval + 60 s)
 # by the registry check, which every live worker runs this often: together, under 2 minutes.
 # (settings.JOB_MONITORING_SECONDS, 15 s by default, is how often a busy worker beats.)
@@ -137,7 +121,7 @@ class MistudioWorker(Worker):
         return super().register_death(*args, **kwargs)
 
     def main_work_horse(self, job, queue):
-        die_with_parent()
+        die_with_parent()  # a work horse must not outlive its worker (kill -9): the row is failed by the next registry check
         return super().main_work_horse(job, queue)
 
     def work(self, *args, **kwargs):

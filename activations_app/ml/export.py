@@ -332,7 +332,7 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
             "separator": separator,
             "prepend_bos": metadata.get("prepend_bos"),
             "bos_token_id": bos,
-            "excluded_token_ids": metadata.get("excluded_token_ids", []),
+            "excluded_token_ids": list(excluded),
             "tokenizer": metadata.get("tokenizer"),
         },
         "normalization": {

@@ -13,6 +13,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connection
 
+from mistudio.supervise import free_port  # noqa: F401 - the tests' one way to find a port
 from models_app.ml.gguf_import import gguf_to_safetensors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,14 +192,6 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.1, message: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_web(port: int, processes: int) -> subprocess.Popen:

@@ -69,15 +69,6 @@ CHILD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 # ---------------------------------------------------------------------------- server side
 
 
-def _set_parent_death_signal(sig: int) -> None:
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
     data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
     while len(data) < _HEADER.size:
@@ -101,7 +92,9 @@ def _run_child(request: dict, fds: list[int], close: list[socket.socket]) -> Non
         for sig in CHILD_SIGNALS:
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
-        _set_parent_death_signal(signal.SIGKILL)  # the suite's zygote goes, its children go
+        from mistudio.supervise import die_with_parent
+
+        die_with_parent()  # the suite's zygote goes, its children go
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
