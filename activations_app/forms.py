@@ -10,7 +10,8 @@ from django.core.exceptions import ValidationError
 from mistudio.errors import InvalidInput, ServiceError
 from mistudio.validation import OUT_OF_RANGE, bounded_int
 
-from .ml.extract import PREPEND_BOS, SEPARATORS, STORAGE_DTYPES, TOKENIZATIONS, ExtractionSpec
+from .ml.extract import STORAGE_DTYPES, ExtractionSpec
+from .ml.tokens import PREPEND_BOS, SEPARATORS, TOKENIZATIONS
 from .ml.hooks import HOOK_TYPES
 
 INPUT_CSS = "w-full px-4 py-2 bg-slate-900 border border-slate-700 rounded-lg text-sm"

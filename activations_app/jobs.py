@@ -19,7 +19,9 @@ from models_app.ml import load_saved
 
 from .ml import datasets as dataset_files
 from .ml.export import check_free_space, export_bytes, export_saelens
-from .ml.extract import STATISTICS_EXCLUDE, run_extraction, tokenize
+from .ml.extract import STORAGE_DTYPES, file_stem, run_extraction
+from .ml.reuse import describe, find_reusable
+from .ml.tokens import STATISTICS_EXCLUDE, tokenize
 from .ml.hooks import hook_targets
 from .ml.hub_datasets import download_dataset, plan_dataset, stream_summary
 from .ml.stats import warm as warm_statistics
@@ -37,20 +39,30 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
 
     model_row, dataset, spec = extraction.model, extraction.dataset, extraction.spec
     job.phase(ExtractionStatus.LOADING)
-    # Placed on a worker that reported room for it; checked again here, before loading.
-    here = capacity.this_machine()
-    refusal = model_row.load_verdict(here).refusal
-    if refusal:
-        raise JobError("does_not_fit", f"This worker ({here.label}) cannot load it: {refusal}.")
-    model = load_saved(model_row.weights_dir)
-    targets = hook_targets(model, spec.layers, spec.hook_types)
-    warm_statistics()  # at once where the worker warmed it up; numba is never imported by the web process
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(
         dataset.texts(reader_id=extraction.owner_id),
         tokenizer, spec.seq_len, spec.tokenization, spec.max_samples, spec.prepend_bos, spec.separator,
     )  # fmt: skip
+    # Files a finished extraction already holds for these very rows are taken, not computed.
+    requested = [file_stem(layer, hook) for layer in spec.layers for hook in spec.hook_types]
+    sources = [(row.id, row.final_dir) for row in Extraction.reuse_sources(model_row.id, dataset.id, spec, exclude=extraction.id)]
+    reused = find_reusable(sources, tokens, requested, STORAGE_DTYPES[spec.dtype], spec.sparsity_threshold)
+    model = targets = None
+    if len(reused) < len(requested):
+        # Placed on a worker that reported room for it; checked again here, before loading.
+        here = capacity.this_machine()
+        refusal = model_row.load_verdict(here).refusal
+        if refusal:
+            raise JobError("does_not_fit", f"This worker ({here.label}) cannot load it: {refusal}.")
+        model = load_saved(model_row.weights_dir)
+        targets = hook_targets(model, spec.layers, spec.hook_types, only=set(requested) - set(reused) if reused else None)
+    warm_statistics()  # at once where the worker warmed it up; numba is never imported by the web process
     job.phase(ExtractionStatus.EXTRACTING, samples_total=len(tokens.ids))
+    if reused:
+        sources_named = ", ".join(sorted({file.source_id for file in reused.values()}))
+        said = f"{describe(spec.layers, spec.hook_types, set(reused))} (from {sources_named})."
+        job.write(notice=(said[0].upper() + said[1:])[: Extraction._meta.get_field("notice").max_length])
     resumed = extraction.resumable_rows  # rows a stopped run made durable: they are not run again
 
     # The forward loop hands progress over and goes on; the job's writer thread writes the
@@ -68,14 +80,14 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
         "revision": model_row.revision, "format": model_row.quantization, "architecture": model_row.architecture},
         "dataset": {"id": dataset.id, "name": dataset.name, "text_column": dataset.text_column},
         "tokenizer": tokenizer.name_or_path and Path(tokenizer.name_or_path).name, "created": time.time(),
-        "compute": {"device": str(next(model.parameters()).device),
+        "compute": None if model is None else {"device": str(next(model.parameters()).device),
                     "dtype": str(next(p for p in model.parameters() if p.is_floating_point()).dtype).removeprefix("torch.")},
     }  # fmt: skip
     result = run_extraction(
         model, model_row.architecture, tokens, spec, extraction.final_dir, metadata, on_progress,
         on_saving=lambda: job.phase(ExtractionStatus.SAVING), targets=targets,
         fingerprint=_fingerprint(extraction, tokenizer), checkpoint_seconds=settings.EXTRACTION_CHECKPOINT_SECONDS,
-        on_notice=lambda text: job.write(notice=text),
+        on_notice=lambda text: job.write(notice=text), reused=reused,
     )  # fmt: skip
     job.write(
         status=ExtractionStatus.COMPLETED, progress=100.0, output_path=str(result.output_dir),

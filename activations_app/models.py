@@ -11,7 +11,8 @@ from mistudio.errors import Conflict, JobError, ServiceError
 from mistudio.jobs import TrackedRow, TransferRow
 from mistudio.staging import staged_path
 
-from .ml.extract import ExtractionSpec, read_checkpoint
+from .ml.extract import ExtractionSpec
+from .ml.writer import read_checkpoint
 
 
 def new_dataset_id() -> str:
@@ -214,6 +215,20 @@ class Extraction(TrackedRow):
     @property
     def final_dir(self):
         return settings.DATA_DIR / "activations" / f"extraction_{self.id}"
+
+    # What must be the same for another extraction's files to be this request's (the rows
+    # themselves are compared too, before anything is taken: see ml.reuse).
+    SAME_ROWS = ("seq_len", "tokenization", "prepend_bos", "separator", "dtype")
+
+    @classmethod
+    def reuse_sources(cls, model_id, dataset_id, spec: ExtractionSpec, exclude: str | None = None):
+        """Finished extractions of the same model files and dataset, made with the same
+        tokenization, sequence length, BOS policy, separator and dtype: where a request's
+        files may already be. Newest first."""
+        if model_id is None or dataset_id is None:
+            return cls.objects.none()
+        same = {name: getattr(spec, name) for name in cls.SAME_ROWS}
+        return cls.objects.filter(status=ExtractionStatus.COMPLETED, model_id=model_id, dataset_id=dataset_id, **same).exclude(pk=exclude)
 
     job_function = "activations_app.jobs.extraction_job"
 

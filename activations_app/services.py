@@ -24,7 +24,8 @@ from .forms import ExtractionForm
 from .ml import datasets as dataset_files
 from .ml.export import FORMATS as EXPORT_FORMATS
 from .ml.export import MAX_SEED, NAMINGS, check_free_space, check_out_dir, default_naming, default_out_dir, export_bytes
-from .ml.extract import ExtractionSpec, storage_bytes
+from .ml.extract import ExtractionSpec, file_stem, storage_bytes
+from .ml.reuse import describe
 from .ml.hub_datasets import check_text_column, plan_dataset
 from .models import Dataset, DatasetStatus, Export, Extraction, ExtractionStatus, ExtractionTemplate
 
@@ -388,7 +389,7 @@ def samples_available(model, dataset: Dataset, spec: ExtractionSpec) -> int | No
     estimate). Cached per dataset content, tokenizer and settings."""
     from transformers import AutoTokenizer
 
-    from .ml.extract import tokenize
+    from .ml.tokens import tokenize
 
     if dataset.storage == "stream" or not dataset.file_path:
         return None
@@ -412,13 +413,16 @@ def estimate_extraction(model, spec: ExtractionSpec, dataset: Dataset | None = N
     out), time from this model's measured speed when a finished extraction of it exists
     (else a stated rough FLOP figure), memory for a batch."""
     hidden = model.hidden_size
-    files = len(spec.layers) * len(spec.hook_types)
     samples, at_most = spec.max_samples, True
     available = samples_available(model, dataset, spec) if dataset is not None else None
     if available is not None:  # counted with the model's tokenizer: exactly this many rows
         samples, at_most = min(samples, available), False
     elif spec.tokenization == "truncate" and dataset is not None and dataset.row_count:
         samples, at_most = min(samples, dataset.row_count), False
+    requested = [file_stem(layer, hook) for layer in spec.layers for hook in spec.hook_types]
+    reused, linked = reusable_files(model, dataset, spec, samples, at_most)
+    # A file of as many rows is a hard link (no new space); one of more rows gives a copy of its first rows.
+    files = len(requested) - len(linked)
     storage = storage_bytes(samples, spec.seq_len, hidden, spec.dtype, files, spec.tokenization == "truncate")
     measured = (
         Extraction.objects.filter(model=model, status=ExtractionStatus.COMPLETED, seq_len=spec.seq_len)
@@ -428,7 +432,9 @@ def estimate_extraction(model, spec: ExtractionSpec, dataset: Dataset | None = N
         .first()
     )
     device = compute_device()
-    if measured:
+    if len(reused) == len(requested):
+        seconds, basis = 1.0, "every file reused: no forward pass"
+    elif measured:
         seconds, basis = samples / measured, f"measured {measured:.1f} samples/s on this model"
     else:
         flops = 2 * (model.params_count or 0) * samples * spec.seq_len
@@ -450,8 +456,29 @@ def estimate_extraction(model, spec: ExtractionSpec, dataset: Dataset | None = N
     return {
         "storage_bytes": storage, "time_seconds": seconds, "time_basis": basis,
         "samples": samples, "samples_at_most": at_most, "memory_bytes": weights + batch_bytes, "disk_free_bytes": free, "fits_on_disk": storage < free,
-        "warnings": warnings,
+        "warnings": warnings, "reuse": describe(spec.layers, spec.hook_types, reused) if reused else "",
     }  # fmt: skip
+
+
+def reusable_files(model, dataset: Dataset | None, spec: ExtractionSpec, samples: int, at_most: bool) -> tuple[set[str], set[str]]:
+    """The request's files that finished extractions of the same model, dataset and
+    tokenization already hold for at least as many rows (the job compares the rows
+    themselves before taking any), and of those the ones of exactly as many rows."""
+    if dataset is None:
+        return set(), set()
+    requested = {file_stem(layer, hook) for layer in spec.layers for hook in spec.hook_types}
+    reused, linked = set(), set()
+    for source in Extraction.reuse_sources(model.id, dataset.id, spec):
+        # Its rows are this request's first ones when it has at least as many (a count
+        # known exactly) or asked for at least as many from the same text.
+        enough = source.samples_total >= samples if not at_most else source.max_samples >= spec.max_samples
+        if not enough:
+            continue
+        held = {file_stem(layer, hook) for layer in source.layers for hook in source.hook_types} & requested
+        reused |= held
+        if (source.samples_total == samples) if not at_most else (source.max_samples == spec.max_samples):
+            linked |= held
+    return reused, linked
 
 
 # Extraction templates: a request saved by name, loaded into the dialog again.

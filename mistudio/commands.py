@@ -115,6 +115,8 @@ class JobCommand(BaseCommand):
         if options["json"]:
             self.stdout.write(json.dumps(row.as_dict()))
         elif finished:
+            if getattr(row, "notice", ""):  # what the job had to say (files reused, a checkpoint not trusted)
+                self.stderr.write(row.notice)
             self.stdout.write(self.describe(row))
         else:
             self.stdout.write(f"Queued {row.pk} ({row.label}){self.follow_hint}.")

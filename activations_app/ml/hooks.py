@@ -37,9 +37,11 @@ class HookTargets:
     paths: dict[str, str]  # "layer_{i}_{hook}" -> the module path whose output it is
 
 
-def hook_targets(model, layers: list[int], hooks: list[str], probe=None) -> HookTargets:
+def hook_targets(model, layers: list[int], hooks: list[str], probe=None, only: set[str] | None = None) -> HookTargets:
     """Every requested capture's module, refused before anything runs. The blocks' parts are
-    found on this very model (one short probe pass through blocks 0..max(layers))."""
+    found on this very model (one short probe pass through blocks 0..the deepest captured).
+    `only`: the captures ("layer_{i}_{hook}") to run, of the request checked whole (the rest
+    are reused from files already on disk); the pass then stops after the deepest of them."""
     unknown = sorted(set(hooks) - set(HOOK_TYPES))
     if unknown:
         raise JobError("invalid_hooks", f"Unknown hook type(s) {unknown}; choose from {', '.join(HOOK_TYPES)}.")
@@ -51,16 +53,20 @@ def hook_targets(model, layers: list[int], hooks: list[str], probe=None) -> Hook
     bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
     if bad:
         raise JobError("invalid_layers", f"Layers {bad} are out of range: the model has layers 0–{len(blocks) - 1}.")
-    layout = decoder.discover(model, probe, upto=max(layers), blocks=(path, blocks))
+    wanted = [(layer, hook) for layer in layers for hook in hooks if only is None or f"layer_{layer}_{hook}" in only]
+    if not wanted:
+        raise JobError("invalid_hooks", "Nothing is left to capture: every requested file is reused.")
+    deepest = max(layer for layer, _ in wanted)
+    layout = decoder.discover(model, probe, upto=deepest, blocks=(path, blocks))
     captures, paths = [], {}
-    for layer in layers:
+    for layer in sorted({layer for layer, _ in wanted}, key=layers.index):
         parts = {hook: (module, scale) for hook, module, scale in decoder.parts_of(blocks[layer], layout.blocks[layer])}
-        for hook in hooks:
+        for hook in [hook for wanted_layer, hook in wanted if wanted_layer == layer]:
             module, scale = parts[hook]
             captures.append((layer, hook, module, scale))
             part = None if hook == "residual" else layout.part(layer, hook)
             paths[f"layer_{layer}_{hook}"] = f"{path}.{layer}" + (f".{part.path}" if part else "")
-    return HookTargets(captures, blocks[max(layers)], paths)
+    return HookTargets(captures, blocks[deepest], paths)
 
 
 @contextmanager

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from activations_app.ml.extract import ExtractionSpec, Tokens, run_extraction
+from activations_app.ml.extract import ExtractionSpec, run_extraction
+from activations_app.ml.tokens import Tokens
 from activations_app.ml.hooks import HOOK_TYPES
 
 SAMPLES, SEQ, BATCH = 64, 128, 8
@@ -181,7 +182,7 @@ def timed_checkpoints():
     """The seconds each ActivationWriter.checkpoint took, in a list filled as they run."""
     from unittest import mock
 
-    from activations_app.ml.extract import ActivationWriter
+    from activations_app.ml.writer import ActivationWriter
 
     spent, real = [], ActivationWriter.checkpoint
 
@@ -199,14 +200,14 @@ def cost_breakdown(model, ids: Tokens, tmp_path) -> list[tuple[str, str]]:
     file writes, switched off (hooks and copies alone remain)."""
     from unittest import mock
 
-    from activations_app.ml import extract as extract_module
+    from activations_app.ml import writer as writer_module
     from activations_app.ml import stats as stats_module
 
     floor = truncated_forward(model, ids.ids)
     _, targets = discovery(model, list(range(30)))
     with mock.patch.object(stats_module.RunningStats, "update", lambda self, values, valid=None: None):
         no_stats = extract(model, ids, list(range(30)), tmp_path / "ns" / "extraction_x", targets=targets)
-        with mock.patch.object(extract_module.ActivationWriter, "write", lambda self, stem, start, values: None):
+        with mock.patch.object(writer_module.ActivationWriter, "write", lambda self, stem, start, values: None):
             bare_hooks = extract(model, ids, list(range(30)), tmp_path / "nw" / "extraction_x", targets=targets)
     return [
         ("  breakdown: without the statistics", f"{no_stats:7.2f} s   {no_stats / floor:.2f} x the truncated forward"),

@@ -52,7 +52,7 @@ def test_a_genuine_checkpoint_is_gone_on_from_and_a_tampered_one_is_not(tiny_mod
     import shutil
 
     settings.EXTRACTION_CHECKPOINT_SECONDS = 0.0
-    clean = output_files(run_to_end(tiny_model.id, long_dataset["id"]))
+    clean = run_to_end(tiny_model.id, long_dataset["id"])
     stopped = stopped_part_way(tiny_model.id, long_dataset["id"])
     staged, kept = staged_path(stopped.final_dir), stopped.resumable_rows
     pristine = staged.with_name("pristine-checkpoint")
@@ -78,10 +78,14 @@ def test_a_genuine_checkpoint_is_gone_on_from_and_a_tampered_one_is_not(tiny_mod
     shutil.rmtree(pristine)
 
 
-def run_to_end(model_id, dataset_id):
+def run_to_end(model_id, dataset_id) -> dict[str, bytes]:
+    """The files of an uninterrupted run; the run itself is deleted, so that the run under
+    test computes its own instead of reusing these."""
     done = services.request_extraction(model_id=model_id, dataset_id=dataset_id, enqueue=False, **REQUEST)
     jobs.run_extraction_job(done.id)
-    return Extraction.objects.get(pk=done.id).final_dir
+    files = output_files(Extraction.objects.get(pk=done.id).final_dir)
+    services.delete_extraction(done.id, None)
+    return files
 
 
 def resume_inline(extraction):

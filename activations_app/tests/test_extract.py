@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from activations_app.ml import extract
-from activations_app.ml.extract import ExtractionSpec, Tokens, run_extraction, tokenize
+from activations_app.ml import extract, writer
+from activations_app.ml.extract import ExtractionSpec, run_extraction
+from activations_app.ml.tokens import Tokens, tokenize
 from activations_app.ml.hooks import HOOK_TYPES
 from mistudio.errors import JobError
 
@@ -163,8 +164,8 @@ def test_smollm2_residuals_match_its_hidden_states(smollm2_folder, tmp_path):
 def _residual_run_with_pwrite(tmp_path, monkeypatch, rows: int, pwrite):
     """Layer 1's residual over `rows` rows of 16 tokens, batches of 2, with `pwrite(real,
     fd, data, offset)` in place of os.pwrite; the file must hold the model's values."""
-    real = extract.os.pwrite
-    monkeypatch.setattr(extract.os, "pwrite", lambda fd, data, offset: pwrite(real, fd, data, offset))
+    real = writer.os.pwrite
+    monkeypatch.setattr(writer.os, "pwrite", lambda fd, data, offset: pwrite(real, fd, data, offset))
     model = tiny_model("llama")
     ids = np.random.default_rng(2).integers(0, 300, size=(rows, 16)).astype(np.int64)
     spec = ExtractionSpec(layers=[1], hook_types=["residual"], seq_len=16, batch_size=2, dtype="float16")
@@ -246,7 +247,7 @@ def test_a_full_disk_fails_before_the_first_batch_and_leaves_no_files(tmp_path, 
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(extract.os, "posix_fallocate", no_space)
+    monkeypatch.setattr(writer.os, "posix_fallocate", no_space)
     model = tiny_model("llama")
     spec = ExtractionSpec(layers=[0], hook_types=["residual"], seq_len=8, batch_size=2)
     with pytest.raises(JobError) as caught:
@@ -405,7 +406,7 @@ def test_a_resume_over_changed_tokens_starts_over_instead_of_mixing_runs(tmp_pat
     first, second = (rng.integers(0, 300, size=(6, 8)).astype(np.int64) for _ in range(2))
     out = tmp_path / "activations" / "extraction_1"
     _stopped_run(model, first, spec, out)
-    kept = extract.read_checkpoint(staged_path(out), with_stats=True)
+    kept = writer.read_checkpoint(staged_path(out), with_stats=True)
     assert kept is not None and kept["rows"] >= 2  # a checkpoint was kept
     # Its statistics count exactly the rows it names (one file holds both: no kill between two renames can pair them wrongly).
     assert int(kept["stats"]["layer_1_residual/tokens"]) == kept["rows"] * 7  # each row's position 0 left out

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from activations_app.ml.extract import ExtractionSpec, Tokens, run_extraction
+from activations_app.ml.extract import ExtractionSpec, run_extraction
+from activations_app.ml.tokens import Tokens
 from activations_app.ml.hooks import HOOK_TYPES
 from mistudio.errors import JobError
 from models_app.ml import check_architecture, decoder

@@ -103,7 +103,7 @@ def test_prepend_bos_modes_on_packed_windows(smollm2_folder, mode, first_is_bos)
     window with BOS followed by seq_len - 1 text tokens."""
     from transformers import AutoTokenizer
 
-    from activations_app.ml.extract import tokenize
+    from activations_app.ml.tokens import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
     texts = TEXT.splitlines()[:40]
@@ -123,7 +123,7 @@ def test_packed_documents_are_joined_by_the_chosen_separator(smollm2_folder, sep
     """BOS between documents by default (SAELens' packing); EOS on request (as before)."""
     from transformers import AutoTokenizer
 
-    from activations_app.ml.extract import tokenize
+    from activations_app.ml.tokens import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
     texts = TEXT.splitlines()[:40]
@@ -165,16 +165,19 @@ def test_a_worker_killed_part_way_resumes_by_itself_and_ends_byte_identical_to_a
     assert resumed.status == ExtractionStatus.COMPLETED, resumed.error_message
     assert resumed.notice.startswith("Resumed automatically") and resumed.attempt == 2  # its checkpoint was trusted
 
+    # An uninterrupted run, computed (the resumed run is deleted first: it would be reused).
+    first, figures = output_files(resumed.final_dir), resumed.statistics
+    services.delete_extraction(resumed.id, None)
     clean = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], enqueue=False, **request)
     jobs.run_extraction_job(clean.id)
     clean.refresh_from_db()
-    assert clean.status == ExtractionStatus.COMPLETED
-    first, second = output_files(resumed.final_dir), output_files(clean.final_dir)
+    assert clean.status == ExtractionStatus.COMPLETED and json.loads((clean.final_dir / "metadata.json").read_text())["reused"] == {}
+    second = output_files(clean.final_dir)
     assert sorted(first) == sorted(second) and "layer_3_attention.stats.npz" in first
     for name in first:
         assert first[name] == second[name], f"{name} differs from an uninterrupted run"
-    assert resumed.statistics == clean.statistics
-    assert not list(resumed.final_dir.glob("checkpoint*"))
+    assert figures == clean.statistics
+    assert "checkpoint.npz" not in first
 
 
 def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cannot(tiny_model, long_dataset, signed_in):
