@@ -6,4 +6,10 @@ if __name__ == "__main__":
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mistudio.settings")
     from django.core.management import execute_from_command_line
 
-    execute_from_command_line(sys.argv)
+    from mistudio.supervise import exit_now
+
+    try:
+        execute_from_command_line(sys.argv)
+    except SystemExit as exc:
+        exit_now(exc.code)
+    exit_now(0)

@@ -15,7 +15,7 @@ from mistudio.hub import ensure_free_space
 from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
 from mistudio.staging import promote, staged_path
-from models_app.ml import load_saved
+from models_app.ml import load_saved, tokenizer_for
 
 from .ml import datasets as dataset_files
 from .ml.export import check_free_space, export_bytes, export_saelens
@@ -35,11 +35,9 @@ def warm_up_worker() -> None:
 
 
 def _extract(extraction: Extraction, job: TrackedJob) -> None:
-    from transformers import AutoTokenizer
-
     model_row, dataset, spec = extraction.model, extraction.dataset, extraction.spec
     job.phase(ExtractionStatus.LOADING)
-    tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
+    tokenizer = tokenizer_for(model_row.weights_dir)
     tokens = tokenize(
         dataset.texts(reader_id=extraction.owner_id),
         tokenizer, spec.seq_len, spec.tokenization, spec.max_samples, spec.prepend_bos, spec.separator,

@@ -17,7 +17,7 @@ from mistudio.errors import Conflict, Forbidden, InvalidInput, JobError, NotFoun
 from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import bounded_int, resolve_import_path, validate_hub_source
-from models_app.ml import check_architecture, compute_device
+from models_app.ml import check_architecture, compute_device, tokenizer_for
 from models_app.services import get_ready_model
 
 from .forms import ExtractionForm
@@ -361,12 +361,10 @@ _AVAILABLE: dict[tuple, int | None] = {}
 def dataset_tokenization(dataset_id: str, model_id: str) -> dict:
     """How a ready model's tokenizer reads the dataset's preview rows: tokens per row, the
     first row's pieces, and whether the tokenizer itself puts a BOS first."""
-    from transformers import AutoTokenizer
-
     dataset = Dataset.get_or_404(dataset_id)
     model = get_ready_model(model_id, "read a dataset with its tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model.weights_dir)
+        tokenizer = tokenizer_for(model.weights_dir)
     except (OSError, ValueError) as exc:
         raise ServiceError("tokenizer_unreadable", f"{model.name} has no readable tokenizer ({type(exc).__name__}).") from None
     rows = [str(text) for text in dataset.preview]
@@ -387,8 +385,6 @@ def samples_available(model, dataset: Dataset, spec: ExtractionSpec) -> int | No
     model's own tokenizer, when it yields fewer than ESTIMATE_TOKEN_BUDGET tokens' worth;
     None when it holds more (or is streamed from the Hub, which is not read for an
     estimate). Cached per dataset content, tokenizer and settings."""
-    from transformers import AutoTokenizer
-
     from .ml.tokens import tokenize
 
     if dataset.storage == "stream" or not dataset.file_path:
@@ -398,7 +394,7 @@ def samples_available(model, dataset: Dataset, spec: ExtractionSpec) -> int | No
     if key not in _AVAILABLE:
         limit = max(1, ESTIMATE_TOKEN_BUDGET // spec.seq_len)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model.weights_dir)
+            tokenizer = tokenizer_for(model.weights_dir)
             rows = len(tokenize(dataset.texts(), tokenizer, spec.seq_len, spec.tokenization, limit + 1, spec.prepend_bos,
                                 spec.separator).ids)  # fmt: skip
         except (JobError, InvalidInput, OSError, ValueError):

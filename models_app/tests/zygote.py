@@ -129,31 +129,17 @@ def _run_child(request: dict, fds: list[int], close: list[socket.socket]) -> Non
             runpy.run_path(os.path.join(cwd, argv[0]), run_name="__main__")
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if exc.code is not None and not isinstance(exc.code, int):
-            print(exc.code, file=sys.stderr)
+        code = exc.code
     except BaseException:  # noqa: BLE001 (a child reports everything, as python would)
         import traceback
 
         traceback.print_exc()
         code = 1
-    finally:
-        # What a normal interpreter does on its way out: wait for its non-daemon threads,
-        # run its exit handlers (logging's flush among them).
-        import atexit
-        import threading
+    # What a normal interpreter does on its way out (non-daemon threads, exit handlers), as
+    # manage.py itself leaves.
+    from mistudio.supervise import exit_now
 
-        for step in (threading._shutdown, atexit._run_exitfuncs):
-            try:
-                step()
-            except BaseException:  # noqa: BLE001
-                pass
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(code)
+    exit_now(code)
 
 
 def serve(path: str) -> None:
