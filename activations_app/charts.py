@@ -98,3 +98,20 @@ def file_histograms(statistics: dict) -> list[dict]:
         if drawn:
             found.append({"stem": stem, **drawn})
     return found
+
+
+def outlier_rows(statistics: dict) -> list[dict]:
+    """Each file's outlier report (ml.outliers), as the page's table shows it: tokens shown
+    as text with their spaces and newlines visible."""
+    rows = []
+    for stem, figures in statistics.items():
+        report = figures.get("outliers") if isinstance(figures, dict) else None
+        if not report:
+            continue
+        threshold = report.get("threshold")
+        largest = [{**token, "token": None if token.get("token") is None else repr(token["token"])[1:-1] or "∅",
+                    "is_outlier": threshold is not None and token["norm"] > threshold}
+                   for token in report.get("largest", [])]  # fmt: skip
+        rows.append({"stem": stem, "median_norm": report.get("median_norm"), "count": report.get("count", 0),
+                     "percent": 100.0 * report.get("share", 0.0), "largest": largest})  # fmt: skip
+    return rows

@@ -13,6 +13,7 @@ from mistudio.validation import OUT_OF_RANGE, bounded_int
 from .ml.extract import STORAGE_DTYPES, ExtractionSpec
 from .ml.tokens import PREPEND_BOS, SEPARATORS, TOKENIZATIONS
 from .ml.hooks import HOOK_TYPES
+from .ml.outliers import OUTLIER_RULES
 
 INPUT_CSS = "w-full px-4 py-2 bg-slate-900 border border-slate-700 rounded-lg text-sm"
 
@@ -71,7 +72,15 @@ class ExtractionForm(forms.Form):
         error_messages={"invalid_choice": "separator must be bos or eos."},
     )  # fmt: skip
 
-    SETTINGS = ("batch_size", "max_samples", "seq_len", "dtype", "tokenization", "prepend_bos", "separator")
+    outlier_factor = WholeNumberField(label="Outlier: norm above N x the median")
+    outliers = forms.ChoiceField(
+        choices=list(OUTLIER_RULES.items()), required=False, label="Outlier tokens",
+        error_messages={"invalid_choice": "outliers must be keep or exclude."},
+    )  # fmt: skip
+
+    SETTINGS = ("batch_size", "max_samples", "seq_len", "dtype", "tokenization", "prepend_bos", "separator",
+                "outlier_factor", "outliers")  # fmt: skip
+    OUTLIER_FACTOR_MAX = 10_000
 
     def __init__(self, data=None, *, model, **kwargs) -> None:
         super().__init__(data, **kwargs)
@@ -79,6 +88,7 @@ class ExtractionForm(forms.Form):
         self.num_layers = model.num_layers
         self.fields["seq_len"].maximum = model.max_positions or 2048
         self.fields["seq_len"].label = f"Sequence Length (max {self.fields['seq_len'].maximum})"
+        self.fields["outlier_factor"].maximum = self.OUTLIER_FACTOR_MAX
         for name in self.SETTINGS:
             field = self.fields[name]
             field.name = name  # its messages name it as the API and the command do
@@ -129,6 +139,9 @@ class ExtractionForm(forms.Form):
 
     def clean_separator(self) -> str:
         return self.cleaned_data["separator"] or ExtractionSpec.default("separator")
+
+    def clean_outliers(self) -> str:
+        return self.cleaned_data["outliers"] or ExtractionSpec.default("outliers")
 
     def spec(self) -> ExtractionSpec:
         """The validated request, or a ServiceError naming the first field at fault."""

@@ -85,7 +85,7 @@ def _extract(extraction: Extraction, job: TrackedJob) -> None:
         model, model_row.architecture, tokens, spec, extraction.final_dir, metadata, on_progress,
         on_saving=lambda: job.phase(ExtractionStatus.SAVING), targets=targets,
         fingerprint=_fingerprint(extraction, tokenizer), checkpoint_seconds=settings.EXTRACTION_CHECKPOINT_SECONDS,
-        on_notice=lambda text: job.write(notice=text), reused=reused,
+        on_notice=lambda text: job.write(notice=text), reused=reused, decode=lambda token: tokenizer.decode([token]),
     )  # fmt: skip
     job.write(
         status=ExtractionStatus.COMPLETED, progress=100.0, output_path=str(result.output_dir),

@@ -190,6 +190,8 @@ class Extraction(TrackedRow):
     tokenization = models.CharField(max_length=8, default="packed")
     prepend_bos = models.CharField(max_length=8, default="always")
     separator = models.CharField(max_length=8, default="bos")  # rows made before it existed were joined with EOS
+    outlier_factor = models.IntegerField(default=10)
+    outliers = models.CharField(max_length=8, default="keep")  # or "exclude"
     status = models.CharField(max_length=12, choices=ExtractionStatus.choices, default=ExtractionStatus.QUEUED)
     samples_done = models.IntegerField(default=0)
     samples_total = models.IntegerField(default=0)
@@ -290,7 +292,7 @@ class Extraction(TrackedRow):
 
     def detail_html(self, oob: bool = False, action_error: str | None = None) -> str:
         """The detail page's body: card, actions, charts and the numbers table."""
-        from .charts import file_histograms, layer_charts
+        from .charts import file_histograms, layer_charts, outlier_rows
 
         thresholds = {s.get("sparsity_threshold") for s in self.statistics.values()}
         return render_to_string("activations_app/_extraction_detail.html", {
@@ -298,6 +300,7 @@ class Extraction(TrackedRow):
             "sparsity_threshold": ", ".join(str(t) for t in sorted(thresholds)),
             "charts": layer_charts(self.statistics, self.layers, self.hook_types),
             "histograms": file_histograms(self.statistics),
+            "outliers": outlier_rows(self.statistics),
         })  # fmt: skip
 
     def live_html(self) -> str:

@@ -126,7 +126,7 @@ def export_bytes(extraction_dir: Path) -> int:
     datasets hold the same values, and the token ids once per hook)."""
     folder = Path(extraction_dir)
     tokens = (folder / "tokens.npy").stat().st_size if (folder / "tokens.npy").is_file() else 0
-    files = list(folder.glob("layer_*.npy"))
+    files = [p for p in folder.glob("layer_*.npy") if not p.name.endswith(".norms.npy")]
     return sum(p.stat().st_size for p in files) + tokens * len(files)
 
 
@@ -185,9 +185,13 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
     replaceable = out_dir == default_out_dir(Path(extraction_dir).resolve(), "saelens")
     layers, hooks = metadata["config"]["layers"], metadata["config"]["hook_types"]
     tokens = np.load(extraction_dir / "tokens.npy", mmap_mode="r")
-    n, seq_len = tokens.shape
+    rows_in, seq_len = tokens.shape
+    order = row_order(rows_in, shuffle)
+    kept = rows_without_outliers(extraction_dir, metadata, layers, hooks)
+    if kept is not None:  # the extraction left its outliers out: so do its rows here, in every hook alike
+        order = kept if order is None else order[np.isin(order, kept)]
+    n = rows_in if order is None else len(order)
     total, done = n * len(layers) * len(hooks), 0
-    order = row_order(n, shuffle)
     tmp = _new_staging_dir(out_dir, staging)
     written = []
     try:
@@ -239,7 +243,8 @@ def export_saelens(extraction_dir: Path, out_dir: Path, on_progress: Callable[[i
         datasets.Dataset.from_generator(token_rows, features=features, cache_dir=str(cache), writer_batch_size=ROWS_PER_BLOCK,
                                         fingerprint=uuid.uuid4().hex).to_parquet(str(tmp / TOKENS_DATASET / TOKENS_FILE))  # fmt: skip
         shutil.rmtree(cache, ignore_errors=True)
-        record = export_record(metadata, out_dir, layers, hooks, seq_len, d_in, naming, shuffle)
+        record = export_record(metadata, out_dir, layers, hooks, seq_len, d_in, naming, shuffle,
+                               left_out=None if kept is None else rows_in - len(kept))  # fmt: skip
         (tmp / "export.json").write_text(json.dumps(record, indent=2))
         _move_into_place(tmp, out_dir, replaceable)
     except BaseException:
@@ -263,8 +268,26 @@ def export_name(metadata: dict, layer: int, hook: str, naming: str) -> str:
     return hook_name(layer, hook)
 
 
+def rows_without_outliers(extraction_dir: Path, metadata: dict, layers: list[int], hooks: list[str]) -> np.ndarray | None:
+    """The extraction's rows that hold no outlier token in any exported hook, ascending, when
+    it was made with the `exclude` rule (None: every row is exported). One set of rows for
+    every hook, so the hooks and the tokens dataset still line up row by row."""
+    from .outliers import outlier_mask
+
+    rule = metadata.get("outliers") or {}
+    if rule.get("rule") != "exclude":
+        return None
+    bad = None
+    for layer in layers:
+        for hook in hooks:
+            above, _ = outlier_mask(np.load(Path(extraction_dir) / f"layer_{layer}_{hook}.norms.npy", mmap_mode="r"),
+                                    rule["factor"])  # fmt: skip
+            bad = above.any(axis=1) if bad is None else bad | above.any(axis=1)
+    return np.flatnonzero(~bad)
+
+
 def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[str], seq_len: int, d_in: int,
-                  naming: str = DEFAULT_NAMING, shuffle: int | None = None) -> dict:  # fmt: skip
+                  naming: str = DEFAULT_NAMING, shuffle: int | None = None, left_out: int | None = None) -> dict:  # fmt: skip
     """`export.json`: what the activations are (model, dataset, tokenization, BOS, dtype,
     width), how they were summarized (the norm scaling factor per hook and what it leaves
     out) and, per hook, the SAELens settings that load them with no glue code. SAELens'
@@ -346,6 +369,13 @@ def export_record(metadata: dict, out_dir: Path, layers: list[int], hooks: list[
             {"shuffled": True, "seed": shuffle, "permutation": "numpy.random.default_rng(seed).permutation(rows)",
              "file": str(out_dir / ROW_ORDER), "rows": f"export row i is extraction row {ROW_ORDER}[i], in every hook "
                                                        "and in the tokens dataset"}
+        ),  # fmt: skip
+        "outliers": (
+            {"rule": "keep", "rows_left_out": 0} if left_out is None else
+            {"rule": "exclude", "factor": (metadata.get("outliers") or {}).get("factor"), "rows_left_out": left_out,
+             "rows": f"rows holding a token whose norm is above factor x its file's median, in any exported hook, are "
+                     f"left out of every hook and of the tokens dataset; {ROW_ORDER} names the extraction row of each "
+                     "export row"}
         ),  # fmt: skip
         "hooks": list(per_hook),
         "saelens_version": SAELENS_VERSION,

@@ -20,8 +20,9 @@ import numpy as np
 from mistudio.errors import JobError, resumable
 
 from .hooks import HookTargets, StopForward, capture_activations, hook_targets
+from .outliers import outlier_mask, outlier_report
 from .reuse import ReusedFile, adopt
-from .stats import RunningStats
+from .stats import RunningStats, statistics_over
 from .tokens import STATISTICS_EXCLUDE, Tokens
 from .writer import CHECKPOINT, ActivationWriter, aligned_buffer, checkpoint_problem, npy_header, stats_from_checkpoint
 
@@ -43,6 +44,8 @@ class ExtractionSpec:
     tokenization: str = "packed"  # or "truncate"
     prepend_bos: str = "always"  # "auto", "never"
     separator: str = "bos"  # between packed documents: "bos" (BOS, else EOS) or "eos"
+    outlier_factor: int = 10  # a token is an outlier when its norm is above this many times the file's median
+    outliers: str = "keep"  # "keep" (reported) or "exclude" (also left out of the statistics and the export)
     sparsity_threshold: float = field(default=0.01, metadata={"request": False})
 
     @classmethod
@@ -64,13 +67,15 @@ def file_stem(layer: int, hook: str) -> str:
 
 
 def storage_bytes(num_samples: int, seq_len: int, hidden: int, dtype: str, files: int, with_mask: bool = False) -> int:
-    """Exactly what the output takes: every activation file (with its .npy header), tokens.npy
-    and, in truncate mode, attention_mask.npy (metadata.json aside)."""
+    """Exactly what the .npy files take: every activation file and its token norms (with
+    their headers), tokens.npy and, in truncate mode, attention_mask.npy (metadata.json and
+    the few-KB .stats.npz aside)."""
     itemsize = np.dtype(STORAGE_DTYPES[dtype]).itemsize
     header = len(npy_header((num_samples, seq_len, hidden), STORAGE_DTYPES[dtype]))
+    norms = len(npy_header((num_samples, seq_len), np.float32)) + num_samples * seq_len * 4
     tokens = len(npy_header((num_samples, seq_len), np.int64)) + num_samples * seq_len * 8
     mask = len(npy_header((num_samples, seq_len), np.bool_)) + num_samples * seq_len if with_mask else 0
-    return files * (header + num_samples * seq_len * hidden * itemsize) + tokens + mask
+    return files * (header + num_samples * seq_len * hidden * itemsize + norms) + tokens + mask
 
 
 
@@ -100,6 +105,7 @@ def run_extraction(
     overlap_statistics: bool | None = None,
     on_notice: Callable[[str], None] | None = None,
     reused: dict[str, ReusedFile] | None = None,
+    decode: Callable[[int], str] | None = None,
 ) -> ExtractionResult:
     """Forward every batch once, capturing the requested hooks, writing and summarizing as
     it goes. A CUDA out-of-memory halves the batch and retries the same rows. `targets`,
@@ -108,6 +114,11 @@ def run_extraction(
     `reused`: requested files a finished extraction already holds for these very rows (see
     `reuse`); they are taken from it, only the rest is computed, and the forward pass stops
     after the deepest block still needed (`model` may be None when every file is reused).
+
+    Every file gets `{stem}.norms.npy`, each token's L2 norm (float32, NaN where the
+    statistics do not count it), and an outlier report (see `outliers`; `decode` gives a
+    token id's text for it); with `spec.outliers == "exclude"` the statistics leave the
+    outliers out too.
 
     With a `fingerprint` (the request, model and data it names), the run is resumable: every
     `checkpoint_seconds` the rows so far are made durable with the statistics over them,
@@ -134,11 +145,14 @@ def run_extraction(
     n, seq_len = tokens.ids.shape
     shapes = {stem: (n, seq_len, hidden) for stem in computed}
     dtypes = {stem: np.dtype(STORAGE_DTYPES[spec.dtype]) for stem in computed}
+    for stem in computed:
+        shapes[f"{stem}.norms"], dtypes[f"{stem}.norms"] = (n, seq_len), np.dtype(np.float32)
     shapes["tokens"], dtypes["tokens"] = (n, seq_len), np.dtype(np.int64)
     if tokens.mask is not None:
         shapes["attention_mask"], dtypes["attention_mask"] = (n, seq_len), np.dtype(bool)
     writer = ActivationWriter(final_dir, shapes, dtypes, fingerprint, tokens=tokens.ids)
     start, stats = _resume_or_start(writer, shapes, dtypes, computed, hidden, tokens, spec, on_notice)
+    exclude = statistics_exclude(spec)
     started = time.perf_counter()
     adopted: list[Path] = []
     try:
@@ -152,18 +166,29 @@ def run_extraction(
             forward.run(start, on_progress, started)
         elif on_progress:
             on_progress(n, n, time.perf_counter() - started)
-        figures = {}
+        figures, dimensions = {}, {stem: stats[stem].dimension_arrays() for stem in computed}
         for stem in requested:
             if stem in reused:
-                adopted += [writer.tmp_dir / f"{stem}.npy", writer.tmp_dir / f"{stem}.stats.npz"]
-                figures[stem] = adopt(reused[stem], writer.tmp_dir, tokens, spec.sparsity_threshold, spec.batch_size)
+                adopted += [writer.tmp_dir / f"{stem}{suffix}" for suffix in (".npy", ".stats.npz", ".norms.npy")]
+                figures[stem] = adopt(reused[stem], writer.tmp_dir, tokens, spec, exclude)
             else:
                 figures[stem] = stats[stem].result()
+        for stem in requested:
+            norms = np.load(writer.tmp_dir / f"{stem}.norms.npy", mmap_mode="r")
+            if spec.outliers == "exclude":  # the statistics again, without them
+                above, _ = outlier_mask(norms, spec.outlier_factor)
+                again = statistics_over(np.load(writer.tmp_dir / f"{stem}.npy", mmap_mode="r"), tokens.statistics_mask() & ~above,
+                                        spec.sparsity_threshold, spec.batch_size)  # fmt: skip
+                figures[stem], dimensions[stem] = again.result(), again.dimension_arrays()
+            figures[stem]["outliers"] = outlier_report(norms, spec.outlier_factor, tokens.ids, decode)
+            del norms
         seconds = time.perf_counter() - started
-        metadata = _metadata(metadata, spec, tokens, hidden, figures, reused, targets, seconds, computed)
+        metadata = _metadata(metadata, spec, tokens, hidden, figures, reused, targets, seconds, computed, exclude)
         if on_saving:
             on_saving()  # flushing the files to disk can take minutes for a large run
-        output = writer.commit(metadata, {f"{stem}.stats.npz": stats[stem].dimension_arrays() for stem in computed})
+        for stem in dimensions:
+            (writer.tmp_dir / f"{stem}.stats.npz").unlink(missing_ok=True)  # a reused one may be a link
+        output = writer.commit(metadata, {f"{stem}.stats.npz": arrays for stem, arrays in dimensions.items()})
         if forward:
             forward.released.join()
     except BaseException as exc:
@@ -209,7 +234,14 @@ def _resume_or_start(writer, shapes, dtypes, stems, hidden, tokens, spec, on_not
         raise
 
 
-def _metadata(base, spec, tokens, hidden, figures, reused, targets, seconds, computed) -> dict:
+def statistics_exclude(spec: ExtractionSpec) -> list[str]:
+    """What the request's statistics leave out (metadata.json records it; a reused file's
+    statistics are taken as they are only when its extraction left out the same)."""
+    extra = [f"outliers (norm above {spec.outlier_factor}x the file's median)"] if spec.outliers == "exclude" else []
+    return [*STATISTICS_EXCLUDE, *extra]
+
+
+def _metadata(base, spec, tokens, hidden, figures, reused, targets, seconds, computed, exclude) -> dict:
     """metadata.json: the request, the tokens' conventions, where each file came from (the
     hooked module; computed here or reused from which extraction) and the statistics."""
     n = len(tokens.ids)
@@ -229,10 +261,16 @@ def _metadata(base, spec, tokens, hidden, figures, reused, targets, seconds, com
         "bos_token_id": tokens.bos_token_id,
         "separator": spec.separator if spec.tokenization == "packed" else None,
         "excluded_token_ids": list(tokens.excluded_ids),
-        "statistics_exclude": list(STATISTICS_EXCLUDE),
+        "statistics_exclude": exclude,
         "statistics_note": "Figures, the norm scaling factor and .stats.npz leave out position 0 of every row (BOS, "
                            "or where there is none the attention sink), every BOS token (packed separators "
-                           "included) and padding; the .npy files hold every position.",
+                           "included) and padding" + (", and each file's outlier tokens" if spec.outliers == "exclude" else "")
+                           + "; the .npy files hold every position. {stem}.norms.npy holds each token's L2 norm "
+                           "(NaN where not counted).",
+        "outliers": {"factor": spec.outlier_factor, "rule": spec.outliers,
+                     "note": f"Outliers: counted tokens whose norm is above {spec.outlier_factor}x the file's median norm; "
+                             + ("left out of the statistics and of the export's rows." if spec.outliers == "exclude"
+                                else "reported only (statistics and export keep them).")},
         "hook_modules": {stem: modules.get(stem) for stem in figures},
         "computed": computed,
         "reused": {stem: file.source_id for stem, file in reused.items()},
@@ -295,13 +333,21 @@ class _ForwardPass:
                 self.writer.write(stem, start, values)
                 if self.overlap:
                     self.stats[stem].update(values, valid)
+                    self.writer.write(f"{stem}.norms", start, self.stats[stem].last_norms(valid.shape))
                 self.written[stem].set()
         finally:  # a failed write surfaces at the next submit; no capture waits forever
             for event in self.written.values():
                 event.set()
 
-    def summarize(self, cores, rows: int, valid) -> None:
-        list(cores.map(lambda stem: self.stats[stem].update(self.buffers[stem][:rows].numpy(), valid), self.stems))
+    def summarize(self, cores, start: int, rows: int, valid) -> None:
+        """The batch's statistics, one file per core, and each token's norm (which the pass
+        computed) into its norms file."""
+
+        def one(stem: str) -> None:
+            self.stats[stem].update(self.buffers[stem][:rows].numpy(), valid)
+            self.writer.write(f"{stem}.norms", start, self.stats[stem].last_norms(valid.shape))
+
+        list(cores.map(one, self.stems))
 
     def run(self, start: int, on_progress, started: float) -> None:
         import torch
@@ -342,7 +388,7 @@ class _ForwardPass:
                     event.clear()
                 background.submit(lambda start=start, rows=self.rows, valid=valid: self.store(start, rows, valid))
                 if not self.overlap:
-                    self.summarize(cores, self.rows, valid)
+                    self.summarize(cores, start, self.rows, valid)
                 if due:  # rows [0, end) and the statistics over exactly them, once both are done
                     background.submit(lambda end=end: self.writer.checkpoint(end, {stem: s.state() for stem, s in self.stats.items()}))
                 self.batch_sizes.append(end - start)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import RunningStats
-from .tokens import STATISTICS_EXCLUDE, Tokens
-from .writer import npy_header
+from .stats import statistics_over
+from .tokens import Tokens
+from .writer import npy_header, open_new_npy
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class ReusedFile:
     folder: Path
     shape: tuple[int, int, int]  # the source file's (rows: at least the request's, seq_len, hidden)
     offset: int  # where its data starts
-    statistics: dict | None  # the source's figures, when they are this request's as they are
+    statistics: dict | None  # the source's figures, when made over exactly these rows
+    same_rules: list | None  # what those figures left out (metadata.json's statistics_exclude)
     hook_module: str | None  # the module path metadata.json records
 
 
@@ -54,9 +55,8 @@ def find_reusable(candidates: list[tuple[str, Path]], tokens: Tokens, stems: lis
                 continue
         except (OSError, ValueError, TypeError):
             continue
-        same_rules = (int(metadata.get("num_samples", -1)) == n and metadata.get("statistics_exclude") == list(STATISTICS_EXCLUDE)
-                      and metadata.get("excluded_token_ids") == list(tokens.excluded_ids)
-                      and (metadata.get("config") or {}).get("sparsity_threshold") == sparsity_threshold)  # fmt: skip
+        same_rows = int(metadata.get("num_samples", -1)) == n and metadata.get("excluded_token_ids") == list(tokens.excluded_ids)
+        threshold = (metadata.get("config") or {}).get("sparsity_threshold") == sparsity_threshold
         for stem in wanted:
             try:
                 array = np.load(folder / f"{stem}.npy", mmap_mode="r")
@@ -64,11 +64,11 @@ def find_reusable(candidates: list[tuple[str, Path]], tokens: Tokens, stems: lis
                 continue
             if array.dtype != np.dtype(dtype) or array.ndim != 3 or array.shape[0] < n or array.shape[1] != seq_len:
                 continue
-            statistics = (metadata.get("statistics") or {}).get(stem) if same_rules and array.shape[0] == n else None
+            statistics = (metadata.get("statistics") or {}).get(stem) if same_rows and threshold and array.shape[0] == n else None
             if statistics is not None and not (folder / f"{stem}.stats.npz").is_file():
                 statistics = None
             found[stem] = ReusedFile(stem, source_id, folder, tuple(map(int, array.shape)), int(array.offset), statistics,
-                                     (metadata.get("hook_modules") or {}).get(stem))  # fmt: skip
+                                     metadata.get("statistics_exclude"), (metadata.get("hook_modules") or {}).get(stem))  # fmt: skip
             del array
     return found
 
@@ -85,42 +85,52 @@ def _same_rows(folder: Path, tokens: Tokens) -> bool:
     return theirs.shape[1:] == tokens.mask.shape[1:] and theirs.shape[0] >= n and np.array_equal(theirs[:n], tokens.mask)
 
 
-def adopt(reused: ReusedFile, into: Path, tokens: Tokens, sparsity_threshold: float, batch: int) -> dict:
-    """The reused file (and its .stats.npz) in the staged folder `into`; its statistics'
-    summary, as run_extraction reports them."""
+def adopt(reused: ReusedFile, into: Path, tokens: Tokens, spec, exclude: list[str]) -> dict:
+    """The reused file (with its .stats.npz and .norms.npy) in the staged folder `into`;
+    its statistics' summary, as run_extraction reports them. Linked where the source holds
+    exactly these rows and its figures were made by the same rules; else the values are
+    linked (or their first rows copied) and the figures and norms computed over them."""
     n = len(tokens.ids)
-    source, target = reused.folder / f"{reused.stem}.npy", into / f"{reused.stem}.npy"
-    target.unlink(missing_ok=True)  # never written through: it may be a link to another extraction's file
+    names = {suffix: (reused.folder / f"{reused.stem}{suffix}", into / f"{reused.stem}{suffix}")
+             for suffix in (".npy", ".stats.npz", ".norms.npy")}  # fmt: skip
+    for _, target in names.values():
+        target.unlink(missing_ok=True)  # never written through: it may be a link to another extraction's file
+    source, target = names[".npy"]
     if reused.shape[0] == n:
         _link(source, target)
-    else:  # the first n rows: a new header, then the rows' bytes as they are
-        shape, dtype = (n, *reused.shape[1:]), np.load(source, mmap_mode="r").dtype
-        header = npy_header(shape, dtype)
-        length = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        with source.open("rb", buffering=0) as src, target.open("wb", buffering=0) as dst:
-            dst.write(header)
-            done = 0
-            while done < length:  # in the kernel where it can (copy_file_range), else through here
-                at = reused.offset + done
-                try:
-                    copied = os.copy_file_range(src.fileno(), dst.fileno(), length - done, at, len(header) + done)
-                except (AttributeError, OSError):
-                    copied = os.pwrite(dst.fileno(), os.pread(src.fileno(), min(length - done, 64 << 20), at), len(header) + done)
-                if not copied:
-                    raise OSError(f"{source.name} ended early")
-                done += copied
-    (into / f"{reused.stem}.stats.npz").unlink(missing_ok=True)
-    if reused.statistics is not None:
-        _link(reused.folder / f"{reused.stem}.stats.npz", into / f"{reused.stem}.stats.npz")
-        return reused.statistics
-    # Computed over the rows here, in the run's batches (the same sums, in the same order).
-    stats, counted = RunningStats(sparsity_threshold), tokens.statistics_mask()
-    values = np.load(target, mmap_mode="r")
-    for start in range(0, n, batch):
-        stats.update(np.ascontiguousarray(values[start : start + batch]), counted[start : start + batch])
-    del values
-    np.savez(into / f"{reused.stem}.stats.npz", **stats.dimension_arrays())
+    else:
+        _copy_first_rows(reused, target, n)
+    if reused.statistics is not None and reused.same_rules == exclude and names[".norms.npy"][0].is_file():
+        for suffix in (".stats.npz", ".norms.npy"):
+            _link(*names[suffix])
+        return dict(reused.statistics)
+    norms = open_new_npy(names[".norms.npy"][1], tokens.ids.shape, np.float32)
+    stats = statistics_over(np.load(target, mmap_mode="r"), tokens.statistics_mask(), spec.sparsity_threshold, spec.batch_size, norms)
+    norms.flush()
+    del norms
+    np.savez(names[".stats.npz"][1], **stats.dimension_arrays())
     return stats.result()
+
+
+def _copy_first_rows(reused: ReusedFile, target: Path, n: int) -> None:
+    """The source's first n rows as a .npy of its own: a new header, then the rows' bytes as
+    they are (in the kernel where it can: copy_file_range)."""
+    source = reused.folder / f"{reused.stem}.npy"
+    shape, dtype = (n, *reused.shape[1:]), np.load(source, mmap_mode="r").dtype
+    header = npy_header(shape, dtype)
+    length = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    with source.open("rb", buffering=0) as src, target.open("wb", buffering=0) as dst:
+        dst.write(header)
+        done = 0
+        while done < length:
+            at = reused.offset + done
+            try:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), length - done, at, len(header) + done)
+            except (AttributeError, OSError):
+                copied = os.pwrite(dst.fileno(), os.pread(src.fileno(), min(length - done, 64 << 20), at), len(header) + done)
+            if not copied:
+                raise OSError(f"{source.name} ended early")
+            done += copied
 
 
 def _link(source: Path, target: Path) -> None:

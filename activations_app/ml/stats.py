@@ -43,6 +43,7 @@ class RunningStats:
         self.dim_m2: np.ndarray | None = None
         self.norm_hist = np.zeros(len(NORM_BIN_EDGES) + 1, dtype=np.int64)  # [below, 64 bins…, above]
         self._scratch: tuple | None = None  # the compiled pass's per-batch arrays, reused (not state)
+        self._last: tuple = (np.zeros(0, dtype=bool), 0)  # the last update's kept tokens (not state)
 
     STATE = ("threshold", "elements", "finite", "sum", "sum_abs", "sum_sq", "below", "max_abs", "min", "max", "nan",
              "inf", "tokens", "norm_sum", "dim_count", "dim_mean", "dim_m2", "norm_hist")  # fmt: skip
@@ -95,6 +96,7 @@ class RunningStats:
         kept, sum_abs, below, finite, total, squares, low, high, norms, self.dim_count = stats_kernel.update(
             source, keep, self.threshold, *self._scratch, self.dim_count, self.dim_mean, self.dim_m2, self.norm_hist,
             NORM_BIN_EDGES)  # fmt: skip
+        self._last = (keep, kept)
         if not kept:
             return
         if not finite:
@@ -111,6 +113,14 @@ class RunningStats:
         self.max_abs = max(self.max_abs, -self.min, self.max)
         self.norm_sum += norms
         self.tokens += kept
+
+    def last_norms(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The L2 norm of every token of the last update, float32 in `shape` (its [batch,
+        seq]), NaN where the statistics did not count the token: the pass computed them."""
+        keep, kept = self._last
+        out = np.full(int(np.prod(shape)), np.nan, dtype=np.float32)
+        out[keep] = self._scratch[4][:kept]
+        return out.reshape(shape)
 
     def _update_nonfinite(self, x: np.ndarray) -> None:
         """The same figures when some values are NaN or Inf (`x`: the counted tokens, float64):
@@ -179,3 +189,18 @@ def warm() -> None:
     first batch, where it would stall the progress and the ETA."""
     for dtype in (np.float16, np.float32):  # the storage dtypes
         RunningStats().update(np.zeros((1, 1), dtype=dtype))
+
+
+def statistics_over(values: np.ndarray, counted: np.ndarray, threshold: float, batch: int,
+                    norms: np.ndarray | None = None) -> RunningStats:  # fmt: skip
+    """RunningStats over the stored `values` ([rows, seq, hidden], a memory map read `batch`
+    rows at a time, the run's own batches: the same sums in the same order) at the positions
+    `counted` marks; each token's norm into `norms` ([rows, seq], NaN where not counted)
+    when given."""
+    stats = RunningStats(threshold)
+    for start in range(0, len(values), batch):
+        chunk = np.ascontiguousarray(values[start : start + batch])
+        stats.update(chunk, counted[start : start + batch])
+        if norms is not None:
+            norms[start : start + len(chunk)] = stats.last_norms(chunk.shape[:2])
+    return stats

@@ -38,6 +38,16 @@ def npy_header(shape, dtype) -> bytes:
     return prefix + (size - 10).to_bytes(2, "little") + text.ljust(size - 11) + b"\n"
 
 
+def open_new_npy(path: Path, shape: tuple[int, ...], dtype) -> np.memmap:
+    """A new .npy file with the writer's header (the same bytes as one it writes), mapped
+    for filling in place."""
+    header = npy_header(shape, dtype)
+    with path.open("wb") as handle:
+        handle.write(header)
+        handle.truncate(len(header) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return np.memmap(path, dtype=dtype, mode="r+", offset=len(header), shape=tuple(shape))
+
+
 def aligned_buffer(shape: tuple[int, ...], dtype):
     """An uninitialized CPU tensor on its own anonymous mapping: page-aligned (what a direct
     write needs of its source) and, where the kernel offers them, in huge pages (one fault

@@ -240,7 +240,7 @@ def test_statistics_between_batches_and_overlapped_on_the_background_thread_are_
             for name, overlap in (("between", False), ("overlapped", True))]  # fmt: skip
     assert runs[0].statistics == runs[1].statistics and runs[0].statistics["layer_2_mlp"]["tokens"] == 7 * 15  # position 0 out
     files = [{p.name: p.read_bytes() for p in run.output_dir.iterdir() if p.suffix in (".npy", ".npz")} for run in runs]
-    assert files[0] == files[1] and len(files[0]) == 6 * 2 + 1
+    assert files[0] == files[1] and len(files[0]) == 6 * 3 + 1  # .npy, .stats.npz and .norms.npy each, and the tokens
 
 
 def test_a_full_disk_fails_before_the_first_batch_and_leaves_no_files(tmp_path, monkeypatch):

@@ -43,8 +43,10 @@ def test_extract_activations_writes_aligned_files_with_statistics(ready_smollm2,
     out = data_dir / "activations" / f"extraction_{record['id']}"
     assert record["output_path"] == str(out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "layer_0_mlp.npy", "layer_0_mlp.stats.npz", "layer_0_residual.npy", "layer_0_residual.stats.npz",
-        "layer_29_mlp.npy", "layer_29_mlp.stats.npz", "layer_29_residual.npy", "layer_29_residual.stats.npz",
+        "layer_0_mlp.norms.npy", "layer_0_mlp.npy", "layer_0_mlp.stats.npz",
+        "layer_0_residual.norms.npy", "layer_0_residual.npy", "layer_0_residual.stats.npz",
+        "layer_29_mlp.norms.npy", "layer_29_mlp.npy", "layer_29_mlp.stats.npz",
+        "layer_29_residual.norms.npy", "layer_29_residual.npy", "layer_29_residual.stats.npz",
         "metadata.json", "tokens.npy",
     ]  # fmt: skip
     residual = np.load(out / "layer_29_residual.npy", mmap_mode="r")

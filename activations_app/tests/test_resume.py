@@ -193,6 +193,7 @@ def test_a_cancel_that_keeps_its_files_can_be_resumed_and_one_that_does_not_cann
         wait_for(lambda: Extraction.objects.get(pk=extraction.id).status == ExtractionStatus.COMPLETED, timeout=240,
                  message="the resumed run ends")  # fmt: skip
 
+        services.delete_extraction(extraction.id, None)  # else the same request would reuse its files, not run
         other = services.request_extraction(model_id=tiny_model.id, dataset_id=long_dataset["id"], **request)
         wait_for(lambda: Extraction.objects.get(pk=other.id).samples_done >= 200, timeout=180, message="part way")
         assert signed_in.post(f"/api/extractions/{other.id}/cancel").status_code == 200

@@ -53,7 +53,8 @@ def direct_run(model_row, dataset, tmp_path, **fields):
     spec = ExtractionSpec(**{"layers": [0], "hook_types": ["residual"], "max_samples": 8, "batch_size": 4, "seq_len": 16, **fields})
     tokenizer = AutoTokenizer.from_pretrained(model_row.weights_dir)
     tokens = tokenize(dataset.texts(), tokenizer, spec.seq_len, spec.tokenization, spec.max_samples, spec.prepend_bos, spec.separator)
-    return run_extraction(load_saved(model_row.weights_dir), model_row.architecture, tokens, spec, tmp_path / "direct" / "extraction_x", {})
+    return run_extraction(load_saved(model_row.weights_dir), model_row.architecture, tokens, spec, tmp_path / "direct" / "extraction_x", {},
+                          decode=lambda token: tokenizer.decode([token]))  # as the job names the outliers' tokens
 
 
 def test_a_repeated_request_takes_the_files_as_hard_links_without_a_forward_pass_and_either_can_be_deleted(tiny_model, lines, monkeypatch):
@@ -120,7 +121,8 @@ def test_a_source_of_more_rows_gives_its_first_rows_and_the_figures_are_those_of
     reference = direct_run(tiny_model, lines, tmp_path, max_samples=5)
     got = np.load(second.final_dir / "layer_0_residual.npy")
     assert got.shape == (5, 16, 64)
-    assert (second.final_dir / "layer_0_residual.npy").read_bytes() == (reference.output_dir / "layer_0_residual.npy").read_bytes()
+    for name in ("layer_0_residual.npy", "layer_0_residual.norms.npy", "tokens.npy"):
+        assert (second.final_dir / name).read_bytes() == (reference.output_dir / name).read_bytes(), name
     assert second.statistics["layer_0_residual"] == as_stored(reference.statistics["layer_0_residual"])
     assert second.statistics != first.statistics  # over 5 rows, not 12
     theirs, ours = np.load(reference.output_dir / "layer_0_residual.stats.npz"), np.load(second.final_dir / "layer_0_residual.stats.npz")
