@@ -24,7 +24,10 @@ from .outliers import outlier_mask, outlier_report
 from .reuse import ReusedFile, adopt
 from .stats import RunningStats, statistics_over
 from .tokens import STATISTICS_EXCLUDE, Tokens
-from .writer import CHECKPOINT, ActivationWriter, aligned_buffer, checkpoint_problem, npy_header, stats_from_checkpoint
+from .writer import (CHECKPOINT, ActivationWriter, aligned_buffer, checkpoint_problem, file_stem, npy_header,
+                     stats_from_checkpoint)
+
+__all__ = ["ExtractionSpec", "ExtractionResult", "STORAGE_DTYPES", "file_stem", "run_extraction", "storage_bytes"]
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -60,10 +63,6 @@ class ExtractionSpec:
     def request(self) -> dict:
         return {name: getattr(self, name) for name in self.request_fields()}
 
-
-
-def file_stem(layer: int, hook: str) -> str:
-    return f"layer_{layer}_{hook}"
 
 
 def storage_bytes(num_samples: int, seq_len: int, hidden: int, dtype: str, files: int, with_mask: bool = False) -> int:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from mistudio.errors import JobError
 from models_app.ml import decoder
 
+from .writer import file_stem
+
 HOOK_TYPES = decoder.HOOK_TYPES
 Capture = Callable[[int, str, "torch.Tensor"], None]  # noqa: F821
 
@@ -53,7 +55,7 @@ def hook_targets(model, layers: list[int], hooks: list[str], probe=None, only: s
     bad = [layer for layer in layers if not 0 <= layer < len(blocks)]
     if bad:
         raise JobError("invalid_layers", f"Layers {bad} are out of range: the model has layers 0–{len(blocks) - 1}.")
-    wanted = [(layer, hook) for layer in layers for hook in hooks if only is None or f"layer_{layer}_{hook}" in only]
+    wanted = [(layer, hook) for layer in layers for hook in hooks if only is None or file_stem(layer, hook) in only]
     if not wanted:
         raise JobError("invalid_hooks", "Nothing is left to capture: every requested file is reused.")
     deepest = max(layer for layer, _ in wanted)
@@ -65,7 +67,7 @@ def hook_targets(model, layers: list[int], hooks: list[str], probe=None, only: s
             module, scale = parts[hook]
             captures.append((layer, hook, module, scale))
             part = None if hook == "residual" else layout.part(layer, hook)
-            paths[f"layer_{layer}_{hook}"] = f"{path}.{layer}" + (f".{part.path}" if part else "")
+            paths[file_stem(layer, hook)] = f"{path}.{layer}" + (f".{part.path}" if part else "")
     return HookTargets(captures, blocks[deepest], paths)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .stats import statistics_over
 from .tokens import Tokens
-from .writer import npy_header, open_new_npy
+from .writer import file_stem, npy_header, open_new_npy
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,8 @@ def describe(layers: list[int], hooks: list[str], reused: set[str]) -> str:
     notice say it: "layers 0–5 reused, 6 computed", by hook where the hooks differ."""
 
     def split(hook: str) -> str:
-        taken = [layer for layer in layers if f"layer_{layer}_{hook}" in reused]
-        made = [layer for layer in layers if f"layer_{layer}_{hook}" not in reused]
+        taken = [layer for layer in layers if file_stem(layer, hook) in reused]
+        made = [layer for layer in layers if file_stem(layer, hook) not in reused]
         said = [f"layer{'s' if len(taken) > 1 else ''} {layer_span(taken)} reused"] if taken else []
         if made:
             said.append(f"{layer_span(made)} computed" if taken else f"layer{'s' if len(made) > 1 else ''} {layer_span(made)} computed")

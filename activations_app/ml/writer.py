@@ -18,6 +18,11 @@ from mistudio.staging import promote, staged_path
 
 from .stats import NORM_BIN_EDGES, RunningStats
 
+def file_stem(layer: int, hook: str) -> str:
+    """A layer/hook's files: {stem}.npy, {stem}.stats.npz, {stem}.norms.npy."""
+    return f"layer_{layer}_{hook}"
+
+
 # Direct I/O (O_DIRECT) needs the file offset, the length and the memory of every write
 # aligned to the device's logical block; 4 KiB covers 512-byte and 4 KiB devices alike.
 ALIGN = 4096
