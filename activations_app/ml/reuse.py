@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mistudio.errors import JobError
+
 from .stats import statistics_over
 from .tokens import Tokens
 from .writer import file_stem, npy_header, open_new_npy
@@ -89,7 +91,16 @@ def adopt(reused: ReusedFile, into: Path, tokens: Tokens, spec, exclude: list[st
     """The reused file (with its .stats.npz and .norms.npy) in the staged folder `into`;
     its statistics' summary, as run_extraction reports them. Linked where the source holds
     exactly these rows and its figures were made by the same rules; else the values are
-    linked (or their first rows copied) and the figures and norms computed over them."""
+    linked (or their first rows copied) and the figures and norms computed over them. A
+    source deleted meanwhile fails the run with a reason (a retry computes the files)."""
+    try:
+        return _adopt(reused, into, tokens, spec, exclude)
+    except FileNotFoundError:
+        raise JobError("reuse_source_gone", f"{reused.source_id}, whose {reused.stem} this run was taking, was deleted "
+                                            "meanwhile; retry to compute it.") from None  # fmt: skip
+
+
+def _adopt(reused: ReusedFile, into: Path, tokens: Tokens, spec, exclude: list[str]) -> dict:
     n = len(tokens.ids)
     names = {suffix: (reused.folder / f"{reused.stem}{suffix}", into / f"{reused.stem}{suffix}")
              for suffix in (".npy", ".stats.npz", ".norms.npy")}  # fmt: skip

@@ -144,3 +144,24 @@ def test_rows_that_differ_are_computed_not_reused(tiny_model, lines):
     again = extract(tiny_model, lines)
     assert metadata(again)["reused"] == {} and metadata(again)["computed"] == ["layer_0_residual"]
     assert (again.final_dir / "layer_0_residual.npy").stat().st_ino != (first.final_dir / "layer_0_residual.npy").stat().st_ino
+
+
+def test_a_source_deleted_while_its_files_are_taken_fails_with_the_reason_and_leaves_nothing(tiny_model, lines, tmp_path):
+    from activations_app.ml.reuse import adopt, find_reusable
+    from activations_app.ml.tokens import tokenize
+    from mistudio.errors import JobError
+    from models_app.ml import tokenizer_for
+
+    first = extract(tiny_model, lines)
+    spec = first.spec
+    tokens = tokenize(lines.texts(), tokenizer_for(tiny_model.weights_dir), spec.seq_len, spec.tokenization, spec.max_samples,
+                      spec.prepend_bos, spec.separator)  # fmt: skip
+    found = find_reusable([(first.id, first.final_dir)], tokens, ["layer_0_residual"], np.float16, spec.sparsity_threshold)
+    assert set(found) == {"layer_0_residual"}
+    services.delete_extraction(first.id, None)  # between the job finding it and taking it
+    into = tmp_path / "staged"
+    into.mkdir()
+    with pytest.raises(JobError) as caught:
+        adopt(found["layer_0_residual"], into, tokens, spec, ["position_0", "bos", "padding"])
+    assert caught.value.code == "reuse_source_gone" and first.id in caught.value.message
+    assert list(into.iterdir()) == []
