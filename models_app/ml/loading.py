@@ -113,7 +113,42 @@ def meta_model(config: dict):
 
 def count_parameters(config: dict) -> int:
     """Exact parameter count as transformers reports it (tied weights once)."""
-    return sum(p.numel() for p in meta_model(config).parameters())
+    return sum(n for n, _ in parameter_inventory(config))
+
+
+def parameter_inventory(config: dict) -> tuple[tuple[int, tuple[int, int] | None], ...]:
+    """See _inventory: built once per config."""
+    return _inventory(json.dumps(config, sort_keys=True, default=str))
+
+
+def quantized_linear_names(model) -> set[str]:
+    """The Linear layers the quantizers replace: every nn.Linear except the LM head."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return {
+        name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not head
+    }
+
+
+@functools.lru_cache(maxsize=32)
+def _inventory(config_json: str) -> tuple[tuple[int, tuple[int, int] | None], ...]:
+    """Each stored parameter once (tied weights once): its size, and its shape when it is a
+    weight the quantizers replace. Built once per config on the meta device (0.06 s for
+    SmolLM2; every format's estimate and every worker's check reads it)."""
+    model = meta_model(json.loads(config_json))
+    linear = quantized_linear_names(model)
+    found, seen = [], set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue  # tied weights are stored once
+            seen.add(id(param))
+            quantized = module_name in linear and param_name == "weight"
+            found.append((param.numel(), (int(param.shape[0]), int(param.shape[1])) if quantized else None))
+    return tuple(found)
+
+
 
 
 def stored_tensor_elements(folder: Path) -> dict[str, int]:

@@ -9,7 +9,6 @@ pass must run under `torch.no_grad()`, not `inference_mode()`.
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import time
@@ -23,7 +22,7 @@ from mistudio.hub import format_bytes
 from mistudio.staging import staged_dir
 
 from .formats import MEMORY_OVERHEAD
-from .loading import copy_sidecar_files, meta_model
+from .loading import copy_sidecar_files, parameter_inventory
 
 FORMATS_SMALLEST_LAST = ("FP32", "FP16", "Q8", "Q4", "Q2")
 # A format whose backend is missing falls back along this chain.
@@ -70,22 +69,12 @@ def backend_missing(fmt: str) -> str | None:
     return None
 
 
-def quantized_linear_names(model) -> set[str]:
-    """The Linear layers the quantizers replace: every nn.Linear except the LM head."""
-    import torch
-
-    head = model.get_output_embeddings()
-    return {
-        name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and module is not head
-    }
-
-
 def estimate_weight_bytes(config: dict, fmt: str, device: str = "cpu") -> int:
     """Bytes the weights take in memory in `fmt`, counted module by module: quantizers only
     replace Linear layers, so embeddings, norms and the (tied) head stay in float."""
     float_bytes = 4 if fmt == "FP32" or (fmt != "FP16" and device == "cpu") else 2
     total = 0.0
-    for n, linear_shape in _parameters(json.dumps(config, sort_keys=True, default=str)):
+    for n, linear_shape in parameter_inventory(config):
         if fmt in QUANTIZED_LINEAR_BYTES and linear_shape is not None:
             total += n * QUANTIZED_LINEAR_BYTES[fmt]
             if fmt == "Q8":
@@ -95,24 +84,6 @@ def estimate_weight_bytes(config: dict, fmt: str, device: str = "cpu") -> int:
         else:
             total += n * float_bytes
     return int(total)
-
-
-@functools.lru_cache(maxsize=32)
-def _parameters(config_json: str) -> tuple[tuple[int, tuple[int, int] | None], ...]:
-    """Each stored parameter once (tied weights once): its size, and its shape when it is a
-    weight the quantizers replace. Built once per config on the meta device (0.06 s for
-    SmolLM2; every format's estimate and every worker's check reads it)."""
-    model = meta_model(json.loads(config_json))
-    linear = quantized_linear_names(model)
-    found, seen = [], set()
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue  # tied weights are stored once
-            seen.add(id(param))
-            quantized = module_name in linear and param_name == "weight"
-            found.append((param.numel(), (int(param.shape[0]), int(param.shape[1])) if quantized else None))
-    return tuple(found)
 
 
 def _quanto_group_size(in_features: int) -> int:
