@@ -1,31 +1,25 @@
 """The JSON API: the same services as the page, errors as {"error": {…}}."""
 
-from django.db.models import Q
 from django.http import JsonResponse
 
 from mistudio.api import api_endpoint, json_body, paginated, text_field
 from mistudio.errors import ServiceError
 
 from . import services
-from .models import Model, ModelStatus
+from .forms import ModelFilters
+from .models import Model
 
 
 
 @api_endpoint({"GET"})
 def models_collection(request):
-    queryset = Model.objects.defer("architecture_config")  # a list leaves the config out
-    status = request.GET.get("status", "")
-    if status:
-        if status not in ModelStatus.values:
-            raise ServiceError(
-                "invalid_parameter", f"status must be one of {', '.join(ModelStatus.values)}.", details={"field": "status"}
-            )
-        queryset = queryset.filter(status=status)
-    search = request.GET.get("search", "").strip()
-    if search:
-        queryset = queryset.filter(
-            Q(name__icontains=search) | Q(repo_id__icontains=search) | Q(architecture__icontains=search)
-        )
+    """The list as the page narrows it (ModelFilters: search, status, format, architecture,
+    sort), a page at a time; `pagination.total` counts the matching rows."""
+    filters = ModelFilters(request.GET)
+    problem = filters.problem()
+    if problem:
+        raise ServiceError("invalid_parameter", problem[1], details={"field": problem[0]})
+    queryset = filters.apply(Model.objects.defer("architecture_config"))  # a list leaves the config out
     return JsonResponse(paginated(request, queryset, lambda m: m.as_dict(include_config=False)))
 
 

@@ -1,16 +1,28 @@
 """/ws/models/ (card HTML for the Models page) and /ws/models/{id}/progress (JSON events)."""
 
+from django.http import QueryDict
+
 from mistudio.consumers import HtmlFragmentsConsumer, RowEventsConsumer
 from mistudio.progress import MODELS_GROUP, model_group
 
+from .forms import ModelFilters
 from .models import Model
 
 
 class ModelsConsumer(HtmlFragmentsConsumer):
+    """/ws/models/ (with the page's filters as its query): the list as the page shows it,
+    then cards as they change."""
+
     group = MODELS_GROUP
 
+    def filters(self) -> ModelFilters:
+        return ModelFilters(QueryDict(self.scope.get("query_string", b"").decode("latin-1")))
+
+    def frame_key(self) -> tuple:
+        return (self.filters().query(),)
+
     def render_frame(self) -> str:
-        return Model.list_html(oob=True)
+        return Model.list_html(oob=True, filters=self.filters())
 
 
 class ModelProgressConsumer(RowEventsConsumer):

@@ -268,15 +268,23 @@ class Model(TransferRow):
         return None
 
     @classmethod
-    def panel_page(cls, page: int = 1) -> dict:
-        """One page of cards, newest first, and whether another follows."""
+    def panel_page(cls, page: int = 1, filters=None) -> dict:
+        """One page of cards (newest first, or as `filters`, a ModelFilters, narrow and
+        order them), whether another follows, and the counts the page shows."""
+        from .forms import ModelFilters
+
+        filters = filters if filters is not None else ModelFilters({})
+        rows_query = filters.apply(cls.objects.all())
         start = (page - 1) * cls.PANEL_SIZE
-        rows = list(cls.objects.all()[start : start + cls.PANEL_SIZE + 1])
-        return {"models": rows[: cls.PANEL_SIZE], "next_page": page + 1 if len(rows) > cls.PANEL_SIZE else None}
+        rows = list(rows_query[start : start + cls.PANEL_SIZE + 1])
+        total = cls.objects.count()
+        return {"models": rows[: cls.PANEL_SIZE], "next_page": page + 1 if len(rows) > cls.PANEL_SIZE else None,
+                "filters": filters, "query": filters.query(), "total": total,
+                "matching": rows_query.count() if filters.active else total}  # fmt: skip
 
     @classmethod
-    def list_html(cls, oob: bool = False) -> str:
-        return render_to_string("models_app/_model_list.html", {**cls.panel_page(), "oob": oob})
+    def list_html(cls, oob: bool = False, filters=None) -> str:
+        return render_to_string("models_app/_model_list.html", {**cls.panel_page(filters=filters), "oob": oob})
 
     def progress_event(self) -> dict:
         """The JSON event describing this row's current state (absolute, never a delta)."""

@@ -10,17 +10,22 @@ from mistudio.api import int_param
 from mistudio.errors import NotFound, ServiceError
 
 from . import services
-from .forms import DownloadForm
+from .forms import SORT_LABELS, DownloadForm, ModelFilters
 from .models import Model
 
 
-def _panel_context(form=None):
-    return {"form": form or DownloadForm(), **Model.panel_page()}
+def _panel_context(form=None, filters=None):
+    architectures = Model.objects.exclude(architecture="").order_by("architecture").values_list("architecture", flat=True).distinct()
+    return {"form": form or DownloadForm(), **Model.panel_page(filters=filters), "architectures": list(architectures),
+            "sorts": list(SORT_LABELS.items())}  # fmt: skip
 
 
 @require_GET
 def panel(request):
-    return render(request, "models_app/panel.html", _panel_context())
+    """The Models page; its query (?search=, status, format, architecture, sort) narrows the
+    list, so a link or a reload keeps what was chosen. A bad value is said above the list,
+    which then shows every model."""
+    return render(request, "models_app/panel.html", _panel_context(filters=ModelFilters(request.GET)))
 
 
 @require_POST
@@ -103,14 +108,14 @@ def quantize(request, model_id):
         return _refused_on_card(request, model_id, exc)
     if not request.htmx:
         return redirect("models:panel")
-    return render(request, "models_app/_model_list.html", Model.panel_page())
+    return render(request, "models_app/_model_list.html", Model.panel_page(filters=ModelFilters(request.POST)))  # as the page narrows it
 
 
 @require_GET
 def more_models(request):
     """The next page of cards, appended where the "Show more" button was."""
     page = int_param(request, "page", 1, 1, 10**6)  # a bad one is a 400 page (mistudio.hardening)
-    return render(request, "models_app/_model_page.html", Model.panel_page(page))
+    return render(request, "models_app/_model_page.html", Model.panel_page(page, ModelFilters(request.GET)))
 
 
 @require_GET

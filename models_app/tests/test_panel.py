@@ -84,7 +84,9 @@ def test_submitting_the_form_returns_a_cleared_form_and_the_list_with_the_new_ca
     html = response.content.decode()
     model = Model.objects.get()
     assert response.status_code == 200
-    assert 'id="model-list" class="grid gap-4" hx-swap-oob="true"' in html
+    # The list comes along out-of-band, every model again (the filters are cleared with it).
+    assert re.search(r'<section id="model-results"[^>]*hx-swap-oob="true"', html) and '<div id="model-list" class="grid gap-4">' in html
+    assert re.search(r'<form id="model-filters"[^>]*hx-swap-oob="true"', html) and re.search(r'<input id="model-search"[^>]*value=""', html)
     assert f'id="model-card-{model.id}"' in html
     assert re.search(r'<input id="id_repo_id"[^>]* value=""', html)
     assert '<option value="FP32" selected>' in html

@@ -17,7 +17,13 @@
         // added twice: the row's own updates keep the one it has.
         var card = spec.indexOf("afterbegin:") === 0 && el.firstElementChild;
         var listed = card && card.id && document.getElementById(card.id);
-        if (!target || listed || (filter && el.getAttribute("data-list-model") !== filter)) el.remove();
+        // A filtered list takes no added card: it may not match (a reload or a new filter shows it).
+        var narrowed = spec.indexOf("afterbegin:") === 0 && target && target.hasAttribute("data-filtered");
+        // A whole list for other filters than the page shows now (the socket was opened with
+        // the filters the page loaded with; they changed since) is not swapped in.
+        var otherFilters = target && el.id && el.id === target.id &&
+          (el.getAttribute("data-filtered") || "") !== (target.getAttribute("data-filtered") || "");
+        if (!target || listed || narrowed || otherFilters || (filter && el.getAttribute("data-list-model") !== filter)) el.remove();
       });
       return template.innerHTML;
     }

@@ -1,0 +1,95 @@
+"""Finding a model among ten thousand (issue 19, item 1, for the Models page): search over
+name, repo and architecture, filters by status, format and architecture, sort, a count; the
+state in the URL (a link or a reload keeps it); the same through the API; and in Chromium,
+typing a fragment of a repo id narrows the list to it, at 390 and 1,280 px."""
+
+from __future__ import annotations
+
+import html
+import time
+
+import pytest
+
+from models_app.models import Model
+from models_app.tests.test_browser import browser, sign_in, stack  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.django_db(transaction=True)
+MANY = 10_000
+FAMILIES = ("llama", "qwen2", "gpt_neox", "gemma2", "mistral")
+FORMATS = ("FP32", "FP16", "Q8", "Q4", "Q2")
+
+
+def many_models(n: int = MANY) -> None:
+    """n models: org-{i % 97}/model-{i:05d}, their architecture, format and status by turns,
+    sizes growing with i; the newest is the last made."""
+    from django.utils import timezone
+
+    now = timezone.now()
+    rows = [Model(id=f"m_{i:012x}", name=f"model-{i:05d}", repo_id=f"org-{i % 97}/model-{i:05d}", architecture=FAMILIES[i % 5],
+                  quantization=FORMATS[(i // 5) % 5], status="ready" if i % 7 else "error", disk_size_bytes=1000 + i,
+                  created_at=now - timezone.timedelta(seconds=n - i))
+            for i in range(n)]  # fmt: skip
+    Model.objects.bulk_create(rows, batch_size=2000)
+
+
+def test_search_filters_sort_and_count_over_ten_thousand_models_on_the_page_and_the_api(signed_in):
+    many_models()
+    page = html.unescape(signed_in.get("/").content.decode())
+    assert f"{MANY:,} models" in page and page.count('id="model-card-') == Model.PANEL_SIZE
+    # A fragment of one repo id: that model, first page, and the count says so.
+    started = time.perf_counter()
+    response = signed_in.get("/", {"search": "del-01234"})
+    seconds = time.perf_counter() - started
+    found = html.unescape(response.content.decode())
+    assert 'id="model-card-m_0000000004d2"' in found and found.count('id="model-card-') == 1
+    assert f"1 of {MANY:,} models match" in found and 'value="del-01234"' in found
+    print(f"\nsearch over {MANY:,} models: {seconds * 1000:.0f} ms for the whole page (test client, server side)")
+    # Filters and sort combine; the Show more link keeps them.
+    query = {"architecture": "qwen2", "format": "Q4", "status": "error", "sort": "size"}
+    expected = [i for i in range(MANY) if FAMILIES[i % 5] == "qwen2" and FORMATS[(i // 5) % 5] == "Q4" and i % 7 == 0]
+    combined = html.unescape(signed_in.get("/", query).content.decode())
+    assert f"{len(expected):,} of {MANY:,} models match" in combined
+    cards = [int(part.split('"')[0], 16) for part in combined.split('id="model-card-m_')[1:]]
+    assert cards == sorted(expected, reverse=True)[: Model.PANEL_SIZE]  # largest on disk first
+    assert "architecture=qwen2" in combined.split('id="more-models"')[1].split(">")[0] if len(expected) > Model.PANEL_SIZE else True
+    # The API answers the same rows, with the total of the matching ones.
+    api = signed_in.get("/api/models", {**query, "limit": 100}).json()
+    assert api["pagination"]["total"] == len(expected)
+    assert [int(row["id"][2:], 16) for row in api["data"]] == sorted(expected, reverse=True)[:100]
+    # A bad value: the page says so and shows every model; the API refuses it with its field.
+    bad = html.unescape(signed_in.get("/", {"status": "nonsense"}).content.decode())
+    assert "status must be one of" in bad and f"{MANY:,} models" in bad
+    refused = signed_in.get("/api/models", {"sort": "random"})
+    assert refused.status_code == 400 and refused.json()["error"]["details"]["field"] == "sort"
+    assert signed_in.get("/api/models", {"search": "a\x00b"}).status_code == 400
+
+
+def test_typing_a_fragment_finds_the_model_and_a_reload_keeps_the_filters_at_phone_and_desktop_widths(stack, browser, user):  # noqa: F811
+    many_models(MANY)
+    for width, height in ((390, 844), (1280, 900)):
+        context = browser.new_context(viewport={"width": width, "height": height})
+        page = context.new_page()
+        sign_in(page, stack, user.username)
+        assert f"{MANY:,} models" in page.inner_text("#model-count")
+        page.fill("#model-search", "el-09876")  # a fragment of org-79/model-09876
+        page.wait_for_function("document.querySelectorAll('[id^=model-card-]').length === 1", timeout=10_000)
+        assert page.inner_text("[id^=model-card-]").count("model-09876") >= 1
+        assert "search=el-09876" in page.url and f"1 of {MANY:,} models match" in page.inner_text("#model-count")
+        page.fill("#model-search", "")
+        page.select_option("#model-architecture", "gemma2")
+        page.select_option("#model-format", "Q2")
+        page.wait_for_function("location.search.includes('format=Q2') && location.search.includes('architecture=gemma2')", timeout=10_000)
+        page.wait_for_selector("#model-count:has-text('of')", timeout=10_000)
+        expected = sum(1 for i in range(MANY) if FAMILIES[i % 5] == "gemma2" and FORMATS[(i // 5) % 5] == "Q2")
+        assert f"{expected:,} of {MANY:,} models match" in page.inner_text("#model-count")
+        page.reload()
+        page.wait_for_selector("#connection-status[data-state=connected]", timeout=15_000)
+        assert page.input_value("#model-architecture") == "gemma2" and page.input_value("#model-format") == "Q2"
+        assert f"{expected:,} of {MANY:,} models match" in page.inner_text("#model-count")
+        # The first frame of the page's socket is the filtered list too, not every model.
+        page.wait_for_timeout(500)
+        shown = [int(card.split("_")[-1], 16) for card in page.eval_on_selector_all("[id^=model-card-]", "cards => cards.map(c => c.id)")]
+        assert len(shown) == min(expected, Model.PANEL_SIZE)
+        assert all(FAMILIES[i % 5] == "gemma2" and FORMATS[(i // 5) % 5] == "Q2" for i in shown), shown
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        context.close()
