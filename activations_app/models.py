@@ -130,6 +130,10 @@ class Dataset(TransferRow):
         files = sorted(source.rglob("*")) if source.is_dir() else [source]
         return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
 
+    def extraction_ids(self) -> list[str]:
+        """Its extractions' ids, newest first (the delete confirm names those that stay)."""
+        return list(self.extractions.values_list("id", flat=True))
+
     def delete_blocker(self) -> str | None:
         if any(extraction.is_running for extraction in self.extractions.all()):
             return f"An extraction is using {self.name}; cancel it first."
@@ -191,6 +195,10 @@ class Extraction(TrackedRow):
     prepend_bos = models.CharField(max_length=8, default="always")
     separator = models.CharField(max_length=8, default="bos")  # rows made before it existed were joined with EOS
     outlier_factor = models.IntegerField(default=10)
+    # What the model and dataset were, kept when either is deleted (the card of an orphan
+    # still says what it was made from): "repo@revision format" and the dataset's name.
+    model_label = models.CharField(max_length=300, blank=True)
+    dataset_label = models.CharField(max_length=300, blank=True)
     outliers = models.CharField(max_length=8, default="keep")  # or "exclude"
     status = models.CharField(max_length=12, choices=ExtractionStatus.choices, default=ExtractionStatus.QUEUED)
     samples_done = models.IntegerField(default=0)
@@ -217,6 +225,14 @@ class Extraction(TrackedRow):
     @property
     def final_dir(self):
         return settings.DATA_DIR / "activations" / f"extraction_{self.id}"
+
+    @staticmethod
+    def labels_for(model, dataset) -> dict:
+        """model_label and dataset_label for a new row."""
+        revision = (model.revision or "")[:7]
+        name = model.repo_id or model.name
+        return {"model_label": f"{name}{'@' + revision if revision else ''} {model.quantization}"[:300],
+                "dataset_label": (dataset.name or dataset.id)[:300]}  # fmt: skip
 
     # What must be the same for another extraction's files to be this request's (the rows
     # themselves are compared too, before anything is taken: see ml.reuse).

@@ -239,7 +239,8 @@ def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, 
     if enqueue:
         require_queue()
     with transaction.atomic():  # refused by placement (no worker can load the model): nothing is kept
-        extraction = Extraction.objects.create(model=model, dataset=dataset, owner=owner, **spec.request())
+        extraction = Extraction.objects.create(model=model, dataset=dataset, owner=owner, **spec.request(),
+                                               **Extraction.labels_for(model, dataset))  # fmt: skip
         where = jobs.queue_for(extraction)
         if enqueue:
             jobs.enqueue_after_commit(extraction, where)
