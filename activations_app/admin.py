@@ -18,7 +18,7 @@ class DatasetAdmin(TrackedRowAdmin):
 
 @admin.register(Extraction)
 class ExtractionAdmin(TrackedRowAdmin):
-    list_display = ("id", "model", "dataset", "status", "progress", "samples_done", "dtype", "owner", "created_at")
+    list_display = ("id", "model", "dataset", "status", "progress_shown", "samples_done", "dtype", "owner", "created_at")
     list_filter = ("status", "dtype", "tokenization", "owner")
     search_fields = ("id", "model__name", "dataset__name")
     readonly_fields = [f.name for f in Extraction._meta.fields]

@@ -3,6 +3,7 @@ from django.apps import AppConfig
 
 class ActivationsAppConfig(AppConfig):
     name = "activations_app"
+    verbose_name = "Activations"  # the admin's heading (else "Activations_App")
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:

@@ -27,6 +27,10 @@ class TrackedRowAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False
 
+    @admin.display(description="progress", ordering="progress")
+    def progress_shown(self, row) -> str:
+        return f"{row.progress:.1f}%"
+
     def has_delete_permission(self, request, obj=None):
         return False  # the action below also removes files and refuses running jobs
 
@@ -37,7 +41,7 @@ class TrackedRowAdmin(admin.ModelAdmin):
                 action(row)
                 count += 1
             except ServiceError as exc:
-                self.message_user(request, f"{row.pk}: {exc.message}", messages.WARNING)
+                self.message_user(request, f"{row} ({row.pk}): {exc.message}", messages.WARNING)
         if count:
             self.message_user(request, f"{count} {done}.", messages.SUCCESS)
 
@@ -55,4 +59,16 @@ class TrackedRowAdmin(admin.ModelAdmin):
 
     @admin.action(description="Delete the selected records and their files")
     def delete_selected_with_files(self, request, queryset):
+        """First a page that names every record and what goes with it; only its Yes deletes
+        (as Django's own delete action asks before it deletes)."""
+        if request.POST.get("post") != "yes":
+            from django.contrib.admin import helpers
+            from django.template.response import TemplateResponse
+
+            return TemplateResponse(request, "admin/delete_with_files_confirmation.html", {
+                **self.admin_site.each_context(request), "title": "Delete these records and their files?",
+                "rows": list(queryset), "opts": self.model._meta, "action": "delete_selected_with_files",
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            })  # fmt: skip
         self._each(request, queryset, lambda row: type(self).delete_service(row.pk, request.user), "deleted")
+        return None

@@ -14,7 +14,7 @@ PROGRESS_FIELDS = (
 
 @admin.register(Model)
 class ModelAdmin(TrackedRowAdmin):
-    list_display = ("id", "name", "repo_id", "architecture", "params_count", "quantization", "status", "progress",
+    list_display = ("id", "name", "repo_id", "architecture", "params_count", "quantization", "status", "progress_shown",
                     "owner", "created_at")  # fmt: skip
     list_filter = ("status", "architecture", "quantization", "source", "owner")
     search_fields = ("id", "name", "repo_id", "architecture")

@@ -31,3 +31,37 @@ def test_an_extraction_of_deleted_inputs_still_names_them_and_the_dataset_confir
     for page in (f"/extractions/{row.id}", "/extractions/"):
         text = html.unescape(signed_in.get(page).content.decode())
         assert f"{expected} (model deleted)" in text and "weather notes (dataset deleted)" in text, page
+
+
+def test_the_admins_delete_with_files_asks_first_naming_each_record_and_only_yes_deletes(data_dir, client, django_user_model):
+    staff = django_user_model.objects.create_superuser("staff", password="pw-for-admin-tests")
+    client.force_login(staff)
+    (data_dir / "imports" / "a.txt").write_text("one\ntwo\n")
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "a.txt"), name="to be deleted")
+    folder = dataset.folder
+    assert folder.exists()
+    asked = client.post("/admin/activations_app/dataset/", {"action": "delete_selected_with_files", "_selected_action": [dataset.id]})
+    page = html.unescape(asked.content.decode())
+    assert asked.status_code == 200 and "Delete these records and their files?" in page and dataset.id in page
+    assert 'name="post" value="yes"' in page and "No, take me back" in page
+    from activations_app.models import Dataset
+
+    assert Dataset.objects.filter(pk=dataset.id).exists() and folder.exists()  # asking deleted nothing
+    done = client.post("/admin/activations_app/dataset/", {"action": "delete_selected_with_files", "_selected_action": [dataset.id],
+                                                            "post": "yes"})  # fmt: skip
+    assert done.status_code == 302 and not Dataset.objects.filter(pk=dataset.id).exists() and not folder.exists()
+
+
+def test_the_admin_reads_as_the_app_does_headings_progress_and_messages(tiny_model, client, django_user_model):
+    from models_app.models import Model
+
+    staff = django_user_model.objects.create_superuser("staff", password="pw-for-admin-tests")
+    client.force_login(staff)
+    index = client.get("/admin/").content.decode()
+    assert ">Activations<" in index and ">Models<" in index and "Activations_App" not in index and "Models_App" not in index
+    Model.objects.filter(pk=tiny_model.pk).update(status="downloading", progress=53.333333333333336)
+    listing = client.get("/admin/models_app/model/").content.decode()
+    assert "53.3%" in listing and "53.333333333333336" not in listing
+    # A refusal names the record as well as its id.
+    refused = client.post("/admin/models_app/model/", {"action": "retry_selected", "_selected_action": [tiny_model.id]}, follow=True)
+    assert f"{Model.objects.get(pk=tiny_model.pk)} ({tiny_model.id}):" in html.unescape(refused.content.decode())
