@@ -14,10 +14,16 @@ PROGRESS_FIELDS = (
 
 @admin.register(Model)
 class ModelAdmin(TrackedRowAdmin):
-    list_display = ("id", "name", "repo_id", "architecture", "params_count", "quantization", "status", "progress_shown",
+    list_display = ("id", "name", "repo_id", "architecture", "params_shown", "quantization", "status", "progress_shown",
                     "owner", "created_at")  # fmt: skip
     list_filter = ("status", "architecture", "quantization", "source", "owner")
     search_fields = ("id", "name", "repo_id", "architecture")
     readonly_fields = ("id",) + PROGRESS_FIELDS
     exclude = ("encrypted_token",)
     delete_service = staticmethod(services.delete_model)
+
+    @admin.display(description="params", ordering="params_count")
+    def params_shown(self, row) -> str:
+        from mistudio.templatetags.ui import params
+
+        return params(row.params_count) if row.params_count else "—"

@@ -53,6 +53,7 @@ def test_the_admins_delete_with_files_asks_first_naming_each_record_and_only_yes
 
 
 def test_the_admin_reads_as_the_app_does_headings_progress_and_messages(tiny_model, client, django_user_model):
+    from mistudio.templatetags.ui import params
     from models_app.models import Model
 
     staff = django_user_model.objects.create_superuser("staff", password="pw-for-admin-tests")
@@ -62,6 +63,7 @@ def test_the_admin_reads_as_the_app_does_headings_progress_and_messages(tiny_mod
     Model.objects.filter(pk=tiny_model.pk).update(status="downloading", progress=53.333333333333336)
     listing = client.get("/admin/models_app/model/").content.decode()
     assert "53.3%" in listing and "53.333333333333336" not in listing
+    assert f">{params(tiny_model.params_count)}<" in listing and f">{tiny_model.params_count}<" not in listing
     # A refusal names the record as well as its id.
     refused = client.post("/admin/models_app/model/", {"action": "retry_selected", "_selected_action": [tiny_model.id]}, follow=True)
     assert f"{Model.objects.get(pk=tiny_model.pk)} ({tiny_model.id}):" in html.unescape(refused.content.decode())
