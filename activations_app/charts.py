@@ -8,10 +8,13 @@ import math
 
 from .ml.extract import file_stem
 
-# How the page names each hook type (the extraction dialog's labels too).
+# How the page names each hook type (the extraction dialog's labels too), and its colour
+# (the UI contract's: purple residual, emerald MLP, sky attention; Tailwind's 400 shades).
 HOOK_LABELS = {"residual": "Residual Stream", "mlp": "MLP Output", "attention": "Attention Output"}
+HOOK_COLOURS = {"residual": "#c084fc", "mlp": "#34d399", "attention": "#38bdf8"}
 
-WIDTH, PANEL, GAP, LEFT, BOTTOM = 320, 64, 28, 44, 18
+# Each panel's label sits in the margin above it (TOP), never where its line can cross it.
+WIDTH, PANEL, GAP, LEFT, BOTTOM, TOP = 320, 64, 32, 44, 18, 16
 
 
 def _x(layer: int, first: int, last: int) -> float:
@@ -47,16 +50,17 @@ def layer_charts(statistics: dict, layers: list[int], hooks: list[str]) -> list[
     for hook in hooks:
         figures = [statistics.get(file_stem(layer, hook), {}) for layer in layers]
         panels = [
-            _panel("mean token L2 norm", "", layers, [f.get("mean_l2_norm") for f in figures], 8),
-            _panel("sparsity", "%", layers, [f.get("sparsity_percent") for f in figures], 8 + PANEL + GAP),
+            _panel("mean token L2 norm", "", layers, [f.get("mean_l2_norm") for f in figures], TOP),
+            _panel("sparsity", "%", layers, [f.get("sparsity_percent") for f in figures], TOP + PANEL + GAP),
         ]
         panels = [p for p in panels if p]
         if not panels:
             continue
-        height = 8 + 2 * PANEL + GAP + BOTTOM
+        height = TOP + 2 * PANEL + GAP + BOTTOM
         ticks = layers if len(layers) <= 8 else [layers[int(round(i * (len(layers) - 1) / 5))] for i in range(6)]
         charts.append({
-            "hook": hook, "title": HOOK_LABELS.get(hook, hook), "width": WIDTH, "height": height, "left": LEFT,
+            "hook": hook, "title": HOOK_LABELS.get(hook, hook), "colour": HOOK_COLOURS.get(hook, "#94a3b8"), "width": WIDTH,
+            "height": height, "left": LEFT,
             "right": WIDTH - 8, "panels": panels,
             "ticks": [{"x": round(_x(layer, layers[0], layers[-1]), 1), "label": f"L{layer}"} for layer in dict.fromkeys(ticks)],
             "axis_y": height - 4,
@@ -71,7 +75,8 @@ HIST_WIDTH, HIST_HEIGHT = 192, 40
 
 def norm_histogram(figures: dict) -> dict | None:
     """Bars for one file's token-norm histogram (the 64 log bins of 10^-3…10^5, with the
-    occupied range shown and counts on a square-root scale so small bins stay visible)."""
+    occupied range shown and counts on a log scale, log10(1 + count), so a bin of one
+    outlier token stays visible beside a bin of ten thousand)."""
     histogram = figures.get("norm_histogram") or {}
     counts = list(histogram.get("counts") or [])
     if not counts or not any(counts):
@@ -79,13 +84,13 @@ def norm_histogram(figures: dict) -> dict | None:
     occupied = [i for i, c in enumerate(counts) if c]
     lo, hi = max(0, occupied[0] - 1), min(len(counts) - 1, occupied[-1] + 1)
     shown = counts[lo : hi + 1]
-    peak = math.sqrt(max(shown))
+    peak = math.log10(1 + max(shown))
     bar = HIST_WIDTH / len(shown)
     edge = lambda i: 10 ** (-3 + 8 * i / 64)  # noqa: E731 - the bins' lower edges
     return {
         "width": HIST_WIDTH, "height": HIST_HEIGHT,
-        "bars": [{"x": round(i * bar, 2), "w": round(max(bar - 0.5, 0.5), 2), "h": round(HIST_HEIGHT * math.sqrt(c) / peak, 2),
-                  "y": round(HIST_HEIGHT - HIST_HEIGHT * math.sqrt(c) / peak, 2)} for i, c in enumerate(shown) if c],
+        "bars": [{"x": round(i * bar, 2), "w": round(max(bar - 0.5, 0.5), 2), "h": round(HIST_HEIGHT * math.log10(1 + c) / peak, 2),
+                  "y": round(HIST_HEIGHT - HIST_HEIGHT * math.log10(1 + c) / peak, 2)} for i, c in enumerate(shown) if c],
         "from": edge(lo), "to": edge(hi + 1), "below": histogram.get("below", 0), "above": histogram.get("above", 0),
         "tokens": sum(counts) + histogram.get("below", 0) + histogram.get("above", 0),
     }  # fmt: skip
@@ -96,7 +101,8 @@ def file_histograms(statistics: dict) -> list[dict]:
     for stem, figures in statistics.items():
         drawn = norm_histogram(figures)
         if drawn:
-            found.append({"stem": stem, **drawn})
+            hook = stem.rsplit("_", 1)[-1]
+            found.append({"stem": stem, "colour": HOOK_COLOURS.get(hook, "#94a3b8"), **drawn})
     return found
 
 

@@ -67,3 +67,29 @@ def test_the_admin_reads_as_the_app_does_headings_progress_and_messages(tiny_mod
     # A refusal names the record as well as its id.
     refused = client.post("/admin/models_app/model/", {"action": "retry_selected", "_selected_action": [tiny_model.id]}, follow=True)
     assert f"{Model.objects.get(pk=tiny_model.pk)} ({tiny_model.id}):" in html.unescape(refused.content.decode())
+
+
+def test_the_extraction_page_says_how_it_was_made_in_the_hook_colours_and_names_the_model(tiny_model, data_dir, signed_in):
+    """Issue 19, item 9: the settings on the page, the charts in the contract's hook colours
+    (purple residual, emerald MLP, sky attention) with labels outside the plot, histograms
+    on a log count scale, and the filtered list titled by the model's name."""
+    import re
+
+    (data_dir / "imports" / "t.txt").write_text("\n".join(f"Line {i} of a short text about rivers." for i in range(40)))
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "t.txt"))
+    extraction = services.request_extraction(model_id=tiny_model.id, dataset_id=dataset.id, enqueue=False, layers=[0, 1],
+                                             hook_types=["residual", "mlp", "attention"], max_samples=6, batch_size=3, seq_len=12,
+                                             tokenization="truncate", prepend_bos="never")  # fmt: skip
+    jobs.run_extraction_job(extraction.id)
+    page = html.unescape(signed_in.get(f"/extractions/{extraction.id}").content.decode())
+    made = page.split('aria-label="How it was made"')[1].split("</dl>")[0]
+    for label, value in (("Batch size", "3"), ("Sequence length", "12"), ("Max samples", "6"), ("Tokenization", "truncate"),
+                         ("BOS first", "never"), ("Storage dtype", "float16")):  # fmt: skip
+        assert re.search(rf"{label}</dt><dd[^>]*>{value}", made), label
+    charts = {hook: page.split(f'data-hook="{hook}"')[1].split("</figure>")[0] for hook in ("residual", "mlp", "attention")}
+    for hook, colour in (("residual", "#c084fc"), ("mlp", "#34d399"), ("attention", "#38bdf8")):
+        assert f'stroke="{colour}"' in charts[hook] and all(c not in charts[hook] for c in {"#c084fc", "#34d399", "#38bdf8"} - {colour})
+        assert 'class="panel-label"' in charts[hook] and 'dy="-5"' in charts[hook]  # above its panel, not on the line
+    assert "counts on a log scale" in page
+    listing = html.unescape(signed_in.get("/extractions/", {"model_id": tiny_model.id}).content.decode())
+    assert f'of <span class="extractions-of">{tiny_model.name} FP32</span>' in listing
