@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 from django.conf import settings
-from django.db.models import Q
 
 from mistudio.errors import JobError
 from mistudio.hub import ensure_free_space
@@ -105,12 +104,7 @@ def _baseline_perplexity(model: Model, tokenizer, estimates: dict[str, int], dev
     made from it; loaded only when FP32 fits in what is free now."""
     if tokenizer is None:
         return {}
-    known = (
-        Model.objects.filter(Q(snapshot_of=model.snapshot_owner) | Q(pk=model.snapshot_owner))
-        .exclude(perplexity_baseline=None)
-        .values_list("perplexity_baseline", flat=True)
-        .first()
-    )
+    known = model.known_baseline()
     if known is not None:
         return {"perplexity_baseline": known}
     if estimates["FP32"] > quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device):

@@ -163,6 +163,26 @@ class Model(TransferRow):
             return fetched + self.progress * (100 - fetched) / 100
         return 0.0
 
+    def known_baseline(self) -> float | None:
+        """The FP32 weights' perplexity on the shipped text, measured once per snapshot (when a
+        format was made from it) and shared by every record of that snapshot."""
+        return (
+            Model.objects.filter(models.Q(snapshot_of=self.snapshot_owner) | models.Q(pk=self.snapshot_owner))
+            .exclude(perplexity_baseline=None)
+            .values_list("perplexity_baseline", flat=True)
+            .first()
+        )
+
+    @cached_property
+    def fp32_perplexity(self) -> float | None:
+        """What a ready FP32 card shows as its own perplexity: the baseline the other formats
+        of its snapshot are compared with (None until one of them measured it)."""
+        if self.quantization != "FP32" or self.status != ModelStatus.READY:
+            return None
+        if self.perplexity is not None:
+            return self.perplexity
+        return self.perplexity_baseline if self.perplexity_baseline is not None else self.known_baseline()
+
     @property
     def quality_band(self) -> str | None:
         """Perplexity against FP32: fine within 5 %, caution within 25 %, else unusable."""

@@ -22,7 +22,8 @@ def card_html(client, model) -> str:
 
 
 def test_a_ready_card_shows_params_format_and_memory_like_the_mock(signed_in):
-    model = make_model(params_count=134_515_008, quantization="FP16", memory_required_bytes=322_836_019)
+    model = make_model(params_count=134_515_008, quantization="FP16", memory_required_bytes=322_836_019,
+                       memory_measured_bytes=322_836_019)  # fmt: skip
     html = card_html(signed_in, model)
     assert "135M params • FP16 quantization • 323MB memory" in html
     assert "bg-emerald-900/30 text-emerald-400" in html and ">ready<" in html
@@ -215,3 +216,16 @@ def test_the_delete_confirm_names_the_extractions_that_will_remain(signed_in):
     newest_first = ", ".join(run.id for run in reversed(runs))
     assert f"Its 2 extractions stay: {newest_first}." in html
     assert f'href="/extractions/?model_id={model.id}" class="underline extraction-history">2 extractions</a>' in html
+
+
+def test_an_estimate_is_marked_as_one_and_an_fp32_card_shows_the_baseline_its_formats_compare_with(signed_in):
+    """Issue 19, item 6: a memory figure nobody measured says it is the estimate, and the
+    FP32 card shows its own perplexity, the baseline the quantized cards compare with."""
+    fp32 = make_model(params_count=134_515_008, quantization="FP32", memory_required_bytes=645_672_038)
+    html = card_html(signed_in, fp32)
+    assert "≈ 646MB memory (estimate)" in html and "ppl" not in html.split(f'id="model-card-{fp32.id}"')[1].split("</article>")[0]
+    make_model(quantization="Q4", snapshot_of=fp32.id, perplexity=29.12, perplexity_baseline=23.85, memory_measured_bytes=1)
+    html = signed_in.get("/").content.decode()
+    fp32_card = html.split(f'id="model-card-{fp32.id}"')[1]
+    assert "ppl 23.85 (FP32: the baseline the other formats compare with)" in fp32_card.split('id="model-card-')[0]
+    assert "ppl 29.12 (+22.1 % vs FP32)" in html
