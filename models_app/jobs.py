@@ -8,7 +8,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from mistudio.errors import JobError
+from mistudio.errors import JobCancelled, JobError
 from mistudio.hub import ensure_free_space
 from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
@@ -55,10 +55,11 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
             "peak_cuda_bytes": result.peak_cuda_bytes,
         }
         tokenizer = _tokenizer(model)
-        figures |= _perplexity(model, loaded, tokenizer, "perplexity")
+        figures |= _perplexity(model, loaded, tokenizer, "perplexity", _moving(job, 60.0, 80.0))
         del loaded  # the FP32 baseline may need the memory
         quantize.free_accelerator_memory()
-        figures |= _baseline_perplexity(model, tokenizer, estimates, device)
+        job.write(progress=80.0)
+        figures |= _baseline_perplexity(model, tokenizer, estimates, device, _moving(job, 80.0, 99.0))
     disk = loading.folder_size(Path(figures["quantized_path"]) if figures else model.raw_dir)
     job.write(
         status=ModelStatus.READY,
@@ -89,17 +90,25 @@ def _tokenizer(model: Model):
         return None
 
 
-def _perplexity(model: Model, loaded, tokenizer, field: str) -> dict:
+def _moving(job: TrackedJob, start: float, end: float):
+    """A perplexity pass's window-by-window progress as the phase's, from `start` to `end` %
+    (QUANTIZING_STEPS names the step by where it is)."""
+    return lambda done, total: job.report(start + (end - start) * done / total, lambda: {}, force=done >= total)
+
+
+def _perplexity(model: Model, loaded, tokenizer, field: str, on_window=None) -> dict:
     if tokenizer is None:
         return {}
     try:
-        return {field: quality.perplexity(loaded, tokenizer, max_tokens=settings.PERPLEXITY_MAX_TOKENS)}
+        return {field: quality.perplexity(loaded, tokenizer, max_tokens=settings.PERPLEXITY_MAX_TOKENS, on_window=on_window)}
+    except JobCancelled:  # seen by the progress report between windows: the job stops
+        raise
     except Exception:  # noqa: BLE001 - logged; the model itself is good
         log.exception("model %s: no %s figure; the model is ready without it", model.id, field)
         return {}
 
 
-def _baseline_perplexity(model: Model, tokenizer, estimates: dict[str, int], device: str) -> dict:
+def _baseline_perplexity(model: Model, tokenizer, estimates: dict[str, int], device: str, on_window=None) -> dict:
     """The unquantized weights' perplexity: computed once per snapshot, reused by every format
     made from it; loaded only when FP32 fits in what is free now."""
     if tokenizer is None:
@@ -115,7 +124,7 @@ def _baseline_perplexity(model: Model, tokenizer, estimates: dict[str, int], dev
     except Exception:  # noqa: BLE001
         log.exception("model %s: the FP32 baseline could not be loaded; no baseline perplexity", model.id)
         return {}
-    figures = _perplexity(model, baseline, tokenizer, "perplexity_baseline")
+    figures = _perplexity(model, baseline, tokenizer, "perplexity_baseline", on_window)
     del baseline
     quantize.free_accelerator_memory()
     return figures

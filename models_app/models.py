@@ -37,6 +37,11 @@ PHASE_LABELS = {
     ModelStatus.LOADING: "Loading",
     ModelStatus.QUANTIZING: "Quantizing",
 }
+# The quantizing phase's parts, by where its progress is (the job moves it through each):
+# the weights themselves, then the perplexity of the new format and of FP32 on the shipped
+# text, which take most of a small model's time (45-60 s with no word of it before).
+QUANTIZING_STEPS = ((60.0, "Quantizing"), (80.0, "Measuring perplexity on the shipped text"),
+                    (100.0, "Measuring the FP32 baseline's perplexity"))  # fmt: skip
 
 
 class Model(TransferRow):
@@ -126,6 +131,8 @@ class Model(TransferRow):
 
     @property
     def phase_label(self) -> str:
+        if self.status == ModelStatus.QUANTIZING:
+            return next(label for end, label in QUANTIZING_STEPS if self.progress < end or end == 100.0)
         return PHASE_LABELS.get(self.status, "")
 
     @property

@@ -10,11 +10,13 @@ REFERENCE_TEXT = Path(__file__).with_name("data") / "perplexity_text.txt"
 WINDOW_TOKENS = 512
 
 
-def perplexity(model, tokenizer, text: str | None = None, window: int = WINDOW_TOKENS, max_tokens: int | None = None) -> float:
+def perplexity(model, tokenizer, text: str | None = None, window: int = WINDOW_TOKENS, max_tokens: int | None = None,
+               on_window=None) -> float:  # fmt: skip
     """exp(mean negative log-likelihood) over every token after the first of each window,
     in non-overlapping windows (each scored with no context from the previous one); over
     the text's first `max_tokens` tokens when given (MISTUDIO_PERPLEXITY_TOKENS: the test
-    suite scores one window, a fifth of the work; every figure of one run uses the same)."""
+    suite scores one window, a fifth of the work; every figure of one run uses the same).
+    `on_window(done, total)` after each window."""
     import torch
 
     text = REFERENCE_TEXT.read_text() if text is None else text
@@ -24,8 +26,9 @@ def perplexity(model, tokenizer, text: str | None = None, window: int = WINDOW_T
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     model.eval()
+    starts = range(0, len(ids) - 1, window)
     with torch.no_grad():  # quanto's int2 forward fails under inference_mode
-        for start in range(0, len(ids) - 1, window):
+        for done, start in enumerate(starts, 1):
             chunk = ids[start : start + window].unsqueeze(0).to(device)
             if chunk.shape[1] < 2:
                 break
@@ -33,4 +36,6 @@ def perplexity(model, tokenizer, text: str | None = None, window: int = WINDOW_T
             nll = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
             total_nll += nll.item()
             total_tokens += chunk.shape[1] - 1
+            if on_window:
+                on_window(done, len(starts))
     return math.exp(total_nll / total_tokens)

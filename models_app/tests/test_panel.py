@@ -229,3 +229,23 @@ def test_an_estimate_is_marked_as_one_and_an_fp32_card_shows_the_baseline_its_fo
     fp32_card = html.split(f'id="model-card-{fp32.id}"')[1]
     assert "ppl 23.85 (FP32: the baseline the other formats compare with)" in fp32_card.split('id="model-card-')[0]
     assert "ppl 29.12 (+22.1 % vs FP32)" in html
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_quantization_says_which_step_it_is_in_and_its_bar_moves_through_the_perplexity(tiny_model, settings):
+    """Issue 19, item 5: the quantizing phase names its steps (the weights, the new format's
+    perplexity, the FP32 baseline's) and its progress moves window by window through them,
+    where it sat at 60 % for the whole perplexity run."""
+    from models_app import jobs, services
+
+    settings.PERPLEXITY_MAX_TOKENS = 4 * 256  # four windows per figure: the bar has steps to take
+    made = services.request_quantize(user=None, model_id=tiny_model.id, quantization="FP16", enqueue=False)
+    seen = []
+    jobs.run_quantize(made.id, listener=lambda row: seen.append((row.status, round(row.progress, 1), row.phase_label)))
+    made.refresh_from_db()
+    assert made.status == "ready" and made.perplexity is not None and made.perplexity_baseline is not None
+    steps = [(progress, label) for status, progress, label in seen if status == "quantizing"]
+    labels = list(dict.fromkeys(label for _, label in steps))
+    assert labels == ["Quantizing", "Measuring perplexity on the shipped text", "Measuring the FP32 baseline's perplexity"], steps
+    measuring = [progress for progress, label in steps if label.startswith("Measuring")]
+    assert len(set(measuring)) >= 4 and measuring == sorted(measuring), steps  # it moves, and never back
