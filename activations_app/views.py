@@ -13,8 +13,6 @@ from . import services
 from .charts import HOOK_LABELS
 from .forms import ExtractionForm
 from .ml.hooks import HOOK_TYPES
-from models_app.models import Model
-
 from .models import Dataset, Export, Extraction
 
 
@@ -112,7 +110,10 @@ def extractions_page(request):
     model_id = request.GET.get("model_id", "")
     if model_id and not ROW_ID.fullmatch(model_id):
         model_id = ""
-    model = Model.objects.filter(pk=model_id).only("name", "quantization").first() if model_id else None
+    try:
+        model = get_model(model_id) if model_id else None
+    except ServiceError:  # gone: its extractions still say what it was
+        model = None
     # Named as the model's card names it; a deleted model by what its extractions recorded.
     label = f"{model.name} {model.quantization}" if model else (
         Extraction.objects.filter(model_id=model_id).values_list("model_label", flat=True).first() if model_id else "")
