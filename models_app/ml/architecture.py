@@ -90,10 +90,12 @@ def describe(config: dict) -> dict:
          "shape": list(embedding.weight.shape)},
     ]  # fmt: skip
     parallel = layout.parallel if layout else None
+    moe = _moe(config, hidden)
     for i, block in enumerate(blocks):
         path = f"{blocks_path}.{i}"
         part = _block_layout(layout, block, i)
-        layers.append(_block_row(i, path, block, part, parallel, heads, head_dim, hidden, intermediate))
+        layers.append(_block_row(i, path, block, part, parallel, heads, head_dim, hidden, intermediate, moe,
+                                 _attention_kind(config, i)))  # fmt: skip
     parent_path, _, _ = blocks_path.rpartition(".")
     parent = decoder.get_module(model, parent_path) if parent_path else model
     after = list(parent.named_children())
@@ -123,6 +125,12 @@ def describe(config: dict) -> dict:
             "max_position": _first(config, "max_position_embeddings", "n_positions"),
             "mlp_ratio": round(intermediate / hidden, 2) if hidden else None,
             "architecture": model_type,
+            # Mixture of experts: the experts' own width and routing, not the dense size.
+            "experts": moe["text"] if moe else None,
+            "expert_ratio": round(moe["width"] / hidden, 2) if moe and hidden else None,
+            "attention": _attention_summary(config),
+            "softcaps": ", ".join(f"{label} {value:g}" for label, value in (("attention logits", config.get("attn_logit_softcapping")),
+                                  ("final logits", config.get("final_logit_softcapping"))) if value) or None,
             "blocks": "parallel (attention and MLP both read the block's input)" if parallel else
                       "sequential" if parallel is False else "unknown until loaded",
         },
@@ -182,14 +190,51 @@ def _block_layout(layout, block, i: int):
     return None
 
 
-def _block_row(i, path, block, part, parallel, heads, head_dim, hidden, intermediate) -> dict:
+def _moe(config: dict, hidden: int) -> dict | None:
+    """A mixture-of-experts config's experts: how many, how many each token is routed to,
+    each expert's width (moe_intermediate_size, not the dense intermediate_size), and a
+    shared expert where there is one."""
+    experts = _first(config, "num_experts", "num_local_experts", "n_routed_experts")
+    if not experts:
+        return None
+    top_k = _first(config, "num_experts_per_tok", "num_experts_per_token", "moe_top_k")
+    width = int(_first(config, "moe_intermediate_size", "expert_intermediate_size", "intermediate_size", default=4 * hidden))
+    shared = _first(config, "shared_expert_intermediate_size")
+    text = f"{experts} experts, top-{top_k} routing, each {hidden} → {width} → {hidden}" if top_k else \
+        f"{experts} experts, each {hidden} → {width} → {hidden}"  # fmt: skip
+    if shared:
+        text += f", plus a shared expert {hidden} → {shared} → {hidden}"
+    return {"experts": int(experts), "top_k": top_k, "width": width, "text": text}
+
+
+def _attention_kind(config: dict, i: int) -> str:
+    """Block i's attention: full, or a sliding window (Gemma 2's alternation and its kin
+    name each layer in `layer_types`; older configs only give `sliding_window`)."""
+    types = config.get("layer_types")
+    window = config.get("sliding_window")
+    if isinstance(types, list) and i < len(types):
+        return f"sliding window of {window:,}" if "sliding" in str(types[i]) and window else "full"
+    return ""
+
+
+def _attention_summary(config: dict) -> str | None:
+    types = config.get("layer_types")
+    if not isinstance(types, list) or not any("sliding" in str(t) for t in types):
+        return None
+    sliding = sum("sliding" in str(t) for t in types)
+    window = config.get("sliding_window")
+    return (f"{sliding} of {len(types)} layers attend within a sliding window"
+            + (f" of {window:,} tokens" if window else "") + f", {len(types) - sliding} attend to every earlier token")
+
+
+def _block_row(i, path, block, part, parallel, heads, head_dim, hidden, intermediate, moe=None, attention="") -> dict:
     roles = {}
     if part is not None:
         roles[part.attention.path] = ("attention", part.attention.scale)
         roles[part.mlp.path] = ("mlp", part.mlp.scale)
     children = dict(block.named_children())
     ordered = [n for n in (part.order if part else ()) if n in children] + [n for n in children if not part or n not in part.order]
-    submodules = []
+    submodules, block_experts = [], None
     for name in ordered:
         module = children[name]
         hooks = []
@@ -207,14 +252,18 @@ def _block_row(i, path, block, part, parallel, heads, head_dim, hidden, intermed
         if experts:
             entry["experts"] = experts
             entry["kind"] = f"MLP ({experts} experts)"
+            block_experts = experts
         submodules.append(entry)
     arrangement = " | parallel block" if parallel else ""
+    # This block's MLP as it is: its experts (a model may mix dense and expert layers), else dense.
+    mlp = moe["text"] if moe and block_experts else f"{hidden} → {intermediate} → {hidden}"
+    attention_text = f"{heads} heads × {head_dim} dims" + (f", {attention}" if attention else "")
     return {
         "index": i + 1,
         "label": f"L{i}",  # as the extraction dialog names it
         "block": i,
         "name": f"TransformerBlock_{i}",
-        "detail": f"Attention: {heads} heads × {head_dim} dims | MLP: {hidden} → {intermediate} → {hidden}{arrangement}",
+        "detail": f"Attention: {attention_text} | MLP: {mlp}{arrangement}",
         "path": path,
         "type": type(block).__name__,
         "hooks": [{"name": "residual", "path": path, "description": HOOK_DESCRIPTIONS["residual"]}],

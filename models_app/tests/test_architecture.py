@@ -106,3 +106,37 @@ def test_a_model_without_a_config_yet_gets_a_clear_refusal(signed_in):
     model = Model.objects.create(name="pending", status="downloading")
     response = signed_in.get(f"/api/models/{model.id}/architecture")
     assert response.status_code == 409 and "no config yet" in response.json()["error"]["message"]
+
+
+def test_the_viewer_describes_experts_by_their_own_width_and_routing_and_gemma2s_attention_and_softcaps(signed_in):
+    """Issue 19, item 8: qwen3_moe's MLP is its experts (moe_intermediate_size, top-k of N),
+    not the dense intermediate_size; Gemma 2 alternates sliding-window and full attention
+    and soft-caps its logits."""
+    import html as html_module
+
+    moe = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+           "num_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1000, "max_position_embeddings": 512}  # fmt: skip
+    model = Model.objects.create(name="tiny-moe", status="ready", architecture="qwen3_moe", architecture_config=moe,
+                                 params_count=count_parameters(moe))  # fmt: skip
+    view = signed_in.get(f"/api/models/{model.id}/architecture").json()
+    assert "MLP: 8 experts, top-2 routing, each 64 → 32 → 64" in view["layers"][1]["detail"]
+    assert "64 → 128 → 64" not in view["layers"][1]["detail"]
+    assert view["summary"]["experts"] == "8 experts, top-2 routing, each 64 → 32 → 64" and view["summary"]["expert_ratio"] == 0.5
+    page = html_module.unescape(signed_in.get(f"/models/{model.id}/architecture", HTTP_HX_REQUEST="true").content.decode())
+    assert "Experts:" in page and "expert width 0.5× hidden" in page and "MLP Ratio" not in page
+
+    gemma = {"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1000, "max_position_embeddings": 512, "sliding_window": 256,
+             "layer_types": ["sliding_attention", "full_attention"] * 2, "attn_logit_softcapping": 50.0,
+             "final_logit_softcapping": 30.0}  # fmt: skip
+    model = Model.objects.create(name="tiny-gemma2", status="ready", architecture="gemma2", architecture_config=gemma,
+                                 params_count=count_parameters(gemma))  # fmt: skip
+    view = signed_in.get(f"/api/models/{model.id}/architecture").json()
+    details = [layer["detail"] for layer in view["layers"] if "block" in layer]
+    assert ["sliding window of 256" in d for d in details] == [True, False, True, False]
+    assert all("full" in d for d in details[1::2])
+    assert view["summary"]["attention"] == "2 of 4 layers attend within a sliding window of 256 tokens, 2 attend to every earlier token"
+    assert view["summary"]["softcaps"] == "attention logits 50, final logits 30"
+    page = html_module.unescape(signed_in.get(f"/models/{model.id}/architecture", HTTP_HX_REQUEST="true").content.decode())
+    assert "Logit soft-caps:" in page and "sliding window of 256" in page
