@@ -375,7 +375,10 @@ def dataset_tokenization(dataset_id: str, model_id: str) -> dict:
     tokens = sum(len(ids) for ids in plain)
     return {
         "model": model, "rows": [{"text": text, "tokens": len(ids)} for text, ids in zip(rows, plain)],
-        "pieces": tokenizer.convert_ids_to_tokens(first[:64]), "more_pieces": max(0, len(first) - 64),
+        # Each token as the text it stands for (byte-level BPE writes a space as Ġ and a newline
+        # as Ċ in its vocabulary): spaces shown as ·, newlines as ↵, so a piece is never blank.
+        "pieces": [tokenizer.decode([token]).replace(" ", "·").replace("\n", "↵") or "∅" for token in first[:64]],
+        "more_pieces": max(0, len(first) - 64),
         "adds_bos": bool(first and tokenizer.bos_token_id is not None and first[0] == tokenizer.bos_token_id),
         "bos_token": tokenizer.bos_token, "chars_per_token": chars / tokens if tokens else None,
     }  # fmt: skip

@@ -44,7 +44,7 @@ def request_download(
         if same is not None:
             raise Conflict("duplicate_download", f"{repo_id} {fmt}{f' at {revision}' if revision else ''} is already here "
                                                  f"({same.id}, {same.status}). Download it again anyway?",
-                           details={"existing_id": same.id})  # fmt: skip
+                           details={"existing_id": same.id, "repo_id": repo_id})  # fmt: skip
     if enqueue:
         require_queue()
     with transaction.atomic():

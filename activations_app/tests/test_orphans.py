@@ -93,3 +93,30 @@ def test_the_extraction_page_says_how_it_was_made_in_the_hook_colours_and_names_
     assert "counts on a log scale" in page
     listing = html.unescape(signed_in.get("/extractions/", {"model_id": tiny_model.id}).content.decode())
     assert f'of <span class="extractions-of">{tiny_model.name} FP32</span>' in listing
+
+
+def test_small_things_a_researcher_notices(tiny_model, data_dir, client, signed_in, user, redis_clean):
+    """Issue 19, item 12, in part: a failed sign-in keeps the username, every page has a skip
+    link to its content, the tokenization tab shows each token as text (not Ġ/Ċ), and a
+    duplicate download links to the model that is already here."""
+    import re
+
+    from models_app.models import Model
+
+    failed = html.unescape(client.post("/login/", {"username": user.username, "password": "wrong"}).content.decode())
+    assert re.search(rf'<input id="id_username"[^>]*value="{user.username}"', failed)
+    assert re.search(r'<input id="id_password"[^>]*autofocus', failed)
+    page = signed_in.get("/").content.decode()
+    assert '<a href="#main" class="skip-link' in page and '<main id="main"' in page
+
+    (data_dir / "imports" / "spaces.txt").write_text("Hello world, again\nSecond line here\n")
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "spaces.txt"))
+    tokens = html.unescape(signed_in.get(f"/datasets/{dataset.id}/tokens", {"model_id": tiny_model.id}).content.decode())
+    pieces = re.findall(r'<span class="px-1\.5[^>]*>([^<]*)</span>', tokens)
+    assert pieces[:3] == ["Hello", "·world", ","] and not any("Ġ" in piece or "Ċ" in piece for piece in pieces), pieces
+
+    Model.objects.create(name="SmolLM2-135M", repo_id="HuggingFaceTB/SmolLM2-135M", requested_quantization="FP32", status="ready")
+    asked = html.unescape(signed_in.post("/models/download", {"repo_id": "HuggingFaceTB/SmolLM2-135M", "quantization": "FP32"},
+                                         HTTP_HX_REQUEST="true").content.decode())  # fmt: skip
+    existing = Model.objects.get(repo_id="HuggingFaceTB/SmolLM2-135M")
+    assert f'href="/?search=HuggingFaceTB/SmolLM2-135M#model-card-{existing.id}"' in asked.replace("%2F", "/")

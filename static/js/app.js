@@ -40,7 +40,8 @@
   // Only pages with a socket show the indicator; until it opens it says so, in grey.
   document.addEventListener("DOMContentLoaded", function () {
     var box = document.getElementById("connection-status");
-    if (box && !document.querySelector("[ws-connect]")) box.hidden = true;
+    // (the class too: the attribute alone loses to the element's own display:flex)
+    if (box && !document.querySelector("[ws-connect]")) { box.hidden = true; box.classList.add("hidden"); }
   });
   // The indicator follows the page's own socket, not one a dialog opens for a while.
   function pageSocket(event) { return event.target === document.querySelector("[ws-connect]"); }
