@@ -90,7 +90,10 @@ def request_hub_dataset(
         plan = plan_dataset(repo_id, revision, split, token, settings.HF_ENDPOINT, retries=1, backoff_seconds=0, config=config)
     except JobError as exc:
         raise ServiceError(exc.code, exc.message, retryable=exc.retryable) from None
-    name, text_column = _dataset_fields(name, text_column, f"{repo_id}:{split}")
+    # The default name says all that tells two imports apart: the subset, the split, and a
+    # streamed import from a whole copy ("acme/data:code/test (streamed)").
+    where = f"{config}/{split}" if config else split
+    name, text_column = _dataset_fields(name, text_column, f"{repo_id}:{where}{'' if download_whole else ' (streamed)'}")
     try:  # a damaged file or a missing text column is known now, before any record exists
         check_text_column(plan, text_column, token, settings.HF_ENDPOINT)
     except InvalidInput as exc:

@@ -55,7 +55,10 @@ def dataset_import(request):
             config=request.POST.get("config") or None, download_whole=request.POST.get("download_whole") == "1",
         )  # fmt: skip
     except ServiceError as exc:
-        return _datasets_page(request, status=exc.status, import_error=exc.message, repo_id=request.POST.get("repo_id", ""))
+        # The form as it was sent (token aside), so the user corrects one field, not all of them.
+        sent = {field: request.POST.get(field, "") for field in ("repo_id", "split", "text_column", "config", "name", "revision")}
+        return _datasets_page(request, status=exc.status, import_error=exc.message, hub=sent,
+                              download_whole=request.POST.get("download_whole") == "1")  # fmt: skip
     return redirect("activations:datasets")
 
 

@@ -1,4 +1,4 @@
-"""Orphans keep their identity (issue 19, item 7): an extraction whose model and dataset were
+"""Issue 19's smaller items, each as a user meets it. Orphans keep their identity (item 7): an extraction whose model and dataset were
 deleted still says what it was made from (repo, revision, format; the dataset's name), and
 the dataset's delete confirm names the extractions that stay, as the model's does."""
 
@@ -120,3 +120,35 @@ def test_small_things_a_researcher_notices(tiny_model, data_dir, client, signed_
                                          HTTP_HX_REQUEST="true").content.decode())  # fmt: skip
     existing = Model.objects.get(repo_id="HuggingFaceTB/SmolLM2-135M")
     assert f'href="/?search=HuggingFaceTB/SmolLM2-135M#model-card-{existing.id}"' in asked.replace("%2F", "/")
+
+
+def test_hub_imports_are_named_by_subset_split_and_streaming_and_a_refused_import_keeps_the_form(signed_in, hub, tmp_path, data_dir):
+    """Issue 19, item 13, in part: two subsets' same split, and a streamed import beside a
+    whole copy, no longer share one default name; the form has Revision and Name fields, and
+    a refused import gives the form back as it was sent (the token aside)."""
+    import json
+
+    from models_app.tests.hub_server import HubRepo, make_sha
+
+    repo = tmp_path / "multi"
+    for subset in ("code", "docs"):
+        (repo / subset).mkdir(parents=True)
+        for split in ("train", "test"):
+            rows = "".join(json.dumps({"text": f"{subset} {split} row {i}"}) + "\n" for i in range(20))
+            (repo / subset / f"{split}-00000-of-00001.jsonl").write_text(rows)
+    hub.add_repo(HubRepo("acme/multi", repo, make_sha("acme/multi"), repo_type="dataset"))
+    names = [services.request_hub_dataset(repo_id="acme/multi", name=None, text_column="text", split="test", token=None,
+                                          config=config, enqueue=False, download_whole=whole).name
+             for config, whole in (("code", False), ("docs", False), ("code", True))]  # fmt: skip
+    assert names == ["acme/multi:code/test (streamed)", "acme/multi:docs/test (streamed)", "acme/multi:code/test"]
+
+    sent = {"repo_id": "acme/multi", "split": "test", "text_column": "body", "config": "code", "revision": "main", "name": "mine",
+            "download_whole": "1", "access_token": "hf_secret_never_echoed"}  # fmt: skip
+    refused = signed_in.post("/datasets/import", sent)
+    page = html.unescape(refused.content.decode())
+    assert refused.status_code in (400, 422) and "body" in page
+    for field, value in (("id_hub_repo", "acme/multi"), ("id_hub_split", "test"), ("id_hub_column", "body"), ("id_hub_config", "code"),
+                         ("id_hub_revision", "main"), ("id_hub_name", "mine")):  # fmt: skip
+        assert f'id="{field}"' in page and f'value="{value}"' in page.split(f'id="{field}"')[1].split(">")[0], field
+    assert 'name="download_whole" value="1" class="accent-emerald-500" checked' in page
+    assert "hf_secret_never_echoed" not in page
