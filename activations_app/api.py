@@ -6,6 +6,7 @@ from mistudio.api import api_endpoint, json_body, paginated, text_field
 from mistudio.errors import ServiceError
 
 from . import services
+from .forms import DatasetFilters
 from .ml.extract import ExtractionSpec
 from .models import Dataset, Export, Extraction
 
@@ -17,7 +18,11 @@ def datasets(request):
     {"repo_id", "split"?, "config"?, "revision"?, "access_token"?, "download_whole"?} (202,
     imported by a job: streamed from the Hub unless `download_whole` is true)."""
     if request.method == "GET":
-        return JsonResponse(paginated(request, Dataset.objects.all(), Dataset.as_dict))
+        filters = DatasetFilters(request.GET)
+        problem = filters.problem()
+        if problem:
+            raise ServiceError("invalid_parameter", problem[1], details={"field": problem[0]})
+        return JsonResponse(paginated(request, filters.apply(Dataset.objects.all()), Dataset.as_dict))
     if request.FILES.get("file") is not None:
         dataset = services.upload_dataset(
             user=request.user, upload=request.FILES["file"], name=request.POST.get("name") or None,

@@ -6,11 +6,13 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 
+from django.http import QueryDict
 from mistudio.consumers import ROW_ID, HtmlFragmentsConsumer, RowEventsConsumer
 from mistudio.errors import NotFound
 from mistudio.progress import DATASETS_GROUP, EXTRACTIONS_GROUP, model_group
 from models_app.services import get_model
 
+from .forms import DatasetFilters
 from .models import Dataset, Extraction
 
 
@@ -38,8 +40,14 @@ class DatasetsConsumer(HtmlFragmentsConsumer):
 
     group = DATASETS_GROUP
 
+    def filters(self) -> DatasetFilters:
+        return DatasetFilters(QueryDict(self.scope.get("query_string", b"").decode("latin-1")))
+
+    def frame_key(self) -> tuple:
+        return (self.filters().query(),)
+
     def render_frame(self) -> str:
-        return Dataset.list_html(oob=True)
+        return Dataset.list_html(oob=True, filters=self.filters())
 
 
 def _extractions_state(query: dict) -> str | None:

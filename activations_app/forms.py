@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from mistudio.errors import InvalidInput, ServiceError
+from mistudio.filters import ListFilters
 from mistudio.validation import OUT_OF_RANGE, bounded_int
 
 from .ml.extract import STORAGE_DTYPES, ExtractionSpec
@@ -151,3 +152,24 @@ class ExtractionForm(forms.Form):
             code = error.code if error.code in ("invalid_layers", "invalid_hooks") else "invalid_input"
             raise ServiceError(code, error.messages[0], details={"field": name})
         return ExtractionSpec(**{name: self.cleaned_data[name] for name in ExtractionSpec.request_fields()})
+
+
+class DatasetFilters(ListFilters):
+    """The Datasets page's and GET /api/datasets' filters (mistudio.filters): search over
+    name, repo id and text column; status, source; newest, oldest, name or most rows."""
+
+    SEARCH_COLUMNS = ("name", "repo_id", "text_column")
+    EXACT = {"status": "status", "source": "source"}
+    SORTS = {"newest": ("-created_at", "-id"), "oldest": ("created_at", "id"), "name": ("name", "-created_at", "-id"),
+             "rows": ("-row_count", "-created_at", "-id")}  # fmt: skip
+    SORT_LABELS = {"newest": "Newest first", "oldest": "Oldest first", "name": "Name", "rows": "Most rows"}
+
+    status = forms.ChoiceField(required=False, choices=[])
+    source = forms.ChoiceField(required=False, choices=[])
+
+    def __init__(self, data=None, **kwargs) -> None:
+        from .models import Dataset, DatasetStatus
+
+        self.base_fields["status"].choices = [("", "Any status"), *DatasetStatus.choices]
+        self.base_fields["source"].choices = [("", "Any source"), *Dataset.SOURCES]
+        super().__init__(data, **kwargs)

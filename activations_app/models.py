@@ -139,9 +139,26 @@ class Dataset(TransferRow):
             return f"An extraction is using {self.name}; cancel it first."
         return None
 
+    PANEL_SIZE = 20  # cards per page (the rest load on demand)
+
     @classmethod
-    def list_html(cls, oob: bool = False) -> str:
-        return render_to_string("activations_app/_dataset_list.html", {"datasets": cls.objects.all(), "oob": oob})
+    def panel_page(cls, page: int = 1, filters=None) -> dict:
+        """One page of cards (newest first, or as `filters`, a DatasetFilters, narrow and
+        order them), whether another follows, and the counts the page shows."""
+        from .forms import DatasetFilters
+
+        filters = filters if filters is not None else DatasetFilters({})
+        rows_query = filters.apply(cls.objects.all())
+        start = (page - 1) * cls.PANEL_SIZE
+        rows = list(rows_query[start : start + cls.PANEL_SIZE + 1])
+        total = cls.objects.count()
+        return {"datasets": rows[: cls.PANEL_SIZE], "next_page": page + 1 if len(rows) > cls.PANEL_SIZE else None,
+                "filters": filters, "query": filters.query(), "total": total,
+                "matching": rows_query.count() if filters.active else total}  # fmt: skip
+
+    @classmethod
+    def list_html(cls, oob: bool = False, filters=None) -> str:
+        return render_to_string("activations_app/_dataset_list.html", {**cls.panel_page(filters=filters), "oob": oob})
 
     def as_dict(self) -> dict:
         return {

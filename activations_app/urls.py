@@ -8,6 +8,7 @@ urlpatterns = [
     path("datasets/", views.datasets_page, name="datasets"),
     path("datasets/upload", views.dataset_upload, name="dataset-upload"),
     path("datasets/import", views.dataset_import, name="dataset-import"),
+    path("datasets/more", views.more_datasets, name="datasets-more"),
     path("datasets/<str:dataset_id>", views.dataset_detail, name="dataset"),
     path("datasets/<str:dataset_id>/tokens", views.dataset_tokens, name="dataset-tokens"),
     path("datasets/<str:dataset_id>/cancel", views.dataset_cancel, name="dataset-cancel"),

@@ -5,24 +5,42 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from mistudio.api import int_param
 from mistudio.consumers import ROW_ID
 from mistudio.errors import NotFound, ServiceError
 from models_app.services import get_model, ready_models
 
 from . import services
 from .charts import HOOK_LABELS
-from .forms import ExtractionForm
+from .forms import DatasetFilters, ExtractionForm
 from .ml.hooks import HOOK_TYPES
 from .models import Dataset, Export, Extraction
 
 
-def _datasets_page(request, status: int = 200, **context):
-    return render(request, "activations_app/datasets.html", {"datasets": Dataset.objects.all(), **context}, status=status)
+def _datasets_page(request, status: int = 200, filters=None, **context):
+    page = Dataset.panel_page(filters=filters if filters is not None else DatasetFilters(request.GET))
+    return render(request, "activations_app/datasets.html", {**page, "sorts": list(DatasetFilters.SORT_LABELS.items()), **context},
+                  status=status)  # fmt: skip
 
 
 @require_GET
 def datasets_page(request):
+    """The Datasets page; its query (?search=, status, source, sort) narrows the list, so a
+    link or a reload keeps what was chosen."""
     return _datasets_page(request)
+
+
+@require_GET
+def more_datasets(request):
+    """The next page of cards, appended where the "Show more" button was."""
+    page = int_param(request, "page", 1, 1, 10**6)
+    return render(request, "activations_app/_dataset_page.html", Dataset.panel_page(page, DatasetFilters(request.GET)))
+
+
+def _back_to_datasets(request):
+    """After a card's action: the page again, with the filters its form sent along."""
+    query = DatasetFilters(request.POST).query()
+    return redirect(reverse("activations:datasets") + (f"?{query}" if query else ""))
 
 
 @require_POST
@@ -67,8 +85,8 @@ def _dataset_action(request, action, dataset_id):
     try:
         action(dataset_id, request.user)
     except ServiceError as exc:
-        return _datasets_page(request, status=exc.status, list_error=exc.message)
-    return redirect("activations:datasets")
+        return _datasets_page(request, status=exc.status, filters=DatasetFilters(request.POST), list_error=exc.message)
+    return _back_to_datasets(request)
 
 
 @require_POST

@@ -10,14 +10,14 @@ from mistudio.api import int_param
 from mistudio.errors import NotFound, ServiceError
 
 from . import services
-from .forms import SORT_LABELS, DownloadForm, ModelFilters
+from .forms import DownloadForm, ModelFilters
 from .models import Model
 
 
 def _panel_context(form=None, filters=None):
     architectures = Model.objects.exclude(architecture="").order_by("architecture").values_list("architecture", flat=True).distinct()
     return {"form": form or DownloadForm(), **Model.panel_page(filters=filters), "architectures": list(architectures),
-            "sorts": list(SORT_LABELS.items())}  # fmt: skip
+            "sorts": list(ModelFilters.SORT_LABELS.items())}  # fmt: skip
 
 
 @require_GET

@@ -1,4 +1,4 @@
-"""Finding a model among ten thousand (issue 19, item 1, for the Models page): search over
+"""Finding a model among ten thousand, and a dataset among hundreds (issue 19, item 1, Models and Datasets): search over
 name, repo and architecture, filters by status, format and architecture, sort, a count; the
 state in the URL (a link or a reload keeps it); the same through the API; and in Chromium,
 typing a fragment of a repo id narrows the list to it, at 390 and 1,280 px."""
@@ -93,3 +93,32 @@ def test_typing_a_fragment_finds_the_model_and_a_reload_keeps_the_filters_at_pho
         assert all(FAMILIES[i % 5] == "gemma2" and FORMATS[(i // 5) % 5] == "Q2" for i in shown), shown
         assert page.evaluate("document.documentElement.scrollWidth") <= width
         context.close()
+
+
+def test_the_datasets_page_and_api_search_filter_sort_and_count_and_a_card_action_keeps_the_filters(signed_in):
+    """The same for Datasets (issue 19, item 1): 300 datasets, a page of 20 at a time."""
+    from activations_app.models import Dataset
+
+    sources = ("upload", "local", "hub")
+    Dataset.objects.bulk_create([Dataset(id=f"ds_{i:012x}", name=f"corpus-{i:03d}", source=sources[i % 3], text_column="text",
+                                         status="ready" if i % 4 else "error", row_count=i * 10,
+                                         repo_id=f"acme/set-{i:03d}" if i % 3 == 2 else "")
+                                 for i in range(300)])  # fmt: skip
+    page = html.unescape(signed_in.get("/datasets/").content.decode())
+    assert "300 datasets" in page and page.count('id="dataset-ds_') == Dataset.PANEL_SIZE and 'id="more-datasets"' in page
+    found = html.unescape(signed_in.get("/datasets/", {"search": "set-137"}).content.decode())
+    assert found.count('id="dataset-ds_') == 1 and "corpus-137" in found and "1 of 300 datasets match" in found
+    query = {"source": "hub", "status": "error", "sort": "rows"}
+    expected = sorted((i for i in range(300) if i % 3 == 2 and i % 4 == 0), reverse=True)
+    combined = html.unescape(signed_in.get("/datasets/", query).content.decode())
+    assert f"{len(expected)} of 300 datasets match" in combined
+    shown = [int(part.split('"')[0], 16) for part in combined.split('id="dataset-ds_')[1:]]
+    assert shown == expected[: Dataset.PANEL_SIZE]
+    api = signed_in.get("/api/datasets", {**query, "limit": 100}).json()
+    assert api["pagination"]["total"] == len(expected) and [int(d["id"][3:], 16) for d in api["data"]] == expected
+    assert signed_in.get("/api/datasets", {"source": "ftp"}).status_code == 400
+    # A card's action sends the filters along and comes back to them.
+    target = Dataset.objects.get(pk=f"ds_{expected[0]:012x}")
+    back = signed_in.post(f"/datasets/{target.id}/delete", query)
+    assert back.status_code == 302 and "source=hub" in back["Location"] and "sort=rows" in back["Location"]
+    assert not Dataset.objects.filter(pk=target.id).exists()

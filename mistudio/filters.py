@@ -1,0 +1,79 @@
+"""What a page's list (and its API collection) is narrowed by: a search over some text
+columns, exact filters, and an order. One form per list validates the query for the page,
+its socket and the API alike; a bad value is named (the page shows every row and says why,
+the API answers 400 with the field), and a search PostgreSQL cannot store (a NUL) is refused
+before it reaches the database."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from django import forms
+from django.core.exceptions import ValidationError
+from django.db.models import F, Q
+
+from .text import UNSTORABLE, storable
+
+
+class ListFilters(forms.Form):
+    """Subclasses add their filter fields and say which columns they read: SEARCH_COLUMNS
+    (icontains, any of them), EXACT (field -> column), SORTS (name -> columns, "-" for
+    descending, nulls last) with SORT_LABELS in the same order, the first the default."""
+
+    SEARCH_COLUMNS: tuple[str, ...] = ()
+    EXACT: dict[str, str] = {}
+    SORTS: dict[str, tuple[str, ...]] = {"newest": ("-created_at", "-id")}
+    SORT_LABELS: dict[str, str] = {"newest": "Newest first"}
+
+    search = forms.CharField(required=False, max_length=200, strip=True)
+    sort = forms.ChoiceField(required=False, choices=[])
+
+    def __init__(self, data=None, **kwargs) -> None:
+        super().__init__(data, **kwargs)
+        self.fields["sort"].choices = list(self.SORT_LABELS.items())
+        for name, field in self.fields.items():
+            if isinstance(field, forms.ChoiceField) and field.choices:
+                field.error_messages["invalid_choice"] = (
+                    f"{name} must be one of {', '.join(str(value) for value, _ in field.choices if value)}."
+                )
+
+    def clean(self):
+        data = super().clean()
+        for name, value in data.items():
+            if isinstance(value, str) and not storable(value):
+                self.add_error(name, ValidationError(f"{name}: {UNSTORABLE}", code="invalid_parameter"))
+        return data
+
+    def problem(self) -> tuple[str, str] | None:
+        """(field, message) of the first field at fault, or None."""
+        if self.is_valid():
+            return None
+        name = next((name for name in self.fields if name in self.errors), next(iter(self.errors)))
+        return name, self.errors[name][0]
+
+    def apply(self, queryset):
+        """The rows these filters keep, in their order (all rows, newest first, when a
+        value is bad)."""
+        data = self.cleaned_data if self.is_valid() else {}
+        search = data.get("search", "")
+        if search and self.SEARCH_COLUMNS:
+            matches = Q()
+            for column in self.SEARCH_COLUMNS:
+                matches |= Q(**{f"{column}__icontains": search})
+            queryset = queryset.filter(matches)
+        for field, column in self.EXACT.items():
+            if data.get(field):
+                queryset = queryset.filter(**{column: data[field]})
+        order = self.SORTS[data.get("sort") or next(iter(self.SORTS))]
+        return queryset.order_by(*(F(o[1:]).desc(nulls_last=True) if o.startswith("-") else F(o).asc() for o in order))
+
+    def query(self) -> str:
+        """The valid filters as a query string (for links: Show more, the socket, reload)."""
+        if not self.is_valid():
+            return ""
+        default = next(iter(self.SORTS))
+        return urlencode({k: v for k, v in self.cleaned_data.items() if v and not (k == "sort" and v == default)})
+
+    @property
+    def active(self) -> bool:
+        return bool(self.query())
