@@ -6,7 +6,7 @@ from mistudio.api import api_endpoint, json_body, paginated, text_field
 from mistudio.errors import ServiceError
 
 from . import services
-from .forms import DatasetFilters
+from .forms import DatasetFilters, ExtractionFilters
 from .ml.extract import ExtractionSpec
 from .models import Dataset, Export, Extraction
 
@@ -80,10 +80,11 @@ def extract(request, model_id):
 
 @api_endpoint({"GET"})
 def extractions(request):
-    queryset = Extraction.objects.all()
-    if request.GET.get("model_id"):
-        queryset = queryset.filter(model_id=request.GET["model_id"])
-    return JsonResponse(paginated(request, queryset, Extraction.as_dict))
+    filters = ExtractionFilters(request.GET)
+    problem = filters.problem()
+    if problem:
+        raise ServiceError("invalid_parameter", problem[1], details={"field": problem[0]})
+    return JsonResponse(paginated(request, filters.apply(Extraction.objects.all()), Extraction.as_dict))
 
 
 @api_endpoint({"GET", "DELETE"})

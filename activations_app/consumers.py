@@ -2,7 +2,7 @@
 model's extractions, first the latest one's state), /ws/datasets/ and /ws/extractions/
 (card HTML)."""
 
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from channels.db import database_sync_to_async
 
@@ -12,7 +12,7 @@ from mistudio.errors import NotFound
 from mistudio.progress import DATASETS_GROUP, EXTRACTIONS_GROUP, model_group
 from models_app.services import get_model
 
-from .forms import DatasetFilters
+from .forms import DatasetFilters, ExtractionFilters
 from .models import Dataset, Extraction
 
 
@@ -56,8 +56,7 @@ def _extractions_state(query: dict) -> str | None:
     if extraction_id:
         extraction = Extraction.rows().filter(pk=extraction_id).first() if ROW_ID.fullmatch(extraction_id) else None
         return extraction.detail_html(oob=True) if extraction else None
-    model_id = (query.get("model_id") or [""])[0]
-    return Extraction.list_html(model_id if ROW_ID.fullmatch(model_id) else None, oob=True)
+    return Extraction.list_html(oob=True, filters=ExtractionFilters(QueryDict(urlencode(query, doseq=True))))
 
 
 class ExtractionsConsumer(HtmlFragmentsConsumer):
@@ -71,7 +70,7 @@ class ExtractionsConsumer(HtmlFragmentsConsumer):
 
     def frame_key(self) -> tuple:
         query = self.query()
-        return ((query.get("extraction") or [""])[0][:40], (query.get("model_id") or [""])[0][:40])
+        return ((query.get("extraction") or [""])[0][:40], ExtractionFilters(QueryDict(urlencode(query, doseq=True))).query())
 
     def render_frame(self) -> str | None:
         return _extractions_state(self.query())

@@ -173,3 +173,31 @@ class DatasetFilters(ListFilters):
         self.base_fields["status"].choices = [("", "Any status"), *DatasetStatus.choices]
         self.base_fields["source"].choices = [("", "Any source"), *Dataset.SOURCES]
         super().__init__(data, **kwargs)
+
+
+class ExtractionFilters(ListFilters):
+    """The Extractions page's and GET /api/extractions' filters (mistudio.filters): search
+    over the id and what it was made from (model and dataset labels); status, model,
+    dataset; newest or oldest."""
+
+    SEARCH_COLUMNS = ("id", "model_label", "dataset_label")
+    EXACT = {"status": "status", "model_id": "model_id", "dataset_id": "dataset_id"}
+    SORTS = {"newest": ("-created_at", "-id"), "oldest": ("created_at", "id")}
+    SORT_LABELS = {"newest": "Newest first", "oldest": "Oldest first"}
+
+    status = forms.ChoiceField(required=False, choices=[])
+    model_id = forms.CharField(required=False, max_length=40, strip=True)
+    dataset_id = forms.CharField(required=False, max_length=40, strip=True)
+
+    def __init__(self, data=None, **kwargs) -> None:
+        from .models import ExtractionStatus
+
+        self.base_fields["status"].choices = [("", "Any status"), *ExtractionStatus.choices]
+        super().__init__(data, **kwargs)
+
+    def narrowing(self) -> str:
+        """The query without model_id: what narrows a model's own history further (a new
+        card of that model may not match it)."""
+        from urllib.parse import parse_qsl, urlencode
+
+        return urlencode([(k, v) for k, v in parse_qsl(self.query()) if k != "model_id"])

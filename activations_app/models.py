@@ -348,13 +348,32 @@ class Extraction(TrackedRow):
     def publish_removed(self) -> None:
         progress.publish_html(f'<div id="extraction-card-{self.id}" hx-swap-oob="delete"></div>', self.html_group)
 
-    @classmethod
-    def list_html(cls, model_id: str | None = None, oob: bool = False) -> str:
-        rows = cls.rows().filter(model_id=model_id) if model_id else cls.rows()
-        return render_to_string("activations_app/_extraction_list.html",
-                                {"extractions": rows[: cls.LIST_SIZE], "model_id": model_id or "", "oob": oob})  # fmt: skip
+    PANEL_SIZE = 20  # cards per page (the rest load on demand)
 
-    LIST_SIZE = 200
+    @classmethod
+    def panel_page(cls, page: int = 1, filters=None) -> dict:
+        """One page of cards (newest first, or as `filters`, an ExtractionFilters, narrow and
+        order them; its model_id is one model's history), whether another follows, and the
+        counts the page shows."""
+        from .forms import ExtractionFilters
+
+        filters = filters if filters is not None else ExtractionFilters({})
+        rows_query = filters.apply(cls.rows())
+        start = (page - 1) * cls.PANEL_SIZE
+        rows = list(rows_query[start : start + cls.PANEL_SIZE + 1])
+        total = cls.objects.count()
+        model_id = (filters.cleaned_data.get("model_id") or "") if filters.is_valid() else ""
+        return {"extractions": rows[: cls.PANEL_SIZE], "next_page": page + 1 if len(rows) > cls.PANEL_SIZE else None,
+                "filters": filters, "query": filters.query(), "narrowing": filters.narrowing(), "model_id": model_id,
+                "total": total, "matching": rows_query.count() if filters.active else total}  # fmt: skip
+
+    @classmethod
+    def list_html(cls, model_id: str | None = None, oob: bool = False, filters=None) -> str:
+        from .forms import ExtractionFilters
+
+        if filters is None:
+            filters = ExtractionFilters({"model_id": model_id} if model_id else {})
+        return render_to_string("activations_app/_extraction_list.html", {**cls.panel_page(filters=filters), "oob": oob})
 
     @property
     def duration_seconds(self) -> float | None:

@@ -15,6 +15,7 @@ urlpatterns = [
     path("datasets/<str:dataset_id>/retry", views.dataset_retry, name="dataset-retry"),
     path("datasets/<str:dataset_id>/delete", views.dataset_delete, name="dataset-delete"),
     path("extractions/", views.extractions_page, name="extractions"),
+    path("extractions/more", views.more_extractions, name="extractions-more"),
     path("extractions/<str:extraction_id>", views.extraction_detail, name="extraction"),
     path("extractions/<str:extraction_id>/cancel", views.extraction_cancel, name="extraction-cancel"),
     path("extractions/<str:extraction_id>/resume", views.extraction_resume, name="extraction-resume"),

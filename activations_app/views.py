@@ -12,7 +12,7 @@ from models_app.services import get_model, ready_models
 
 from . import services
 from .charts import HOOK_LABELS
-from .forms import DatasetFilters, ExtractionForm
+from .forms import DatasetFilters, ExtractionFilters, ExtractionForm
 from .ml.hooks import HOOK_TYPES
 from .models import Dataset, Export, Extraction
 
@@ -127,19 +127,27 @@ def dataset_delete(request, dataset_id):
 
 @require_GET
 def extractions_page(request):
-    """Every extraction, or one model's history with ?model_id=."""
-    model_id = request.GET.get("model_id", "")
-    if model_id and not ROW_ID.fullmatch(model_id):
-        model_id = ""
+    """Every extraction, or one model's history with ?model_id=; ?search=, status,
+    dataset_id and sort narrow it, kept in the URL."""
+    filters = ExtractionFilters(request.GET)
+    page = Extraction.panel_page(filters=filters)
+    model_id = page["model_id"]
     try:
-        model = get_model(model_id) if model_id else None
+        model = get_model(model_id) if model_id and ROW_ID.fullmatch(model_id) else None
     except ServiceError:  # gone: its extractions still say what it was
         model = None
     # Named as the model's card names it; a deleted model by what its extractions recorded.
     label = f"{model.name} {model.quantization}" if model else (
         Extraction.objects.filter(model_id=model_id).values_list("model_label", flat=True).first() if model_id else "")
-    return render(request, "activations_app/extractions.html", {"list_html": Extraction.list_html(model_id), "model_id": model_id,
-                                                                "model_label": label or model_id})  # fmt: skip
+    return render(request, "activations_app/extractions.html", {**page, "model_label": label or model_id,
+                                                                "sorts": list(ExtractionFilters.SORT_LABELS.items())})  # fmt: skip
+
+
+@require_GET
+def more_extractions(request):
+    """The next page of cards, appended where the "Show more" button was."""
+    page = int_param(request, "page", 1, 1, 10**6)
+    return render(request, "activations_app/_extraction_page.html", Extraction.panel_page(page, ExtractionFilters(request.GET)))
 
 
 @require_GET
