@@ -174,8 +174,11 @@ def _txt(open_binary, scan_bytes: int | None = None) -> Iterator[str]:
 
 def _column(row, column: str, path: Path, number: int) -> str:
     """The row's text; a missing (null) value is an empty row, skipped like in the other formats."""
-    if not isinstance(row, dict) or column not in row:
-        raise InvalidInput("text_column", f"{path.name} has rows without the {column!r} field.")
+    if not isinstance(row, dict):
+        raise InvalidInput("text_column", f"{path.name} line {number} is a JSON {type(row).__name__}, not an object with a {column!r} field.")
+    if column not in row:
+        fields = ", ".join(repr(str(name)[:40]) for name in list(row)[:20]) or "none"
+        raise InvalidInput("text_column", f"{path.name} line {number} has no {column!r} field (its fields: {fields}).")
     value = row[column]
     if value is None:
         return ""
