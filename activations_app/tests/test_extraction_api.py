@@ -23,7 +23,7 @@ def upload(client, filename: str, content: bytes, **fields):
 @pytest.mark.parametrize(
     "name, content, message",
     [("empty.txt", b"", "is empty"), ("blob.txt", b"\x00\x01\x02binary", "looks binary"),
-     ("data.exe", b"text", "Upload a"), ("rows.jsonl", b'{"content": "x"}\n', "without the 'text' field"),
+     ("data.exe", b"text", "Upload a"), ("rows.jsonl", b'{"content": "x"}\n', "has no 'text' field (its fields: 'content')"),
      ("rows.csv", b"body\nhello\n", "has no column 'text'"),
      ("list.jsonl", b'{"text": ["a", "b"]}\n', "line 1: 'text' is list, not text")],
 )  # fmt: skip
