@@ -8,6 +8,7 @@ from django.template.loader import render_to_string
 
 from mistudio import progress
 from mistudio.errors import Conflict, JobError, ServiceError
+from mistudio.filters import filtered_page
 from mistudio.jobs import TrackedRow, TransferRow
 from mistudio.staging import staged_path
 
@@ -147,14 +148,9 @@ class Dataset(TransferRow):
         order them), whether another follows, and the counts the page shows."""
         from .forms import DatasetFilters
 
-        filters = filters if filters is not None else DatasetFilters({})
-        rows_query = filters.apply(cls.objects.all())
-        start = (page - 1) * cls.PANEL_SIZE
-        rows = list(rows_query[start : start + cls.PANEL_SIZE + 1])
-        total = cls.objects.count()
-        return {"datasets": rows[: cls.PANEL_SIZE], "next_page": page + 1 if len(rows) > cls.PANEL_SIZE else None,
-                "filters": filters, "query": filters.query(), "total": total,
-                "matching": rows_query.count() if filters.active else total}  # fmt: skip
+        found = filtered_page(cls.objects.all(), filters if filters is not None else DatasetFilters({}), page, cls.PANEL_SIZE)
+        rows = found.pop("rows")
+        return {**found, "datasets": rows}
 
     @classmethod
     def list_html(cls, oob: bool = False, filters=None) -> str:
@@ -358,14 +354,10 @@ class Extraction(TrackedRow):
         from .forms import ExtractionFilters
 
         filters = filters if filters is not None else ExtractionFilters({})
-        rows_query = filters.apply(cls.rows())
-        start = (page - 1) * cls.PANEL_SIZE
-        rows = list(rows_query[start : start + cls.PANEL_SIZE + 1])
-        total = cls.objects.count()
+        found = filtered_page(cls.rows(), filters, page, cls.PANEL_SIZE)
         model_id = (filters.cleaned_data.get("model_id") or "") if filters.is_valid() else ""
-        return {"extractions": rows[: cls.PANEL_SIZE], "next_page": page + 1 if len(rows) > cls.PANEL_SIZE else None,
-                "filters": filters, "query": filters.query(), "narrowing": filters.narrowing(), "model_id": model_id,
-                "total": total, "matching": rows_query.count() if filters.active else total}  # fmt: skip
+        rows = found.pop("rows")
+        return {**found, "extractions": rows, "narrowing": filters.narrowing(), "model_id": model_id}
 
     @classmethod
     def list_html(cls, model_id: str | None = None, oob: bool = False, filters=None) -> str:

@@ -8,6 +8,7 @@ from django.utils.functional import cached_property
 
 from mistudio import capacity, progress
 from mistudio.errors import JobError
+from mistudio.filters import filtered_page
 from mistudio.hub import format_bytes
 from mistudio.jobs import TransferRow
 from mistudio.staging import staged_path
@@ -300,14 +301,9 @@ class Model(TransferRow):
         order them), whether another follows, and the counts the page shows."""
         from .forms import ModelFilters
 
-        filters = filters if filters is not None else ModelFilters({})
-        rows_query = filters.apply(cls.objects.all())
-        start = (page - 1) * cls.PANEL_SIZE
-        rows = list(rows_query[start : start + cls.PANEL_SIZE + 1])
-        total = cls.objects.count()
-        return {"models": rows[: cls.PANEL_SIZE], "next_page": page + 1 if len(rows) > cls.PANEL_SIZE else None,
-                "filters": filters, "query": filters.query(), "total": total,
-                "matching": rows_query.count() if filters.active else total}  # fmt: skip
+        found = filtered_page(cls.objects.all(), filters if filters is not None else ModelFilters({}), page, cls.PANEL_SIZE)
+        rows = found.pop("rows")
+        return {**found, "models": rows}
 
     @classmethod
     def list_html(cls, oob: bool = False, filters=None) -> str:
