@@ -89,3 +89,19 @@ def _stop(job_id: str, wait_seconds: float) -> None:
             return
         time.sleep(0.1)
     log.warning("job %s did not stop within %.0f s", job_id, wait_seconds)
+
+
+def queue_position(job_id: str) -> tuple[int, str] | None:
+    """Where a queued job waits: (its place in line from 1, the queue's name), or None when
+    it is not waiting in a queue (started, gone) or Redis cannot say (never an error: a card
+    shows this)."""
+    if not job_id:
+        return None
+    try:
+        job = Job.fetch(job_id, connection=queue().connection)
+        if job.get_status(refresh=False) != JobStatus.QUEUED:
+            return None
+        position = job.get_position()
+    except (NoSuchJobError, RedisError):
+        return None
+    return (position + 1, job.origin) if position is not None else None

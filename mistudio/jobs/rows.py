@@ -61,6 +61,22 @@ class TrackedRow(models.Model):
         return self.status in self.RUNNING
 
     @property
+    def waiting_note(self) -> str:
+        """A queued row's place in line ("2nd in line for the cpu workers"): "" otherwise, or
+        when Redis cannot say."""
+        if self.status != self.QUEUED:
+            return ""
+        from ..queue import queue_position
+
+        found = queue_position(self.job_id)
+        if found is None:
+            return ""
+        place, name = found
+        suffix = "th" if 10 <= place % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(place % 10, "th")
+        workers = "any worker" if name == "default" else f"the {name} workers"
+        return f"{place}{suffix} in line for {workers}"
+
+    @property
     def is_ready(self) -> bool:
         """The job ended well: its files are the result."""
         return self.status == self.DONE

@@ -249,3 +249,17 @@ def test_a_quantization_says_which_step_it_is_in_and_its_bar_moves_through_the_p
     assert labels == ["Quantizing", "Measuring perplexity on the shipped text", "Measuring the FP32 baseline's perplexity"], steps
     measuring = [progress for progress, label in steps if label.startswith("Measuring")]
     assert len(set(measuring)) >= 4 and measuring == sorted(measuring), steps  # it moves, and never back
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_queued_card_says_its_place_in_line(signed_in, redis_clean):
+    """Issue 19, item 5: 'Queued' with no sign it waits behind another job; the card now
+    says where it is in the queue (no worker runs here, so both jobs wait)."""
+    for repo in ("HuggingFaceTB/SmolLM2-135M", "tiny/llama"):
+        response = signed_in.post("/models/download", {"repo_id": repo, "quantization": "FP32"}, HTTP_HX_REQUEST="true")
+        assert response.status_code == 200, response.content[:300]
+    first, second = Model.objects.order_by("created_at")
+    html = signed_in.get("/").content.decode()
+    for model, place in ((first, "1st"), (second, "2nd")):
+        card = html.split(f'id="model-card-{model.id}"')[1].split('id="model-card-')[0]
+        assert re.search(rf'waiting-note">· {place} in line for (any worker|the \w+ workers)<', card), card[:2000]
