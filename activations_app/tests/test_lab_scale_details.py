@@ -153,3 +153,17 @@ def test_hub_imports_are_named_by_subset_split_and_streaming_and_a_refused_impor
                          ("id_hub_revision", "main"), ("id_hub_name", "mine")):  # fmt: skip
         assert f'id="{field}"' in page and f'value="{value}"' in page.split(f'id="{field}"')[1].split(">")[0], field
     assert 'name="download_whole" value="1" class="accent-emerald-500" checked' in page
+
+
+def test_queued_extraction_cards_say_their_place_in_line(tiny_model, data_dir, signed_in, redis_clean):
+    """Issue 19, item 5: as the model cards do (no worker runs here, so both wait)."""
+    import re
+
+    (data_dir / "imports" / "q.txt").write_text("\n".join(f"Queued line {i}." for i in range(20)))
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "q.txt"))
+    made = [services.request_extraction(model_id=tiny_model.id, dataset_id=dataset.id, layers=[layer], hook_types=["residual"],
+                                        max_samples=4, batch_size=4, seq_len=8) for layer in (0, 1)]  # fmt: skip
+    page = html.unescape(signed_in.get("/extractions/").content.decode())
+    for extraction, place in zip(made, ("1st", "2nd"), strict=True):
+        card = page.split(f'id="extraction-card-{extraction.id}"')[1].split('id="extraction-card-')[0]
+        assert re.search(rf'waiting-note">· {place} in line for (any worker|the \w+ workers)<', card), card[:1500]
