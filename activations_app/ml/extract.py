@@ -150,7 +150,8 @@ def run_extraction(
     if tokens.mask is not None:
         shapes["attention_mask"], dtypes["attention_mask"] = (n, seq_len), np.dtype(bool)
     writer = ActivationWriter(final_dir, shapes, dtypes, fingerprint, tokens=tokens.ids)
-    start, stats = _resume_or_start(writer, shapes, dtypes, computed, hidden, tokens, spec, on_notice)
+    counted = tokens.statistics_mask()  # the positions every figure below counts, built once
+    start, stats = _resume_or_start(writer, shapes, dtypes, computed, hidden, tokens, counted, spec, on_notice)
     exclude = statistics_exclude(spec)
     started = time.perf_counter()
     adopted: list[Path] = []
@@ -159,7 +160,7 @@ def run_extraction(
             writer.write("tokens", 0, tokens.ids)
             if tokens.mask is not None:
                 writer.write("attention_mask", 0, tokens.mask)
-        forward = _ForwardPass(model, targets, tokens, spec, writer, stats, hidden, checkpoint_seconds if fingerprint else None,
+        forward = _ForwardPass(model, targets, tokens, counted, spec, writer, stats, hidden, checkpoint_seconds if fingerprint else None,
                                overlap_statistics) if computed else None  # fmt: skip
         if forward:
             forward.run(start, on_progress, started)
@@ -169,14 +170,14 @@ def run_extraction(
         for stem in requested:
             if stem in reused:
                 adopted += [writer.tmp_dir / f"{stem}{suffix}" for suffix in (".npy", ".stats.npz", ".norms.npy")]
-                figures[stem] = adopt(reused[stem], writer.tmp_dir, tokens, spec, exclude)
+                figures[stem] = adopt(reused[stem], writer.tmp_dir, tokens, counted, spec, exclude)
             else:
                 figures[stem] = stats[stem].result()
         for stem in requested:
             norms = np.load(writer.tmp_dir / f"{stem}.norms.npy", mmap_mode="r")
             if spec.outliers == "exclude":  # the statistics again, without them
                 above, _ = outlier_mask(norms, spec.outlier_factor)
-                again = statistics_over(np.load(writer.tmp_dir / f"{stem}.npy", mmap_mode="r"), tokens.statistics_mask() & ~above,
+                again = statistics_over(np.load(writer.tmp_dir / f"{stem}.npy", mmap_mode="r"), counted & ~above,
                                         spec.sparsity_threshold, spec.batch_size)  # fmt: skip
                 figures[stem], dimensions[stem] = again.result(), again.dimension_arrays()
             figures[stem]["outliers"] = outlier_report(norms, spec.outlier_factor, tokens.ids, decode)
@@ -203,11 +204,10 @@ def run_extraction(
                             {stem: file.source_id for stem, file in reused.items()})  # fmt: skip
 
 
-def _resume_or_start(writer, shapes, dtypes, stems, hidden, tokens, spec, on_notice) -> tuple[int, dict[str, RunningStats]]:
+def _resume_or_start(writer, shapes, dtypes, stems, hidden, tokens, counted, spec, on_notice) -> tuple[int, dict[str, RunningStats]]:
     """The row to start from and the running statistics so far: a checkpoint the writer
     reopened is gone on from once it holds what its rows must (else its files go and the
     run starts over, saying why)."""
-    counted = tokens.statistics_mask()
     start = writer.resumed_rows
     if start:
         problem = checkpoint_problem(start, len(tokens.ids), writer.resumed_stats, stems, hidden, int(counted[:start].sum()))
@@ -298,12 +298,12 @@ class _ForwardPass:
     0.16-0.25 s). On a GPU the cores are free while it runs, and the statistics overlap
     with the next batch on the background thread."""
 
-    def __init__(self, model, targets, tokens, spec, writer, stats, hidden, checkpoint_every, overlap) -> None:
+    def __init__(self, model, targets, tokens, counted, spec, writer, stats, hidden, checkpoint_every, overlap) -> None:
         import torch
 
         self.model, self.targets, self.tokens, self.spec, self.writer, self.stats = model, targets, tokens, spec, writer, stats
         self.stems, self.hidden = list(stats), hidden
-        self.counted = tokens.statistics_mask()
+        self.counted = counted
         self.device = next(model.parameters()).device
         self.storage = torch.float16 if spec.dtype == "float16" else torch.float32
         self.checkpoint_every = checkpoint_every  # seconds; None: no checkpoints (not resumable)

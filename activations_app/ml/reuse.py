@@ -87,20 +87,20 @@ def _same_rows(folder: Path, tokens: Tokens) -> bool:
     return theirs.shape[1:] == tokens.mask.shape[1:] and theirs.shape[0] >= n and np.array_equal(theirs[:n], tokens.mask)
 
 
-def adopt(reused: ReusedFile, into: Path, tokens: Tokens, spec, exclude: list[str]) -> dict:
+def adopt(reused: ReusedFile, into: Path, tokens: Tokens, counted: np.ndarray, spec, exclude: list[str]) -> dict:
     """The reused file (with its .stats.npz and .norms.npy) in the staged folder `into`;
     its statistics' summary, as run_extraction reports them. Linked where the source holds
     exactly these rows and its figures were made by the same rules; else the values are
     linked (or their first rows copied) and the figures and norms computed over them. A
     source deleted meanwhile fails the run with a reason (a retry computes the files)."""
     try:
-        return _adopt(reused, into, tokens, spec, exclude)
+        return _adopt(reused, into, tokens, counted, spec, exclude)
     except FileNotFoundError:
         raise JobError("reuse_source_gone", f"{reused.source_id}, whose {reused.stem} this run was taking, was deleted "
                                             "meanwhile; retry to compute it.") from None  # fmt: skip
 
 
-def _adopt(reused: ReusedFile, into: Path, tokens: Tokens, spec, exclude: list[str]) -> dict:
+def _adopt(reused: ReusedFile, into: Path, tokens: Tokens, counted: np.ndarray, spec, exclude: list[str]) -> dict:
     n = len(tokens.ids)
     names = {suffix: (reused.folder / f"{reused.stem}{suffix}", into / f"{reused.stem}{suffix}")
              for suffix in (".npy", ".stats.npz", ".norms.npy")}  # fmt: skip
@@ -116,7 +116,7 @@ def _adopt(reused: ReusedFile, into: Path, tokens: Tokens, spec, exclude: list[s
             _link(*names[suffix])
         return dict(reused.statistics)
     norms = open_new_npy(names[".norms.npy"][1], tokens.ids.shape, np.float32)
-    stats = statistics_over(np.load(target, mmap_mode="r"), tokens.statistics_mask(), spec.sparsity_threshold, spec.batch_size, norms)
+    stats = statistics_over(np.load(target, mmap_mode="r"), counted, spec.sparsity_threshold, spec.batch_size, norms)
     norms.flush()
     del norms
     np.savez(names[".stats.npz"][1], **stats.dimension_arrays())

@@ -162,6 +162,6 @@ def test_a_source_deleted_while_its_files_are_taken_fails_with_the_reason_and_le
     into = tmp_path / "staged"
     into.mkdir()
     with pytest.raises(JobError) as caught:
-        adopt(found["layer_0_residual"], into, tokens, spec, ["position_0", "bos", "padding"])
+        adopt(found["layer_0_residual"], into, tokens, tokens.statistics_mask(), spec, ["position_0", "bos", "padding"])
     assert caught.value.code == "reuse_source_gone" and first.id in caught.value.message
     assert list(into.iterdir()) == []
