@@ -148,9 +148,7 @@ class Dataset(TransferRow):
         order them), whether another follows, and the counts the page shows."""
         from .forms import DatasetFilters
 
-        found = filtered_page(cls.objects.all(), filters if filters is not None else DatasetFilters({}), page, cls.PANEL_SIZE)
-        rows = found.pop("rows")
-        return {**found, "datasets": rows}
+        return filtered_page(cls.objects.all(), filters if filters is not None else DatasetFilters({}), page, cls.PANEL_SIZE, "datasets")
 
     @classmethod
     def list_html(cls, oob: bool = False, filters=None) -> str:
@@ -354,10 +352,9 @@ class Extraction(TrackedRow):
         from .forms import ExtractionFilters
 
         filters = filters if filters is not None else ExtractionFilters({})
-        found = filtered_page(cls.rows(), filters, page, cls.PANEL_SIZE)
         model_id = (filters.cleaned_data.get("model_id") or "") if filters.is_valid() else ""
-        rows = found.pop("rows")
-        return {**found, "extractions": rows, "narrowing": filters.narrowing(), "model_id": model_id}
+        return {**filtered_page(cls.rows(), filters, page, cls.PANEL_SIZE, "extractions"), "narrowing": filters.narrowing(),
+                "model_id": model_id}  # fmt: skip
 
     @classmethod
     def list_html(cls, model_id: str | None = None, oob: bool = False, filters=None) -> str:

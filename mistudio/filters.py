@@ -79,13 +79,14 @@ class ListFilters(forms.Form):
         return bool(self.query())
 
 
-def filtered_page(rows, filters: ListFilters, page: int, size: int) -> dict:
-    """One page of `rows` (a queryset of every row) as `filters` narrow and order them:
-    "rows", "next_page" (None on the last), the filters and their query string, the total and
-    how many match. Every list page (models, datasets, extractions) and its socket render this."""
+def filtered_page(rows, filters: ListFilters, page: int, size: int, name: str) -> dict:
+    """One page of `rows` (a queryset of every row) as `filters` narrow and order them, under
+    `name` (the template's: "models", "datasets", "extractions"): with "next_page" (None on
+    the last), the filters and their query string, the total and how many match. Every list
+    page and its socket render this."""
     narrowed = filters.apply(rows)
     start = (page - 1) * size
     found = list(narrowed[start : start + size + 1])
     total = rows.count()
-    return {"rows": found[:size], "next_page": page + 1 if len(found) > size else None, "filters": filters,
+    return {name: found[:size], "next_page": page + 1 if len(found) > size else None, "filters": filters,
             "query": filters.query(), "total": total, "matching": narrowed.count() if filters.active else total}  # fmt: skip

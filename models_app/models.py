@@ -301,9 +301,7 @@ class Model(TransferRow):
         order them), whether another follows, and the counts the page shows."""
         from .forms import ModelFilters
 
-        found = filtered_page(cls.objects.all(), filters if filters is not None else ModelFilters({}), page, cls.PANEL_SIZE)
-        rows = found.pop("rows")
-        return {**found, "models": rows}
+        return filtered_page(cls.objects.all(), filters if filters is not None else ModelFilters({}), page, cls.PANEL_SIZE, "models")
 
     @classmethod
     def list_html(cls, oob: bool = False, filters=None) -> str:
