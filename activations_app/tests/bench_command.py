@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from models_app.tests.bench_models import report
 from models_app.tests.support import ROOT, subprocess_env
 
 SAMPLES, SEQ, BATCH = 64, 128, 8
@@ -152,10 +153,7 @@ def test_command_and_reuse_table(smollm2_model, corpus, tmp_path):
          f"{min(int(s.split('_')[1]) for s in computed)}-{max(int(s.split('_')[1]) for s in computed)})" if computed else "nothing computed"),
         ("  ... against layers 0-11 from nothing", f"{scratch_s:7.2f} s   ratio {superset_s / scratch_s:.2f} (layers 0-5 took {part_s:.2f} s)"),
     ]
-    width = max(len(label) for label, _ in rows)
-    print(f"\n== The whole command and reuse, SmolLM2-135M FP32 on CPU, {SAMPLES} x {SEQ}, batch {BATCH}, best of {ROUNDS}")
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
+    report(f"The whole command and reuse, SmolLM2-135M FP32 on CPU, {SAMPLES} x {SEQ}, batch {BATCH}, best of {ROUNDS}", rows)
     print(f"  rounds: {json.dumps({k: [round(t, 2) for t in v] for k, v in times.items()})}")
     assert identical and again_s < 0.05 * first_s
     assert computed and all(int(stem.split("_")[1]) >= 6 for stem in computed)

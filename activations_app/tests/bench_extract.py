@@ -284,7 +284,6 @@ def test_extraction_table(smollm2_folder, tmp_path):
         ("peak RSS, 512 samples, layers 0-5 x 3 hooks (fresh process)", f"{rss512 / 1e6:7.0f} MB   ratio {rss512 / rss64:.2f} (target within 1.10)"),
         *reference_rows(model, smollm2_folder, ids.ids),
     ]
-    width = max(len(label) for label, _ in rows)
-    print(f"\n== Extraction, SmolLM2-135M FP32 on CPU ({torch.get_num_threads()} threads), best of {ROUNDS}")
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
+    from models_app.tests.bench_models import report  # here: this module is also imported by a bare subprocess (no Django)
+
+    report(f"Extraction, SmolLM2-135M FP32 on CPU ({torch.get_num_threads()} threads), best of {ROUNDS}", rows)

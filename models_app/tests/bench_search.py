@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from models_app.tests.bench_models import report
 from models_app.tests.test_model_search import MANY, many_models
 
 
@@ -41,7 +42,4 @@ def test_search_latency_table(signed_in):
         ("search + three filters + sort by size (median of 10)", f"{statistics.median(combined) * 1000:6.1f} ms"),
         ("GET /api/models?search= per keystroke, p95", f"{p95(api) * 1000:6.1f} ms"),
     ]
-    width = max(len(label) for label, _ in rows)
-    print(f"\n== Finding a model among {MANY:,} (server time, Django test client, PostgreSQL)")
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
+    report(f"Finding a model among {MANY:,} (server time, Django test client, PostgreSQL)", rows)
