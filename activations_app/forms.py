@@ -15,6 +15,7 @@ from .ml.extract import STORAGE_DTYPES, ExtractionSpec
 from .ml.tokens import PREPEND_BOS, SEPARATORS, TOKENIZATIONS
 from .ml.hooks import HOOK_TYPES
 from .ml.outliers import OUTLIER_RULES
+from .models import Dataset, DatasetStatus, ExtractionStatus
 
 INPUT_CSS = "w-full px-4 py-2 bg-slate-900 border border-slate-700 rounded-lg text-sm"
 
@@ -164,15 +165,8 @@ class DatasetFilters(ListFilters):
              "rows": ("-row_count", "-created_at", "-id")}  # fmt: skip
     SORT_LABELS = {"newest": "Newest first", "oldest": "Oldest first", "name": "Name", "rows": "Most rows"}
 
-    status = forms.ChoiceField(required=False, choices=[])
-    source = forms.ChoiceField(required=False, choices=[])
-
-    def __init__(self, data=None, **kwargs) -> None:
-        from .models import Dataset, DatasetStatus
-
-        self.base_fields["status"].choices = [("", "Any status"), *DatasetStatus.choices]
-        self.base_fields["source"].choices = [("", "Any source"), *Dataset.SOURCES]
-        super().__init__(data, **kwargs)
+    status = forms.ChoiceField(required=False, choices=[("", "Any status"), *DatasetStatus.choices])
+    source = forms.ChoiceField(required=False, choices=[("", "Any source"), *Dataset.SOURCES])
 
 
 class ExtractionFilters(ListFilters):
@@ -185,15 +179,9 @@ class ExtractionFilters(ListFilters):
     SORTS = {"newest": ("-created_at", "-id"), "oldest": ("created_at", "id")}
     SORT_LABELS = {"newest": "Newest first", "oldest": "Oldest first"}
 
-    status = forms.ChoiceField(required=False, choices=[])
+    status = forms.ChoiceField(required=False, choices=[("", "Any status"), *ExtractionStatus.choices])
     model_id = forms.CharField(required=False, max_length=40, strip=True)
     dataset_id = forms.CharField(required=False, max_length=40, strip=True)
-
-    def __init__(self, data=None, **kwargs) -> None:
-        from .models import ExtractionStatus
-
-        self.base_fields["status"].choices = [("", "Any status"), *ExtractionStatus.choices]
-        super().__init__(data, **kwargs)
 
     def narrowing(self) -> str:
         """The query without model_id: what narrows a model's own history further (a new

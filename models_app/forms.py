@@ -6,6 +6,7 @@ from mistudio.filters import ListFilters
 from mistudio.validation import validate_repo_id, validate_revision
 
 from .ml.formats import validate_format
+from .models import ModelStatus
 
 QUANTIZATION_CHOICES = [
     ("FP32", "FP32 (Full Precision)"),
@@ -50,12 +51,6 @@ class ModelFilters(ListFilters):
              "size": ("-disk_size_bytes", "-created_at", "-id")}  # fmt: skip
     SORT_LABELS = {"newest": "Newest first", "oldest": "Oldest first", "name": "Name", "size": "Largest on disk"}
 
-    status = forms.ChoiceField(required=False, choices=[])
+    status = forms.ChoiceField(required=False, choices=[("", "Any status"), *ModelStatus.choices])
     format = forms.ChoiceField(required=False, choices=[("", "Any format"), *QUANTIZATION_CHOICES])
     architecture = forms.CharField(required=False, max_length=40, strip=True)
-
-    def __init__(self, data=None, **kwargs) -> None:
-        from .models import ModelStatus
-
-        self.base_fields["status"].choices = [("", "Any status"), *ModelStatus.choices]
-        super().__init__(data, **kwargs)
