@@ -2,11 +2,8 @@
 model's extractions, first the latest one's state), /ws/datasets/ and /ws/extractions/
 (card HTML)."""
 
-from urllib.parse import parse_qs, urlencode
-
 from channels.db import database_sync_to_async
 
-from django.http import QueryDict
 from mistudio.consumers import ROW_ID, HtmlFragmentsConsumer, RowEventsConsumer
 from mistudio.errors import NotFound
 from mistudio.progress import DATASETS_GROUP, EXTRACTIONS_GROUP, model_group
@@ -41,7 +38,7 @@ class DatasetsConsumer(HtmlFragmentsConsumer):
     group = DATASETS_GROUP
 
     def filters(self) -> DatasetFilters:
-        return DatasetFilters(QueryDict(self.scope.get("query_string", b"").decode("latin-1")))
+        return DatasetFilters(self.query())
 
     def frame_key(self) -> tuple:
         return (self.filters().query(),)
@@ -50,13 +47,13 @@ class DatasetsConsumer(HtmlFragmentsConsumer):
         return Dataset.list_html(oob=True, filters=self.filters())
 
 
-def _extractions_state(query: dict) -> str | None:
-    """What the page shows now: one extraction's detail body, or the (one model's) list."""
-    extraction_id = (query.get("extraction") or [""])[0]
+def _extractions_state(query) -> str | None:
+    """What the page shows now: one extraction's detail body, or the (filtered) list."""
+    extraction_id = query.get("extraction", "")
     if extraction_id:
         extraction = Extraction.rows().filter(pk=extraction_id).first() if ROW_ID.fullmatch(extraction_id) else None
         return extraction.detail_html(oob=True) if extraction else None
-    return Extraction.list_html(oob=True, filters=ExtractionFilters(QueryDict(urlencode(query, doseq=True))))
+    return Extraction.list_html(oob=True, filters=ExtractionFilters(query))
 
 
 class ExtractionsConsumer(HtmlFragmentsConsumer):
@@ -65,12 +62,9 @@ class ExtractionsConsumer(HtmlFragmentsConsumer):
 
     group = EXTRACTIONS_GROUP
 
-    def query(self) -> dict:
-        return parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
-
     def frame_key(self) -> tuple:
         query = self.query()
-        return ((query.get("extraction") or [""])[0][:40], ExtractionFilters(QueryDict(urlencode(query, doseq=True))).query())
+        return (query.get("extraction", "")[:40], ExtractionFilters(query).query())
 
     def render_frame(self) -> str | None:
         return _extractions_state(self.query())

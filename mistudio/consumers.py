@@ -8,6 +8,7 @@ import re
 import time
 
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.http import QueryDict
 
 from channels.db import database_sync_to_async
 
@@ -161,6 +162,10 @@ class HtmlFragmentsConsumer(SignedInConsumer):
 
     def group_names(self) -> list[str]:
         return [self.group]
+
+    def query(self) -> QueryDict:
+        """The socket URL's query: the filters of the page that opened it."""
+        return QueryDict(self.scope.get("query_string", b"").decode("latin-1"))
 
     def frame_key(self) -> tuple:
         """What the first frame depends on besides the group (a query's filter)."""

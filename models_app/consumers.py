@@ -1,7 +1,5 @@
 """/ws/models/ (card HTML for the Models page) and /ws/models/{id}/progress (JSON events)."""
 
-from django.http import QueryDict
-
 from mistudio.consumers import HtmlFragmentsConsumer, RowEventsConsumer
 from mistudio.progress import MODELS_GROUP, model_group
 
@@ -16,7 +14,7 @@ class ModelsConsumer(HtmlFragmentsConsumer):
     group = MODELS_GROUP
 
     def filters(self) -> ModelFilters:
-        return ModelFilters(QueryDict(self.scope.get("query_string", b"").decode("latin-1")))
+        return ModelFilters(self.query())
 
     def frame_key(self) -> tuple:
         return (self.filters().query(),)
