@@ -175,12 +175,12 @@ def run_extraction(
                 figures[stem] = stats[stem].result()
         for stem in requested:
             norms = np.load(writer.tmp_dir / f"{stem}.norms.npy", mmap_mode="r")
+            above, median = outlier_mask(norms, spec.outlier_factor)  # once: the report and the exclusion share it
             if spec.outliers == "exclude":  # the statistics again, without them
-                above, _ = outlier_mask(norms, spec.outlier_factor)
                 again = statistics_over(np.load(writer.tmp_dir / f"{stem}.npy", mmap_mode="r"), counted & ~above,
                                         spec.sparsity_threshold, spec.batch_size)  # fmt: skip
                 figures[stem], dimensions[stem] = again.result(), again.dimension_arrays()
-            figures[stem]["outliers"] = outlier_report(norms, spec.outlier_factor, tokens.ids, decode)
+            figures[stem]["outliers"] = outlier_report(norms, above, median, spec.outlier_factor, tokens.ids, decode)
             del norms
         seconds = time.perf_counter() - started
         metadata = _metadata(metadata, spec, tokens, hidden, figures, reused, targets, seconds, computed, exclude)

@@ -27,10 +27,11 @@ def outlier_mask(norms: np.ndarray, factor: float) -> tuple[np.ndarray, float | 
         return np.asarray(norms > factor * median), median
 
 
-def outlier_report(norms: np.ndarray, factor: float, ids: np.ndarray, decode: Callable[[int], str] | None = None) -> dict:
-    """How many counted tokens have a norm above `factor` x the median, their share, and
-    the LARGEST largest tokens (outliers or not) with their row, position, token and norm."""
-    above, median = outlier_mask(norms, factor)
+def outlier_report(norms: np.ndarray, above: np.ndarray, median: float | None, factor: float, ids: np.ndarray,
+                   decode: Callable[[int], str] | None = None) -> dict:  # fmt: skip
+    """How many counted tokens have a norm above `factor` x the median (`above` and `median`
+    as outlier_mask found them), their share, and the LARGEST largest tokens (outliers or
+    not) with their row, position, token and norm."""
     counted = int((~np.isnan(norms)).sum())
     flat = np.where(np.isnan(norms), -np.inf, norms).reshape(-1)
     k = min(LARGEST, flat.size)
