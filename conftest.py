@@ -109,9 +109,11 @@ def hub(hub_server, settings, redis_clean):
     hub_server.clear_log()
     hub_server.bytes_per_second = None
     hub_server.fail_next_requests = 0
+    hub_server.damage_next_downloads.clear()
     yield hub_server
     hub_server.bytes_per_second = None
     hub_server.fail_next_requests = 0
+    hub_server.damage_next_downloads.clear()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 from django import forms
 from django.core.exceptions import ValidationError
-from django.db.models import F, Q
+from django.db.models import F, Max, Min, Q
 
 from .text import UNSTORABLE, storable
 
@@ -79,14 +79,47 @@ class ListFilters(forms.Form):
         return bool(self.query())
 
 
-def filtered_page(rows, filters: ListFilters, page: int, size: int, name: str) -> dict:
+def filtered_page(rows, filters: ListFilters, page: int, size: int, name: str, group_by=None) -> dict:
     """One page of `rows` (a queryset of every row) as `filters` narrow and order them, under
     `name` (the template's: "models", "datasets", "extractions"): with "next_page" (None on
     the last), the filters and their query string, the total and how many match. Every list
-    page and its socket render this."""
+    page and its socket render this.
+
+    With `group_by` (an expression naming each row's group), a page is `size` groups, each
+    with every one of its rows (oldest first) when any of them matches; groups are ordered as
+    their rows would be (by the first row in that order) and counted as one: "groups" holds
+    them as lists of rows, `name` all their rows."""
     narrowed = filters.apply(rows)
     start = (page - 1) * size
-    found = list(narrowed[start : start + size + 1])
-    total = rows.count()
-    return {name: found[:size], "next_page": page + 1 if len(found) > size else None, "filters": filters,
-            "query": filters.query(), "total": total, "matching": narrowed.count() if filters.active else total}  # fmt: skip
+    if group_by is None:
+        found = list(narrowed[start : start + size + 1])
+        shown, groups, more = found[:size], None, len(found) > size
+        total = rows.count()
+        matching = narrowed.count() if filters.active else total
+    else:
+        aggregates, ordering = _group_order(filters)
+        keys = narrowed.order_by().annotate(_group=group_by).values("_group").annotate(**aggregates).order_by(*ordering)
+        page_keys = [row["_group"] for row in keys[start : start + size + 1]]
+        more, page_keys = len(page_keys) > size, page_keys[:size]
+        members: dict = {key: [] for key in page_keys}
+        for row in rows.annotate(_group=group_by).filter(_group__in=page_keys).order_by("created_at", "pk"):
+            members[row._group].append(row)
+        groups = [members[key] for key in page_keys if members[key]]
+        shown = [row for group in groups for row in group]
+        total = rows.annotate(_group=group_by).values("_group").distinct().count()
+        matching = narrowed.annotate(_group=group_by).values("_group").distinct().count() if filters.active else total
+    return {name: shown, "groups": groups, "next_page": page + 1 if more else None, "filters": filters,
+            "query": filters.query(), "total": total, "matching": matching}  # fmt: skip
+
+
+def _group_order(filters: ListFilters) -> tuple[dict, list]:
+    """The filters' order for groups: each column's largest value in the group where the
+    column sorts descending, its smallest where ascending (newest first: the group with the
+    newest row first)."""
+    data = filters.cleaned_data if filters.is_valid() else {}
+    aggregates, ordering = {}, []
+    for i, column in enumerate(filters.SORTS[data.get("sort") or next(iter(filters.SORTS))]):
+        alias, descending = f"_order{i}", column.startswith("-")
+        aggregates[alias] = (Max if descending else Min)(column.lstrip("-"))
+        ordering.append(F(alias).desc(nulls_last=True) if descending else F(alias).asc())
+    return aggregates, ordering

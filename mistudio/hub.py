@@ -8,14 +8,19 @@ HF_TOKEN or cached login is never sent on their behalf.
 from __future__ import annotations
 
 import errno
+import hashlib
+import logging
 import os
 import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import JobCancelled, JobError
+
+log = logging.getLogger(__name__)
 
 # Our own progress reporting replaces huggingface_hub's; xet needs a CAS service the
 # loopback test server does not speak and adds nothing for files this size.
@@ -150,6 +155,123 @@ def _progress_class(counter: _ByteCounter, bar: str = "huggingface_hub.snapshot_
     return BytesWritten
 
 
+@dataclass(frozen=True)
+class Digest:
+    """What the Hub says a file's bytes hash to: the SHA-256 of its `lfs` entry (weights,
+    large files), or the git blob id (a SHA-1 of "blob SIZE\\0" and the bytes) of a file kept
+    in git itself (config.json, the tokenizer)."""
+
+    kind: str  # "sha256" or "git-sha1"
+    hexdigest: str
+
+    def hasher(self, size: int):
+        if self.kind == "git-sha1":
+            hasher = hashlib.sha1(usedforsecurity=False)
+            hasher.update(b"blob %d\0" % size)
+            return hasher
+        return hashlib.sha256()
+
+
+def digests_of(siblings) -> dict[str, Digest]:
+    """Each listed file's Digest, from `model_info`/`dataset_info(files_metadata=True)`'s
+    siblings (the same `lfs` entry the tree listing has)."""
+    found = {}
+    for sibling in siblings or []:
+        lfs = getattr(sibling, "lfs", None)
+        sha256 = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+        if sha256:
+            found[sibling.rfilename] = Digest("sha256", str(sha256).lower())
+        elif getattr(sibling, "blob_id", None):
+            found[sibling.rfilename] = Digest("git-sha1", str(sibling.blob_id).lower())
+    return found
+
+
+SUMS_FILE = "SHA256SUMS"  # in a snapshot: `sha256sum -c SHA256SUMS` re-checks it by hand
+
+
+class _Stop(Exception):
+    """Another file's download failed: this one stops too."""
+
+
+class _HashingWriter:
+    """The file one download writes to, hashing each chunk as it is written, so a file is
+    checked as it arrives, with no second read. The Hub client's `http_get` writes through it
+    (and seeks back and truncates when a server ignores a Range request: the hash restarts)."""
+
+    def __init__(self, file, make_hashers: Callable[[], list], hashers: list, counter: "_ByteCounter",
+                 stop: threading.Event) -> None:  # fmt: skip
+        self.file, self.make_hashers, self.hashers, self.counter, self.stop = file, make_hashers, hashers, counter, stop
+
+    def write(self, data: bytes) -> int:
+        if self.stop.is_set():
+            raise _Stop()
+        for hasher in self.hashers:
+            hasher.update(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        if (self.file.tell() if size is None else size) != 0:  # http_get only drops what it asked to resume from
+            raise OSError("a partial download can only restart from its first byte")
+        self.counter.add(-self.file.seek(0, os.SEEK_END))
+        self.file.seek(0)
+        self.hashers[:] = self.make_hashers()
+        return self.file.truncate(0)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _fetch_checked(name: str, url: str, size: int, digest: Digest | None, dest: Path, headers: dict,
+                   counter: "_ByteCounter", stop: threading.Event) -> str:  # fmt: skip
+    """One file into `dest`, hashed as it arrives and moved into place only when its hash is
+    the Hub's; one that arrives damaged is fetched again once, then the download fails. A
+    partial file an earlier attempt left (`NAME.incomplete`) is resumed with an HTTP Range
+    request. Returns the file's SHA-256."""
+    from huggingface_hub.file_download import http_get
+
+    final, partial = dest / name, dest / f"{name}.incomplete"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    def make_hashers() -> list:
+        return [hashlib.sha256()] + ([digest.hasher(size)] if digest and digest.kind != "sha256" else [])
+
+    for attempt in (1, 2):
+        hashers = make_hashers()
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > size:  # not a prefix of this file
+            counter.add(-have)
+            partial.unlink()
+            have = 0
+        with partial.open("ab") as out:
+            if have:  # what an earlier attempt wrote: hashed once here, then only the rest arrives
+                with partial.open("rb") as earlier:
+                    while chunk := earlier.read(8 << 20):
+                        for hasher in hashers:
+                            hasher.update(chunk)
+            if have < size:
+                http_get(url, _HashingWriter(out, make_hashers, hashers, counter, stop), resume_size=have, headers=headers,
+                         expected_size=size, tqdm_class=_progress_class(counter, "huggingface_hub.http_get"))  # fmt: skip
+        sha256 = hashers[0].hexdigest()
+        got = hashers[-1].hexdigest()
+        if digest is None or got == digest.hexdigest:
+            os.replace(partial, final)
+            return sha256
+        partial.unlink()
+        counter.add(-size)  # those bytes are fetched again: the bar goes back
+        log.warning("%s arrived with %s %s, not the Hub's %s (attempt %d of 2)", name, digest.kind, got, digest.hexdigest, attempt)
+    raise JobError(
+        "checksum_mismatch",
+        f"{name} arrived damaged twice: its {digest.kind.upper()} was {got[:16]}…, the Hub lists {digest.hexdigest[:16]}…. "
+        "Nothing was kept; retry later, and if it repeats, a proxy or the disk between here and the Hub is changing bytes.",
+        retryable=False,
+    )
+
+
 def download_repo_files(
     repo_id: str,
     sha: str,
@@ -160,85 +282,126 @@ def download_repo_files(
     endpoint: str,
     on_bytes: ByteCallback,
     *,
+    digests: dict[str, Digest] | None = None,
     repo_type: str = "model",
     revision_asked: str | None = None,
     retries: int = 3,
     backoff_seconds: float = 2.0,
-) -> None:
-    """snapshot_download of `files` at commit `sha` into `dest`, reporting bytes on disk.
+) -> dict[str, str]:
+    """`files` at commit `sha` into `dest`, four at a time, through the Hub client's own
+    `http_get` (its redirects, headers, in-call retries and Range resume), each checked
+    against `digests` as it arrives. Files already in `dest` were checked when they were
+    put there and are kept; partial ones are resumed. `on_bytes(done, total)` is called
+    from download threads; raising JobCancelled there stops the download.
 
-    Retries resume from the partial files huggingface_hub keeps. `on_bytes(done, total)` is
-    called from download threads; raising JobCancelled there stops the download."""
-    from huggingface_hub import snapshot_download
+    Writes SHA256SUMS (every file's SHA-256) beside them and returns the same mapping."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
 
     _configure_hub()
+    digests = digests or {}
     total = sum(file_sizes[f] for f in files)
+    headers = build_hf_headers(token=token or False)
+    known = read_sums(dest)
 
-    def already_complete() -> int:
-        return sum(file_sizes[f] for f in files if (dest / f).is_file())
-
-    def fetch() -> None:
-        counter = _ByteCounter(already_complete(), total, on_bytes)
+    def fetch() -> dict[str, str]:
+        have = sum(file_sizes[f] for f in files if (dest / f).is_file())
+        have += sum((dest / f"{f}.incomplete").stat().st_size for f in files
+                    if not (dest / f).is_file() and (dest / f"{f}.incomplete").is_file())  # fmt: skip
+        counter = _ByteCounter(have, total, on_bytes)
         on_bytes(counter.done, counter.total)
-        snapshot_download(
-            repo_id,
-            repo_type=repo_type,
-            revision=sha,
-            local_dir=dest,
-            allow_patterns=list(files),
-            endpoint=endpoint,
-            token=token or False,
-            tqdm_class=_progress_class(counter),
-            max_workers=4,
-        )
+        stop = threading.Event()
+        todo = [f for f in files if not (dest / f).is_file() or f not in known]
 
-    def fetch_resuming() -> None:
-        resume_partials(repo_id, sha, files, dest, token, endpoint, repo_type, on_bytes, already_complete(), total)
-        fetch()
+        def one(name: str) -> tuple[str, str]:
+            if (dest / name).is_file():  # put there some other way (before SHA256SUMS): checked now
+                digest = digests.get(name)
+                hashers = [hashlib.sha256()] + ([digest.hasher(file_sizes[name])] if digest and digest.kind != "sha256" else [])
+                with (dest / name).open("rb") as reader:
+                    while chunk := reader.read(8 << 20):
+                        for hasher in hashers:
+                            hasher.update(chunk)
+                if digest is None or hashers[-1].hexdigest() == digest.hexdigest:
+                    return name, hashers[0].hexdigest()
+                (dest / name).unlink()
+                counter.add(-file_sizes[name])
+            url = hf_hub_url(repo_id, name, repo_type=repo_type, revision=sha, endpoint=endpoint)
+            try:
+                return name, _fetch_checked(name, url, file_sizes[name], digests.get(name), dest, headers, counter, stop)
+            except BaseException:
+                stop.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="hub-download") as pool:
+            futures = [pool.submit(one, name) for name in todo]
+            results, first_error = {}, None
+            for future in futures:
+                try:
+                    name, digest = future.result()
+                    results[name] = digest
+                except _Stop:
+                    pass
+                except BaseException as exc:  # noqa: BLE001 - the first real failure is raised below
+                    first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return results
 
     revision = revision_asked or sha
-    with_retries(fetch_resuming, retries, backoff_seconds, lambda e: translate_error(e, repo_id, revision, bool(token)))
+    sums = {**known, **with_retries(fetch, retries, backoff_seconds, lambda e: translate_error(e, repo_id, revision, bool(token)))}
     missing = [f for f in files if not (dest / f).is_file()]
     if missing:
         raise JobError("network_error", f"The download ended without {', '.join(missing)}; retry.", retryable=True)
     on_bytes(total, total)
+    write_sums(dest, {name: sums[name] for name in sorted(sums) if name in files or (dest / name).is_file()})
     shutil.rmtree(dest / ".cache", ignore_errors=True)
+    return sums
 
 
-def resume_partials(repo_id: str, sha: str, files: tuple[str, ...], dest: Path, token: str | None, endpoint: str,
-                    repo_type: str, on_bytes: ByteCallback, done: int, total: int) -> None:  # fmt: skip
-    """Finish the files an earlier attempt (a dead worker, a dropped connection) left half
-    written, from their last byte, with an HTTP Range request through the Hub client's own
-    `http_get`; snapshot_download then takes them as downloaded. huggingface_hub >= 2 writes
-    each attempt to a fresh temporary file and never resumes across processes itself."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub._local_folder import get_local_download_paths, write_download_metadata
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
+def read_sums(folder: Path) -> dict[str, str]:
+    """A folder's SHA256SUMS as {file: sha256} (empty when it has none)."""
+    try:
+        lines = (folder / SUMS_FILE).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    sums = {}
+    for line in lines:
+        digest, _, name = line.partition("  ")
+        if len(digest) == 64 and name:
+            sums[name] = digest
+    return sums
 
-    partials = {}
-    for name in files:
-        paths = get_local_download_paths(dest, name)
-        # The client names a partial "{key}.{etag}.{attempt}.incomplete", `key` from the file name.
-        key = paths.incomplete_path("ETAG").name.split(".ETAG.")[0]
-        leftovers = sorted(paths.metadata_path.parent.glob(f"{key}.*.incomplete"), key=lambda p: p.stat().st_size)
-        for stale in leftovers[:-1]:
-            stale.unlink()
-        if leftovers and not paths.file_path.is_file() and leftovers[-1].stat().st_size > 0:
-            partials[name] = (paths, leftovers[-1])
-    if not partials:
-        return
-    counter = _ByteCounter(done + sum(p.stat().st_size for _, p in partials.values()), total, on_bytes)
-    for name, (paths, partial) in partials.items():
-        url = hf_hub_url(repo_id, name, repo_type=repo_type, revision=sha, endpoint=endpoint)
-        metadata = get_hf_file_metadata(url, token=token or False, endpoint=endpoint)
-        have = partial.stat().st_size
-        if metadata.size is None or have > metadata.size or metadata.etag is None:
-            partial.unlink()  # not a prefix of this file: fetched afresh by snapshot_download
+
+def write_sums(folder: Path, sums: dict[str, str]) -> None:
+    """SHA256SUMS in `sha256sum`'s own format, written aside and moved into place."""
+    tmp = folder / f".{SUMS_FILE}.tmp"
+    tmp.write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    os.replace(tmp, folder / SUMS_FILE)
+
+
+def verify_folder(folder: Path, on_bytes: ByteCallback | None = None) -> tuple[list[str], list[str]]:
+    """Re-hash every file SHA256SUMS names: (the files that match, the problems found: a
+    changed or missing file, named)."""
+    sums = read_sums(folder)
+    total = sum((folder / name).stat().st_size for name in sums if (folder / name).is_file())
+    done, good, problems = 0, [], []
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
             continue
-        if have < metadata.size:
-            with partial.open("ab") as out:
-                http_get(metadata.location, out, resume_size=have, headers=build_hf_headers(token=token or False),
-                         expected_size=metadata.size, tqdm_class=_progress_class(counter, "huggingface_hub.http_get"))  # fmt: skip
-        os.replace(partial, paths.file_path)
-        write_download_metadata(dest, name, commit_hash=sha, etag=metadata.etag)
+        hasher = hashlib.sha256()
+        with path.open("rb") as reader:
+            while chunk := reader.read(8 << 20):
+                hasher.update(chunk)
+                done += len(chunk)
+                if on_bytes:
+                    on_bytes(done, total)
+        if hasher.hexdigest() == expected:
+            good.append(name)
+        else:
+            problems.append(f"{name} has changed since it was downloaded (SHA-256 {hasher.hexdigest()[:16]}…, "
+                            f"expected {expected[:16]}…)")  # fmt: skip
+    return good, problems

@@ -65,6 +65,13 @@ def model_quantize(request, model_id):
     return JsonResponse(model.as_dict(), status=202)
 
 
+@api_endpoint({"POST"})
+def model_verify(request, model_id):
+    """Re-check the model's files against their SHA-256 (a job): 202 with `verification`
+    "checking"; the row's `verification` has the outcome when it is done."""
+    return JsonResponse(services.request_verify(model_id, request.user).as_dict(include_config=False), status=202)
+
+
 @api_endpoint({"GET"})
 def model_architecture(request, model_id):
     return JsonResponse(services.architecture(model_id))

@@ -3,13 +3,14 @@ outcome recorded. Also run inline by the management commands' --sync."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 from django.conf import settings
 
 from mistudio.errors import JobCancelled, JobError
-from mistudio.hub import ensure_free_space
+from mistudio.hub import ensure_free_space, read_sums, verify_folder, write_sums
 from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
 from mistudio.staging import promote, staged_dir, staged_path
@@ -138,6 +139,8 @@ def _download(model: Model, job: TrackedJob) -> None:
     # A retry fetches the commit the first attempt resolved: its bytes on disk are that commit's.
     plan = hub.plan_download(model.repo_id, model.revision or model.requested_revision, token, endpoint, **retry)
     job.write(revision=plan.sha, bytes_total=plan.total_bytes)
+    if _made_from_shared_snapshot(model, plan.sha, job):
+        return
     # Written aside and moved into place when complete. Kept when the job fails (a dead
     # worker, a dropped connection): a retry resumes from its bytes (the Hub client's
     # .incomplete files and HTTP Range). A cancel or a delete removes it.
@@ -155,6 +158,26 @@ def _download(model: Model, job: TrackedJob) -> None:
     del token
     promote(tmp, model.raw_dir)
     _finish(model, job, model.requested_quantization)
+
+
+def _made_from_shared_snapshot(model: Model, sha: str, job: TrackedJob) -> bool:
+    """Another format of this repo at this commit is here: this one is made from its raw
+    snapshot (no weight fetched, the folder shared, removed with its last user) and its
+    card joins that snapshot's. False when there is none to share."""
+    shared = model.shared_snapshot_for(sha)
+    if shared is None:
+        return False
+    job.write(snapshot_of=shared.snapshot_owner, bytes_total=0,
+              notice=f"Made from the snapshot already downloaded for {shared.label}: no weights fetched again.")  # fmt: skip
+    model.refresh_from_db()
+    if not (model.raw_dir / "config.json").is_file():  # its last user was deleted meanwhile: download after all
+        job.write(snapshot_of="", notice="")
+        model.refresh_from_db()
+        return False
+    log.info("model %s: made from the snapshot of %s (%s@%s); no weights fetched", model.id, model.snapshot_owner, model.repo_id, sha)
+    model.publish_moved()
+    _finish(model, job, model.requested_quantization)
+    return True
 
 
 def _import(model: Model, job: TrackedJob) -> None:
@@ -176,14 +199,18 @@ def _copy_model_folder(src: Path, dest: Path, job: TrackedJob) -> None:
                                            "copy the files in instead of linking them.")  # fmt: skip
     total = sum(p.stat().st_size for p in files)
     ensure_free_space(dest.parent, total, settings.DISK_RESERVE_BYTES)
-    done = 0
+    done, sums = 0, {}
     with staged_dir(dest) as tmp:
         for path in files:
+            hasher = hashlib.sha256()
             with path.open("rb") as reader, (tmp / path.name).open("wb") as writer:
                 while chunk := reader.read(8 << 20):
                     writer.write(chunk)
+                    hasher.update(chunk)
                     done += len(chunk)
                     job.transfer(done, total)
+            sums[path.name] = hasher.hexdigest()
+        write_sums(tmp, sums)  # what was copied, so verify_model sees a later change
 
 
 def run_download(model_id: str, listener: Listener | None = None) -> Model | None:
@@ -208,3 +235,35 @@ def quantize_model_job(model_id: str) -> None:
 
 def import_model_job(model_id: str) -> None:
     run_import(model_id)
+
+
+def verify_model(model_id: str) -> Model:
+    """Re-hash the model's raw snapshot against its SHA256SUMS (written as the files arrived,
+    each checked against the Hub's hash then) and record the outcome on the row."""
+    from django.utils import timezone
+
+    model = Model.objects.get(pk=model_id)
+    sums = read_sums(model.raw_dir)
+    if not sums:
+        outcome = {"state": "unchecked", "problems": [
+            f"{model.raw_dir.name} has no SHA256SUMS: it was downloaded before checksums were kept, or imported "
+            "from a GGUF file. Download it again to have it checked."]}  # fmt: skip
+    else:
+        try:
+            good, problems = verify_folder(model.raw_dir)
+        except OSError as exc:
+            good, problems = [], [f"The snapshot could not be read: {exc.strerror or type(exc).__name__}."]
+        outcome = {"state": "failed" if problems else "ok", "checked": len(good), "files": len(sums), "problems": problems}
+    outcome["at"] = timezone.now().isoformat()
+    Model.objects.filter(pk=model_id).update(verification=outcome)
+    model.refresh_from_db()
+    model.publish()
+    log.info("model %s verified: %s (%d problems)", model_id, outcome["state"], len(outcome["problems"]))
+    return model
+
+
+def verify_model_job(model_id: str) -> None:
+    try:
+        verify_model(model_id)
+    except Model.DoesNotExist:  # deleted while queued: nothing to check
+        pass

@@ -1,8 +1,11 @@
 import secrets
+import shutil
 from pathlib import Path
 
 from django.conf import settings
 from django.db import models
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce, NullIf
 from django.template.loader import render_to_string
 from django.utils.functional import cached_property
 
@@ -85,6 +88,8 @@ class Model(TransferRow):
     perplexity = models.FloatField(null=True, blank=True, help_text="On the shipped reference text.")
     perplexity_baseline = models.FloatField(null=True, blank=True, help_text="FP32 weights, same text.")
     format_notes = models.TextField(blank=True, help_text="Why the produced format differs from the requested one.")
+    verification = models.JSONField(default=dict, blank=True, help_text="The last check of its files against the "
+                                    "SHA-256 each had when it arrived: state, when, files checked, problems.")  # fmt: skip
     token_given = models.BooleanField(default=False, help_text="The download was given a Hub token (the token itself "
                                                                "is dropped when the job stops), so a retry asks for one.")
 
@@ -175,7 +180,7 @@ class Model(TransferRow):
         """The FP32 weights' perplexity on the shipped text, measured once per snapshot (when a
         format was made from it) and shared by every record of that snapshot."""
         return (
-            Model.objects.filter(models.Q(snapshot_of=self.snapshot_owner) | models.Q(pk=self.snapshot_owner))
+            self.snapshot_users()
             .exclude(perplexity_baseline=None)
             .values_list("perplexity_baseline", flat=True)
             .first()
@@ -209,6 +214,14 @@ class Model(TransferRow):
             return f"×{self.perplexity / self.perplexity_baseline:,.0f} vs FP32"
         return f"{'+' if change >= 0 else '−'}{abs(change):.1f} % vs FP32"
 
+    @property
+    def verified_at(self):
+        """When the last check of its files ended (None while none has)."""
+        from django.utils.dateparse import parse_datetime
+
+        at = (self.verification or {}).get("at")
+        return parse_datetime(at) if isinstance(at, str) else None
+
     @cached_property
     def extraction_ids(self) -> list[str]:
         """Its extractions' ids, newest first, read once per card (its history link and the
@@ -223,16 +236,40 @@ class Model(TransferRow):
     def quantized_dir(self, fmt: str) -> Path:
         return settings.DATA_DIR / "models" / "quantized" / f"{self.id}_{fmt}"
 
+    def snapshot_users(self):
+        """Every record made from the raw snapshot this one uses (itself included)."""
+        return Model.objects.filter(models.Q(snapshot_of=self.snapshot_owner) | models.Q(pk=self.snapshot_owner))
+
     def owned_dirs(self) -> list[Path]:
-        """Every folder only this record uses (for cleanup): its quantized folders, and the
-        raw snapshot unless another record was made from it; each with what a job staged."""
+        """Every folder only this record's job writes (for cleanup): its quantized folders,
+        and the raw snapshot when it downloaded or imported it and no other record uses it;
+        each with what a job staged. A snapshot taken from another record is never its job's
+        to remove: it goes with the last of its users (`delete`)."""
         dirs = [self.quantized_dir(fmt) for fmt in BYTES_PER_PARAM]  # every format a job can make
-        sharers = Model.objects.filter(
-            models.Q(snapshot_of=self.snapshot_owner) | models.Q(pk=self.snapshot_owner)
-        ).exclude(pk=self.pk)
-        if not sharers.exists():
+        if not self.snapshot_of and not self.snapshot_users().exclude(pk=self.pk).exists():
             dirs.insert(0, self.raw_dir)
         return [path for folder in dirs for path in (folder, staged_path(folder))]
+
+    def delete(self, *args, **kwargs):
+        """The row; and the shared snapshot it was made from, when it was that snapshot's
+        last user (its first owner deleted before it)."""
+        shared = self.raw_dir if self.snapshot_of else None
+        result = super().delete(*args, **kwargs)
+        if shared is not None and not Model.objects.filter(
+            models.Q(snapshot_of=shared.name) | models.Q(pk=shared.name)
+        ).exists():
+            for path in (shared, staged_path(shared)):
+                shutil.rmtree(path, ignore_errors=True)
+        return result
+
+    def shared_snapshot_for(self, sha: str):
+        """A ready record of this repo at commit `sha` whose raw snapshot is on disk, complete:
+        a download of another format is made from it instead of fetching the weights again."""
+        others = Model.objects.filter(source="hub", repo_id=self.repo_id, revision=sha, status=ModelStatus.READY)
+        for other in others.exclude(pk=self.pk).order_by("created_at"):
+            if (other.raw_dir / "config.json").is_file():
+                return other
+        return None
 
     def job_paths(self) -> list[Path]:
         return self.owned_dirs()
@@ -284,11 +321,34 @@ class Model(TransferRow):
         return progress.model_group(self.id)
 
     def publish_added(self) -> None:
-        """Only the new card, put first in every open list (and the empty state gone)."""
-        progress.publish_html(render_to_string("models_app/_card_added.html", {"model": self}))
+        """The new row into its snapshot's card when the pages show it (a format made from
+        it), else a new card put first in every open list (and the empty state gone)."""
+        group = ModelGroup.of(self.snapshot_owner)
+        if group is not None and len(group.rows) > 1:
+            progress.publish_html(render_to_string("models_app/_row_added.html", {"model": self, "group": group})
+                                  + group.head_html(oob=True))  # fmt: skip
+        else:
+            progress.publish_html(render_to_string("models_app/_card_added.html", {"group": group or ModelGroup([self])}))
 
     def publish_removed(self) -> None:
-        progress.publish_html(f'<div id="model-card-{self.id}" hx-swap-oob="delete"></div>')
+        """Its row goes; its snapshot's card too when it was the last, else that card's figures change."""
+        html = f'<div id="model-card-{self.id}" hx-swap-oob="delete"></div>'
+        group = ModelGroup.of(self.snapshot_owner)
+        if group is None:
+            html += f'<div id="model-group-{self.snapshot_owner}" hx-swap-oob="delete"></div>'
+        else:
+            html += group.head_html(oob=True)
+        progress.publish_html(html)
+
+    def publish_moved(self) -> None:
+        """A download found its snapshot already here: its card of its own goes, its row joins that snapshot's."""
+        progress.publish_html(f'<div id="model-group-{self.id}" hx-swap-oob="delete"></div>')
+        self.publish_added()
+
+    def live_html(self) -> str:
+        """The row, and its snapshot card's figures (sizes, formats) with it."""
+        group = ModelGroup.of(self.snapshot_owner)
+        return self.card_html(oob=True) + (group.head_html(oob=True) if group is not None else "")
 
     def delete_blocker(self) -> str | None:
         if any(extraction.is_running for extraction in self.extractions.all()):
@@ -297,11 +357,14 @@ class Model(TransferRow):
 
     @classmethod
     def panel_page(cls, page: int = 1, filters=None) -> dict:
-        """One page of cards (newest first, or as `filters`, a ModelFilters, narrow and
-        order them), whether another follows, and the counts the page shows."""
+        """One page of snapshot cards (ModelGroup: a repo@revision with its formats as rows;
+        newest first, or as `filters`, a ModelFilters, narrow and order them), whether another
+        follows, and the counts the page shows (one per snapshot)."""
         from .forms import ModelFilters
 
-        return filtered_page(cls.objects.all(), filters if filters is not None else ModelFilters({}), page, cls.PANEL_SIZE, "models")
+        found = filtered_page(cls.objects.all(), filters if filters is not None else ModelFilters({}), page, cls.PANEL_SIZE,
+                              "models", group_by=SNAPSHOT_GROUP)  # fmt: skip
+        return {**found, "groups": [ModelGroup(rows) for rows in found["groups"]]}
 
     @classmethod
     def list_html(cls, oob: bool = False, filters=None) -> str:
@@ -374,12 +437,70 @@ class Model(TransferRow):
             "perplexity_baseline": self.perplexity_baseline,
             "format_notes": self.format_notes or None,
             "snapshot_of": self.snapshot_of or None,
+            "snapshot_id": self.snapshot_owner,
+            "verification": self.verification or None,
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
         if include_config:
             data["architecture_config"] = self.architecture_config
         return data
+
+
+# Each row's snapshot: the records made from one raw snapshot (one repo@revision) share a card.
+SNAPSHOT_GROUP = Coalesce(NullIf(F("snapshot_of"), Value("")), F("id"))
+
+
+class ModelGroup:
+    """One repo@revision's card on the Models page: the formats made from its raw snapshot,
+    as rows (the snapshot's own first), and what they hold on disk, the shared snapshot
+    counted once."""
+
+    def __init__(self, rows: list[Model]) -> None:
+        self.rows = rows
+        self.key = rows[0].snapshot_owner
+
+    @classmethod
+    def of(cls, key: str) -> "ModelGroup | None":
+        rows = list(Model.objects.filter(models.Q(snapshot_of=key) | models.Q(pk=key)).order_by("created_at", "pk"))
+        return cls(rows) if rows else None
+
+    @property
+    def first(self) -> Model:
+        return self.rows[0]
+
+    @property
+    def title(self) -> str:
+        return self.first.repo_id or self.first.name
+
+    @property
+    def revision(self) -> str:
+        return self.first.revision
+
+    @cached_property
+    def snapshot_bytes(self) -> int:
+        """The raw snapshot's bytes on disk (0 until one is there)."""
+        from .ml.loading import folder_size
+
+        raw = self.first.raw_dir
+        return folder_size(raw) if raw.is_dir() else 0
+
+    @property
+    def made_bytes(self) -> int:
+        """What the formats made from the snapshot hold besides it."""
+        return sum(row.disk_size_bytes or 0 for row in self.rows if row.quantized_path)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.snapshot_bytes + self.made_bytes
+
+    @property
+    def sharing(self) -> int:
+        """How many records use the snapshot."""
+        return len(self.rows)
+
+    def head_html(self, oob: bool = False) -> str:
+        return render_to_string("models_app/_group_head.html", {"group": self, "oob": oob})
 
 
 def format_judge(config: dict, fmt: str):

@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
-from mistudio import capacity, jobs
+from mistudio import capacity, jobs, queue
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
 from mistudio.queue import require_queue
@@ -255,3 +257,18 @@ def retry_model(model_id: str, user, token: str | None = None) -> Model:
 def delete_model(model_id: str, user) -> bool:
     """Remove the record and every file of it (see mistudio.jobs.delete)."""
     return jobs.delete(Model, model_id, user)
+
+
+def request_verify(model_id: str, user, enqueue: bool = True) -> Model:
+    """Re-check a ready model's raw snapshot against the SHA-256 each file had when it
+    arrived (the Hub's own, checked then): a job, since a 26 GB snapshot takes minutes to read."""
+    model = Model.get_ready_or_409(model_id, "verified")
+    model.check_may_change(user, "verify")
+    if enqueue:
+        require_queue()
+    Model.objects.filter(pk=model.pk).update(verification={"state": "checking", "asked_at": timezone.now().isoformat()})
+    model.refresh_from_db()
+    if enqueue:
+        transaction.on_commit(lambda: queue.enqueue("models_app.jobs.verify_model_job", model.pk, f"verify-{uuid.uuid4()}"))
+    model.publish()
+    return model

@@ -14,6 +14,7 @@ urlpatterns = [
     path("models/<str:model_id>/retry", views.retry, name="retry"),
     path("models/<str:model_id>/quantize", views.quantize, name="quantize"),
     path("models/<str:model_id>/architecture", views.architecture, name="architecture"),
+    path("models/<str:model_id>/verify", views.verify, name="verify"),
     path("api/models", api.models_collection, name="api-models"),
     path("api/models/download", api.download, name="api-download"),
     path("api/models/estimate", api.estimate, name="api-estimate"),
@@ -21,5 +22,6 @@ urlpatterns = [
     path("api/models/<str:model_id>/cancel", api.model_cancel, name="api-cancel"),
     path("api/models/<str:model_id>/quantize", api.model_quantize, name="api-quantize"),
     path("api/models/<str:model_id>/retry", api.model_retry, name="api-retry"),
+    path("api/models/<str:model_id>/verify", api.model_verify, name="api-verify"),
     path("api/models/<str:model_id>/architecture", api.model_architecture, name="api-architecture"),
 ]

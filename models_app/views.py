@@ -100,6 +100,12 @@ def retry(request, model_id):
 
 
 @require_POST
+def verify(request, model_id):
+    """"Verify files" on a ready card: it says "Checking…" until the job records the outcome."""
+    return _card_or_redirect(request, model_id, lambda mid: services.request_verify(mid, request.user))
+
+
+@require_POST
 def quantize(request, model_id):
     """"Quantize to…" on a ready card: the new record's card joins the list."""
     try:

@@ -4,7 +4,7 @@ translation as model downloads (so the loopback Hub tests them too)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mistudio import hub
@@ -43,6 +43,7 @@ class DatasetPlan:
     sha: str  # the commit it resolved to
     files: tuple[str, ...]  # the split's data files, in order
     file_sizes: dict[str, int]
+    digests: dict[str, hub.Digest] = field(default_factory=dict)  # what each file must hash to (the Hub's)
 
     @property
     def total_bytes(self) -> int:
@@ -59,7 +60,8 @@ def plan_dataset(
     def fetch() -> DatasetPlan:
         info = HfApi(endpoint=endpoint).dataset_info(repo_id, revision=revision, files_metadata=True, token=token or False)
         sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
-        return DatasetPlan(repo_id, revision, str(info.sha), tuple(split_files(list(sizes), split, config)), sizes)
+        return DatasetPlan(repo_id, revision, str(info.sha), tuple(split_files(list(sizes), split, config)), sizes,
+                           hub.digests_of(info.siblings))
 
     return hub.with_retries(fetch, retries, backoff_seconds, lambda e: hub.translate_error(e, repo_id, revision, bool(token)))
 
@@ -69,6 +71,7 @@ def download_dataset(plan: DatasetPlan, dest: Path, token: str | None, endpoint:
     """The split's files into `dest` through the shared Hub client (progress, retries, resume)."""
     hub.download_repo_files(
         plan.repo_id, plan.sha, plan.files, plan.file_sizes, dest, token, endpoint, on_bytes, repo_type="dataset",
+        digests=plan.digests,
         revision_asked=plan.revision, retries=retries, backoff_seconds=backoff_seconds,
     )  # fmt: skip
 

@@ -7,11 +7,11 @@ HF_TOKEN or cached login is never sent on their behalf.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mistudio.errors import JobError
-from mistudio.hub import ByteCallback, download_repo_files, translate_error, with_retries
+from mistudio.hub import ByteCallback, Digest, digests_of, download_repo_files, translate_error, with_retries
 
 from .loading import SIDECAR_FILES
 
@@ -24,6 +24,7 @@ class DownloadPlan:
     files: tuple[str, ...]
     file_sizes: dict[str, int]
     gated: bool
+    digests: dict[str, Digest] = field(default_factory=dict)  # what each file must hash to (the Hub's)
 
     @property
     def total_bytes(self) -> int:
@@ -72,23 +73,17 @@ def plan_download(
         info = api.model_info(repo_id, revision=revision, files_metadata=True, token=token or False)
         sizes = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
         files = select_files(sizes)
-        return DownloadPlan(repo_id, revision, str(info.sha), tuple(files), sizes, bool(info.gated))
+        return DownloadPlan(repo_id, revision, str(info.sha), tuple(files), sizes, bool(info.gated), digests_of(info.siblings))
 
     return with_retries(fetch, retries, backoff_seconds, lambda e: translate_error(e, repo_id, revision, bool(token)))
 
 
 def fetch_file(plan: DownloadPlan, filename: str, dest: Path, token: str | None, endpoint: str) -> Path:
-    """One small file (config.json for the early architecture check) into `dest`."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(
-            hf_hub_download(
-                plan.repo_id, filename, revision=plan.sha, local_dir=dest, endpoint=endpoint, token=token or False
-            )
-        )
-    except BaseException as exc:  # noqa: BLE001
-        raise translate_error(exc, plan.repo_id, plan.revision, bool(token)) from None
+    """One small file (config.json for the early architecture check) into `dest`, checked
+    against the Hub's hash like the rest (the full download then keeps it)."""
+    download_repo_files(plan.repo_id, plan.sha, (filename,), plan.file_sizes, dest, token, endpoint, lambda done, total: None,
+                        digests=plan.digests, revision_asked=plan.revision, retries=1)  # fmt: skip
+    return dest / filename
 
 
 def fetch_config(plan: DownloadPlan, token: str | None, endpoint: str) -> dict:
@@ -97,7 +92,13 @@ def fetch_config(plan: DownloadPlan, token: str | None, endpoint: str) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mistudio-config-") as tmp:
-        path = fetch_file(plan, "config.json", Path(tmp), token, endpoint)
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(plan.repo_id, "config.json", revision=plan.sha, local_dir=tmp, endpoint=endpoint,
+                                        token=token or False))  # fmt: skip
+        except BaseException as exc:  # noqa: BLE001
+            raise translate_error(exc, plan.repo_id, plan.revision, bool(token)) from None
         try:
             return json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -115,6 +116,6 @@ def download_snapshot(
 ) -> None:
     """The planned files into `dest` (see `mistudio.hub.download_repo_files`)."""
     download_repo_files(
-        plan.repo_id, plan.sha, plan.files, plan.file_sizes, dest, token, endpoint, on_bytes,
+        plan.repo_id, plan.sha, plan.files, plan.file_sizes, dest, token, endpoint, on_bytes, digests=plan.digests,
         revision_asked=plan.revision, retries=retries, backoff_seconds=backoff_seconds,
     )  # fmt: skip

@@ -111,6 +111,9 @@ class HubServer:
     def __init__(self, bytes_per_second: int | None = None) -> None:
         self.bytes_per_second = bytes_per_second
         self.fail_next_requests = 0
+        # file name -> how many of its next GETs arrive with one byte flipped (a bad proxy, a
+        # flaky disk on the way): the client must notice by the file's hash.
+        self.damage_next_downloads: dict[str, int] = {}
         self.requests: list[RequestRecord] = []
         self._repos: dict[tuple[str, str], HubRepo] = {}
         self._lock = threading.Lock()
@@ -313,17 +316,24 @@ class _Handler(BaseHTTPRequestHandler):
             status, headers["Content-Range"] = 206, f"bytes {start}-{end}/{blob.size}"
         self._send_head(status, headers, end - start + 1)
         if send_body:
-            self._stream(blob.path, start, end - start + 1)
+            with self.hub._lock:
+                damaged = self.hub.damage_next_downloads.get(filename, 0) > 0
+                if damaged:
+                    self.hub.damage_next_downloads[filename] -= 1
+            self._stream(blob.path, start, end - start + 1, flip_at=blob.size // 2 if damaged else None)
 
-    def _stream(self, path: Path, offset: int, length: int) -> None:
+    def _stream(self, path: Path, offset: int, length: int, flip_at: int | None = None) -> None:
         with path.open("rb") as f:
             f.seek(offset)
             while length > 0:
                 rate = self.hub.bytes_per_second  # re-read per chunk so a test can change it mid-transfer
+                at = f.tell()
                 chunk = f.read(min(length, _CHUNK if rate is None else max(1, min(_CHUNK, rate // 10))))
                 if not chunk:  # file shrank under us: the promised Content-Length can no longer be honoured
                     self.close_connection = True
                     return
+                if flip_at is not None and at <= flip_at < at + len(chunk):
+                    chunk = chunk[: flip_at - at] + bytes([chunk[flip_at - at] ^ 0x01]) + chunk[flip_at - at + 1 :]
                 self.wfile.write(chunk)
                 length -= len(chunk)
                 if rate is not None:

@@ -38,9 +38,15 @@ def test_a_download_from_the_api_ends_ready_with_files_and_exact_figures(signed_
     assert model.params_count == AutoModelForCausalLM.from_pretrained(tiny_repo_folder).num_parameters()
     assert model.memory_required_bytes == round(model.params_count * 4 * 1.2)
     raw = data_dir / "models" / "raw" / model.id
-    assert sorted(p.name for p in raw.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in raw.iterdir()) == ["SHA256SUMS", "config.json", "generation_config.json", "model.safetensors"]
+    # Each file's SHA-256, in sha256sum's own format: `sha256sum -c SHA256SUMS` re-checks the snapshot by hand.
+    import hashlib
+
+    listed = dict(reversed(line.split("  ")) for line in (raw / "SHA256SUMS").read_text().splitlines())
+    assert listed == {name: hashlib.sha256((tiny_repo_folder / name).read_bytes()).hexdigest()
+                      for name in ("config.json", "generation_config.json", "model.safetensors")}  # fmt: skip
     assert model.disk_size_bytes == sum(p.stat().st_size for p in raw.iterdir())
-    assert model.bytes_done == model.bytes_total == model.disk_size_bytes
+    assert model.bytes_done == model.bytes_total == model.disk_size_bytes - (raw / "SHA256SUMS").stat().st_size
     assert model.progress == 100.0
     assert model.architecture_config["hidden_size"] == 64
     assert model.revision == make_sha("tiny/llama")  # the resolved commit, not "main"

@@ -13,9 +13,9 @@
         var colon = spec.indexOf(":");
         var target = colon >= 0 ? document.querySelector(spec.slice(colon + 1)) : (el.id ? document.getElementById(el.id) : null);
         var filter = target && target.getAttribute("data-model-filter");
-        // An added card this page already lists (it loaded after the row was made) is not
-        // added twice: the row's own updates keep the one it has.
-        var card = spec.indexOf("afterbegin:") === 0 && el.firstElementChild;
+        // An added card (or a format's row added to its snapshot's card) this page already
+        // lists (it loaded after the row was made) is not added twice: the row's own updates keep the one it has.
+        var card = (spec.indexOf("afterbegin:") === 0 || spec.indexOf("beforeend:") === 0) && el.firstElementChild;
         var listed = card && card.id && document.getElementById(card.id);
         // A filtered list takes no added card: it may not match (a reload or a new filter shows it).
         var narrowed = spec.indexOf("afterbegin:") === 0 && target && target.hasAttribute("data-filtered");
