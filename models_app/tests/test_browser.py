@@ -186,6 +186,22 @@ def test_a_download_shows_live_progress_and_turns_ready_without_a_reload(stack, 
 
     other_tab.wait_for_selector(f"#{card_id}[data-status=ready]", timeout=10_000)
     assert Model.objects.get(pk=card_id.removeprefix("model-card-")).status == "ready"
+
+    # Another format of the same repo@revision: made from the snapshot already here, its row
+    # joins that snapshot's card live, in both tabs, and the card's sizes say it is shared.
+    first_id = card_id.removeprefix("model-card-")
+    page.fill("#id_repo_id", "tiny/gated")
+    page.select_option("#id_quantization", "FP16")
+    page.fill("#id_access_token", GATED_TOKEN)
+    page.click("#download-button")
+    for tab in (page, other_tab):
+        row = tab.wait_for_selector(f"#model-group-{first_id} [id^=model-card-]:not(#model-card-{first_id})[data-status=ready]",
+                                    timeout=30_000)  # fmt: skip
+        second_id = row.get_attribute("id").removeprefix("model-card-")
+        assert tab.locator("#model-list > .model-group").count() == 1  # no card of its own left behind
+        assert "2 formats" in tab.inner_text(f"#model-group-{first_id}-head")
+        assert "counted once" in tab.inner_text(f"#model-group-{first_id}-head")
+    assert Model.objects.get(pk=second_id).snapshot_of == first_id
     assert GATED_TOKEN not in page.content() and GATED_TOKEN not in other_tab.content()
 
 
