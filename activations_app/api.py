@@ -62,6 +62,14 @@ def dataset_cancel(request, dataset_id):
 
 
 @api_endpoint({"POST"})
+def dataset_statistics(request, dataset_id):
+    """Measure the dataset again (a job); `model_id` adds tokens per row with that model's
+    tokenizer. 202 with `statistics.state` "computing"; GET the dataset for the figures."""
+    model_id = text_field(json_body(request), "model_id") or ""
+    return JsonResponse(services.request_dataset_statistics(dataset_id, request.user, model_id).as_dict(), status=202)
+
+
+@api_endpoint({"POST"})
 def dataset_retry(request, dataset_id):
     token = text_field(json_body(request), "access_token")
     return JsonResponse(services.retry_dataset(dataset_id, request.user, token).as_dict(), status=202)

@@ -4,13 +4,14 @@ Hub dataset import: queued → downloading → ready."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from django.conf import settings
 
 from mistudio import capacity
-from mistudio.errors import InvalidInput, JobError
+from mistudio.errors import InvalidInput, JobError, ServiceError
 from mistudio.hub import ensure_free_space
 from mistudio.hub_access import retry_policy, stored_token
 from mistudio.jobs import Listener, TrackedJob, run_tracked
@@ -26,6 +27,8 @@ from .ml.hooks import hook_targets
 from .ml.hub_datasets import download_dataset, plan_dataset, stream_summary
 from .ml.stats import warm as warm_statistics
 from .models import Dataset, DatasetStatus, Export, ExportStatus, Extraction, ExtractionStatus
+
+log = logging.getLogger(__name__)
 
 
 def warm_up_worker() -> None:
@@ -129,13 +132,14 @@ def _import_hub_dataset(dataset: Dataset, job: TrackedJob) -> None:
     job.flush()
     try:
         dataset_files.check_file(tmp / plan.files[0], dataset.text_column)
-        row_count, preview = dataset_files.summarize(tmp, dataset.text_column)
+        row_count, preview, chars = dataset_files.summarize(tmp, dataset.text_column)
     except InvalidInput as exc:
         raise JobError(exc.code, exc.message) from None
     promote(tmp, dataset.folder)
     del token
     job.write(status=DatasetStatus.READY, progress=100.0, file_path=str(dataset.folder), row_count=row_count,
-              preview=preview, encrypted_token=None, **Dataset.IDLE_FIELDS)  # fmt: skip
+              preview=preview, statistics=Dataset.statistics_record(row_count, True, chars),
+              encrypted_token=None, **Dataset.IDLE_FIELDS)  # fmt: skip
 
 
 def run_extraction_job(extraction_id: str, listener: Listener | None = None) -> Extraction | None:
@@ -181,3 +185,44 @@ def export_job(export_id: str) -> None:
 
 def import_dataset_job(dataset_id: str) -> None:
     run_dataset_import(dataset_id)
+
+
+def dataset_statistics(dataset_id: str) -> Dataset:
+    """What request_dataset_statistics asked for, measured and stored on the row (its
+    progress as rows read, a failure as its message: the row is never left "computing")."""
+    from django.utils import timezone
+
+    from models_app.services import get_model
+
+    from .ml.datasets import text_statistics
+
+    dataset = Dataset.objects.get(pk=dataset_id)
+    asked = (dataset.statistics or {}).get("asked") or {}
+    previous = {k: v for k, v in (dataset.statistics or {}).items() if k not in ("state", "asked", "rows_so_far", "error")}
+    shown = [time.monotonic()]
+
+    def on_rows(n: int) -> None:
+        if time.monotonic() - shown[0] >= 1.0:
+            shown[0] = time.monotonic()
+            Dataset.objects.filter(pk=dataset_id).update(statistics={**previous, "state": "computing", "asked": asked, "rows_so_far": n})
+
+    try:
+        model = get_model(asked["model_id"]) if asked.get("model_id") else None
+        tokenizer = tokenizer_for(model.weights_dir) if model else None
+        limit = settings.DATASET_STATS_STREAM_ROWS if dataset.storage == "stream" else None
+        found = text_statistics(dataset.texts(asked.get("reader_id")), tokenizer, limit, on_rows=on_rows)
+        record = Dataset.statistics_record(found["rows"], found["complete"], found["chars"], found["tokens"], model)
+    except Exception as exc:  # noqa: BLE001 - said on the row; the dataset itself is fine
+        log.exception("dataset %s: statistics failed", dataset_id)
+        message = exc.message if isinstance(exc, (JobError, ServiceError)) else f"{type(exc).__name__} while reading the rows."
+        record = {**previous, "state": "failed", "error": message, "computed_at": timezone.now().isoformat()}
+    Dataset.objects.filter(pk=dataset_id).update(statistics=record)
+    dataset.refresh_from_db()
+    return dataset
+
+
+def dataset_statistics_job(dataset_id: str) -> None:
+    try:
+        dataset_statistics(dataset_id)
+    except Dataset.DoesNotExist:  # deleted while queued
+        pass

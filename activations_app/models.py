@@ -53,6 +53,8 @@ class Dataset(TransferRow):
     text_column = models.CharField(max_length=100, default="text")
     row_count = models.IntegerField(default=0, null=True)  # None: not known until read whole (a streamed jsonl)
     preview = models.JSONField(default=list, blank=True)
+    statistics = models.JSONField(default=dict, blank=True, help_text="Rows, characters and (for one model's "
+                                  "tokenizer) tokens per row, over the whole dataset or the share said.")  # fmt: skip
     status = models.CharField(max_length=12, choices=DatasetStatus.choices, default=DatasetStatus.READY)
     # A Hub dataset: what was asked for, and the commit it resolved to.
     repo_id = models.CharField(max_length=200, blank=True)
@@ -123,6 +125,34 @@ class Dataset(TransferRow):
                                 stored_token(self.encrypted_token), settings.HF_ENDPOINT)  # fmt: skip
         return dataset_files.iter_texts(Path(self.file_path), self.text_column)
 
+    @property
+    def histograms(self) -> list[dict]:
+        """The stored histograms (tokens per row when measured, else characters) as bars for
+        the page: each bin's range, count and height (% of the tallest)."""
+        stats = self.statistics or {}
+        shown = []
+        for kind, label in (("tokens", "tokens"), ("chars", "characters")):
+            summary = stats.get(kind) or {}
+            histogram = summary.get("histogram") or {}
+            counts, edges = histogram.get("counts") or [], histogram.get("edges") or []
+            if not counts or shown:
+                continue
+            tallest = max(counts) or 1
+            shown.append({"label": label, "summary": summary, "bars": [
+                {"low": edges[i], "high": edges[i + 1], "count": count, "height": round(100 * count / tallest, 1)}
+                for i, count in enumerate(counts)]})  # fmt: skip
+        return shown
+
+    @staticmethod
+    def statistics_record(rows: int, complete: bool, chars: dict | None, tokens: dict | None = None, model=None) -> dict:
+        """What `statistics` holds once measured: over how many rows (every one, or the
+        first ones of a streamed split), characters and tokens per row, and whose tokenizer."""
+        from django.utils import timezone
+
+        return {"state": "ready", "rows": rows, "complete": complete, "chars": chars, "tokens": tokens,
+                "model_id": model.id if model else None, "model_label": f"{model.name} {model.quantization}" if model else None,
+                "computed_at": timezone.now().isoformat()}  # fmt: skip
+
     def source_fingerprint(self) -> list:
         """What identifies its content: the Hub commit and files, or the stored files' sizes and times."""
         if self.storage == "stream":
@@ -158,6 +188,7 @@ class Dataset(TransferRow):
         return {
             "id": self.id, "name": self.name, "source": self.source, "text_column": self.text_column,
             "row_count": self.row_count, "preview": self.preview, "status": self.status,
+            "statistics": self.statistics or None,
             "repo_id": self.repo_id or None, "split": self.split or None, "revision": self.revision or None,
             "config": self.config or None, "storage": self.storage, "files": self.files,
             "progress": round(self.progress, 2), "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,

@@ -143,8 +143,9 @@ def _store(dataset: Dataset, source: Path) -> None:
     try:
         dataset.folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-        row_count, preview = dataset_files.summarize(target, dataset.text_column)
+        row_count, preview, chars = dataset_files.summarize(target, dataset.text_column)
         dataset.file_path, dataset.row_count, dataset.preview = str(target), row_count, preview
+        dataset.statistics = Dataset.statistics_record(row_count, True, chars)
         dataset.save()
     except BaseException as exc:
         shutil.rmtree(dataset.folder, ignore_errors=True)
@@ -362,16 +363,22 @@ ESTIMATE_TOKEN_BUDGET = 1_000_000
 _AVAILABLE: dict[tuple, int | None] = {}
 
 
-def dataset_tokenization(dataset_id: str, model_id: str) -> dict:
-    """How a ready model's tokenizer reads the dataset's preview rows: tokens per row, the
-    first row's pieces, and whether the tokenizer itself puts a BOS first."""
+def dataset_tokenization(dataset_id: str, model_id: str, user=None) -> dict:
+    """How a ready model's tokenizer reads the dataset's first rows, whole (not the cut
+    preview): tokens per row, the first row's pieces, and whether the tokenizer itself puts
+    a BOS first."""
+    from itertools import islice
+
     dataset = Dataset.get_or_404(dataset_id)
     model = get_ready_model(model_id, "read a dataset with its tokenizer")
     try:
         tokenizer = tokenizer_for(model.weights_dir)
     except (OSError, ValueError) as exc:
         raise ServiceError("tokenizer_unreadable", f"{model.name} has no readable tokenizer ({type(exc).__name__}).") from None
-    rows = [str(text) for text in dataset.preview]
+    try:
+        rows = list(islice(dataset.texts(getattr(user, "pk", None)), len(dataset.preview) or 5))
+    except JobError as exc:
+        raise ServiceError(exc.code, exc.message) from None
     plain = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rows]
     first = tokenizer(rows[0], add_special_tokens=True)["input_ids"] if rows else []  # as an extraction's row starts
     chars = sum(len(text) for text in rows)
@@ -550,3 +557,52 @@ def template_for_model(template: ExtractionTemplate, model) -> tuple[dict, list[
     layers = [layer for layer in template.request.get("layers", []) if layer < model.num_layers]
     dropped = [layer for layer in template.request.get("layers", []) if layer >= model.num_layers]
     return {**template.request, "layers": layers}, dropped
+
+
+SAMPLES_PER_PAGE = 10
+
+
+def request_dataset_statistics(dataset_id: str, user, model_id: str = "", enqueue: bool = True) -> Dataset:
+    """Measure the dataset as a job: rows and characters per row over every row (a
+    Hub-streamed split: its first DATASET_STATS_STREAM_ROWS rows, said so), and tokens per
+    row with `model_id`'s tokenizer when one is given. The last figures stay shown meanwhile."""
+    import uuid
+
+    from django.utils import timezone
+
+    from mistudio import queue
+
+    dataset = Dataset.get_or_404(dataset_id)
+    if dataset.status != DatasetStatus.READY:
+        raise Conflict("dataset_not_ready", f"{dataset.name} is {dataset.status}; statistics need a ready dataset.")
+    model = get_ready_model(model_id, "count a dataset's tokens") if model_id else None
+    refusal = dataset.stream_refusal(getattr(user, "pk", None))
+    if refusal:
+        raise Forbidden("gated_token_required", refusal)
+    if enqueue:
+        require_queue()
+    asked = {"model_id": model.id if model else None, "reader_id": getattr(user, "pk", None), "at": timezone.now().isoformat()}
+    Dataset.objects.filter(pk=dataset.pk).update(statistics={**(dataset.statistics or {}), "state": "computing",
+                                                             "asked": asked, "rows_so_far": 0})  # fmt: skip
+    if enqueue:
+        transaction.on_commit(lambda: queue.enqueue("activations_app.jobs.dataset_statistics_job", dataset.pk,
+                                                    f"dataset-statistics-{uuid.uuid4()}"))  # fmt: skip
+    dataset.refresh_from_db()
+    return dataset
+
+
+def dataset_samples(dataset_id: str, user, page: int = 1) -> dict:
+    """A page of whole rows (SAMPLES_PER_PAGE), read in order from the stored file or the Hub."""
+    from itertools import islice
+
+    dataset = Dataset.get_or_404(dataset_id)
+    start = (page - 1) * SAMPLES_PER_PAGE
+    try:
+        rows = list(islice(dataset.texts(getattr(user, "pk", None)), start, start + SAMPLES_PER_PAGE + 1))
+    except JobError as exc:
+        raise ServiceError(exc.code, exc.message) from None
+    shown = rows[:SAMPLES_PER_PAGE]
+    return {"dataset": dataset, "rows": [{"number": start + i + 1, "text": text, "chars": len(text)} for i, text in enumerate(shown)],
+            "first_number": start + 1, "last_number": start + len(shown),
+            "page": page, "next_page": page + 1 if len(rows) > SAMPLES_PER_PAGE else None,
+            "previous_page": page - 1 if page > 1 else None}  # fmt: skip

@@ -3,7 +3,7 @@
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from mistudio.api import int_param
 from mistudio.consumers import ROW_ID
@@ -102,19 +102,47 @@ def dataset_retry(request, dataset_id):
 
 @require_GET
 def dataset_detail(request, dataset_id):
-    """The dataset's modal: Overview, Samples, Tokenization, Statistics."""
+    """The dataset's modal: Overview, Samples (whole rows, a page at a time), Tokenization,
+    Statistics (over the whole dataset, measured by a job)."""
     dataset = get_object_or_404(Dataset, pk=dataset_id)
-    lengths = [len(str(row)) for row in dataset.preview]
-    return render(request, "activations_app/_dataset_modal.html", {
-        "dataset": dataset, "models": ready_models(),
-        "lengths": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)} if lengths else None,
-    })  # fmt: skip
+    return render(request, "activations_app/_dataset_modal.html", {"dataset": dataset, "models": ready_models(),
+                                                                  **_samples_context(request, dataset_id, 1)})  # fmt: skip
+
+
+def _samples_context(request, dataset_id: str, page: int) -> dict:
+    try:
+        return services.dataset_samples(dataset_id, request.user, page)
+    except ServiceError as exc:
+        return {"samples_refusal": exc.message}
+
+
+@require_GET
+def dataset_samples(request, dataset_id):
+    """One page of whole rows (Previous / Next in the Samples tab)."""
+    get_object_or_404(Dataset, pk=dataset_id)
+    page = int_param(request, "page", 1, 1, 10**7)
+    return render(request, "activations_app/_dataset_samples.html", _samples_context(request, dataset_id, page))
+
+
+@require_http_methods(["GET", "POST"])
+def dataset_statistics(request, dataset_id):
+    """The Statistics tab: GET shows what is stored (and polls while a job measures); POST
+    measures again, with the chosen model's tokenizer for tokens per row."""
+    dataset = get_object_or_404(Dataset, pk=dataset_id)
+    refusal = None
+    if request.method == "POST":
+        try:
+            dataset = services.request_dataset_statistics(dataset_id, request.user, request.POST.get("model_id", ""))
+        except ServiceError as exc:
+            refusal = exc.message
+    return render(request, "activations_app/_dataset_statistics.html",
+                  {"dataset": dataset, "models": ready_models(), "refusal": refusal})  # fmt: skip
 
 
 @require_GET
 def dataset_tokens(request, dataset_id):
     try:
-        result = services.dataset_tokenization(dataset_id, request.GET.get("model_id", ""))
+        result = services.dataset_tokenization(dataset_id, request.GET.get("model_id", ""), request.user)
     except ServiceError as exc:
         return render(request, "activations_app/_dataset_tokens.html", {"refusal": exc.message})
     return render(request, "activations_app/_dataset_tokens.html", result)

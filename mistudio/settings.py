@@ -232,6 +232,8 @@ WORKER_CLASS = env_str("MISTUDIO_WORKER_CLASS", "")
 if WORKER_CLASS and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", WORKER_CLASS):
     raise ImproperlyConfigured("MISTUDIO_WORKER_CLASS must be a short lowercase name (letters, digits, - and _).")
 DATASET_UPLOAD_LIMIT_BYTES = env_bytes("MISTUDIO_DATASET_UPLOAD_LIMIT") or 1_000_000_000
+# A Hub-streamed split's statistics read its first rows only (the page says how many).
+DATASET_STATS_STREAM_ROWS = env_int("MISTUDIO_DATASET_STATS_STREAM_ROWS", 10_000)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024  # larger uploads stream to a temporary file
 # Server-side bounds of an extraction request.
 EXTRACTION_MAX_BATCH_SIZE = env_int("MISTUDIO_MAX_BATCH_SIZE", 512)

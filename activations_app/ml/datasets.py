@@ -187,11 +187,79 @@ def _column(row, column: str, path: Path, number: int) -> str:
     return value
 
 
-def summarize(path: Path, text_column: str, preview_rows: int = 5) -> tuple[int, list[str]]:
-    """Row count and the first rows (each cut to 300 characters) for the Datasets view."""
-    count, preview = 0, []
+PREVIEW_CHARS = 300  # a preview row's length; a longer row ends in "…" there
+
+
+def preview_text(text: str) -> str:
+    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1].rstrip() + "…"
+
+
+def summarize(path: Path, text_column: str, preview_rows: int = 5) -> tuple[int, list[str], dict]:
+    """In one read: the row count, the first rows (each cut at PREVIEW_CHARS, marked "…")
+    for the Datasets view, and characters per row over every row (`length_summary`)."""
+    from array import array
+
+    count, preview, chars = 0, [], array("q")
     for text in iter_texts(path, text_column):
         if len(preview) < preview_rows:
-            preview.append(text[:300])
+            preview.append(preview_text(text))
+        chars.append(len(text))
         count += 1
-    return count, preview
+    return count, preview, length_summary(chars)
+
+
+HISTOGRAM_BINS = 24
+
+
+def length_summary(lengths) -> dict | None:
+    """min, median, p95, max and mean of per-row lengths, and a histogram (HISTOGRAM_BINS
+    bins, log-spaced when the lengths span more than a factor of 20, so the long tail shows);
+    None for no rows."""
+    import numpy as np
+
+    values = np.asarray(lengths, dtype=np.float64)
+    if values.size == 0:
+        return None
+    low, high = float(values.min()), float(values.max())
+    log = low >= 1 and high / max(low, 1) > 20
+    if log:
+        edges = np.geomspace(low, high, HISTOGRAM_BINS + 1)
+    elif high - low + 1 <= HISTOGRAM_BINS:  # few distinct lengths: one bin each
+        edges = np.arange(low, high + 2)
+    else:
+        edges = np.linspace(low, high, HISTOGRAM_BINS + 1)
+    counts, edges = np.histogram(values, bins=edges)
+    return {
+        "rows": int(values.size), "min": int(low), "median": float(np.median(values)),
+        "p95": float(np.percentile(values, 95)), "max": int(high), "mean": float(values.mean()),
+        "histogram": {"edges": [round(float(e), 1) for e in edges], "counts": counts.astype(int).tolist(), "log": bool(log)},
+    }  # fmt: skip
+
+
+def text_statistics(texts, tokenizer=None, max_rows: int | None = None, batch: int = 256, on_rows=None) -> dict:
+    """Characters (and, with `tokenizer`, tokens without special tokens) per row over
+    `texts`, or over their first `max_rows`: {"rows", "complete" (every row was read),
+    "chars", "tokens"} with `length_summary`s. `on_rows(n)` after each batch (it may raise
+    to stop)."""
+    from array import array
+
+    chars, tokens, pending, complete = array("q"), array("q"), [], True
+
+    def flush() -> None:
+        if tokenizer is not None and pending:
+            tokens.extend(len(ids) for ids in tokenizer(pending, add_special_tokens=False)["input_ids"])
+        pending.clear()
+        if on_rows is not None:
+            on_rows(len(chars))
+
+    for text in texts:
+        if max_rows is not None and len(chars) >= max_rows:
+            complete = False
+            break
+        chars.append(len(text))
+        pending.append(text)
+        if len(pending) >= batch:
+            flush()
+    flush()
+    return {"rows": len(chars), "complete": complete, "chars": length_summary(chars),
+            "tokens": length_summary(tokens) if tokenizer is not None else None}  # fmt: skip

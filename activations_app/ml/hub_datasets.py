@@ -10,7 +10,7 @@ from pathlib import Path
 from mistudio import hub
 from mistudio.errors import InvalidInput, JobError
 
-from .datasets import FORMATS, check_parquet_text_column
+from .datasets import FORMATS, check_parquet_text_column, preview_text
 
 
 def split_files(paths: list[str], split: str, config: str = "") -> list[str]:
@@ -162,7 +162,7 @@ def stream_summary(plan: DatasetPlan, text_column: str, token: str | None, endpo
         count += _parquet_schema(fs, plan, name)[1]
     preview = []
     for text in stream_texts(plan.repo_id, plan.sha, list(plan.files), text_column, token, endpoint):
-        preview.append(text[:300])
+        preview.append(preview_text(text))
         if len(preview) == PREVIEW_ROWS:
             break
     return count, preview
