@@ -71,8 +71,9 @@ def dataset_statistics(request, dataset_id):
 
 @api_endpoint({"POST"})
 def dataset_retry(request, dataset_id):
-    token = text_field(json_body(request), "access_token")
-    return JsonResponse(services.retry_dataset(dataset_id, request.user, token).as_dict(), status=202)
+    body = json_body(request)
+    token, column = text_field(body, "access_token"), text_field(body, "text_column")
+    return JsonResponse(services.retry_dataset(dataset_id, request.user, token, column).as_dict(), status=202)
 
 
 @api_endpoint({"POST"})

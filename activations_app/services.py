@@ -189,8 +189,16 @@ def cancel_dataset(dataset_id: str, user) -> Dataset:
     return jobs.cancel(Dataset, dataset_id, user)
 
 
-def retry_dataset(dataset_id: str, user, token: str | None = None) -> Dataset:
-    """A failed or cancelled Hub import again, resuming from the bytes it left."""
+def retry_dataset(dataset_id: str, user, token: str | None = None, text_column: str | None = None) -> Dataset:
+    """A failed or cancelled Hub import again, resuming from the bytes it left; with
+    `text_column`, reading that column instead (the fix for a wrong one)."""
+    if text_column is not None:
+        _, text_column = _dataset_fields(None, text_column, "-")
+        dataset = Dataset.get_or_404(dataset_id)
+        dataset.check_may_change(user, "retry")
+        if dataset.is_running:
+            raise Conflict("not_retryable", f"{dataset.label} is {dataset.status}; only a failed or cancelled import can be retried.")
+        Dataset.objects.filter(pk=dataset_id).exclude(status__in=Dataset.RUNNING).update(text_column=text_column)
     return jobs.retry(Dataset, dataset_id, user, token)
 
 

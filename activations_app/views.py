@@ -97,7 +97,8 @@ def dataset_cancel(request, dataset_id):
 @require_POST
 def dataset_retry(request, dataset_id):
     token = request.POST.get("access_token") or None
-    return _dataset_action(request, lambda pk, user: services.retry_dataset(pk, user, token), dataset_id)
+    column = request.POST.get("text_column")  # only on a card whose column was wrong
+    return _dataset_action(request, lambda pk, user: services.retry_dataset(pk, user, token, column), dataset_id)
 
 
 @require_GET
@@ -208,7 +209,9 @@ def extraction_dialog(request, model_id):
         "model": model, "form": ExtractionForm(model=model, initial=settings), "datasets": Dataset.objects.filter(status="ready"),
         "layer_range": range(model.num_layers), "hooks": [(h, HOOK_LABELS[h]) for h in HOOK_TYPES],
         "checked_layers": set(request_fields.get("layers", [])), "checked_hooks": set(request_fields.get("hook_types", [])),
-        "dataset_id": request.GET.get("dataset_id", ""), **_template_bar(request, template_id, notice),
+        # The dataset chosen last in this session's dialog, unless one (or none) is passed: a reopened dialog keeps it.
+        "dataset_id": request.GET["dataset_id"] if "dataset_id" in request.GET else request.session.get(LAST_DATASET_KEY, ""),
+        **_template_bar(request, template_id, notice),
     })  # fmt: skip
 
 
@@ -254,8 +257,17 @@ def template_delete(request, model_id):
     return _render_template_bar(request, model, notice=f"Deleted “{template.name}”.")
 
 
+LAST_DATASET_KEY = "extract_dataset_id"
+
+
 @require_POST
 def extraction_estimate(request, model_id):
+    """The dialog's estimates as its fields change; with no dataset chosen yet, the hint
+    (not an error: nothing was asked yet)."""
+    dataset_id = request.POST.get("dataset_id", "")
+    if not dataset_id:
+        return render(request, "activations_app/_extract_estimate.html", {"hint": True})
+    request.session[LAST_DATASET_KEY] = dataset_id[:16]
     try:
         estimate = services.estimate_request(model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), data=request.POST)
     except ServiceError as exc:  # shown in the dialog; only the model itself gone is a 404

@@ -148,7 +148,19 @@ def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | Non
     sizes only (no weights fetched). Cached for ten minutes per repo and revision."""
     result, config = _repo_facts(repo_id, revision, token)
     workers = capacity.reported_workers()  # read once for the five formats
-    return {**result, "placement": {fmt: _placement_summary(config, fmt, workers) for fmt in quantize.FORMATS_SMALLEST_LAST}}
+    return {**result, "placement": {fmt: _placement_summary(config, fmt, workers) for fmt in quantize.FORMATS_SMALLEST_LAST},
+            "small_model_note": _small_model_note(result["memory"])}  # fmt: skip
+
+
+def _small_model_note(memory: dict[str, int]) -> str | None:
+    """Said when 8/4/2 bits would save little: in a tiny model the embeddings, norms and
+    the layers kept in full precision outweigh the quantized linear layers."""
+    if not memory.get("FP16") or memory.get("Q4", 0) < 0.75 * memory["FP16"]:
+        return None
+    saved = 100 * (1 - memory["Q4"] / memory["FP16"])
+    return (f"Quantizing saves little here: Q4 needs {saved:.0f} % less than FP16"
+            f"{'' if saved > 0 else ' (or more)'}, because this model is small enough that the parts kept in full precision "
+            "(embeddings, norms, the output layer) outweigh its quantized linear layers. FP16 is the better choice.")
 
 
 def _placement_summary(config: dict, fmt: str, workers: list[capacity.Capacity]) -> dict:

@@ -167,3 +167,36 @@ def test_queued_extraction_cards_say_their_place_in_line(tiny_model, data_dir, s
     for extraction, place in zip(made, ("1st", "2nd"), strict=True):
         card = page.split(f'id="extraction-card-{extraction.id}"')[1].split('id="extraction-card-')[0]
         assert re.search(rf'waiting-note">· {place} in line for (any worker|the \w+ workers)<', card), card[:1500]
+
+
+def test_a_wrong_columns_retry_lets_the_column_be_changed(signed_in, hub, tmp_path, data_dir):
+    """Issue 19, item 13: an import that failed on its text column retries with another one,
+    from the card's own field (the API takes `text_column` too); a blank one is refused."""
+    import json
+
+    from activations_app import jobs
+    from activations_app.models import Dataset
+    from models_app.tests.hub_server import HubRepo, make_sha
+
+    repo = tmp_path / "bodies"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "train.jsonl").write_text("".join(json.dumps({"body": f"row {i} of the corpus"}) + "\n" for i in range(30)))
+    hub.add_repo(HubRepo("acme/bodies", repo, make_sha("acme/bodies"), repo_type="dataset"))
+    dataset = services.request_hub_dataset(repo_id="acme/bodies", name=None, text_column="body", split="train", token=None,
+                                           enqueue=False, download_whole=True)  # fmt: skip
+    # As a job that read a column the files do not hold ends (the request-time check reads only the first rows).
+    Dataset.objects.filter(pk=dataset.pk).update(status="error", error_code="text_column", text_column="text",
+                                                 error_message="data/train.jsonl line 1 has no 'text' field (its fields: 'body').")  # fmt: skip
+    card = html.unescape(signed_in.get("/datasets/").content.decode()).split(f'id="dataset-{dataset.id}"')[1]
+    assert 'name="text_column"' in card and 'value="text"' in card.split('name="text_column"')[1].split(">")[0]
+    assert "Retry with this column" in card
+
+    blank = signed_in.post(f"/api/datasets/{dataset.id}/retry", {"text_column": " "}, content_type="application/json")
+    assert blank.status_code == 400 and Dataset.objects.get(pk=dataset.pk).status == "error"
+    retried = signed_in.post(f"/datasets/{dataset.id}/retry", {"text_column": "body"})
+    assert retried.status_code == 302  # back to the page, the card queued
+    dataset.refresh_from_db()
+    assert (dataset.status, dataset.text_column) == ("queued", "body")
+    jobs.run_dataset_import(dataset.id)
+    dataset.refresh_from_db()
+    assert dataset.status == "ready" and dataset.row_count == 30 and dataset.preview[0] == "row 0 of the corpus"

@@ -410,3 +410,47 @@ def test_the_extract_dialog_saves_a_template_and_loads_it_again(stack, browser, 
     assert page.input_value("#id_seq_len") == "96" and page.input_value("#id_dataset") == dataset.id
     page.wait_for_selector(".estimate-storage", timeout=15_000)  # the estimate runs for the loaded request
     assert page.is_enabled("#start-extraction")
+
+
+def test_the_extract_dialog_at_390px_keeps_estimates_by_start_focus_in_place_and_the_dataset_when_reopened(
+    stack, browser, user, smollm2_model, data_dir
+):
+    """Issue 19, item 12: the estimates sit by Start (no scroll between them) at 390 px;
+    loading a template with no dataset chosen says nothing red and leaves focus on the
+    template chooser; a dialog closed and opened again still has the dataset chosen."""
+    from activations_app.services import save_template
+
+    from django.http import QueryDict
+
+    data = QueryDict(mutable=True)
+    data.setlist("layers", ["1", "2"])
+    data.setlist("hook_types", ["residual"])
+    save_template(model_id=smollm2_model.id, name="two layers", data=data, user=user)
+    page, dataset = signed_in_extract_dialog(browser, stack, user, smollm2_model, data_dir)
+    page.set_viewport_size({"width": 390, "height": 800})
+    page.click(".layer-toggle:has-text('L3')")
+    page.wait_for_selector(".estimate-storage", timeout=15_000)
+    viewport = page.viewport_size["height"]
+    for selector in (".estimate-time", ".estimate-storage", "#start-extraction"):
+        box = page.locator(selector).bounding_box()
+        assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= viewport, (selector, box)
+
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#extract-modal", state="detached")
+    page.click(f"#model-card-{smollm2_model.id} .extract-open")
+    page.wait_for_selector("#extract-modal")
+    assert page.input_value("#id_dataset") == dataset.id  # remembered for this session
+    page.click(".layer-toggle:has-text('L3')")
+    page.wait_for_selector(".estimate-storage", timeout=15_000)
+
+    page.select_option("#id_dataset", "")
+    page.focus("#id_template")
+    option = page.locator("#id_template option", has_text="two layers")
+    page.select_option("#id_template", option.get_attribute("value"))
+    page.wait_for_selector(".template-notice:has-text('Loaded')", timeout=10_000)
+    page.wait_for_timeout(800)  # the estimate the loaded dialog asks for has answered
+    assert page.locator(".extract-refusal").count() == 0 and "Choose a dataset, layers and hooks" in page.inner_text("#extract-estimates")
+    assert page.evaluate("document.activeElement.id") == "id_template"
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#extract-modal", state="detached")
+    assert page.evaluate("document.activeElement.classList.contains('extract-open')")  # focus back where it was

@@ -216,3 +216,14 @@ def test_an_fp32_model_from_a_bfloat16_checkpoint_loads_and_extracts_in_float32(
     assert '"bfloat16"' in (tmp_path / "bf16" / "config.json").read_text()
     loaded = quantize.load_saved(tmp_path / "bf16", "cpu")
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+
+
+def test_a_tiny_models_estimate_says_quantizing_saves_little_and_a_real_ones_does_not(signed_in, hub_with_smollm2):
+    """Issue 19, item 6: tiny/llama's Q4 is about its FP16 (the embeddings dominate), said
+    under the figures; SmolLM2-135M's Q4 is less than half of FP16, and nothing is said."""
+    tiny = signed_in.post("/models/estimate", {"repo_id": "tiny/llama"}).content.decode()
+    memory = signed_in.post("/api/models/estimate", {"repo_id": "tiny/llama"}, content_type="application/json").json()["memory"]
+    assert memory["Q4"] >= 0.75 * memory["FP16"], memory
+    assert "Quantizing saves little here" in tiny and "FP16 is the better choice" in tiny
+    real = signed_in.post("/models/estimate", {"repo_id": "HuggingFaceTB/SmolLM2-135M"}).content.decode()
+    assert "format-estimates" in real and "Quantizing saves little" not in real

@@ -108,13 +108,22 @@
   }
   document.addEventListener("htmx:beforeRequest", function (event) {
     var target = event.detail && event.detail.target;
-    if (target && target.id === "modal") opener = event.detail.elt;
+    // A dialog that re-renders itself (a template loaded) keeps the opener it had.
+    if (target && target.id === "modal" && !target.contains(event.detail.elt)) opener = event.detail.elt;
+  });
+  var modalFocusId = null;
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var target = event.detail && event.detail.target;
+    modalFocusId = target && target.id === "modal" && target.contains(event.detail.elt) ? event.detail.elt.id || null : null;
   });
   document.addEventListener("htmx:afterSwap", function (event) {
     if (!event.detail || !event.detail.target || event.detail.target.id !== "modal") return;
     var dialog = event.detail.target.querySelector("[role=dialog]") || event.detail.target;
-    var first = dialog.querySelector(FOCUSABLE);
+    // Re-rendered from a control inside it: focus stays on that control; else the first one.
+    var again = modalFocusId && document.getElementById(modalFocusId);
+    var first = again && dialog.contains(again) ? again : dialog.querySelector(FOCUSABLE);
     if (first) first.focus();
+    syncStartButton();
   });
   document.addEventListener("keydown", function (event) {
     if (event.key !== "Tab") return;
