@@ -425,6 +425,25 @@ def samples_available(model, dataset: Dataset, spec: ExtractionSpec) -> int | No
     return _AVAILABLE[key]
 
 
+def _measured_speed(model, seq_len: int) -> tuple[float, str] | None:
+    """How fast finished extractions ran here, as parameter-tokens per second (samples/s ×
+    sequence length × the model's parameters), with how it was found: this model at this
+    length first, then this model at another length, then the latest of any model here
+    (scaled by parameters and tokens: still measured on this machine, unlike the rough FLOP
+    figure). None when nothing has finished here."""
+    finished = (Extraction.objects.filter(status=ExtractionStatus.COMPLETED, samples_per_second__gt=0)
+                .exclude(model=None).select_related("model").order_by("-created_at"))  # fmt: skip
+    for narrowed, how in ((finished.filter(model=model, seq_len=seq_len), "this model"),
+                          (finished.filter(model=model), "this model"), (finished, None)):  # fmt: skip
+        run = narrowed.only("samples_per_second", "seq_len", "model__params_count", "model__name", "model__quantization").first()
+        if run is not None and run.model.params_count:
+            rate = run.samples_per_second * run.seq_len * run.model.params_count
+            scaled = "" if (how and run.seq_len == seq_len) else (" scaled by tokens" if how else " scaled by parameters × tokens")
+            source = how or f"{run.model.name} {run.model.quantization}"
+            return rate, f"measured {run.samples_per_second:.1f} samples/s at {run.seq_len} tokens on {source}{scaled}"
+    return None
+
+
 def estimate_extraction(model, spec: ExtractionSpec, dataset: Dataset | None = None) -> dict:
     """Storage exactly for the rows the run will have (truncate: one per document, so at most
     the dataset's row count; packed: max_samples windows at most, fewer when the text runs
@@ -442,18 +461,13 @@ def estimate_extraction(model, spec: ExtractionSpec, dataset: Dataset | None = N
     # A file of as many rows is a hard link (no new space); one of more rows gives a copy of its first rows.
     files = len(requested) - len(linked)
     storage = storage_bytes(samples, spec.seq_len, hidden, spec.dtype, files, spec.tokenization == "truncate")
-    measured = (
-        Extraction.objects.filter(model=model, status=ExtractionStatus.COMPLETED, seq_len=spec.seq_len)
-        .exclude(samples_per_second=0)
-        .order_by("-created_at")
-        .values_list("samples_per_second", flat=True)
-        .first()
-    )
     device = compute_device()
+    measured = _measured_speed(model, spec.seq_len)
     if len(reused) == len(requested):
         seconds, basis = 1.0, "every file reused: no forward pass"
     elif measured:
-        seconds, basis = samples / measured, f"measured {measured:.1f} samples/s on this model"
+        rate, basis = measured  # parameter-tokens per second
+        seconds = samples * spec.seq_len * (model.params_count or 0) / rate
     else:
         flops = 2 * (model.params_count or 0) * samples * spec.seq_len
         seconds, basis = flops / ROUGH_FLOPS_PER_SECOND[device], f"rough: 2 FLOPs per parameter per token at {ROUGH_FLOPS_PER_SECOND[device]:.0e} FLOP/s on {device.upper()}"

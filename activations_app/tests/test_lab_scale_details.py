@@ -200,3 +200,38 @@ def test_a_wrong_columns_retry_lets_the_column_be_changed(signed_in, hub, tmp_pa
     jobs.run_dataset_import(dataset.id)
     dataset.refresh_from_db()
     assert dataset.status == "ready" and dataset.row_count == 30 and dataset.preview[0] == "row 0 of the corpus"
+
+
+def test_the_time_estimate_comes_from_a_run_measured_here_scaled_by_tokens_and_parameters(tiny_model, data_dir):
+    """Issue 19, item 13: the Extract dialog said 2 m 18 s for a run of 33 s, from a rough
+    FLOP figure. A run that finished here is measured (samples/s); the estimate uses it,
+    scaled by tokens for another length and by parameters for another model, and says so."""
+    from activations_app.ml.extract import ExtractionSpec
+    from models_app.models import Model
+
+    (data_dir / "imports" / "speed.txt").write_text("\n".join(f"Speed line {i} of the corpus." for i in range(200)))
+    dataset = services.import_dataset(path=str(data_dir / "imports" / "speed.txt"))
+    rough = services.estimate_extraction(tiny_model, ExtractionSpec(layers=[0], hook_types=["residual"], max_samples=100, seq_len=16),
+                                         dataset)  # fmt: skip
+    assert rough["time_basis"].startswith("rough:")
+    run = services.request_extraction(model_id=tiny_model.id, dataset_id=dataset.id, layers=[0], hook_types=["residual"],
+                                      max_samples=64, seq_len=16, batch_size=16, tokenization="packed", enqueue=False)  # fmt: skip
+    jobs.run_extraction_job(run.id)
+    run.refresh_from_db()
+    assert run.status == "completed" and run.samples_per_second > 0
+    speed = run.samples_per_second
+
+    # Layer 1: not on disk yet, so the forward pass is estimated, not reused.
+    same = services.estimate_extraction(tiny_model, ExtractionSpec(layers=[1], hook_types=["residual"], max_samples=64, seq_len=16,
+                                                                   tokenization="packed"), dataset)  # fmt: skip
+    assert same["time_seconds"] == pytest.approx(same["samples"] / speed)
+    assert same["time_basis"] == f"measured {speed:.1f} samples/s at 16 tokens on this model"
+    longer = services.estimate_extraction(tiny_model, ExtractionSpec(layers=[1], hook_types=["residual"], max_samples=64, seq_len=32,
+                                                                     tokenization="packed"), dataset)  # fmt: skip
+    assert longer["time_seconds"] == pytest.approx(longer["samples"] * 2 / speed) and "scaled by tokens" in longer["time_basis"]
+    bigger = Model.objects.create(name="twice", status="ready", architecture=tiny_model.architecture, quantization="FP32",
+                                  architecture_config=tiny_model.architecture_config, params_count=2 * tiny_model.params_count)  # fmt: skip
+    other = services.estimate_extraction(bigger, ExtractionSpec(layers=[1], hook_types=["residual"], max_samples=64, seq_len=16,
+                                                                tokenization="packed"), dataset)  # fmt: skip
+    assert other["time_seconds"] == pytest.approx(other["samples"] * 2 / speed)
+    assert "on SmolLM2-tiny FP32 scaled by parameters × tokens" in other["time_basis"]

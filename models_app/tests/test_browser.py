@@ -239,6 +239,16 @@ def test_the_architecture_viewer_opens_expands_a_block_and_closes_with_escape(st
     page.click("#architecture-modal .modal-close")
     page.wait_for_selector("#architecture-modal", state="detached", timeout=5_000)
 
+    # Issue 19, item 8: at 390 px the diagram keeps its text readable (it scrolls sideways
+    # inside its own box instead of shrinking to ~4 px), and the page itself does not.
+    page.set_viewport_size({"width": 390, "height": 800})
+    page.click(f"#model-card-{model.id} .model-open")
+    page.wait_for_selector("#architecture-modal .block-diagram svg")
+    smallest = page.eval_on_selector_all("#architecture-modal .block-diagram svg text",
+                                         "els => Math.min(...els.map(e => e.getBoundingClientRect().height))")  # fmt: skip
+    assert smallest >= 9, smallest
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
 
 def test_the_extraction_dialog_estimates_starts_and_the_card_reaches_completed(stack, browser, user, smollm2_model, data_dir):
     from activations_app.ml.extract import storage_bytes
