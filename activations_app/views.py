@@ -266,6 +266,7 @@ def extraction_estimate(request, model_id):
     (not an error: nothing was asked yet)."""
     dataset_id = request.POST.get("dataset_id", "")
     if not dataset_id:
+        get_model(model_id)  # a missing model is still a 404 page
         return render(request, "activations_app/_extract_estimate.html", {"hint": True})
     request.session[LAST_DATASET_KEY] = dataset_id[:16]
     try:
