@@ -16,7 +16,7 @@ from mistudio.jobs import Listener, TrackedJob, run_tracked
 from mistudio.staging import promote, staged_dir, staged_path
 from mistudio.validation import inside_roots
 
-from .ml import hub, loading, quality, quantize
+from .ml import fidelity, hub, loading, quality, quantize
 from .ml.gguf_import import gguf_to_safetensors
 from .models import Model, ModelStatus
 
@@ -41,6 +41,11 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
     figures: dict = {}
     if fmt != "FP32":
         job.phase(ModelStatus.QUANTIZING, progress=0.0)
+        tokenizer = _tokenizer(model)
+        # The FP32 reference first (its activations and outputs to disk, then freed): one
+        # model in memory at a time, and every format made from the snapshot compares with it.
+        reference = _reference(model, tokenizer, estimates, device, _moving(job, 0.0, REFERENCE_END))
+        job.write(progress=REFERENCE_END)
         loaded, result = quantize.quantize_snapshot(model.raw_dir, requested, model.quantized_dir, estimates, budget, device)
         fmt, notes = result.produced, result.notes
         target = model.quantized_dir(fmt)
@@ -55,12 +60,9 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
             "memory_measured_bytes": result.footprint_bytes,
             "peak_cuda_bytes": result.peak_cuda_bytes,
         }
-        tokenizer = _tokenizer(model)
-        figures |= _perplexity(model, loaded, tokenizer, "perplexity", _moving(job, 60.0, 80.0))
-        del loaded  # the FP32 baseline may need the memory
+        figures |= _measure(model, loaded, tokenizer, reference, _moving(job, 60.0, 99.0))
+        del loaded
         quantize.free_accelerator_memory()
-        job.write(progress=80.0)
-        figures |= _baseline_perplexity(model, tokenizer, estimates, device, _moving(job, 80.0, 99.0))
     disk = loading.folder_size(Path(figures["quantized_path"]) if figures else model.raw_dir)
     job.write(
         status=ModelStatus.READY,
@@ -76,9 +78,11 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
     )
 
 
-# Perplexity on the reference text is a figure, not the product: when it cannot be computed
-# (no tokenizer, no memory left for the FP32 baseline, an error in the forward pass) the
-# model is still ready, without it, and the worker log says why.
+# Perplexity and fidelity on the reference text are figures, not the product: when they
+# cannot be computed (no tokenizer, no memory for the FP32 reference, an error in the forward
+# pass) the model is still ready, without them, and the worker log says why.
+
+REFERENCE_END = 15.0  # % of the quantizing phase: the FP32 reference's pass (QUANTIZING_STEPS)
 
 
 def _tokenizer(model: Model):
@@ -92,43 +96,64 @@ def _tokenizer(model: Model):
 
 
 def _moving(job: TrackedJob, start: float, end: float):
-    """A perplexity pass's window-by-window progress as the phase's, from `start` to `end` %
+    """A pass's window-by-window progress as the phase's, from `start` to `end` %
     (QUANTIZING_STEPS names the step by where it is)."""
     return lambda done, total: job.report(start + (end - start) * done / total, lambda: {}, force=done >= total)
 
 
-def _perplexity(model: Model, loaded, tokenizer, field: str, on_window=None) -> dict:
+def _reference(model: Model, tokenizer, estimates: dict[str, int], device: str, on_window=None) -> dict | None:
+    """The snapshot's FP32 reference on the shipped text (fidelity.record), recorded once per
+    snapshot and shared by every format made from it: what it wrote, or None when there is
+    no tokenizer or FP32 does not fit in memory now."""
+    if tokenizer is None:
+        return None
+    window, limit = fidelity.WINDOW_TOKENS, settings.PERPLEXITY_MAX_TOKENS
+    known = fidelity.recorded(model.reference_dir, limit, window)
+    if known is not None:
+        return known
+    if estimates["FP32"] > quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device):
+        log.info("model %s: FP32 does not fit now; no reference, so no fidelity or baseline perplexity", model.id)
+        return None
+    try:
+        baseline = quantize.load_in_format(model.raw_dir, "FP32", device)
+        with staged_dir(model.reference_dir) as tmp:
+            info = fidelity.record(baseline, tokenizer, tmp, limit, window, on_window)
+    except JobCancelled:
+        raise
+    except Exception:  # noqa: BLE001 - logged; the model is made without fidelity figures
+        log.exception("model %s: the FP32 reference could not be recorded; no fidelity figures", model.id)
+        return None
+    finally:
+        baseline = None
+        quantize.free_accelerator_memory()
+    return info
+
+
+def _measure(model: Model, loaded, tokenizer, reference: dict | None, on_window=None) -> dict:
+    """The new format's perplexity and, against the FP32 reference, its fidelity by layer
+    (one pass over the shipped text); the baseline perplexity from the reference."""
     if tokenizer is None:
         return {}
+    limit = settings.PERPLEXITY_MAX_TOKENS
     try:
-        return {field: quality.perplexity(loaded, tokenizer, max_tokens=settings.PERPLEXITY_MAX_TOKENS, on_window=on_window)}
+        if reference is None:
+            figures = {"perplexity": quality.perplexity(loaded, tokenizer, max_tokens=limit, on_window=on_window)}
+            known = model.known_baseline()
+            return figures | ({"perplexity_baseline": known} if known is not None else {})
+        found = fidelity.compare(loaded, tokenizer, model.reference_dir, limit, fidelity.WINDOW_TOKENS, on_window)
     except JobCancelled:  # seen by the progress report between windows: the job stops
         raise
     except Exception:  # noqa: BLE001 - logged; the model itself is good
-        log.exception("model %s: no %s figure; the model is ready without it", model.id, field)
+        log.exception("model %s: no perplexity or fidelity figures; the model is ready without them", model.id)
         return {}
+    return {"perplexity": found.pop("perplexity"), "perplexity_baseline": found.pop("reference_perplexity"),
+            "fidelity": {**found, "reference": "FP32", "reference_of": model.snapshot_owner, **fidelity_terms()}}  # fmt: skip
 
 
-def _baseline_perplexity(model: Model, tokenizer, estimates: dict[str, int], device: str, on_window=None) -> dict:
-    """The unquantized weights' perplexity: computed once per snapshot, reused by every format
-    made from it; loaded only when FP32 fits in what is free now."""
-    if tokenizer is None:
-        return {}
-    known = model.known_baseline()
-    if known is not None:
-        return {"perplexity_baseline": known}
-    if estimates["FP32"] > quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device):
-        log.info("model %s: FP32 does not fit now; no baseline perplexity", model.id)
-        return {}
-    try:
-        baseline = quantize.load_in_format(model.raw_dir, "FP32", device)
-    except Exception:  # noqa: BLE001
-        log.exception("model %s: the FP32 baseline could not be loaded; no baseline perplexity", model.id)
-        return {}
-    figures = _perplexity(model, baseline, tokenizer, "perplexity_baseline", on_window)
-    del baseline
-    quantize.free_accelerator_memory()
-    return figures
+def fidelity_terms() -> dict:
+    """What a fidelity table was measured on, said with it."""
+    return {"text": quality.REFERENCE_TEXT.name, "window": fidelity.WINDOW_TOKENS,
+            "excluded": "position 0 of each window and BOS tokens", "resolution": "float16 (both sides rounded alike)"}  # fmt: skip
 
 
 def _download(model: Model, job: TrackedJob) -> None:

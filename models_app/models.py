@@ -42,10 +42,11 @@ PHASE_LABELS = {
     ModelStatus.QUANTIZING: "Quantizing",
 }
 # The quantizing phase's parts, by where its progress is (the job moves it through each):
-# the weights themselves, then the perplexity of the new format and of FP32 on the shipped
-# text, which take most of a small model's time (45-60 s with no word of it before).
-QUANTIZING_STEPS = ((60.0, "Quantizing"), (80.0, "Measuring perplexity on the shipped text"),
-                    (100.0, "Measuring the FP32 baseline's perplexity"))  # fmt: skip
+# FP32's pass over the shipped text (the reference, recorded once per snapshot), the weights
+# themselves, then the new format's pass (perplexity and fidelity by layer), which take most
+# of a small model's time (45-60 s with no word of it before).
+QUANTIZING_STEPS = ((15.0, "Running FP32 on the shipped text (the reference)"), (60.0, "Quantizing"),
+                    (100.0, "Measuring perplexity and fidelity by layer on the shipped text"))  # fmt: skip
 
 
 class Model(TransferRow):
@@ -88,6 +89,8 @@ class Model(TransferRow):
     perplexity = models.FloatField(null=True, blank=True, help_text="On the shipped reference text.")
     perplexity_baseline = models.FloatField(null=True, blank=True, help_text="FP32 weights, same text.")
     format_notes = models.TextField(blank=True, help_text="Why the produced format differs from the requested one.")
+    fidelity = models.JSONField(default=dict, blank=True, help_text="How far its activations are from FP32's on "
+                                "the shipped text, by layer and hook, and at the output (models_app.ml.fidelity).")  # fmt: skip
     verification = models.JSONField(default=dict, blank=True, help_text="The last check of its files against the "
                                     "SHA-256 each had when it arrived: state, when, files checked, problems.")  # fmt: skip
     token_given = models.BooleanField(default=False, help_text="The download was given a Hub token (the token itself "
@@ -148,6 +151,12 @@ class Model(TransferRow):
     @property
     def raw_dir(self) -> Path:
         return settings.DATA_DIR / "models" / "raw" / self.snapshot_owner
+
+    @property
+    def reference_dir(self) -> Path:
+        """The snapshot's FP32 pass over the shipped text (models_app.ml.fidelity.record),
+        shared by every format made from it and removed with the snapshot."""
+        return settings.DATA_DIR / "models" / "reference" / self.snapshot_owner
 
     @property
     def weights_dir(self) -> Path:
@@ -247,18 +256,16 @@ class Model(TransferRow):
         to remove: it goes with the last of its users (`delete`)."""
         dirs = [self.quantized_dir(fmt) for fmt in BYTES_PER_PARAM]  # every format a job can make
         if not self.snapshot_of and not self.snapshot_users().exclude(pk=self.pk).exists():
-            dirs.insert(0, self.raw_dir)
+            dirs[:0] = [self.raw_dir, self.reference_dir]
         return [path for folder in dirs for path in (folder, staged_path(folder))]
 
     def delete(self, *args, **kwargs):
         """The row; and the shared snapshot it was made from, when it was that snapshot's
         last user (its first owner deleted before it)."""
-        shared = self.raw_dir if self.snapshot_of else None
+        shared = (self.raw_dir, self.reference_dir) if self.snapshot_of else ()
         result = super().delete(*args, **kwargs)
-        if shared is not None and not Model.objects.filter(
-            models.Q(snapshot_of=shared.name) | models.Q(pk=shared.name)
-        ).exists():
-            for path in (shared, staged_path(shared)):
+        if shared and not Model.objects.filter(models.Q(snapshot_of=self.snapshot_of) | models.Q(pk=self.snapshot_of)).exists():
+            for path in (*shared, *map(staged_path, shared)):
                 shutil.rmtree(path, ignore_errors=True)
         return result
 
@@ -439,6 +446,7 @@ class Model(TransferRow):
             "snapshot_of": self.snapshot_of or None,
             "snapshot_id": self.snapshot_owner,
             "verification": self.verification or None,
+            "fidelity": self.fidelity or None,
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
