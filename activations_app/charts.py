@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import math
 
+from mistudio.charts import HOOK_COLOURS, HOOK_LABELS  # noqa: F401 - the page's names and colours
+
 from .ml.extract import file_stem
 
-# How the page names each hook type (the extraction dialog's labels too), and its colour
-# (the UI contract's: purple residual, emerald MLP, sky attention; Tailwind's 400 shades).
-HOOK_LABELS = {"residual": "Residual Stream", "mlp": "MLP Output", "attention": "Attention Output"}
-HOOK_COLOURS = {"residual": "#c084fc", "mlp": "#34d399", "attention": "#38bdf8"}
 
 # Each panel's label sits in the margin above it (TOP), never where its line can cross it.
 WIDTH, PANEL, GAP, LEFT, BOTTOM, TOP = 320, 64, 32, 44, 18, 16

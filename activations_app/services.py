@@ -18,7 +18,7 @@ from mistudio.queue import job_timeout, require_queue
 from mistudio.text import UNSTORABLE, storable
 from mistudio.validation import bounded_int, resolve_import_path, validate_hub_source
 from models_app.ml import check_architecture, compute_device, tokenizer_for
-from models_app.services import get_ready_model
+from models_app.services import fidelity_below, get_ready_model, source_precision_model
 
 from .forms import ExtractionForm
 from .ml import datasets as dataset_files
@@ -234,7 +234,14 @@ def estimate_request(*, model_id: str, dataset_id: str, data) -> dict:
     if not dataset_id:
         raise ServiceError("invalid_input", "Choose a dataset.", details={"field": "dataset_id"})
     dataset = Dataset.get_ready_or_409(dataset_id, "extraction")
-    return estimate_extraction(model, validate_extraction(model, data), dataset)
+    spec = validate_extraction(model, data)
+    estimate = estimate_extraction(model, spec, dataset)
+    low = fidelity_below(model, [(layer, hook) for layer in spec.layers for hook in spec.hook_types])
+    if low:
+        source = source_precision_model(model)
+        estimate["fidelity"] = {"low": low, "threshold": settings.FIDELITY_COSINE_WARN,
+                                "source": {"id": source.id, "label": f"{source.name} {source.quantization}"} if source else None}  # fmt: skip
+    return estimate
 
 
 def request_extraction(*, model_id: str, dataset_id: str, enqueue: bool = True, data=None, user=None, **fields) -> Extraction:

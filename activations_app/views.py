@@ -1,5 +1,7 @@
 """Datasets and Extractions tabs, the extraction dialog and its live estimates."""
 
+from urllib.parse import urlencode
+
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -196,7 +198,11 @@ def extraction_dialog(request, model_id):
     model = get_model(model_id)
     request_fields, notice = {"hook_types": ["residual"]}, None
     template_id = request.GET.get("template", "")
-    if template_id:
+    if request.GET.get("carry"):  # the same request, carried over from another model's dialog
+        request_fields = {"layers": [int(v) for v in request.GET.getlist("layers") if v.isdigit() and int(v) < model.num_layers],
+                          "hook_types": [h for h in request.GET.getlist("hook_types") if h in HOOK_TYPES],
+                          **{name: request.GET[name] for name in ExtractionForm.SETTINGS if name in request.GET}}  # fmt: skip
+    elif template_id:
         try:
             template = services.get_template(template_id, request.user)
         except ServiceError as exc:
@@ -211,6 +217,7 @@ def extraction_dialog(request, model_id):
         "checked_layers": set(request_fields.get("layers", [])), "checked_hooks": set(request_fields.get("hook_types", [])),
         # The dataset chosen last in this session's dialog, unless one (or none) is passed: a reopened dialog keeps it.
         "dataset_id": request.GET["dataset_id"] if "dataset_id" in request.GET else request.session.get(LAST_DATASET_KEY, ""),
+        "carried": bool(request.GET.get("carry")),
         **_template_bar(request, template_id, notice),
     })  # fmt: skip
 
@@ -274,7 +281,10 @@ def extraction_estimate(request, model_id):
     except ServiceError as exc:  # shown in the dialog; only the model itself gone is a 404
         status = exc.status if isinstance(exc, NotFound) and exc.code == "model_not_found" else 200
         return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message}, status=status)
-    return render(request, "activations_app/_extract_estimate.html", {"estimate": estimate})
+    # What the dialog asked, to carry to the source-precision model's dialog when the fidelity warning offers it.
+    carried = ("dataset_id", "layers", "hook_types", *ExtractionForm.SETTINGS)
+    carry = urlencode([(name, value) for name in carried for value in request.POST.getlist(name)])
+    return render(request, "activations_app/_extract_estimate.html", {"estimate": estimate, "carry": carry})
 
 
 @require_POST

@@ -232,6 +232,9 @@ WORKER_CLASS = env_str("MISTUDIO_WORKER_CLASS", "")
 if WORKER_CLASS and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", WORKER_CLASS):
     raise ImproperlyConfigured("MISTUDIO_WORKER_CLASS must be a short lowercase name (letters, digits, - and _).")
 DATASET_UPLOAD_LIMIT_BYTES = env_bytes("MISTUDIO_DATASET_UPLOAD_LIMIT") or 1_000_000_000
+# A layer and hook of a quantized model whose mean cosine with FP32 is below this is flagged
+# (the Extract dialog warns, the charts mark it).
+FIDELITY_COSINE_WARN = float(os.environ.get("MISTUDIO_FIDELITY_COSINE_WARN", "") or 0.99)
 # A Hub-streamed split's statistics read its first rows only (the page says how many).
 DATASET_STATS_STREAM_ROWS = env_int("MISTUDIO_DATASET_STATS_STREAM_ROWS", 10_000)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024  # larger uploads stream to a temporary file

@@ -224,6 +224,18 @@ class Model(TransferRow):
         return f"{'+' if change >= 0 else '−'}{abs(change):.1f} % vs FP32"
 
     @property
+    def fidelity_lowest(self) -> tuple[int, str, float] | None:
+        """(layer, hook, cosine) of its lowest mean cosine with FP32, when it was measured."""
+        from .ml.fidelity import weakest
+
+        return weakest(self.fidelity) if self.fidelity else None
+
+    @property
+    def fidelity_flagged(self) -> bool:
+        lowest = self.fidelity_lowest
+        return lowest is not None and lowest[2] < settings.FIDELITY_COSINE_WARN
+
+    @property
     def verified_at(self):
         """When the last check of its files ended (None while none has)."""
         from django.utils.dateparse import parse_datetime

@@ -284,3 +284,51 @@ def request_verify(model_id: str, user, enqueue: bool = True) -> Model:
         transaction.on_commit(lambda: queue.enqueue("models_app.jobs.verify_model_job", model.pk, f"verify-{uuid.uuid4()}"))
     model.publish()
     return model
+
+
+def compare_models(a_id: str, b_id: str, max_tokens: int | None = None) -> dict:
+    """Fidelity of B against A (models_app.ml.fidelity) for any two ready models of the same
+    architecture and shape (a model and its fine-tune, two formats): A's pass is written to a
+    temporary folder and A freed before B is loaded, so one model is held at a time. The
+    text is tokenized with A's tokenizer for both."""
+    import tempfile
+    from pathlib import Path
+
+    from .ml import fidelity
+
+    a = get_ready_model(a_id, "compared")
+    b = get_ready_model(b_id, "compared")
+    shape = lambda m: (m.architecture, m.num_layers, m.hidden_size, m._config("vocab_size"))  # noqa: E731
+    if shape(a) != shape(b):
+        raise ServiceError("incomparable_models", f"{a.name} {a.quantization} ({', '.join(map(str, shape(a)))}) and "
+                                                  f"{b.name} {b.quantization} ({', '.join(map(str, shape(b)))}) differ in "
+                                                  "architecture, layers, hidden size or vocabulary; only models of one shape compare.")  # fmt: skip
+    tokenizer = loading.tokenizer_for(a.weights_dir)
+    device = quantize.compute_device()
+    with tempfile.TemporaryDirectory(prefix="mistudio-compare-", dir=settings.DATA_DIR) as tmp:
+        first = quantize.load_saved(a.weights_dir, device)
+        info = fidelity.record(first, tokenizer, Path(tmp), max_tokens)
+        del first
+        quantize.free_accelerator_memory()
+        second = quantize.load_saved(b.weights_dir, device)
+        found = fidelity.compare(second, tokenizer, Path(tmp), max_tokens)
+        del second
+        quantize.free_accelerator_memory()
+    return {"a": a.id, "b": b.id, "a_label": f"{a.name} {a.quantization}", "b_label": f"{b.name} {b.quantization}",
+            "reference_perplexity": info["perplexity"], **found}  # fmt: skip
+
+
+def fidelity_below(model: Model, captures: list[tuple[int, str]], threshold: float | None = None) -> list[dict]:
+    """The chosen (layer, hook) captures whose mean cosine with FP32 is below the warning
+    threshold (FIDELITY_COSINE_WARN), with the figures, in the model's fidelity table."""
+    threshold = settings.FIDELITY_COSINE_WARN if threshold is None else threshold
+    rows = {row["layer"]: row for row in (model.fidelity or {}).get("layers") or []}
+    return [{"layer": layer, "hook": hook, **rows[layer][hook]} for layer, hook in captures
+            if layer in rows and hook in rows[layer] and rows[layer][hook]["cosine"] < threshold]  # fmt: skip
+
+
+def source_precision_model(model: Model) -> Model | None:
+    """A ready FP32 record of the same snapshot as `model` (what its fidelity compares with)."""
+    if model.quantization == "FP32":
+        return None
+    return model.snapshot_users().filter(quantization="FP32", status=ModelStatus.READY).order_by("created_at").first()

@@ -9,7 +9,9 @@ from django.views.decorators.http import require_GET, require_POST
 from mistudio.api import int_param
 from mistudio.errors import NotFound, ServiceError
 
-from . import services
+from django.conf import settings
+
+from . import charts, services
 from .forms import DownloadForm, ModelFilters
 from .models import Model
 
@@ -135,7 +137,11 @@ def architecture(request, model_id):
     except ServiceError as exc:
         return render(request, "models_app/_architecture.html", {"model": model, "refusal": exc.message}, status=exc.status)
     raw_config = json.dumps(model.architecture_config, indent=2, sort_keys=True)
-    return render(request, "models_app/_architecture.html", {"model": model, "view": view, "raw_config": raw_config})
+    threshold = settings.FIDELITY_COSINE_WARN
+    return render(request, "models_app/_architecture.html", {
+        "model": model, "view": view, "raw_config": raw_config,
+        "chart": charts.fidelity_chart(model.fidelity, threshold), "fidelity_rows": charts.by_layer(model.fidelity, threshold),
+    })  # fmt: skip
 
 
 @require_POST

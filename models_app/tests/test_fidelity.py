@@ -10,6 +10,7 @@ import torch
 from django.core.management import call_command
 
 from models_app.ml import fidelity
+from models_app.tests.test_browser import browser, stack  # noqa: F401 - fixtures
 
 WINDOW, TOKENS = 64, 256  # four windows of the shipped text: the test's cost, not the figure's
 
@@ -112,3 +113,80 @@ def test_a_quantization_stores_its_fidelity_and_shares_the_fp32_reference(tiny_m
         services.delete_model(made.id, None)
     assert not tiny_model.reference_dir.exists()
     assert not Model.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_compare_models_prints_the_table_for_two_ready_models_and_refuses_two_shapes(tiny_model, smollm2_model, capsys):
+    from django.core.management.base import CommandError
+
+    call_command("compare_models", tiny_model.id, tiny_model.id, "--tokens", "128")
+    out = capsys.readouterr().out
+    assert "SmolLM2-tiny FP32 against SmolLM2-tiny FP32: 127 tokens" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == tiny_model.num_layers and all(row[1] == "1.00000" and row[2] == "0.0000" for row in rows)
+    assert "KL 0 nats/token, top-1 agreement 100.0 %" in out
+    with pytest.raises(CommandError, match=r"\[incomparable_models\].*only models of one shape compare"):
+        call_command("compare_models", tiny_model.id, smollm2_model.id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_chart_and_the_extract_dialogs_warning_for_a_model_whose_last_layer_changed(
+    stack, browser, user, tiny_model, tiny_smollm2_folder, data_dir, tmp_path
+):
+    """The fidelity table here is measured, not written by hand: a copy of the tiny model with
+    its last block's MLP weights changed, compared with the FP32 reference by the same code a
+    quantization runs. Its card, chart, block rows and the Extract dialog show it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from activations_app.services import import_dataset
+    from models_app.jobs import fidelity_terms
+    from models_app.models import Model
+    from models_app.tests.test_browser import sign_in
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_smollm2_folder)
+    fidelity.record(AutoModelForCausalLM.from_pretrained(tiny_smollm2_folder).eval(), tokenizer, tmp_path / "ref", TOKENS, WINDOW)
+    changed = AutoModelForCausalLM.from_pretrained(tiny_smollm2_folder).eval()
+    last = changed.config.num_hidden_layers - 1
+    weight = changed.model.layers[last].mlp.down_proj.weight
+    with torch.no_grad():
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)) * weight.std() * 3)
+    found = fidelity.compare(changed, tokenizer, tmp_path / "ref", TOKENS, WINDOW)
+    found.pop("perplexity"), found.pop("reference_perplexity")
+    assert fidelity.first_below(found, 0.99)[0] == last
+    q4 = Model.objects.create(name=tiny_model.name, status="ready", architecture=tiny_model.architecture, quantization="Q4",
+                              requested_quantization="Q4", architecture_config=tiny_model.architecture_config,
+                              params_count=tiny_model.params_count, snapshot_of=tiny_model.id,
+                              fidelity={**found, "reference": "FP32", **fidelity_terms()})  # fmt: skip
+    (data_dir / "imports" / "f.txt").write_text("\n".join(f"Fidelity line {i} of the corpus." for i in range(30)))
+    dataset = import_dataset(path=str(data_dir / "imports" / "f.txt"))
+
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    sign_in(page, stack, user.username)
+    summary = page.inner_text(f"#model-card-{q4.id} .fidelity-summary")
+    assert f"(L{last} " in summary and "lowest cosine with FP32" in summary
+    page.click(f"#model-card-{q4.id} .model-open")
+    page.wait_for_selector("#architecture-modal .fidelity-chart svg")
+    colours = page.eval_on_selector_all(".fidelity-line", "els => els.map(e => [e.dataset.hook, e.getAttribute('stroke')])")
+    assert dict(colours) == {"residual": "#c084fc", "attention": "#38bdf8", "mlp": "#34d399"}  # the UI contract's
+    assert page.locator(".fidelity-threshold").count() == 1
+    flagged = page.eval_on_selector_all("details[data-block]:has(.fidelity-low)", "els => els.map(e => e.dataset.block)")
+    assert flagged == [str(last)]  # the changed block only, nothing before it
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#architecture-modal", state="detached")
+
+    page.click(f"#model-card-{q4.id} .extract-open")
+    page.wait_for_selector("#extract-modal")
+    page.select_option("#id_dataset", dataset.id)
+    page.click(".layer-toggle:has-text('L0')")
+    page.wait_for_selector(".estimate-storage", timeout=15_000)
+    assert page.locator(".fidelity-warning").count() == 0  # layer 0 is as FP32's
+    page.click(f".layer-toggle:has-text('L{last}')")
+    warning = page.wait_for_selector(".fidelity-warning", timeout=15_000).inner_text()
+    assert f"L{last} residual" in warning or f"L{last} mlp" in warning
+    assert "L0 " not in warning
+    page.click(".fidelity-source")
+    page.wait_for_selector(f"#extract-modal:has-text('{tiny_model.name} • FP32')", timeout=10_000)
+    checked = page.eval_on_selector_all("#extract-form [name=layers]:checked", "els => els.map(e => e.value)")
+    assert checked == ["0", str(last)] and page.input_value("#id_dataset") == dataset.id
+    page.wait_for_selector(".estimate-storage", timeout=15_000)
+    assert page.locator(".fidelity-warning").count() == 0  # FP32 is the reference
