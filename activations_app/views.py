@@ -199,7 +199,7 @@ def extraction_dialog(request, model_id):
     request_fields, notice = {"hook_types": ["residual"]}, None
     template_id = request.GET.get("template", "")
     if request.GET.get("carry"):  # the same request, carried over from another model's dialog
-        request_fields = {"layers": [int(v) for v in request.GET.getlist("layers") if v.isdigit() and int(v) < model.num_layers],
+        request_fields = {"layers": [int(v) for v in request.GET.getlist("layers") if v.isdigit() and len(v) <= 6 and int(v) < model.num_layers],
                           "hook_types": [h for h in request.GET.getlist("hook_types") if h in HOOK_TYPES],
                           **{name: request.GET[name] for name in ExtractionForm.SETTINGS if name in request.GET}}  # fmt: skip
     elif template_id:
