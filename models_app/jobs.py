@@ -135,19 +135,25 @@ def _measure(model: Model, loaded, tokenizer, reference: dict | None, on_window=
     if tokenizer is None:
         return {}
     limit = settings.PERPLEXITY_MAX_TOKENS
+    if reference is not None:
+        try:
+            found = fidelity.compare(loaded, tokenizer, model.reference_dir, limit, fidelity.WINDOW_TOKENS, on_window)
+        except JobCancelled:  # seen by the progress report between windows: the job stops
+            raise
+        except Exception:  # noqa: BLE001 - logged; the perplexity alone is tried below
+            log.exception("model %s: no fidelity figures; measuring its perplexity alone", model.id)
+        else:
+            return {"perplexity": found.pop("perplexity"), "perplexity_baseline": found.pop("reference_perplexity"),
+                    "fidelity": {**found, "reference": "FP32", "reference_of": model.snapshot_owner, **fidelity_terms()}}  # fmt: skip
     try:
-        if reference is None:
-            figures = {"perplexity": quality.perplexity(loaded, tokenizer, max_tokens=limit, on_window=on_window)}
-            known = model.known_baseline()
-            return figures | ({"perplexity_baseline": known} if known is not None else {})
-        found = fidelity.compare(loaded, tokenizer, model.reference_dir, limit, fidelity.WINDOW_TOKENS, on_window)
-    except JobCancelled:  # seen by the progress report between windows: the job stops
+        figures = {"perplexity": quality.perplexity(loaded, tokenizer, max_tokens=limit, on_window=on_window)}
+    except JobCancelled:
         raise
     except Exception:  # noqa: BLE001 - logged; the model itself is good
-        log.exception("model %s: no perplexity or fidelity figures; the model is ready without them", model.id)
+        log.exception("model %s: no perplexity figure; the model is ready without it", model.id)
         return {}
-    return {"perplexity": found.pop("perplexity"), "perplexity_baseline": found.pop("reference_perplexity"),
-            "fidelity": {**found, "reference": "FP32", "reference_of": model.snapshot_owner, **fidelity_terms()}}  # fmt: skip
+    baseline = reference["perplexity"] if reference is not None else model.known_baseline()
+    return figures | ({"perplexity_baseline": baseline} if baseline is not None else {})
 
 
 def fidelity_terms() -> dict:

@@ -190,3 +190,23 @@ def test_the_chart_and_the_extract_dialogs_warning_for_a_model_whose_last_layer_
     assert checked == ["0", str(last)] and page.input_value("#id_dataset") == dataset.id
     page.wait_for_selector(".estimate-storage", timeout=15_000)
     assert page.locator(".fidelity-warning").count() == 0  # FP32 is the reference
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_format_whose_fidelity_cannot_be_measured_still_gets_its_perplexity(tiny_model, settings, monkeypatch):
+    """A family whose blocks the comparison cannot hook (its probe refuses them) is made
+    anyway, with its perplexity and FP32's, and no fidelity table."""
+    from mistudio.errors import JobError
+    from models_app import jobs, services
+
+    settings.PERPLEXITY_MAX_TOKENS = 256
+
+    def refuse(*args, **kwargs):
+        raise JobError("unsupported_architecture", "Block 0 is not an attention part plus an MLP part.")
+
+    monkeypatch.setattr(fidelity, "compare", refuse)
+    made = services.request_quantize(user=None, model_id=tiny_model.id, quantization="FP16", enqueue=False)
+    jobs.run_quantize(made.id)
+    made.refresh_from_db()
+    assert made.status == "ready" and made.fidelity == {}
+    assert made.perplexity is not None and made.perplexity_baseline == pytest.approx(fidelity.recorded(tiny_model.reference_dir, 256)["perplexity"])
