@@ -505,6 +505,14 @@ class ModelGroup:
         raw = self.first.raw_dir
         return folder_size(raw) if raw.is_dir() else 0
 
+    @cached_property
+    def reference_bytes(self) -> int:
+        """The FP32 reference pass kept on disk to compare new formats with (models_app.ml.fidelity)."""
+        from .ml.loading import folder_size
+
+        folder = self.first.reference_dir
+        return folder_size(folder) if folder.is_dir() else 0
+
     @property
     def made_bytes(self) -> int:
         """What the formats made from the snapshot hold besides it."""
@@ -512,7 +520,7 @@ class ModelGroup:
 
     @property
     def disk_bytes(self) -> int:
-        return self.snapshot_bytes + self.made_bytes
+        return self.snapshot_bytes + self.made_bytes + self.reference_bytes
 
     @property
     def sharing(self) -> int:

@@ -102,6 +102,9 @@ def test_a_quantization_stores_its_fidelity_and_shares_the_fp32_reference(tiny_m
     second.refresh_from_db()
     assert second.status == "ready" and second.fidelity["layers"]
     assert (tiny_model.reference_dir / "reference.json").stat().st_mtime_ns == stamp  # recorded once, shared
+    # The reference is on disk for as long as the snapshot: its card counts and names it.
+    head = signed_in.get("/").content.decode().split(f'id="model-group-{tiny_model.id}-head"')[1].split("</div>")[0]
+    assert "kept to compare new formats by layer" in head and "3 formats" in head
 
     assert signed_in.get(f"/api/models/{second.id}").json()["fidelity"]["output"]["top1"] == second.fidelity["output"]["top1"]
     call_command("list_models", "--json")
