@@ -126,6 +126,18 @@ class Dataset(TransferRow):
         return dataset_files.iter_texts(Path(self.file_path), self.text_column)
 
     @property
+    def statistics_shown(self) -> dict:
+        """`statistics` as the page shows it: a measurement whose job ended without recording
+        its outcome (its worker killed) says so, instead of "measuring…" for ever."""
+        from mistudio.queue import side_job_stopped
+
+        stats = self.statistics or {}
+        asked = stats.get("asked") or {}
+        if stats.get("state") == "computing" and side_job_stopped(asked.get("job_id"), asked.get("at")):
+            return {**stats, "state": "failed", "error": "its job stopped before it finished (the worker stopped); measure again."}
+        return stats
+
+    @property
     def histograms(self) -> list[dict]:
         """The stored histograms (tokens per row when measured, else characters) as bars for
         the page: each bin's range, count and height (% of the tallest)."""

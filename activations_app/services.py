@@ -610,12 +610,13 @@ def request_dataset_statistics(dataset_id: str, user, model_id: str = "", enqueu
         raise Forbidden("gated_token_required", refusal)
     if enqueue:
         require_queue()
-    asked = {"model_id": model.id if model else None, "reader_id": getattr(user, "pk", None), "at": timezone.now().isoformat()}
+    job_id = f"dataset-statistics-{uuid.uuid4()}" if enqueue else None
+    asked = {"model_id": model.id if model else None, "reader_id": getattr(user, "pk", None), "at": timezone.now().isoformat(),
+             "job_id": job_id}  # fmt: skip
     Dataset.objects.filter(pk=dataset.pk).update(statistics={**(dataset.statistics or {}), "state": "computing",
                                                              "asked": asked, "rows_so_far": 0})  # fmt: skip
     if enqueue:
-        transaction.on_commit(lambda: queue.enqueue("activations_app.jobs.dataset_statistics_job", dataset.pk,
-                                                    f"dataset-statistics-{uuid.uuid4()}"))  # fmt: skip
+        transaction.on_commit(lambda: queue.enqueue("activations_app.jobs.dataset_statistics_job", dataset.pk, job_id))
     dataset.refresh_from_db()
     return dataset
 

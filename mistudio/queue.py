@@ -58,6 +58,23 @@ def job_is_pending(job_id: str) -> bool:
         return True
 
 
+def side_job_stopped(job_id: str | None, asked_at: str | None) -> bool:
+    """Whether a job that keeps no tracked row (a file check, a dataset's statistics) ended
+    without recording its outcome: RQ no longer holds it, or it has run past the job time
+    limit (a killed worker's job stays "started" in RQ until its registry is cleaned). The
+    page then says so instead of "checking…" for ever."""
+    from datetime import datetime, timezone
+
+    if not job_id:
+        return False
+    try:
+        started = datetime.fromisoformat(asked_at) if asked_at else None
+    except ValueError:
+        started = None
+    late = started is not None and (datetime.now(timezone.utc) - started).total_seconds() > job_timeout()
+    return late or not job_is_pending(job_id)
+
+
 def stop_rq_job(job_id: str, wait_seconds: float = 15.0) -> None:
     """Stop the job's worker process (not just the row) and wait until it is gone, so no
     file is written after we clean up."""

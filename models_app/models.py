@@ -10,6 +10,7 @@ from django.template.loader import render_to_string
 from django.utils.functional import cached_property
 
 from mistudio import capacity, progress
+from mistudio import queue as progress_queue
 from mistudio.errors import JobError
 from mistudio.filters import filtered_page
 from mistudio.hub import format_bytes
@@ -234,6 +235,16 @@ class Model(TransferRow):
     def fidelity_flagged(self) -> bool:
         lowest = self.fidelity_lowest
         return lowest is not None and lowest[2] < settings.FIDELITY_COSINE_WARN
+
+    @property
+    def verification_shown(self) -> dict:
+        """`verification` as the card shows it: a check whose job ended without recording an
+        outcome (its worker killed) says so, instead of "checking" for ever."""
+        check = self.verification or {}
+        if check.get("state") == "checking" and progress_queue.side_job_stopped(check.get("job_id"), check.get("asked_at")):
+            return {**check, "state": "failed", "problems": ["The check stopped before it finished (its worker stopped); "
+                                                             "press Verify files again."]}  # fmt: skip
+        return check
 
     @property
     def verified_at(self):

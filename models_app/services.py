@@ -278,10 +278,11 @@ def request_verify(model_id: str, user, enqueue: bool = True) -> Model:
     model.check_may_change(user, "verify")
     if enqueue:
         require_queue()
-    Model.objects.filter(pk=model.pk).update(verification={"state": "checking", "asked_at": timezone.now().isoformat()})
+    job_id = f"verify-{uuid.uuid4()}" if enqueue else None
+    Model.objects.filter(pk=model.pk).update(verification={"state": "checking", "asked_at": timezone.now().isoformat(), "job_id": job_id})
     model.refresh_from_db()
     if enqueue:
-        transaction.on_commit(lambda: queue.enqueue("models_app.jobs.verify_model_job", model.pk, f"verify-{uuid.uuid4()}"))
+        transaction.on_commit(lambda: queue.enqueue("models_app.jobs.verify_model_job", model.pk, job_id))
     model.publish()
     return model
 

@@ -118,3 +118,19 @@ def test_a_failed_measurement_says_why_and_is_not_left_computing(signed_in, corp
     assert dataset.statistics["chars"]["rows"] == 600  # the last good figures stay
     html = signed_in.get(f"/datasets/{dataset.id}/statistics").content.decode()
     assert "The last measurement stopped" in html and "hx-trigger=\"load delay" not in html
+
+
+def test_a_measurement_whose_job_is_lost_stops_polling_and_says_so(signed_in, corpus, redis_clean):
+    from rq.job import Job
+
+    from mistudio.queue import queue
+
+    _, dataset = corpus
+    signed_in.post(f"/api/datasets/{dataset.id}/statistics", {}, content_type="application/json")
+    dataset.refresh_from_db()
+    polling = signed_in.get(f"/datasets/{dataset.id}/statistics").content.decode()
+    assert 'hx-trigger="load delay:1s"' in polling  # queued: the tab asks again each second
+    Job.fetch(dataset.statistics["asked"]["job_id"], connection=queue().connection).delete()
+    html = signed_in.get(f"/datasets/{dataset.id}/statistics").content.decode()
+    assert 'hx-trigger="load delay:1s"' not in html and "its job stopped before it finished" in html
+    assert "Over every row (600)" in html  # the figures from the import stay

@@ -125,3 +125,20 @@ def test_verify_model_finds_a_byte_changed_on_disk_by_command_api_and_button(sig
     # The button (an htmx post) answers with the card, "checking" again.
     card = signed_in.post(f"/models/{model.id}/verify", HTTP_HX_REQUEST="true").content.decode()
     assert f'id="model-card-{model.id}"' in card and "Checking the files" in card
+
+
+def test_a_check_whose_job_is_lost_says_so_instead_of_checking_for_ever(signed_in, hub, data_dir, redis_clean):
+    """Redis losing the queued check (or its worker killed) must not leave the card at
+    "Checking…" for ever: once RQ no longer holds the job, the card says it stopped."""
+    from rq.job import Job
+
+    from mistudio.queue import queue
+
+    call_command("download_model", "tiny/llama", "--sync")
+    model = Model.objects.get()
+    assert signed_in.post(f"/api/models/{model.id}/verify").status_code == 202
+    model.refresh_from_db()
+    assert "Checking the files" in signed_in.get("/").content.decode()  # queued, no worker yet
+    Job.fetch(model.verification["job_id"], connection=queue().connection).delete()
+    page = signed_in.get("/").content.decode()
+    assert "Checking the files" not in page and "The check stopped before it finished" in page
