@@ -319,6 +319,9 @@ def quantize_snapshot(
                 ) from None
     result.produced = fmt
     result.offloaded = offload
+    # Saved before the model runs: bitsandbytes' CPU path changes a 4-bit model's weights in
+    # memory on its first forward, and a model saved after that reloads as another model
+    # (0.24 logit away on SmolLM2-135M; models_app/tests/bench_2bit.py).
     save_in_format(model, fmt, src, dest_for(fmt))
     result.footprint_bytes = measured_bytes(model, fmt)
     if device == "cuda":
