@@ -135,12 +135,12 @@ class _ByteCounter:
         self.on_bytes(done, self.total)  # may raise JobCancelled, which stops this file's download
 
 
-def _progress_class(counter: _ByteCounter, bar: str = "huggingface_hub.snapshot_download"):
+def _progress_class(counter: _ByteCounter, bar: str = "huggingface_hub.http_get"):
     from huggingface_hub.utils import tqdm as hf_tqdm
 
     class BytesWritten(hf_tqdm):
-        """The client's "bytes written" bar (snapshot_download's, or one http_get's) feeds
-        our counter; nothing is drawn."""
+        """The client's "bytes written" bar (one http_get's) feeds our counter; nothing is
+        drawn."""
 
         def __init__(self, *args, **kwargs):
             self.counts_bytes = kwargs.get("name") == bar
@@ -187,6 +187,20 @@ def digests_of(siblings) -> dict[str, Digest]:
 
 
 SUMS_FILE = "SHA256SUMS"  # in a snapshot: `sha256sum -c SHA256SUMS` re-checks it by hand
+
+
+def _hashers(digest: Digest | None, size: int) -> list:
+    """SHA-256 (what SHA256SUMS keeps) first, and the Hub's own kind when it is another (the
+    last one is what `digest` is compared with)."""
+    return [hashlib.sha256()] + ([digest.hasher(size)] if digest and digest.kind != "sha256" else [])
+
+
+def _feed(path: Path, hashers: list) -> None:
+    """A file's bytes, as they are on disk, into every hasher."""
+    with path.open("rb") as reader:
+        while chunk := reader.read(8 << 20):
+            for hasher in hashers:
+                hasher.update(chunk)
 
 
 class _Stop(Exception):
@@ -237,8 +251,9 @@ def _fetch_checked(name: str, url: str, size: int, digest: Digest | None, dest: 
 
     final, partial = dest / name, dest / f"{name}.incomplete"
     partial.parent.mkdir(parents=True, exist_ok=True)
+
     def make_hashers() -> list:
-        return [hashlib.sha256()] + ([digest.hasher(size)] if digest and digest.kind != "sha256" else [])
+        return _hashers(digest, size)
 
     for attempt in (1, 2):
         hashers = make_hashers()
@@ -249,13 +264,10 @@ def _fetch_checked(name: str, url: str, size: int, digest: Digest | None, dest: 
             have = 0
         with partial.open("ab") as out:
             if have:  # what an earlier attempt wrote: hashed once here, then only the rest arrives
-                with partial.open("rb") as earlier:
-                    while chunk := earlier.read(8 << 20):
-                        for hasher in hashers:
-                            hasher.update(chunk)
+                _feed(partial, hashers)
             if have < size:
                 http_get(url, _HashingWriter(out, make_hashers, hashers, counter, stop), resume_size=have, headers=headers,
-                         expected_size=size, tqdm_class=_progress_class(counter, "huggingface_hub.http_get"))  # fmt: skip
+                         expected_size=size, tqdm_class=_progress_class(counter))  # fmt: skip
         sha256 = hashers[0].hexdigest()
         got = hashers[-1].hexdigest()
         if digest is None or got == digest.hexdigest:
@@ -318,11 +330,8 @@ def download_repo_files(
         def one(name: str) -> tuple[str, str]:
             if (dest / name).is_file():  # put there some other way (before SHA256SUMS): checked now
                 digest = digests.get(name)
-                hashers = [hashlib.sha256()] + ([digest.hasher(file_sizes[name])] if digest and digest.kind != "sha256" else [])
-                with (dest / name).open("rb") as reader:
-                    while chunk := reader.read(8 << 20):
-                        for hasher in hashers:
-                            hasher.update(chunk)
+                hashers = _hashers(digest, file_sizes[name])
+                _feed(dest / name, hashers)
                 if digest is None or hashers[-1].hexdigest() == digest.hexdigest:
                     return name, hashers[0].hexdigest()
                 (dest / name).unlink()
@@ -381,27 +390,20 @@ def write_sums(folder: Path, sums: dict[str, str]) -> None:
     os.replace(tmp, folder / SUMS_FILE)
 
 
-def verify_folder(folder: Path, on_bytes: ByteCallback | None = None) -> tuple[list[str], list[str]]:
+def verify_folder(folder: Path) -> tuple[list[str], list[str]]:
     """Re-hash every file SHA256SUMS names: (the files that match, the problems found: a
     changed or missing file, named)."""
-    sums = read_sums(folder)
-    total = sum((folder / name).stat().st_size for name in sums if (folder / name).is_file())
-    done, good, problems = 0, [], []
-    for name, expected in sums.items():
+    good, problems = [], []
+    for name, expected in read_sums(folder).items():
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} is missing")
             continue
-        hasher = hashlib.sha256()
-        with path.open("rb") as reader:
-            while chunk := reader.read(8 << 20):
-                hasher.update(chunk)
-                done += len(chunk)
-                if on_bytes:
-                    on_bytes(done, total)
-        if hasher.hexdigest() == expected:
+        hashers = _hashers(None, 0)
+        _feed(path, hashers)
+        if hashers[0].hexdigest() == expected:
             good.append(name)
         else:
-            problems.append(f"{name} has changed since it was downloaded (SHA-256 {hasher.hexdigest()[:16]}…, "
+            problems.append(f"{name} has changed since it was downloaded (SHA-256 {hashers[0].hexdigest()[:16]}…, "
                             f"expected {expected[:16]}…)")  # fmt: skip
     return good, problems
