@@ -268,9 +268,14 @@ class Model(TransferRow):
     def quantized_dir(self, fmt: str) -> Path:
         return settings.DATA_DIR / "models" / "quantized" / f"{self.id}_{fmt}"
 
+    @staticmethod
+    def users_of(snapshot: str):
+        """Every record made from raw snapshot `snapshot` (its first owner's id), that owner included."""
+        return Model.objects.filter(models.Q(snapshot_of=snapshot) | models.Q(pk=snapshot))
+
     def snapshot_users(self):
         """Every record made from the raw snapshot this one uses (itself included)."""
-        return Model.objects.filter(models.Q(snapshot_of=self.snapshot_owner) | models.Q(pk=self.snapshot_owner))
+        return Model.users_of(self.snapshot_owner)
 
     def owned_dirs(self) -> list[Path]:
         """Every folder only this record's job writes (for cleanup): its quantized folders,
@@ -287,7 +292,7 @@ class Model(TransferRow):
         last user (its first owner deleted before it)."""
         shared = (self.raw_dir, self.reference_dir) if self.snapshot_of else ()
         result = super().delete(*args, **kwargs)
-        if shared and not Model.objects.filter(models.Q(snapshot_of=self.snapshot_of) | models.Q(pk=self.snapshot_of)).exists():
+        if shared and not self.snapshot_users().exists():
             for path in (*shared, *map(staged_path, shared)):
                 shutil.rmtree(path, ignore_errors=True)
         return result
@@ -376,8 +381,10 @@ class Model(TransferRow):
         self.publish_added()
 
     def live_html(self) -> str:
-        """The row, and its snapshot card's figures (sizes, formats) with it."""
-        group = ModelGroup.of(self.snapshot_owner)
+        """The row; and once it stopped running, its snapshot card's figures (the sizes on
+        disk change only then; a new format's row changes the count in publish_added), not
+        on every progress update."""
+        group = None if self.is_running else ModelGroup.of(self.snapshot_owner)
         return self.card_html(oob=True) + (group.head_html(oob=True) if group is not None else "")
 
     def delete_blocker(self) -> str | None:
@@ -493,7 +500,7 @@ class ModelGroup:
 
     @classmethod
     def of(cls, key: str) -> "ModelGroup | None":
-        rows = list(Model.objects.filter(models.Q(snapshot_of=key) | models.Q(pk=key)).order_by("created_at", "pk"))
+        rows = list(Model.users_of(key).order_by("created_at", "pk"))
         return cls(rows) if rows else None
 
     @property
@@ -518,11 +525,11 @@ class ModelGroup:
 
     @cached_property
     def reference_bytes(self) -> int:
-        """The FP32 reference pass kept on disk to compare new formats with (models_app.ml.fidelity)."""
-        from .ml.loading import folder_size
+        """The FP32 reference pass kept on disk to compare new formats with, as it recorded
+        its size (models_app.ml.fidelity; hundreds of files, not listed for every card)."""
+        from .ml.fidelity import recorded_bytes
 
-        folder = self.first.reference_dir
-        return folder_size(folder) if folder.is_dir() else 0
+        return recorded_bytes(self.first.reference_dir)
 
     @property
     def made_bytes(self) -> int:

@@ -117,7 +117,8 @@ def record(model, tokenizer, folder: Path, max_tokens: int | None = None, window
         np.save(folder / f"w{n}_logprobs.npy", _half(logprobs).cpu().numpy())
         nll_sum, counted, kept, windows = nll_sum + nll, counted + count, kept + len(logprobs), n + 1
     info = {"version": FORMAT_VERSION, "windows": windows, "tokens": kept, "layers": layers, "window": window,
-            "max_tokens": max_tokens, "perplexity": math.exp(nll_sum / counted) if counted else None}  # fmt: skip
+            "max_tokens": max_tokens, "perplexity": math.exp(nll_sum / counted) if counted else None,
+            "bytes": sum(path.stat().st_size for path in folder.glob("*.npy"))}  # fmt: skip
     (folder / "reference.json").write_text(json.dumps(info))
     return info
 
@@ -130,6 +131,14 @@ def recorded(folder: Path, max_tokens: int | None = None, window: int = WINDOW_T
         return None
     same = info.get("version") == FORMAT_VERSION and info.get("window") == window and info.get("max_tokens") == max_tokens
     return info if same else None
+
+
+def recorded_bytes(folder: Path) -> int:
+    """What a recording takes on disk, as `record` wrote it down (0 when there is none)."""
+    try:
+        return int(json.loads((folder / "reference.json").read_text()).get("bytes") or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 class _Sums:
