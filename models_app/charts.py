@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mistudio.charts import HOOK_COLOURS, HOOK_LABELS
 
-from .ml.fidelity import HOOKS
+from .ml.fidelity import HOOKS, weakest
 
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 480, 200, 56, 12, 14, 30
 
@@ -16,8 +16,7 @@ def fidelity_chart(fidelity: dict, threshold: float) -> dict | None:
     rows = (fidelity or {}).get("layers") or []
     if not rows:
         return None
-    lowest = min(row[hook]["cosine"] for row in rows for hook in HOOKS)
-    low = min(lowest, threshold)
+    low = min(weakest(fidelity)[2], threshold)
     low -= max((1 - low) * 0.15, 1e-6)
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     last = max(len(rows) - 1, 1)
@@ -37,7 +36,7 @@ def fidelity_chart(fidelity: dict, threshold: float) -> dict | None:
         "width": WIDTH, "height": HEIGHT, "left": LEFT, "right": WIDTH - RIGHT, "top": TOP, "bottom": HEIGHT - BOTTOM,
         "series": series, "threshold": threshold, "threshold_y": round(y(threshold), 1), "low": low, "low_y": round(y(low), 1),
         "x_ticks": [{"x": round(x(layer), 1), "layer": layer} for layer in ticks],
-        "lowest": min(((row["layer"], hook, row[hook]["cosine"]) for row in rows for hook in HOOKS), key=lambda t: t[2]),
+        "lowest": weakest(fidelity),
         "output": fidelity.get("output") or {}, "tokens": fidelity.get("tokens"),
     }  # fmt: skip
 

@@ -18,21 +18,11 @@ import math
 from pathlib import Path
 
 from . import decoder
-from .quality import REFERENCE_TEXT, WINDOW_TOKENS
+from .quality import WINDOW_TOKENS, text_ids, windows
 
 HOOKS = ("residual", "attention", "mlp")
 FORMAT_VERSION = 1
 FLOAT16_MAX = 65504.0
-
-
-def text_ids(tokenizer, max_tokens: int | None = None):
-    """The shipped text's tokens (no special tokens), cut to `max_tokens` when given."""
-    ids = tokenizer(REFERENCE_TEXT.read_text(), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    return ids[:max_tokens] if max_tokens else ids
-
-
-def _windows(ids, window: int):
-    return [ids[start : start + window] for start in range(0, len(ids) - 1, window) if len(ids[start : start + window]) >= 2]
 
 
 def _kept(chunk, bos_id):
@@ -74,8 +64,7 @@ def _passes(model, tokenizer, max_tokens: int | None, window: int, on_window=Non
     [kept, vocab] of the next token, negative log-likelihood sum and count), in order."""
     import torch
 
-    ids = text_ids(tokenizer, max_tokens)
-    chunks = _windows(ids, window)
+    chunks = windows(text_ids(tokenizer, max_tokens), window)
     bos = getattr(tokenizer, "bos_token_id", None)
     device = next(model.parameters()).device
     capture = _Capture(model)

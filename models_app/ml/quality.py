@@ -19,23 +19,29 @@ def perplexity(model, tokenizer, text: str | None = None, window: int = WINDOW_T
     `on_window(done, total)` after each window."""
     import torch
 
-    text = REFERENCE_TEXT.read_text() if text is None else text
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if max_tokens:
-        ids = ids[:max_tokens]
+    chunks = windows(text_ids(tokenizer, max_tokens, text), window)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     model.eval()
-    starts = range(0, len(ids) - 1, window)
     with torch.no_grad():  # quanto's int2 forward fails under inference_mode
-        for done, start in enumerate(starts, 1):
-            chunk = ids[start : start + window].unsqueeze(0).to(device)
-            if chunk.shape[1] < 2:
-                break
+        for done, ids in enumerate(chunks, 1):
+            chunk = ids.unsqueeze(0).to(device)
             logits = model(chunk).logits.float()
             nll = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
             total_nll += nll.item()
             total_tokens += chunk.shape[1] - 1
             if on_window:
-                on_window(done, len(starts))
+                on_window(done, len(chunks))
     return math.exp(total_nll / total_tokens)
+
+
+def text_ids(tokenizer, max_tokens: int | None = None, text: str | None = None):
+    """The shipped text's tokens (or `text`'s), no special tokens, cut to `max_tokens` when given."""
+    text = REFERENCE_TEXT.read_text() if text is None else text
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def windows(ids, window: int = WINDOW_TOKENS) -> list:
+    """Non-overlapping windows of `ids`, each of two tokens at least (one to predict)."""
+    return [ids[start : start + window] for start in range(0, len(ids) - 1, window) if len(ids[start : start + window]) >= 2]
