@@ -39,14 +39,22 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
     budget = quantize.memory_budget(settings.GPU_MEMORY_LIMIT, device)
     fmt, notes = quantize.choose_format(requested, estimates, budget, device)
     figures: dict = {}
+    downloaded: dict = {}
     if fmt != "FP32":
-        job.phase(ModelStatus.QUANTIZING, progress=0.0)
+        # The byte counters follow the quantization while it streams; the download's are put back at the end.
+        downloaded = Model.objects.values("bytes_done", "bytes_total").get(pk=model.pk)
+        job.phase(ModelStatus.QUANTIZING, progress=0.0, bytes_done=0, bytes_total=0)
         tokenizer = _tokenizer(model)
         # The FP32 reference first (its activations and outputs to disk, then freed): one
         # model in memory at a time, and every format made from the snapshot compares with it.
         reference = _reference(model, tokenizer, estimates, device, _moving(job, 0.0, REFERENCE_END))
         job.write(progress=REFERENCE_END)
-        loaded, result = quantize.quantize_snapshot(model.raw_dir, requested, model.quantized_dir, estimates, budget, device)
+        loaded, result = quantize.quantize_snapshot(
+            model.raw_dir, requested, model.quantized_dir, estimates, budget, device,
+            on_bytes=lambda done, total: job.transfer(done, total, REFERENCE_END, QUANTIZED_END),
+        )  # fmt: skip
+        job.flush()
+        job.write(bytes_done=0, bytes_total=0, eta_seconds=None)  # measuring: no bytes beside the bar
         fmt, notes = result.produced, result.notes
         target = model.quantized_dir(fmt)
         log.info(
@@ -54,13 +62,13 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
             model.id, fmt, result.footprint_bytes, estimates[fmt] / 1.2,
             100 * (result.footprint_bytes - estimates[fmt] / 1.2) / (estimates[fmt] / 1.2),
         )  # fmt: skip
-        job.write(progress=60.0)
+        job.write(progress=QUANTIZED_END)
         figures = {
             "quantized_path": str(target),
             "memory_measured_bytes": result.footprint_bytes,
             "peak_cuda_bytes": result.peak_cuda_bytes,
         }
-        figures |= _measure(model, loaded, tokenizer, reference, _moving(job, 60.0, 99.0))
+        figures |= _measure(model, loaded, tokenizer, reference, _moving(job, QUANTIZED_END, 99.0))
         del loaded
         quantize.free_accelerator_memory()
     disk = loading.folder_size(Path(figures["quantized_path"]) if figures else model.raw_dir)
@@ -75,6 +83,7 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
         speed_bps=0,
         eta_seconds=None,
         **figures,
+        **downloaded,
     )
 
 
@@ -83,6 +92,7 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
 # pass) the model is still ready, without them, and the worker log says why.
 
 REFERENCE_END = 15.0  # % of the quantizing phase: the FP32 reference's pass (QUANTIZING_STEPS)
+QUANTIZED_END = 60.0  # then the quantization (by bytes where it streams), then the measuring
 
 
 def _tokenizer(model: Model):

@@ -140,6 +140,11 @@ class Model(TransferRow):
         return smaller[0] if smaller else None
 
     @property
+    def shows_transfer(self) -> bool:
+        """Bytes, speed and ETA beside the bar: a download's, or a quantization's streamed from the shards."""
+        return bool(self.bytes_total) and self.status in (ModelStatus.DOWNLOADING, ModelStatus.QUANTIZING)
+
+    @property
     def phase_label(self) -> str:
         if self.status == ModelStatus.QUANTIZING:
             return next(label for end, label in QUANTIZING_STEPS if self.progress < end or end == 100.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 import uuid
 
@@ -17,6 +18,7 @@ from django.utils import timezone
 from mistudio import capacity, jobs, queue
 from mistudio.crypto import encrypt_secret
 from mistudio.errors import Conflict, InvalidInput, JobError, ServiceError
+from mistudio.hub import format_bytes
 from mistudio.queue import require_queue
 from mistudio.validation import resolve_import_path, validate_hub_source
 
@@ -148,8 +150,31 @@ def estimate_repo(*, repo_id: str, revision: str | None = None, token: str | Non
     sizes only (no weights fetched). Cached for ten minutes per repo and revision."""
     result, config = _repo_facts(repo_id, revision, token)
     workers = capacity.reported_workers()  # read once for the five formats
-    return {**result, "placement": {fmt: _placement_summary(config, fmt, workers) for fmt in quantize.FORMATS_SMALLEST_LAST},
-            "small_model_note": _small_model_note(result["memory"])}  # fmt: skip
+    placement = {fmt: _placement_summary(config, fmt, workers) for fmt in quantize.FORMATS_SMALLEST_LAST}
+    return {**result, "placement": placement, "small_model_note": _small_model_note(result["memory"]),
+            "machine_note": _machine_note(placement, result["memory"]), **_disk_note(result)}  # fmt: skip
+
+
+def _machine_note(placement: dict[str, dict], memory: dict[str, int]) -> str:
+    """What the workers here can make of the repo, format by format, before anything is fetched."""
+    as_asked = [fmt for fmt, where in placement.items() if where["fits"] and where["made_as"] == fmt]
+    smaller = {fmt: where["made_as"] for fmt, where in placement.items() if where["fits"] and where["made_as"] != fmt}
+    if not as_asked and not smaller:
+        return "No format of it fits the memory of any worker here."
+    parts = [f"makes {', '.join(as_asked)} as asked" if as_asked else "makes no format as asked"]
+    parts += [f"{fmt} would be made as {made}" for fmt, made in smaller.items()]
+    if "Q4" in as_asked and "FP16" in smaller and placement["Q4"]["device"] == "cpu":  # quantize.stream_plan
+        parts.append(f"Q4 is quantized tensor by tensor from the shards, so the {format_bytes(memory['FP16'])} of FP16 "
+                     "weights are never in memory at once")  # fmt: skip
+    return "This machine " + "; ".join(parts) + "."
+
+
+def _disk_note(result: dict) -> dict:
+    """The disk the download takes beside what is free in the data dir (kept free: the reserve)."""
+    settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(settings.DATA_DIR).free
+    need = result["download_bytes"] + settings.DISK_RESERVE_BYTES
+    return {"disk_free": free, "disk_short": need > free}
 
 
 def _small_model_note(memory: dict[str, int]) -> str | None:
@@ -169,7 +194,9 @@ def _placement_summary(config: dict, fmt: str, workers: list[capacity.Capacity])
         where = capacity.place(format_judge(config, fmt), workers)
     except ServiceError as exc:
         return {"fits": False, "queue": None, "note": exc.message}
-    return {"fits": True, "queue": where.queue, "note": where.note}
+    worker = where.capacity
+    made, _ = quantize.choose_format(fmt, quantize.memory_estimate(config, worker.device), worker.budget_bytes, worker.device)
+    return {"fits": True, "queue": where.queue, "note": where.note, "made_as": made, "device": worker.device}
 
 
 def _repo_facts(repo_id: str, revision: str | None, token: str | None) -> tuple[dict, dict]:

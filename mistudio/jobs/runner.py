@@ -81,6 +81,7 @@ class TrackedJob:
         """A status change: written at once, after any progress still pending."""
         self.flush()
         self.throttle.should_emit(0.0, force=True)
+        self.rate = TransferRate()  # a new phase's speed is its own
         return self.write(status=status, **{**self.row_class.IDLE_FIELDS, **fields})
 
     def check(self) -> None:
@@ -93,11 +94,12 @@ class TrackedJob:
         if self.throttle.should_emit(percent, force=force):
             self._writer.submit({"progress": percent, **fields()})
 
-    def transfer(self, done: int, total: int) -> None:
-        """Byte progress of a download or copy; cheap, callable from any thread."""
+    def transfer(self, done: int, total: int, start: float = 0.0, end: float = 100.0) -> None:
+        """Byte progress of a download, a copy or a streamed quantization, as the phase's
+        `start`..`end` %; cheap, callable from any thread."""
         self.check()
         self.rate.add(done)
-        percent = 100.0 * done / total if total else 100.0
+        percent = start + (end - start) * (done / total if total else 1.0)
         self.report(
             percent,
             lambda: {"bytes_done": done, "bytes_total": total, "speed_bps": self.rate.bytes_per_second(),

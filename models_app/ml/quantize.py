@@ -45,6 +45,7 @@ class QuantizeResult:
     peak_cuda_bytes: int | None = None
     seconds: float = 0.0
     offloaded: bool = False
+    streamed: bool = False  # Q4 made tensor by tensor from the shards (quantize_streamed)
 
 
 def base_dtype(device: str):
@@ -176,13 +177,7 @@ def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = N
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, **offload)
         return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
     if fmt == "Q4":
-        config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=base_dtype(device),
-            **offload,
-        )
+        config = q4_config(device, **offload)
         return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
     if fmt == "Q2":
         from optimum.quanto import freeze, qint2, quantize
@@ -194,6 +189,148 @@ def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = N
         freeze(model)
         return model
     raise ValueError(fmt)
+
+
+def q4_config(device: str, **extra):
+    """NF4 with double quantization: the one Q4 recipe, for both ways it is made."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=base_dtype(device),
+        **extra,
+    )
+
+
+# Q4 streamed: a model larger than memory (a 13B's 26 GB of FP16 on a 23 GB machine) is
+# quantized tensor by tensor from its mapped safetensors shards into transformers' own
+# serialized bitsandbytes layout, so `load_saved` reloads it as if transformers had made it
+# (tests: the same bytes, key for key). Only the quantized shard being written is held.
+STREAM_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class StreamPlan:
+    shards: list[Path]
+    quantized: dict[str, bool]  # weight name -> transpose first (a GPT-2 Conv1D)
+    total_bytes: int
+
+
+def _safetensors_shards(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        names = json.loads(index.read_text()).get("weight_map", {}).values()
+        return [src / name for name in sorted(set(names))]
+    return [src / "model.safetensors"] if (src / "model.safetensors").is_file() else []
+
+
+def stream_plan(src: Path, device: str) -> StreamPlan | str:
+    """What streaming `src` to Q4 would quantize, or why it cannot (then transformers loads
+    it whole): CPU only (on a GPU transformers quantizes on the card as it loads), and only
+    a safetensors checkpoint whose tensor names are the model's own (transformers renames
+    some families' weights while loading; those go its way)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    if device != "cpu":
+        return "made on the GPU by transformers as it loads"
+    shards = _safetensors_shards(src)
+    if not shards or not all(shard.is_file() for shard in shards):
+        return "no safetensors checkpoint"
+    config = AutoConfig.from_pretrained(src)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = set(model.state_dict())
+    tied = set(model.all_tied_weights_keys)
+    stored: set[str] = set()
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            stored |= set(f.keys())
+    if not stored <= expected or not expected - stored <= tied:
+        return "its checkpoint names weights other than the model's (transformers renames them as it loads)"
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    replace_with_bnb_linear(model, skip, q4_config(device))
+    from bitsandbytes.nn import Linear4bit
+    from transformers.pytorch_utils import Conv1D
+
+    quantized = {f"{name}.weight": issubclass(getattr(module, "source_cls", object), Conv1D)
+                 for name, module in model.named_modules() if isinstance(module, Linear4bit)}  # fmt: skip
+    return StreamPlan(shards, quantized, sum(shard.stat().st_size for shard in shards))
+
+
+def quantize_streamed(plan: StreamPlan, src: Path, dest: Path, device: str, on_bytes=None) -> None:
+    """Q4 from `plan` into `dest` (complete or absent), with `on_bytes(done, total)` as each
+    source tensor is quantized. What stays in memory: the output shard being filled (up to
+    STREAM_SHARD_BYTES) and one source tensor in its float forms."""
+    import bitsandbytes.functional as bnbf
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    dtype = base_dtype(device)
+    written: list[tuple[Path, list[str]]] = []
+    done = 0
+    with staged_dir(dest) as tmp:
+        pending: dict = {}
+        pending_bytes = 0
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            if pending:
+                path = tmp / f"part-{len(written):05d}.safetensors"
+                save_file(pending, str(path), metadata={"format": "pt"})
+                written.append((path, list(pending)))
+            pending, pending_bytes = {}, 0
+
+        for shard in plan.shards:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    done += tensor.nbytes
+                    if key in plan.quantized:
+                        weight = tensor.to(dtype)
+                        weight = (weight.T if plan.quantized[key] else weight).contiguous()
+                        del tensor
+                        packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+                        del weight
+                        parts = {key: packed, **{f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()}}
+                    else:
+                        parts = {key: tensor.to(dtype).contiguous()}
+                    pending.update(parts)
+                    pending_bytes += sum(part.nbytes for part in parts.values())
+                    if pending_bytes >= STREAM_SHARD_BYTES:
+                        flush()
+                    if on_bytes is not None:
+                        on_bytes(min(done, plan.total_bytes), plan.total_bytes)
+        flush()
+        _name_shards(tmp, written)
+        config = AutoConfig.from_pretrained(src)
+        config.quantization_config = q4_config(device)
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        copy_sidecar_files(src, tmp, skip=("config.json",))
+        (tmp / FORMAT_FILE).write_text(json.dumps({"format": "Q4"}))
+    if on_bytes is not None:
+        on_bytes(plan.total_bytes, plan.total_bytes)
+
+
+def _name_shards(folder: Path, written: list[tuple[Path, list[str]]]) -> None:
+    """transformers' names for the shards, and its index when there are several."""
+    if len(written) == 1:
+        written[0][0].rename(folder / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for i, (path, keys) in enumerate(written, start=1):
+        name = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        total += path.stat().st_size
+        path.rename(folder / name)
+        weight_map |= dict.fromkeys(keys, name)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def save_in_format(model, fmt: str, src: Path, dest: Path) -> None:
@@ -283,16 +420,26 @@ def quantize_snapshot(
     budget: int | None,
     device: str | None = None,
     loader: Callable | None = None,
+    on_bytes: Callable[[int, int], None] | None = None,
 ) -> tuple[object, QuantizeResult]:
     """Make `requested` (or the best format that can be made and fits) from the snapshot at
-    `src`; on a CUDA out-of-memory retry the next smaller format, then CPU offload."""
+    `src`; on a CUDA out-of-memory retry the next smaller format, then CPU offload. Q4 on
+    the CPU is streamed from the shards (`on_bytes(done, total)` as it goes) and reloaded."""
     import torch
 
     device = device or compute_device()
-    loader = loader or load_in_format
     fmt, notes = choose_format(requested, estimates, budget, device)
     result = QuantizeResult(requested=requested, produced=fmt, notes=notes)
     started = time.perf_counter()
+    plan = stream_plan(src, device) if fmt == "Q4" and loader is None else None
+    if isinstance(plan, StreamPlan):
+        quantize_streamed(plan, src, dest_for(fmt), device, on_bytes)
+        result.streamed = True
+        model = load_saved(dest_for(fmt), device)
+        result.footprint_bytes = measured_bytes(model, fmt)
+        result.seconds = time.perf_counter() - started
+        return model, result
+    loader = loader or load_in_format
     offload = False
     while True:
         try:

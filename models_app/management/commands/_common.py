@@ -3,14 +3,14 @@ bar, and the one-line summary of a finished model."""
 
 from mistudio.commands import JobCommand, eta_text
 from mistudio.hub import format_bytes
-from models_app.models import Model, ModelStatus
+from models_app.models import Model
 
 
 class ModelCommand(JobCommand):
     follow_hint = "; follow it with `manage.py list_models`"
 
     def progress_detail(self, model: Model) -> str:
-        if model.bytes_total and model.status == ModelStatus.DOWNLOADING:
+        if model.shows_transfer:
             return (f"{format_bytes(model.bytes_done)}/{format_bytes(model.bytes_total)}  {model.speed_mbps:.1f} MB/s  "
                     f"ETA {eta_text(model.eta_seconds)}")  # fmt: skip
         return ""
