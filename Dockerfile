@@ -7,7 +7,8 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     MISTUDIO_DATA_DIR=/data \
-    ALLOWED_HOSTS=*
+    ALLOWED_HOSTS=* \
+    DISABLE_CUDA=1
 
 WORKDIR /app
 COPY requirements.txt .

@@ -308,7 +308,7 @@ def test_bad_layers_or_hooks_are_refused_before_anything_is_written(tmp_path, la
 
 @pytest.mark.parametrize("fmt", ["Q8", "Q4", "Q2"])
 def test_quantized_models_are_hooked_exactly_too(fmt, tmp_path):
-    """The same hooks on bitsandbytes and quanto models: what is stored is what that
+    """The same hooks on bitsandbytes and HQQ models: what is stored is what that
     quantized model computes (compared with its own hidden states)."""
     from models_app.ml.quantize import load_in_format
     from models_app.tests.support import write_tiny_model

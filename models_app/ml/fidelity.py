@@ -70,7 +70,7 @@ def _passes(model, tokenizer, max_tokens: int | None, window: int, on_window=Non
     capture = _Capture(model)
     model.eval()
     try:
-        with torch.no_grad():  # quanto's int2 forward fails under inference_mode
+        with torch.no_grad():  # quanto's int2 forward (Q2 models made before HQQ) fails under inference_mode
             for done, chunk in enumerate(chunks, 1):
                 capture.seen.clear()
                 logits = model(chunk.unsqueeze(0).to(device), use_cache=False).logits[0].float()

@@ -23,7 +23,7 @@ def perplexity(model, tokenizer, text: str | None = None, window: int = WINDOW_T
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     model.eval()
-    with torch.no_grad():  # quanto's int2 forward fails under inference_mode
+    with torch.no_grad():  # quanto's int2 forward (Q2 models made before HQQ) fails under inference_mode
         for done, ids in enumerate(chunks, 1):
             chunk = ids.unsqueeze(0).to(device)
             logits = model(chunk).logits.float()

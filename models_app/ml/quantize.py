@@ -2,9 +2,12 @@
 they reload without re-quantizing, and say honestly what was made and why.
 
 Q8 and Q4 are bitsandbytes (LLM.int8 with threshold 6.0; NF4 with double quantization),
-which runs on CPU and GPU. Q2 is optimum-quanto int2: transformers cannot save it, so it
-is saved with quanto's own quantization map and reloaded with `requantize`; its forward
-pass must run under `torch.no_grad()`, not `inference_mode()`.
+which runs on CPU and GPU. Q2 is HQQ 2-bit with groups of 64 (calibration-free, a scale and
+a zero per group): of every 2-bit method that installs here, the best at a 2-bit size
+(scripts/bench-2bit; README). transformers 5.24 cannot make HQQ models ("not available yet"),
+so HQQ's own API quantizes, saves and reloads them. Q2 models made before, with
+optimum-quanto int2, still reload (their quantization map, `requantize`; their forward pass
+must run under `torch.no_grad()`, not `inference_mode()`).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ FORMAT_FILE = "mistudio_format.json"
 # Bytes per parameter of a quantized Linear weight, scales and offsets included:
 # LLM.int8 keeps one float32 scale per output row (counted per weight below);
 # NF4 with double quant: 4 bits + an 8-bit absmax per 64 values + float32 per 256 blocks;
-# quanto int2: 2 bits + float32 scale and shift per group (counted per weight below).
+# HQQ 2-bit: 2 bits + a scale and a zero per group of 64, in the compute dtype (below).
 QUANTIZED_LINEAR_BYTES = {"Q8": 1.0, "Q4": 0.5 + 1 / 64 + 4 / (64 * 256), "Q2": 0.25}
+HQQ_Q2 = {"nbits": 2, "group_size": 64}
 
 
 @dataclass
@@ -64,8 +68,8 @@ def backend_missing(fmt: str) -> str | None:
 
     if fmt in ("Q8", "Q4") and find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed"
-    if fmt == "Q2" and (find_spec("optimum") is None or find_spec("optimum.quanto") is None):
-        return "no 2-bit backend is installed (optimum-quanto)"
+    if fmt == "Q2" and find_spec("hqq") is None:
+        return "no 2-bit backend is installed (hqq)"
     return None
 
 
@@ -80,18 +84,10 @@ def estimate_weight_bytes(config: dict, fmt: str, device: str = "cpu") -> int:
             if fmt == "Q8":
                 total += linear_shape[0] * 4
             elif fmt == "Q2":
-                total += 2 * 4 * (n // _quanto_group_size(linear_shape[1]))
+                total += 2 * float_bytes * (n // HQQ_Q2["group_size"])
         else:
             total += n * float_bytes
     return int(total)
-
-
-def _quanto_group_size(in_features: int) -> int:
-    """quanto groups int2 weights by 128 along the input, or the largest divisor ≤ 128."""
-    for size in range(128, 0, -1):
-        if in_features % size == 0:
-            return size
-    return 1
 
 
 def memory_estimate(config: dict, device: str = "cpu") -> dict[str, int]:
@@ -101,8 +97,8 @@ def memory_estimate(config: dict, device: str = "cpu") -> dict[str, int]:
 
 def making_peak(fmt: str, estimates: dict[str, int], device: str) -> int:
     """Memory needed while the format is made. bitsandbytes quantizes layer by layer as it
-    loads, so Q8/Q4 peak near their own size; quanto quantizes a model already loaded in
-    full precision (float16 on a GPU, float32 on CPU), so Q2 peaks at that size."""
+    loads, so Q8/Q4 peak near their own size; HQQ quantizes a model already loaded in full
+    precision (float16 on a GPU, float32 on CPU), so Q2 peaks at that size."""
     if fmt == "Q2":
         return max(estimates["Q2"], estimates["FP16" if device == "cuda" else "FP32"])
     return estimates[fmt]
@@ -180,13 +176,12 @@ def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = N
         config = q4_config(device, **offload)
         return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
     if fmt == "Q2":
-        from optimum.quanto import freeze, qint2, quantize
+        from hqq.core.quantize import BaseQuantizeConfig
+        from hqq.models.hf.base import AutoHQQHFModel
 
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=base_dtype(device), **kwargs)
-        head = model.get_output_embeddings()
-        excluded = [name for name, module in model.named_modules() if module is head]
-        quantize(model, weights=qint2, exclude=excluded)
-        freeze(model)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=base_dtype(device), **kwargs).eval()
+        # Every Linear of the blocks; the embeddings and the head stay in the compute dtype.
+        AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(**HQQ_Q2), compute_dtype=base_dtype(device), device=device)
         return model
     raise ValueError(fmt)
 
@@ -337,16 +332,9 @@ def save_in_format(model, fmt: str, src: Path, dest: Path) -> None:
     """Save to `dest` (complete or absent: written to a sibling folder, then renamed)."""
     with staged_dir(dest) as tmp:
         if fmt == "Q2":
-            from optimum.quanto import quantization_map
-            from safetensors.torch import save_file
+            from hqq.models.hf.base import AutoHQQHFModel
 
-            state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-            head = model.get_output_embeddings()
-            if model.config.tie_word_embeddings and head is not None:
-                state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            (tmp / QUANTO_MAP_FILE).write_text(json.dumps(quantization_map(model)))
-            model.config.save_pretrained(tmp)
+            AutoHQQHFModel.save_quantized(model, str(tmp))  # config.json and qmodel.pt (read back weights_only)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         copy_sidecar_files(src, tmp, skip=("config.json",))  # the saved model wrote its own
@@ -360,6 +348,10 @@ def load_saved(folder: Path, device: str | None = None):
 
     device = device or compute_device()
     fmt = json.loads((folder / FORMAT_FILE).read_text())["format"] if (folder / FORMAT_FILE).is_file() else "FP32"
+    if fmt == "Q2" and not (folder / QUANTO_MAP_FILE).is_file():
+        from hqq.models.hf.base import AutoHQQHFModel
+
+        return AutoHQQHFModel.from_quantized(str(folder), device=device, compute_dtype=base_dtype(device)).eval()
     if fmt != "Q2":
         # The dtype is the format's, never the checkpoint's: transformers would otherwise load
         # a Hub snapshot stored in bfloat16 (most are) as bfloat16 for an "FP32" model.
@@ -369,6 +361,7 @@ def load_saved(folder: Path, device: str | None = None):
     from optimum.quanto import requantize
     from safetensors.torch import load_file
 
+    # A Q2 model made with optimum-quanto int2 (before HQQ).
     config = AutoConfig.from_pretrained(folder)
     # Parameters on the meta device (the file fills them), buffers built for real: a buffer
     # the file does not hold (RoPE's inv_freq is not persistent) would otherwise be left as
@@ -389,13 +382,18 @@ def load_saved(folder: Path, device: str | None = None):
 
 
 def measured_bytes(model, fmt: str) -> int:
-    """Memory the loaded weights take. get_memory_footprint counts quanto's packed int2
-    tensors at their logical float size, so Q2 is measured from the tensors it stores."""
+    """Memory the loaded weights take. get_memory_footprint misses HQQ's scales and zeros
+    (kept outside the parameters) and counts quanto's packed int2 tensors at their logical
+    float size, so Q2 is measured from the tensors its state dict holds."""
+    import torch
+
     if fmt != "Q2":
         return int(model.get_memory_footprint())
     seen: set[int] = set()
     total = 0
     for tensor in model.state_dict().values():
+        if not isinstance(tensor, torch.Tensor):  # HQQ's state dict holds its settings too
+            continue
         key = tensor.data_ptr()
         if key not in seen:
             seen.add(key)

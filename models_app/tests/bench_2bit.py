@@ -116,7 +116,8 @@ def _ours(fmt):
 METHODS = [
     ("ours Q8 (bitsandbytes int8)", _ours("Q8"), None),
     ("ours Q4 (bitsandbytes NF4)", _ours("Q4"), None),
-    ("ours Q2 (quanto int2, per-channel)", _ours("Q2"), None),
+    ("ours Q2 (HQQ 2-bit, group 64)", _ours("Q2"), None),
+    ("quanto int2, per channel (our Q2 before issue 20)", _quanto_int2, None),
     ("HQQ 2-bit, group 64", _hqq, 64),
     ("HQQ 2-bit, group 32", _hqq, 32),
     ("HQQ 2-bit, group 16", _hqq, 16),

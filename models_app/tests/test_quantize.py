@@ -1,4 +1,4 @@
-"""Real quantization on CPU: bitsandbytes Q8/Q4 and quanto Q2, saved, reloaded without
+"""Real quantization on CPU: bitsandbytes Q8/Q4 and HQQ Q2, saved, reloaded without
 re-quantizing, with honest memory and quality figures and fallbacks that say why."""
 
 import json
@@ -65,26 +65,52 @@ def test_smollm2_in_q4_and_q8_from_one_download_is_real_reloadable_and_still_kno
 
 
 def test_q2_stores_real_two_bit_weights_and_reloads_them_without_requantizing(hub, data_dir, capsys):
+    """Q2 is HQQ 2-bit, groups of 64 (issue 20, item 2: the best 2-bit at a 2-bit size here)."""
     call_command("download_model", "tiny/llama", "--quantization", "Q2", "--sync", "--json")
     record = last_json_line(capsys)
     assert (record["status"], record["quantization"]) == ("ready", "Q2"), record["error_message"]
-    from safetensors import safe_open
-
-    with safe_open(f"{record['quantized_path']}/model.safetensors", framework="pt") as handle:
-        packed = handle.get_tensor("model.layers.0.mlp.down_proj.weight._data._data")
-        keys = set(handle.keys())
-    assert packed.dtype == torch.uint8 and packed.numel() == 64 * 128 // 4  # four 2-bit values per byte
-    assert "model.layers.0.mlp.down_proj.weight._scale" in keys
+    stored = torch.load(f"{record['quantized_path']}/qmodel.pt", weights_only=True)  # tensors and plain settings only
+    down = stored["model.layers.0.mlp.down_proj"]
+    assert (down["nbits"], down["group_size"]) == (2, 64)
+    assert down["W_q"].dtype == torch.uint8 and down["W_q"].numel() == 64 * 128 // 4  # four 2-bit values per byte
+    assert down["scale"].numel() == down["zero"].numel() == 64 * 128 // 64  # one scale and one zero per group
     model = quantize.load_saved(data_dir / "models" / "quantized" / f"{record['id']}_Q2", "cpu")
-    weight = model.model.layers[0].mlp.down_proj.weight
-    assert "int2" in str(getattr(weight, "qtype", ""))
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "HQQLinear" and torch.equal(layer.W_q, down["W_q"])  # as stored, not quantized again
+    estimate = record["memory_required_bytes"] / 1.2  # the estimate's weights, scales and zeros included
+    for measured in (record["memory_measured_bytes"], quantize.measured_bytes(model, "Q2")):  # as made, and reloaded
+        assert abs(measured - estimate) / estimate < 0.01, (measured, estimate)
     with torch.no_grad():
         assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 2048)
 
 
+def test_a_q2_model_made_with_quanto_before_still_reloads(tmp_path):
+    """Q2 was optimum-quanto int2 until issue 20: those folders (quantization map beside the
+    weights) reload as they were saved, with the same logits."""
+    from optimum.quanto import freeze, qint2, quantization_map, quantize as quanto_quantize
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    src = support.write_tiny_model(tmp_path / "tiny", "llama")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    quanto_quantize(model, weights=qint2, exclude=["lm_head"])
+    freeze(model)
+    folder = tmp_path / "old_Q2"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / quantize.QUANTO_MAP_FILE).write_text(json.dumps(quantization_map(model)))
+    model.config.save_pretrained(folder)
+    (folder / quantize.FORMAT_FILE).write_text(json.dumps({"format": "Q2"}))
+    ids = torch.tensor([[1, 5, 9, 42]])
+    reloaded = quantize.load_saved(folder, "cpu")
+    assert "int2" in str(getattr(reloaded.model.layers[0].mlp.down_proj.weight, "qtype", ""))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 def test_without_a_2_bit_backend_q2_falls_back_to_q4_and_says_so(hub, monkeypatch, capsys):
     real = quantize.backend_missing
-    monkeypatch.setattr(quantize, "backend_missing", lambda fmt: "optimum-quanto is not installed" if fmt == "Q2" else real(fmt))
+    monkeypatch.setattr(quantize, "backend_missing", lambda fmt: "hqq is not installed" if fmt == "Q2" else real(fmt))
     call_command("download_model", "tiny/llama", "--quantization", "Q2", "--sync", "--json")
     record = last_json_line(capsys)
     assert (record["requested_quantization"], record["quantization"]) == ("Q2", "Q4")
@@ -238,6 +264,6 @@ def test_the_estimate_asks_which_backends_are_installed_without_importing_them()
 
     probe = ("import sys; from models_app.ml import quantize; "
              "print([quantize.backend_missing(f) for f in ('Q8', 'Q4', 'Q2')], "
-             "[m for m in ('bitsandbytes', 'optimum.quanto') if m in sys.modules])")  # fmt: skip
+             "[m for m in ('bitsandbytes', 'optimum.quanto', 'hqq') if m in sys.modules])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[None, None, None] []", out

@@ -78,7 +78,9 @@ def test_quantized_memory_counts_only_linear_weights_as_quantized():
     q8 = estimate_weight_bytes(TINY_LLAMA, "Q8")
     rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # one float32 scale per output row
     assert q8 == linear + rows * 4 + rest * 4
-    assert estimate_weight_bytes(TINY_LLAMA, "Q2") < q4 < q8 < estimate_weight_bytes(TINY_LLAMA, "FP16")
+    q2 = estimate_weight_bytes(TINY_LLAMA, "Q2")
+    assert q2 == int(linear * 0.25 + (linear // 64) * 2 * 4 + rest * 4)  # HQQ: a float32 scale and zero per 64 weights
+    assert q2 < q4 < q8 < estimate_weight_bytes(TINY_LLAMA, "FP16")
 
 
 def test_parameters_are_counted_exactly_from_the_config_with_tied_embeddings_once():
@@ -202,7 +204,7 @@ def test_a_sharded_repo_with_mistrals_consolidated_file_fetches_only_the_shards(
 
 
 def test_q2_is_judged_by_the_full_precision_load_it_is_made_from():
-    """quanto quantizes a model loaded in float32 (CPU) / float16 (GPU): a budget that holds
+    """HQQ quantizes a model loaded in float32 (CPU) / float16 (GPU): a budget that holds
     Q2's result but not that load gets Q4, whose bitsandbytes load quantizes layer by layer."""
     from models_app.ml.quantize import choose_format
 
