@@ -58,8 +58,8 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
         fmt, notes = result.produced, result.notes
         target = model.quantized_dir(fmt)
         log.info(
-            "model %s %s: measured %d bytes, estimated %d (weights), error %+.1f%%",
-            model.id, fmt, result.footprint_bytes, estimates[fmt] / 1.2,
+            "model %s %s%s: measured %d bytes, estimated %d (weights), error %+.1f%%",
+            model.id, fmt, " (streamed from the shards)" if result.streamed else "", result.footprint_bytes, estimates[fmt] / 1.2,
             100 * (result.footprint_bytes - estimates[fmt] / 1.2) / (estimates[fmt] / 1.2),
         )  # fmt: skip
         job.write(progress=QUANTIZED_END)

@@ -163,9 +163,10 @@ def _machine_note(placement: dict[str, dict], memory: dict[str, int]) -> str:
         return "No format of it fits the memory of any worker here."
     parts = [f"makes {', '.join(as_asked)} as asked" if as_asked else "makes no format as asked"]
     parts += [f"{fmt} would be made as {made}" for fmt, made in smaller.items()]
-    if "Q4" in as_asked and "FP16" in smaller and placement["Q4"]["device"] == "cpu":  # quantize.stream_plan
-        parts.append(f"Q4 is quantized tensor by tensor from the shards, so the {format_bytes(memory['FP16'])} of FP16 "
-                     "weights are never in memory at once")  # fmt: skip
+    streamed = [fmt for fmt in quantize.STREAMED_FORMATS if fmt in as_asked and placement[fmt]["device"] == "cpu"]
+    if streamed and "FP16" in smaller:  # quantize.stream_plan
+        parts.append(f"{' and '.join(streamed)} {'are' if len(streamed) > 1 else 'is'} quantized tensor by tensor from the "
+                     f"shards, so the {format_bytes(memory['FP16'])} of FP16 weights are never in memory at once")  # fmt: skip
     return "This machine " + "; ".join(parts) + "."
 
 

@@ -49,7 +49,7 @@ class QuantizeResult:
     peak_cuda_bytes: int | None = None
     seconds: float = 0.0
     offloaded: bool = False
-    streamed: bool = False  # Q4 made tensor by tensor from the shards (quantize_streamed)
+    streamed: bool = False  # Q8/Q4 made tensor by tensor from the shards (quantize_streamed)
 
 
 def base_dtype(device: str):
@@ -158,7 +158,7 @@ def next_smaller(fmt: str) -> str | None:
 def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = None):
     """Load the snapshot at `src` quantized to `fmt` on `device` (quantizing in memory)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"trust_remote_code": False, "device_map": "auto" if max_memory else device}
     if max_memory:
@@ -169,11 +169,8 @@ def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = N
         return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16, **kwargs)
     # With CPU offload, bitsandbytes keeps the offloaded modules in float32 only when asked.
     offload = {"llm_int8_enable_fp32_cpu_offload": True} if max_memory else {}
-    if fmt == "Q8":
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, **offload)
-        return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
-    if fmt == "Q4":
-        config = q4_config(device, **offload)
+    if fmt in ("Q8", "Q4"):
+        config = bnb_config(fmt, device, **offload)
         return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
     if fmt == "Q2":
         from hqq.core.quantize import BaseQuantizeConfig
@@ -186,10 +183,13 @@ def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = N
     raise ValueError(fmt)
 
 
-def q4_config(device: str, **extra):
-    """NF4 with double quantization: the one Q4 recipe, for both ways it is made."""
+def bnb_config(fmt: str, device: str, **extra):
+    """The one Q8 recipe (LLM.int8, outlier threshold 6.0) and the one Q4 recipe (NF4 with
+    double quantization), for both ways each is made."""
     from transformers import BitsAndBytesConfig
 
+    if fmt == "Q8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, **extra)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -199,18 +199,33 @@ def q4_config(device: str, **extra):
     )
 
 
-# Q4 streamed: a model larger than memory (a 13B's 26 GB of FP16 on a 23 GB machine) is
-# quantized tensor by tensor from its mapped safetensors shards into transformers' own
+# Q8 and Q4 streamed: a model larger than memory (a 13B's 26 GB of FP16 on a 23 GB machine)
+# is quantized tensor by tensor from its mapped safetensors shards into transformers' own
 # serialized bitsandbytes layout, so `load_saved` reloads it as if transformers had made it
 # (tests: the same bytes, key for key). Only the quantized shard being written is held.
+STREAMED_FORMATS = ("Q8", "Q4")
 STREAM_SHARD_BYTES = 2 * 1024**3
 
 
 @dataclass
 class StreamPlan:
+    fmt: str
     shards: list[Path]
     quantized: dict[str, bool]  # weight name -> transpose first (a GPT-2 Conv1D)
     total_bytes: int
+
+
+def _quantized_parts(fmt: str, key: str, weight) -> dict:
+    """One Linear weight as bitsandbytes' Linear8bitLt / Linear4bit save it."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    if fmt == "Q8":  # Int8Params rounds to float16, then one absmax scale per output row
+        rows, scales, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
+        module = key.removesuffix(".weight")
+        return {key: rows, f"{module}.SCB": scales, f"{module}.weight_format": torch.tensor(0, dtype=torch.uint8)}
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    return {key: packed, **{f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()}}
 
 
 def _safetensors_shards(src: Path) -> list[Path]:
@@ -221,8 +236,8 @@ def _safetensors_shards(src: Path) -> list[Path]:
     return [src / "model.safetensors"] if (src / "model.safetensors").is_file() else []
 
 
-def stream_plan(src: Path, device: str) -> StreamPlan | str:
-    """What streaming `src` to Q4 would quantize, or why it cannot (then transformers loads
+def stream_plan(src: Path, fmt: str, device: str) -> StreamPlan | str:
+    """What streaming `src` to `fmt` would quantize, or why it cannot (then transformers loads
     it whole): CPU only (on a GPU transformers quantizes on the card as it loads), and only
     a safetensors checkpoint whose tensor names are the model's own (transformers renames
     some families' weights while loading; those go its way)."""
@@ -249,20 +264,19 @@ def stream_plan(src: Path, device: str) -> StreamPlan | str:
     if not stored <= expected or not expected - stored <= tied:
         return "its checkpoint names weights other than the model's (transformers renames them as it loads)"
     skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
-    replace_with_bnb_linear(model, skip, q4_config(device))
-    from bitsandbytes.nn import Linear4bit
+    replace_with_bnb_linear(model, skip, bnb_config(fmt, device))
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
     from transformers.pytorch_utils import Conv1D
 
     quantized = {f"{name}.weight": issubclass(getattr(module, "source_cls", object), Conv1D)
-                 for name, module in model.named_modules() if isinstance(module, Linear4bit)}  # fmt: skip
-    return StreamPlan(shards, quantized, sum(shard.stat().st_size for shard in shards))
+                 for name, module in model.named_modules() if isinstance(module, (Linear4bit, Linear8bitLt))}  # fmt: skip
+    return StreamPlan(fmt, shards, quantized, sum(shard.stat().st_size for shard in shards))
 
 
 def quantize_streamed(plan: StreamPlan, src: Path, dest: Path, device: str, on_bytes=None) -> None:
-    """Q4 from `plan` into `dest` (complete or absent), with `on_bytes(done, total)` as each
-    source tensor is quantized. What stays in memory: the output shard being filled (up to
-    STREAM_SHARD_BYTES) and one source tensor in its float forms."""
-    import bitsandbytes.functional as bnbf
+    """`plan.fmt` from `plan` into `dest` (complete or absent), with `on_bytes(done, total)` as
+    each source tensor is quantized. What stays in memory: the output shard being filled (up
+    to STREAM_SHARD_BYTES) and one source tensor in its float forms."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import AutoConfig
@@ -291,9 +305,8 @@ def quantize_streamed(plan: StreamPlan, src: Path, dest: Path, device: str, on_b
                         weight = tensor.to(dtype)
                         weight = (weight.T if plan.quantized[key] else weight).contiguous()
                         del tensor
-                        packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+                        parts = _quantized_parts(plan.fmt, key, weight)
                         del weight
-                        parts = {key: packed, **{f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()}}
                     else:
                         parts = {key: tensor.to(dtype).contiguous()}
                     pending.update(parts)
@@ -305,11 +318,11 @@ def quantize_streamed(plan: StreamPlan, src: Path, dest: Path, device: str, on_b
         flush()
         _name_shards(tmp, written)
         config = AutoConfig.from_pretrained(src)
-        config.quantization_config = q4_config(device)
+        config.quantization_config = bnb_config(plan.fmt, device)
         config.dtype = dtype
         config.save_pretrained(tmp)
         copy_sidecar_files(src, tmp, skip=("config.json",))
-        (tmp / FORMAT_FILE).write_text(json.dumps({"format": "Q4"}))
+        (tmp / FORMAT_FILE).write_text(json.dumps({"format": plan.fmt}))
     if on_bytes is not None:
         on_bytes(plan.total_bytes, plan.total_bytes)
 
@@ -421,15 +434,15 @@ def quantize_snapshot(
     on_bytes: Callable[[int, int], None] | None = None,
 ) -> tuple[object, QuantizeResult]:
     """Make `requested` (or the best format that can be made and fits) from the snapshot at
-    `src`; on a CUDA out-of-memory retry the next smaller format, then CPU offload. Q4 on
-    the CPU is streamed from the shards (`on_bytes(done, total)` as it goes) and reloaded."""
+    `src`; on a CUDA out-of-memory retry the next smaller format, then CPU offload. Q8 and Q4
+    on the CPU are streamed from the shards (`on_bytes(done, total)` as it goes) and reloaded."""
     import torch
 
     device = device or compute_device()
     fmt, notes = choose_format(requested, estimates, budget, device)
     result = QuantizeResult(requested=requested, produced=fmt, notes=notes)
     started = time.perf_counter()
-    plan = stream_plan(src, device) if fmt == "Q4" and loader is None else None
+    plan = stream_plan(src, fmt, device) if fmt in STREAMED_FORMATS and loader is None else None
     if isinstance(plan, StreamPlan):
         quantize_streamed(plan, src, dest_for(fmt), device, on_bytes)
         result.streamed = True

@@ -2,7 +2,8 @@
 Llama-2-7B- and 13B-shaped FP16 models (random weights, SmolLM2's 49,152-token tokenizer so
 the text tokenizes) made as Q4 on this machine's CPU, as a user would: `quantize_model --sync`
 (Q4 streamed tensor by tensor from the mapped shards, reloaded, perplexity measured), then
-`extract_activations --sync` of 3 layers x 3 hooks from the saved Q4. Each command runs in
+`extract_activations --sync` of 3 layers x 3 hooks from the saved Q4; Q8 (streamed the same
+way) with `quantize_model` alone, before them. Each command runs in
 its own process; this one samples that process's /proc/PID/smaps_rollup every 0.1 s: peak
 anonymous memory (what the process allocated; mapped file pages not counted) and peak RSS
 (mapped shard pages counted). The baseline, in the same run and on the same source:
@@ -10,8 +11,8 @@ transformers' own bitsandbytes path (`from_pretrained(quantization_config=...)` 
 `save_pretrained`), the way Q4 was made before. The 13B's source (26 GB) is built once,
 never copied, and removed after its rows, as is every other file this writes.
 
-    scripts/bench-large             # 7B then 13B
-    BENCH_SHAPES=7B scripts/bench-large
+    scripts/bench-large                                 # 7B then 13B, Q8 then Q4
+    BENCH_SHAPES=7B BENCH_FORMATS=Q4 scripts/bench-large
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ LLAMA2 = {
 }
 SHARD_BYTES = int(os.environ.get("BENCH_SHARD_BYTES", 5 * 10**9))  # the Hub's usual shard size (max_shard_size="5GB")
 SHAPES = os.environ.get("BENCH_SHAPES", "7B,13B").split(",")
+FORMATS = os.environ.get("BENCH_FORMATS", "Q4,Q8").split(",")  # Q4: with the baseline and the extraction
 
 
 class Peaks:
@@ -161,6 +163,21 @@ def test_q4_of_a_model_larger_than_memory(shape, data_dir, tmp_path, settings):
                                f"(disk free before: {format_bytes(free)})")  # fmt: skip
         fp16 = ready_model_record(source, f"Llama-2-{shape}-shaped")
 
+        if "Q8" in FORMATS:  # streamed the same way; LLM.int8's reload and forward pass are its own
+            seconds, peaks, out = measured(["manage.py", "quantize_model", fp16.id, "--quantization", "Q8", "--sync", "--json"], env)
+            q8 = Model.objects.get(pk=json.loads(out.strip().splitlines()[-1])["id"])
+            assert (q8.status, q8.quantization) == ("ready", "Q8"), q8.error_message
+            size = q8.memory_measured_bytes
+            row("quantize_model Q8 (streamed, reloaded, perplexity on 256 tokens)",
+                f"{seconds:.0f} s, peak anonymous {format_bytes(peaks.anonymous)} ({peaks.anonymous / size:.2f}x the Q8 model's "
+                f"{format_bytes(size)}), peak RSS {format_bytes(peaks.rss)}, {format_bytes(q8.disk_size_bytes)} on disk, "
+                f"perplexity {q8.perplexity:,.0f} (random weights)")  # fmt: skip
+            shutil.rmtree(q8.quantized_path)
+            if shape != "tiny":
+                assert peaks.anonymous <= 1.5 * size
+        if "Q4" not in FORMATS:
+            return
+
         if shape != "tiny":  # the baseline: transformers loads and quantizes in one call, then saves
             seconds, peaks, _ = measured(["-c", BASELINE, str(source), str(tmp_path / "baseline-q4")], env)
             q4_disk = folder_size(tmp_path / "baseline-q4")
@@ -174,7 +191,8 @@ def test_q4_of_a_model_larger_than_memory(shape, data_dir, tmp_path, settings):
         q4 = made.memory_measured_bytes
         row("quantize_model Q4 (streamed, reloaded, perplexity on 256 tokens)",
                      f"{seconds:.0f} s, peak anonymous {format_bytes(peaks.anonymous)} ({peaks.anonymous / q4:.2f}x the Q4 model's "
-                     f"{format_bytes(q4)}), peak RSS {format_bytes(peaks.rss)}, {format_bytes(made.disk_size_bytes)} on disk")  # fmt: skip
+                     f"{format_bytes(q4)}), peak RSS {format_bytes(peaks.rss)}, {format_bytes(made.disk_size_bytes)} on disk, "
+                     f"perplexity {made.perplexity:,.0f} (random weights)")  # fmt: skip
         quantize_peak = peaks.anonymous
 
         text = (Path(ROOT) / "models_app" / "ml" / "data" / "perplexity_text.txt").read_text()

@@ -50,7 +50,7 @@ def test_the_bar_never_moves_back_from_download_to_loading_to_quantizing(signed_
     for status, progress in (("downloading", 0.0), ("downloading", 50.0), ("downloading", 100.0), ("loading", 100.0),
                              ("quantizing", 0.0), ("quantizing", 60.0), ("quantizing", 100.0)):  # fmt: skip
         # As the job writes them: the quantizing phase starts its byte counters at nothing (they count
-        # a streamed quantization's bytes, tested in test_streamed_q4).
+        # a streamed quantization's bytes, tested in test_streamed_quantization).
         counters = {"bytes_done": 0, "bytes_total": 0} if status == "quantizing" else {"bytes_done": int(542_000_000 * progress / 100)}
         Model.objects.filter(pk=model.pk).update(status=status, progress=progress, **counters)
         html = card_html(signed_in, Model.objects.get(pk=model.pk))

@@ -151,6 +151,8 @@ def test_a_cuda_out_of_memory_retries_with_the_next_smaller_format(hub, monkeypa
         return real(src, fmt, device)
 
     monkeypatch.setattr(quantize, "load_in_format", out_of_memory_once)
+    # A GPU worker's path (the only one that runs out of CUDA memory): transformers quantizes as it loads.
+    monkeypatch.setattr(quantize, "stream_plan", lambda src, fmt, device: "made on the GPU by transformers as it loads")
     call_command("download_model", "tiny/llama-mlp", "--quantization", "Q8", "--sync", "--json")
     record = last_json_line(capsys)
     assert calls[:2] == ["Q8", "Q4"]

@@ -33,6 +33,7 @@ def as_stored_on_the_hub(folder: Path, shard_size: str) -> Path:
     return target
 
 
+@pytest.mark.parametrize("fmt", ["Q4", "Q8"])
 @pytest.mark.parametrize(
     "family, overrides",
     [
@@ -42,14 +43,14 @@ def as_stored_on_the_hub(folder: Path, shard_size: str) -> Path:
     ],
     ids=["llama", "llama-tied", "gpt2-conv1d"],
 )
-def test_streamed_q4_writes_what_transformers_writes_byte_for_byte(tmp_path, monkeypatch, family, overrides):
+def test_streamed_q8_and_q4_write_what_transformers_writes_byte_for_byte(tmp_path, monkeypatch, family, overrides, fmt):
     src = as_stored_on_the_hub(support.write_tiny_model(tmp_path / family, family, **overrides), "150KB")
     assert len(quantize._safetensors_shards(src)) >= 2  # read shard by shard
     whole = tmp_path / "transformers"
-    quantize.save_in_format(quantize.load_in_format(src, "Q4", "cpu"), "Q4", src, whole)
+    quantize.save_in_format(quantize.load_in_format(src, fmt, "cpu"), fmt, src, whole)
 
     monkeypatch.setattr(quantize, "STREAM_SHARD_BYTES", 60_000)  # several output shards, and their index
-    plan = quantize.stream_plan(src, "cpu")
+    plan = quantize.stream_plan(src, fmt, "cpu")
     assert isinstance(plan, quantize.StreamPlan), plan
     streamed = tmp_path / "streamed"
     quantize.quantize_streamed(plan, src, streamed, "cpu")
@@ -57,7 +58,8 @@ def test_streamed_q4_writes_what_transformers_writes_byte_for_byte(tmp_path, mon
     assert (streamed / "model.safetensors.index.json").is_file()
     expected, got = tensors(whole), tensors(streamed)
     assert sorted(got) == sorted(expected)
-    assert sum(key.endswith("quant_state.bitsandbytes__nf4") for key in got) == len(plan.quantized) > 0
+    marker = "quant_state.bitsandbytes__nf4" if fmt == "Q4" else ".SCB"
+    assert sum(key.endswith(marker) for key in got) == len(plan.quantized) > 0
     for key, tensor in expected.items():
         assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
     assert json.loads((streamed / "config.json").read_text()) == json.loads((whole / "config.json").read_text())
@@ -65,14 +67,14 @@ def test_streamed_q4_writes_what_transformers_writes_byte_for_byte(tmp_path, mon
     # It reloads as 4-bit layers and computes exactly what transformers' Q4 computes.
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
     a, b = quantize.load_saved(whole, "cpu"), quantize.load_saved(streamed, "cpu")
-    assert any(type(m).__name__ == "Linear4bit" for m in b.modules())
+    assert any(type(m).__name__ == {"Q4": "Linear4bit", "Q8": "Linear8bitLt"}[fmt] for m in b.modules())
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
 
 
 def test_progress_is_by_bytes_and_moves_with_every_tensor_to_the_total(tmp_path):
     src = as_stored_on_the_hub(support.write_tiny_model(tmp_path / "llama", "llama"), "150KB")
-    plan = quantize.stream_plan(src, "cpu")
+    plan = quantize.stream_plan(src, "Q4", "cpu")
     seen = []
     quantize.quantize_streamed(plan, src, tmp_path / "q4", "cpu", lambda done, total: seen.append((done, total)))
     stored = sum(shard.stat().st_size for shard in quantize._safetensors_shards(src))
@@ -84,7 +86,7 @@ def test_progress_is_by_bytes_and_moves_with_every_tensor_to_the_total(tmp_path)
 
 def test_a_damaged_shard_fails_the_stream_and_leaves_no_folder(tmp_path):
     src = as_stored_on_the_hub(support.write_tiny_model(tmp_path / "llama", "llama"), "150KB")
-    plan = quantize.stream_plan(src, "cpu")
+    plan = quantize.stream_plan(src, "Q4", "cpu")
     last = quantize._safetensors_shards(src)[-1]
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a shard cut short on disk
     target = tmp_path / "q4"
@@ -97,9 +99,9 @@ def test_a_checkpoint_whose_names_are_not_the_models_goes_transformers_way_and_s
     src = support.write_tiny_model(tmp_path / "llama", "llama")
     state = load_file(str(src / "model.safetensors"))
     save_file({f"transformer.{key}": value for key, value in state.items()}, str(src / "model.safetensors"))
-    reason = quantize.stream_plan(src, "cpu")
+    reason = quantize.stream_plan(src, "Q4", "cpu")
     assert isinstance(reason, str) and "names weights" in reason
-    assert quantize.stream_plan(support.write_tiny_model(tmp_path / "ok", "llama"), "cuda") == "made on the GPU by transformers as it loads"
+    assert quantize.stream_plan(support.write_tiny_model(tmp_path / "ok", "llama"), "Q8", "cuda") == "made on the GPU by transformers as it loads"
 
 
 @pytest.mark.django_db(transaction=True)
@@ -152,7 +154,7 @@ def test_the_estimate_before_download_says_what_this_machine_can_make_and_what_t
     html = estimate()
     note = html.split('class="machine-note')[1].split("</p>")[0]
     assert "This machine makes Q8, Q4 as asked; FP32 would be made as Q8; FP16 would be made as Q8; Q2 would be made as Q4" in note
-    assert f"Q4 is quantized tensor by tensor from the shards, so the {format_bytes(memory['FP16'])} of FP16 weights are never" in note
+    assert f"Q8 and Q4 are quantized tensor by tensor from the shards, so the {format_bytes(memory['FP16'])} of FP16 weights" in note
     disk = html.split('class="disk-note')[1].split("</p>")[0]
     assert "text-slate-400" in disk and "free; a quantized format adds its own size" in disk
 
