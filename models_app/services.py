@@ -166,7 +166,7 @@ def _machine_note(placement: dict[str, dict], memory: dict[str, int]) -> str:
     streamed = [fmt for fmt in quantize.STREAMED_FORMATS if fmt in as_asked and placement[fmt]["device"] == "cpu"]
     if streamed and "FP16" in smaller:  # quantize.stream_plan
         parts.append(f"{' and '.join(streamed)} {'are' if len(streamed) > 1 else 'is'} quantized tensor by tensor from the "
-                     f"shards, so the {format_bytes(memory['FP16'])} of FP16 weights are never in memory at once")  # fmt: skip
+                     f"shards, so FP16 (which needs {format_bytes(memory['FP16'])} loaded) is never in memory at once")  # fmt: skip
     return "This machine " + "; ".join(parts) + "."
 
 

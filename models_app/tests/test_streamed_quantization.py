@@ -154,7 +154,7 @@ def test_the_estimate_before_download_says_what_this_machine_can_make_and_what_t
     html = estimate()
     note = html.split('class="machine-note')[1].split("</p>")[0]
     assert "This machine makes Q8, Q4 as asked; FP32 would be made as Q8; FP16 would be made as Q8; Q2 would be made as Q4" in note
-    assert f"Q8 and Q4 are quantized tensor by tensor from the shards, so the {format_bytes(memory['FP16'])} of FP16 weights" in note
+    assert f"Q8 and Q4 are quantized tensor by tensor from the shards, so FP16 (which needs {format_bytes(memory['FP16'])} loaded)" in note
     disk = html.split('class="disk-note')[1].split("</p>")[0]
     assert "text-slate-400" in disk and "free; a quantized format adds its own size" in disk
 
