@@ -100,13 +100,13 @@ def with_retries(action: Callable[[], object], retries: int, backoff_seconds: fl
             time.sleep(backoff_seconds * 2 ** (attempt - 1))
 
 
-def ensure_free_space(folder: Path, needed_bytes: int, reserve_bytes: int) -> None:
+def ensure_free_space(folder: Path, needed_bytes: int, reserve_bytes: int, what: str = "the download") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed_bytes + reserve_bytes > free:
         raise JobError(
             "insufficient_disk_space",
-            f"Not enough disk space: the download needs {format_bytes(needed_bytes)} (plus "
+            f"Not enough disk space: {what} needs {format_bytes(needed_bytes)} (plus "
             f"{format_bytes(reserve_bytes)} kept free) but only {format_bytes(free)} is available in the data dir.",
         )
 

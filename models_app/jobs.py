@@ -49,9 +49,11 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
         # model in memory at a time, and every format made from the snapshot compares with it.
         reference = _reference(model, tokenizer, estimates, device, _moving(job, 0.0, REFERENCE_END))
         job.write(progress=REFERENCE_END)
+        # Checked before quantizing, not found by a full disk half way through the shards.
+        ensure_free_space(model.quantized_dir(fmt).parent, quantize.estimate_weight_bytes(facts.config, fmt, device),
+                          settings.DISK_RESERVE_BYTES, what=f"the {fmt} model")  # fmt: skip
         loaded, result = quantize.quantize_snapshot(
-            model.raw_dir, requested, model.quantized_dir, estimates, budget, device,
-            on_bytes=lambda done, total: job.transfer(done, total, REFERENCE_END, QUANTIZED_END),
+            model.raw_dir, requested, model.quantized_dir, estimates, budget, device, on_bytes=_streaming(job),
         )  # fmt: skip
         job.flush()
         job.write(bytes_done=0, bytes_total=0, eta_seconds=None)  # measuring: no bytes beside the bar
@@ -93,6 +95,19 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
 
 REFERENCE_END = 15.0  # % of the quantizing phase: the FP32 reference's pass (QUANTIZING_STEPS)
 QUANTIZED_END = 60.0  # then the quantization (by bytes where it streams), then the measuring
+
+
+def _streaming(job: TrackedJob):
+    """A streamed quantization's bytes as the phase's progress; once the new format is on disk,
+    a cancel is looked for at once (written, not throttled), before the model is reloaded."""
+
+    def on_bytes(done: int, total: int) -> None:
+        job.transfer(done, total, REFERENCE_END, QUANTIZED_END)
+        if done >= total:
+            job.flush()
+            job.write(progress=QUANTIZED_END)
+
+    return on_bytes
 
 
 def _tokenizer(model: Model):

@@ -126,6 +126,22 @@ def build_fp16_source(folder: Path, shape: str) -> int:
     return sum(size.numel() for size in shapes.values())
 
 
+def quantized(source, fmt: str, env: dict, row):
+    """`manage.py quantize_model SOURCE --quantization FMT --sync`, measured and reported: the
+    ready record and the process's peak anonymous memory."""
+    from models_app.models import Model
+
+    seconds, peaks, out = measured(["manage.py", "quantize_model", source.id, "--quantization", fmt, "--sync", "--json"], env)
+    made = Model.objects.get(pk=json.loads(out.strip().splitlines()[-1])["id"])
+    assert (made.status, made.quantization) == ("ready", fmt), made.error_message
+    size = made.memory_measured_bytes
+    row(f"quantize_model {fmt} (streamed, reloaded, perplexity on 256 tokens)",
+        f"{seconds:.0f} s, peak anonymous {format_bytes(peaks.anonymous)} ({peaks.anonymous / size:.2f}x the {fmt} model's "
+        f"{format_bytes(size)}), peak RSS {format_bytes(peaks.rss)}, {format_bytes(made.disk_size_bytes)} on disk, "
+        f"perplexity {made.perplexity:,.0f} (random weights)")  # fmt: skip
+    return made, peaks.anonymous
+
+
 BASELINE = """
 import sys
 from pathlib import Path
@@ -143,7 +159,6 @@ def test_q4_of_a_model_larger_than_memory(shape, data_dir, tmp_path, settings):
     from activations_app.models import Extraction
     from conftest import ready_model_record
     from models_app.ml.loading import folder_size
-    from models_app.models import Model
 
     env = {**subprocess_env(), "MISTUDIO_TEST_ZYGOTE": "0", "MISTUDIO_PERPLEXITY_TOKENS": "256"}
     source = tmp_path / f"llama2-{shape.lower()}-fp16"
@@ -164,17 +179,10 @@ def test_q4_of_a_model_larger_than_memory(shape, data_dir, tmp_path, settings):
         fp16 = ready_model_record(source, f"Llama-2-{shape}-shaped")
 
         if "Q8" in FORMATS:  # streamed the same way; LLM.int8's reload and forward pass are its own
-            seconds, peaks, out = measured(["manage.py", "quantize_model", fp16.id, "--quantization", "Q8", "--sync", "--json"], env)
-            q8 = Model.objects.get(pk=json.loads(out.strip().splitlines()[-1])["id"])
-            assert (q8.status, q8.quantization) == ("ready", "Q8"), q8.error_message
-            size = q8.memory_measured_bytes
-            row("quantize_model Q8 (streamed, reloaded, perplexity on 256 tokens)",
-                f"{seconds:.0f} s, peak anonymous {format_bytes(peaks.anonymous)} ({peaks.anonymous / size:.2f}x the Q8 model's "
-                f"{format_bytes(size)}), peak RSS {format_bytes(peaks.rss)}, {format_bytes(q8.disk_size_bytes)} on disk, "
-                f"perplexity {q8.perplexity:,.0f} (random weights)")  # fmt: skip
+            q8, peak = quantized(fp16, "Q8", env, row)
             shutil.rmtree(q8.quantized_path)
             if shape != "tiny":
-                assert peaks.anonymous <= 1.5 * size
+                assert peak <= 1.5 * q8.memory_measured_bytes
         if "Q4" not in FORMATS:
             return
 
@@ -185,15 +193,8 @@ def test_q4_of_a_model_larger_than_memory(shape, data_dir, tmp_path, settings):
             row("baseline: transformers' Q4", f"{seconds:.0f} s, peak anonymous {format_bytes(peaks.anonymous)}, "
                                                        f"peak RSS {format_bytes(peaks.rss)}, {format_bytes(q4_disk)} on disk")  # fmt: skip
 
-        seconds, peaks, out = measured(["manage.py", "quantize_model", fp16.id, "--quantization", "Q4", "--sync", "--json"], env)
-        made = Model.objects.get(pk=json.loads(out.strip().splitlines()[-1])["id"])
-        assert (made.status, made.quantization) == ("ready", "Q4"), made.error_message
+        made, quantize_peak = quantized(fp16, "Q4", env, row)
         q4 = made.memory_measured_bytes
-        row("quantize_model Q4 (streamed, reloaded, perplexity on 256 tokens)",
-                     f"{seconds:.0f} s, peak anonymous {format_bytes(peaks.anonymous)} ({peaks.anonymous / q4:.2f}x the Q4 model's "
-                     f"{format_bytes(q4)}), peak RSS {format_bytes(peaks.rss)}, {format_bytes(made.disk_size_bytes)} on disk, "
-                     f"perplexity {made.perplexity:,.0f} (random weights)")  # fmt: skip
-        quantize_peak = peaks.anonymous
 
         text = (Path(ROOT) / "models_app" / "ml" / "data" / "perplexity_text.txt").read_text()
         (data_dir / "imports" / "prose.txt").write_text(text)

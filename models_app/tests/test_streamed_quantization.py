@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mistudio.errors import JobError
 from models_app.ml import quantize
 from models_app.tests import support
 
@@ -161,3 +162,53 @@ def test_the_estimate_before_download_says_what_this_machine_can_make_and_what_t
     settings.DISK_RESERVE_BYTES = 1 << 60  # a full disk
     disk = estimate().split('class="disk-note')[1].split("</p>")[0]
     assert "text-yellow-400" in disk and "more than the" in disk and "free some first" in disk
+
+
+def sharded_record(tmp_path):
+    from conftest import ready_model_record
+
+    src = as_stored_on_the_hub(support.write_tiny_model(tmp_path / "llama", "llama"), "150KB")
+    return src, ready_model_record(src, "tiny-llama-sharded")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_disk_too_full_for_the_quantized_model_is_said_before_quantizing_and_keeps_nothing(data_dir, tmp_path, settings):
+    from models_app import jobs, services
+
+    _, source = sharded_record(tmp_path)
+    made = services.request_quantize(user=None, model_id=source.id, quantization="Q4", enqueue=False)
+    settings.DISK_RESERVE_BYTES = 1 << 60
+    seen = []
+    with pytest.raises(JobError):  # re-raised for RQ (and a --sync command) to record, once the row says it
+        jobs.run_quantize(made.id, listener=lambda row: seen.append((row.status, row.bytes_done)))
+    made.refresh_from_db()
+    assert (made.status, made.error_code) == ("error", "insufficient_disk_space")
+    assert made.error_message.startswith("Not enough disk space: the Q4 model needs")
+    assert not [done for status, done in seen if status == "quantizing" and done]  # nothing was quantized
+    assert not (data_dir / "models" / "quantized").exists() or not any((data_dir / "models" / "quantized").iterdir())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_quantization_cancelled_as_it_starts_streaming_is_not_reloaded_and_keeps_no_folder(data_dir, tmp_path, monkeypatch):
+    """Cancelled from another tab as the weights' step begins: the stream stops at its next
+    progress write, or at the latest when it ends, before the model is loaded from it; the
+    row is cancelled, no folder or staged sibling is left, the user's snapshot is untouched."""
+    from models_app import jobs, services
+    from models_app.models import Model
+
+    src, source = sharded_record(tmp_path)
+    made = services.request_quantize(user=None, model_id=source.id, quantization="Q4", enqueue=False)
+    loads = []
+    real_load = quantize.load_saved
+
+    def cancel_as_the_weights_step_begins(row):
+        if row.status == "quantizing" and row.progress == jobs.REFERENCE_END and not row.bytes_total:
+            services.cancel_model(row.id, None)
+
+    monkeypatch.setattr(quantize, "load_saved", lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
+    jobs.run_quantize(made.id, listener=cancel_as_the_weights_step_begins)
+    made = Model.objects.get(pk=made.pk)
+    assert made.status == "cancelled" and loads == []
+    quantized = data_dir / "models" / "quantized"
+    assert not quantized.exists() or not any(quantized.iterdir())  # neither the folder nor its staged sibling
+    assert src.is_dir() and len(quantize._safetensors_shards(src)) >= 2  # the snapshot is the user's: untouched
