@@ -40,6 +40,10 @@ QUANTIZED_LINEAR_BYTES = {"Q8": 1.0, "Q4": 0.5 + 1 / 64 + 4 / (64 * 256), "Q2": 
 HQQ_Q2 = {"nbits": 2, "group_size": 64}
 
 
+class NothingToQuantize(Exception):
+    """The format's backend finds no layer of this model it can quantize."""
+
+
 @dataclass
 class QuantizeResult:
     requested: str
@@ -173,12 +177,26 @@ def load_in_format(src: Path, fmt: str, device: str, max_memory: dict | None = N
         config = bnb_config(fmt, device, **offload)
         return AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=base_dtype(device), **kwargs)
     if fmt == "Q2":
+        import contextlib
+        import sys
+
         from hqq.core.quantize import BaseQuantizeConfig
+        from hqq.models.base import get_linear_tags_from_model
         from hqq.models.hf.base import AutoHQQHFModel
 
         model = AutoModelForCausalLM.from_pretrained(src, dtype=base_dtype(device), **kwargs).eval()
-        # Every Linear of the blocks; the embeddings and the head stay in the compute dtype.
-        AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(**HQQ_Q2), compute_dtype=base_dtype(device), device=device)
+        # Every Linear but the output head (lm_head, GPT-NeoX's embed_out): the embeddings and
+        # the head stay in the compute dtype.
+        head = model.get_output_embeddings()
+        model.linear_tags = get_linear_tags_from_model(model, ignore=[n.split(".")[-1] for n, m in model.named_modules() if m is head])
+        if not model.linear_tags:
+            raise NothingToQuantize(f"Q2 (HQQ) quantizes Linear layers, and {type(model).__name__} has none but its output "
+                                    "head (its blocks use another layer type, as GPT-2's Conv1D)")  # fmt: skip
+        # One device for every block ({"": device}): HQQ's own block map knows only model.layers
+        # (and says so on stdout, where a --json command's answer goes).
+        with contextlib.redirect_stdout(sys.stderr):
+            AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(**HQQ_Q2), compute_dtype=base_dtype(device),
+                                          device={"": device})  # fmt: skip
         return model
     raise ValueError(fmt)
 
@@ -423,6 +441,16 @@ def free_accelerator_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _streamed(plan: StreamPlan, src: Path, dest_for, device: str, on_bytes, result: QuantizeResult, notes: list[str],
+              started: float) -> tuple[object, QuantizeResult]:  # fmt: skip
+    quantize_streamed(plan, src, dest_for(plan.fmt), device, on_bytes)
+    model = load_saved(dest_for(plan.fmt), device)
+    result.produced, result.notes, result.streamed = plan.fmt, notes, True
+    result.footprint_bytes = measured_bytes(model, plan.fmt)
+    result.seconds = time.perf_counter() - started
+    return model, result
+
+
 def quantize_snapshot(
     src: Path,
     requested: str,
@@ -442,14 +470,10 @@ def quantize_snapshot(
     fmt, notes = choose_format(requested, estimates, budget, device)
     result = QuantizeResult(requested=requested, produced=fmt, notes=notes)
     started = time.perf_counter()
-    plan = stream_plan(src, fmt, device) if fmt in STREAMED_FORMATS and loader is None else None
+    own_loader = loader is None  # a test's loader is never bypassed by the stream
+    plan = stream_plan(src, fmt, device) if fmt in STREAMED_FORMATS and own_loader else None
     if isinstance(plan, StreamPlan):
-        quantize_streamed(plan, src, dest_for(fmt), device, on_bytes)
-        result.streamed = True
-        model = load_saved(dest_for(fmt), device)
-        result.footprint_bytes = measured_bytes(model, fmt)
-        result.seconds = time.perf_counter() - started
-        return model, result
+        return _streamed(plan, src, dest_for, device, on_bytes, result, notes, started)
     loader = loader or load_in_format
     offload = False
     while True:
@@ -458,6 +482,14 @@ def quantize_snapshot(
             max_memory = {0: budget, "cpu": "64GiB"} if offload and budget else None
             model = loader(src, fmt, device, max_memory) if max_memory else loader(src, fmt, device)
             break
+        except NothingToQuantize as exc:  # Q2 of a model without Linear layers: Q4 (bitsandbytes takes Conv1D)
+            if fmt not in BACKEND_FALLBACK:
+                raise JobError("nothing_to_quantize", f"{exc}.") from None
+            notes.append(f"{exc}; made {BACKEND_FALLBACK[fmt]} instead.")
+            fmt = BACKEND_FALLBACK[fmt]
+            plan = stream_plan(src, fmt, device) if fmt in STREAMED_FORMATS and own_loader else None
+            if isinstance(plan, StreamPlan):
+                return _streamed(plan, src, dest_for, device, on_bytes, result, notes, started)
         except torch.cuda.OutOfMemoryError:
             model = None
             free_accelerator_memory()

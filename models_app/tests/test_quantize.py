@@ -269,3 +269,30 @@ def test_the_estimate_asks_which_backends_are_installed_without_importing_them()
              "[m for m in ('bitsandbytes', 'optimum.quanto', 'hqq') if m in sys.modules])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[None, None, None] []", out
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2"])
+def test_q2_of_families_beyond_llamas_layout_is_made_or_said_why_not(family, tmp_path, capsys):
+    """HQQ's own helper knows only model.layers: Pythia's GPT-NeoX (gpt_neox.layers, its head
+    embed_out) is made as Q2 all the same, its head kept; GPT-2's blocks have no Linear layer
+    (Conv1D) for HQQ, so its Q2 is made as Q4 (bitsandbytes takes Conv1D), and says why."""
+    from transformers import AutoConfig
+
+    configs = {"gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512),
+               "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256, bos_token_id=0, eos_token_id=0)}  # fmt: skip
+    src = support.write_model_from_config(tmp_path / family, AutoConfig.for_model(family, **configs[family]).to_dict())
+    config = json.loads((src / "config.json").read_text())
+    model, result = quantize.quantize_snapshot(src, "Q2", lambda fmt: tmp_path / fmt, quantize.memory_estimate(config), None, "cpu")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    reloaded = quantize.load_saved(tmp_path / result.produced, "cpu")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert capsys.readouterr().out == ""  # HQQ's remarks go to stderr: stdout is a --json command's answer
+    if family == "gpt_neox":
+        assert (result.produced, result.notes) == ("Q2", [])
+        assert sum(type(m).__name__ == "HQQLinear" for m in reloaded.modules()) == 2 * 4  # qkv, dense, mlp in and out
+        assert type(reloaded.get_output_embeddings()).__name__ == "Linear"
+    else:
+        assert result.produced == "Q4" and result.streamed
+        assert result.notes == ["Q2 (HQQ) quantizes Linear layers, and GPT2LMHeadModel has none but its output head "
+                                "(its blocks use another layer type, as GPT-2's Conv1D); made Q4 instead."]  # fmt: skip
