@@ -56,7 +56,8 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
             model.raw_dir, requested, model.quantized_dir, estimates, budget, device, on_bytes=_streaming(job),
         )  # fmt: skip
         job.flush()
-        job.write(bytes_done=0, bytes_total=0, eta_seconds=None)  # measuring: no bytes beside the bar
+        # Measuring next: no bytes beside the bar.
+        job.write(progress=QUANTIZED_END, bytes_done=0, bytes_total=0, eta_seconds=None)
         fmt, notes = result.produced, result.notes
         target = model.quantized_dir(fmt)
         log.info(
@@ -64,7 +65,6 @@ def _finish(model: Model, job: TrackedJob, requested: str) -> None:
             model.id, fmt, " (streamed from the shards)" if result.streamed else "", result.footprint_bytes, estimates[fmt] / 1.2,
             100 * (result.footprint_bytes - estimates[fmt] / 1.2) / (estimates[fmt] / 1.2),
         )  # fmt: skip
-        job.write(progress=QUANTIZED_END)
         figures = {
             "quantized_path": str(target),
             "memory_measured_bytes": result.footprint_bytes,

@@ -2,14 +2,13 @@
 
 import json
 
+from django.conf import settings
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from mistudio.api import int_param
 from mistudio.errors import NotFound, ServiceError
-
-from django.conf import settings
 
 from . import charts, services
 from .forms import DownloadForm, ModelFilters

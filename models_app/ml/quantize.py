@@ -441,16 +441,6 @@ def free_accelerator_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _streamed(plan: StreamPlan, src: Path, dest_for, device: str, on_bytes, result: QuantizeResult, notes: list[str],
-              started: float) -> tuple[object, QuantizeResult]:  # fmt: skip
-    quantize_streamed(plan, src, dest_for(plan.fmt), device, on_bytes)
-    model = load_saved(dest_for(plan.fmt), device)
-    result.produced, result.notes, result.streamed = plan.fmt, notes, True
-    result.footprint_bytes = measured_bytes(model, plan.fmt)
-    result.seconds = time.perf_counter() - started
-    return model, result
-
-
 def quantize_snapshot(
     src: Path,
     requested: str,
@@ -471,9 +461,21 @@ def quantize_snapshot(
     result = QuantizeResult(requested=requested, produced=fmt, notes=notes)
     started = time.perf_counter()
     own_loader = loader is None  # a test's loader is never bypassed by the stream
-    plan = stream_plan(src, fmt, device) if fmt in STREAMED_FORMATS and own_loader else None
-    if isinstance(plan, StreamPlan):
-        return _streamed(plan, src, dest_for, device, on_bytes, result, notes, started)
+
+    def streamed(fmt: str) -> tuple[object, QuantizeResult] | None:
+        """`fmt` made from the shards and reloaded, where it can be (stream_plan)."""
+        plan = stream_plan(src, fmt, device) if fmt in STREAMED_FORMATS and own_loader else None
+        if not isinstance(plan, StreamPlan):
+            return None
+        quantize_streamed(plan, src, dest_for(fmt), device, on_bytes)
+        model = load_saved(dest_for(fmt), device)
+        result.produced, result.streamed = fmt, True
+        result.footprint_bytes = measured_bytes(model, fmt)
+        result.seconds = time.perf_counter() - started
+        return model, result
+
+    if (made := streamed(fmt)) is not None:
+        return made
     loader = loader or load_in_format
     offload = False
     while True:
@@ -487,9 +489,8 @@ def quantize_snapshot(
                 raise JobError("nothing_to_quantize", f"{exc}.") from None
             notes.append(f"{exc}; made {BACKEND_FALLBACK[fmt]} instead.")
             fmt = BACKEND_FALLBACK[fmt]
-            plan = stream_plan(src, fmt, device) if fmt in STREAMED_FORMATS and own_loader else None
-            if isinstance(plan, StreamPlan):
-                return _streamed(plan, src, dest_for, device, on_bytes, result, notes, started)
+            if (made := streamed(fmt)) is not None:
+                return made
         except torch.cuda.OutOfMemoryError:
             model = None
             free_accelerator_memory()

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from mistudio.hub import format_bytes
+from models_app.ml import quantize
 from models_app.tests.bench_models import report
 from models_app.tests.support import ROOT, smollm2_folder, subprocess_env
 
@@ -95,30 +96,22 @@ def build_fp16_source(folder: Path, shape: str) -> int:
         shapes = {name: t.shape for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    weight_map: dict[str, int] = {}
-    total = filled = 0
+    pending: dict[str, torch.Tensor] = {}
+    written: list[tuple[Path, list[str]]] = []
 
-    def write(index: int) -> None:
-        save_file(shards[index], str(folder / f"part-{index}"), metadata={"format": "pt"})
-        shards[index] = {}
+    def write() -> None:
+        path = folder / f"part-{len(written)}"
+        save_file(pending, str(path), metadata={"format": "pt"})
+        written.append((path, list(pending)))
+        pending.clear()
 
     for name, size in shapes.items():
         tensor = torch.ones(size, dtype=torch.float16) if name.endswith("norm.weight") else torch.empty(size, dtype=torch.float16).normal_(0, 0.02, generator=generator)  # fmt: skip
-        if filled and filled + tensor.nbytes > SHARD_BYTES:
-            write(len(shards) - 1)
-            shards.append({})
-            filled = 0
-        shards[-1][name] = tensor
-        weight_map[name] = len(shards) - 1
-        filled += tensor.nbytes
-        total += tensor.nbytes
-    write(len(shards) - 1)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for i, name in enumerate(names):
-        (folder / f"part-{i}").rename(folder / name)
-    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if pending and sum(t.nbytes for t in pending.values()) + tensor.nbytes > SHARD_BYTES:
+            write()
+        pending[name] = tensor
+    write()
+    quantize._name_shards(folder, written)  # transformers' shard names and index, as the app writes them
     config.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (tokenizer / name).is_file():
