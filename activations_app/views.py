@@ -277,7 +277,7 @@ def extraction_estimate(request, model_id):
         return render(request, "activations_app/_extract_estimate.html", {"hint": True})
     request.session[LAST_DATASET_KEY] = dataset_id[:16]
     try:
-        estimate = services.estimate_request(model_id=model_id, dataset_id=request.POST.get("dataset_id", ""), data=request.POST)
+        estimate = services.estimate_request(model_id=model_id, dataset_id=dataset_id, data=request.POST)
     except ServiceError as exc:  # shown in the dialog; only the model itself gone is a 404
         status = exc.status if isinstance(exc, NotFound) and exc.code == "model_not_found" else 200
         return render(request, "activations_app/_extract_estimate.html", {"refusal": exc.message}, status=status)
